@@ -1,0 +1,116 @@
+"""Training objectives of diffusion models and their noisy classifiers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflab.data.batches import ShuffledBatches
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.errors import ConfigError
+from difflab.seeding import mix_seed
+
+
+def sample_timesteps(batch: int, num_timesteps: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``t ~ U{0, ..., T-1}``, shape (B,)."""
+    return torch.randint(0, num_timesteps, (batch,), generator=generator, device=generator.device).to(device)
+
+
+def epsilon_loss(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    generator: torch.Generator,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ho et al.'s ``L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(a_t) x_0 + sqrt(1 - a_t) eps, t) ||^2``.
+
+    x0: (B, ...); the mean squared error over all elements. ``labels`` (B,) is passed to conditional
+    models as ``model(x_t, t, labels)``.
+    """
+    t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    x_t = schedule.q_sample(x0, t, noise)
+    prediction = model(x_t, t) if labels is None else model(x_t, t, labels)
+    return F.mse_loss(prediction, noise)
+
+
+def noisy_classifier_loss(
+    classifier: nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Cross-entropy of ``f_phi(y | x_t, t)`` on points noised to a uniform random t (Dhariwal & Nichol)."""
+    t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    return F.cross_entropy(classifier(schedule.q_sample(x0, t, noise), t), labels)
+
+
+class NoisyPairs:
+    """The reference's large-batch training set: ``(x_t, t, eps)`` triples kept in memory.
+
+    All ``N x T`` pairs of a data point and a timestep (or a random ``subset`` of them) are noised once
+    and re-noised every ``refresh_every`` epochs; each epoch visits them in a fresh random order in
+    batches of ``batch_size``. ``batch(step)`` returns ``(x_t, t, eps)``; everything is a function of
+    ``(seed, step)``, so resuming reproduces the same sequence.
+    """
+
+    def __init__(
+        self,
+        x0: torch.Tensor,
+        schedule: NoiseSchedule,
+        batch_size: int,
+        refresh_every: int = 100,
+        subset: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if refresh_every < 1:
+            raise ConfigError(f"refresh_every must be >= 1, got {refresh_every}")
+        total = x0.shape[0] * schedule.num_timesteps
+        if subset < 0:
+            raise ConfigError(f"pairs subset must be >= 0 (0 = all N x T pairs), got {subset}")
+        self.x0 = x0
+        self.schedule = schedule
+        self.size = total if subset == 0 else min(subset, total)
+        self.batch_size = batch_size
+        self.refresh_every = refresh_every
+        self.seed = seed
+        self._refresh = -1
+        self._pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._order = ShuffledBatches((torch.arange(self.size),), batch_size, seed=mix_seed(seed, 0, 11))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._order.steps_per_epoch
+
+    def _build(self, refresh: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, refresh, 5))
+        n, steps = self.x0.shape[0], self.schedule.num_timesteps
+        if self.size == n * steps:
+            flat = torch.arange(n * steps)
+        else:
+            flat = torch.randperm(n * steps, generator=generator)[: self.size]
+        point, t = flat % n, flat // n
+        eps = torch.randn((self.size,) + tuple(self.x0.shape[1:]), generator=generator).to(self.x0.device)
+        t = t.to(self.x0.device)
+        x_t = self.schedule.q_sample(self.x0[point.to(self.x0.device)], t, eps)
+        return x_t, t, eps
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        refresh = (step // self.steps_per_epoch) // self.refresh_every
+        if refresh != self._refresh:
+            self._pairs = self._build(refresh)
+            self._refresh = refresh
+        assert self._pairs is not None
+        (index,) = self._order.batch(step)
+        index = index.to(self.x0.device)
+        return tuple(p[index] for p in self._pairs)  # type: ignore[return-value]
+
+
+def pairs_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """MSE of the eps prediction on precomputed ``(x_t, t, eps)`` pairs."""
+    x_t, t, eps = batch
+    return F.mse_loss(model(x_t, t), eps)

@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad config key, a missing file, a corrupt checkpoint) raises a
+:class:`DifflabError` with a one-line message; the CLI prints it and exits non-zero instead of showing
+a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DifflabError(Exception):
+    """An error caused by user input, reported as one line without a traceback."""
+
+
+class ConfigError(DifflabError):
+    """An unknown key, a wrong type or an invalid value in a config or an override."""
+
+
+class DataError(DifflabError):
+    """Missing, unreadable or malformed data."""
+
+
+class CheckpointError(DifflabError):
+    """A missing, corrupt or incompatible checkpoint."""
+
+
+class TrainingDiverged(DifflabError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

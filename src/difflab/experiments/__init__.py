@@ -1,0 +1,39 @@
+"""One recipe per reference experiment. ``RECIPES`` maps a recipe name to its config class and runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    config_class: Callable[[], Any]
+    run: Callable[..., Any]
+    summary: str
+
+
+def recipes() -> dict[str, Recipe]:
+    """All recipes (imported lazily so ``difflab --help`` stays fast)."""
+    from difflab.experiments import states, toy2d
+
+    found = [
+        Recipe(
+            "states",
+            states.StatesConfig,
+            states.run_states,
+            "STATES: DDPM + classifier-guided DDIM on five US state outlines",
+        ),
+    ]
+    for name in toy2d.TOY_DATASETS:
+        found.append(
+            Recipe(
+                name,
+                toy2d.toy_config_class(name),
+                toy2d.run_toy,
+                f"2-D walkthrough on {name}: forward/reverse process, DDPM samples, NLL",
+            )
+        )
+    return {r.name: r for r in found}

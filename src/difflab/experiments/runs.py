@@ -1,0 +1,164 @@
+"""Run folders: every command writes one, holding its resolved config, status, timings and outputs.
+
+Layout::
+
+    RUN/config.yaml        the resolved config (what ran, defaults included)
+    RUN/run.json           recipe, status (running | complete | failed), message, timings, environment
+    RUN/metrics.jsonl      scalar logs (also RUN/tensorboard/)
+    RUN/checkpoints/       training states and exported weights
+    RUN/samples/           sample tensors (.pt)
+    RUN/figures/           PNG figures
+    RUN/metrics.json       final metrics (written only when the run completes)
+    RUN/report.md          the report (written only when the run completes)
+
+Re-running the same command resumes in the same folder; a folder made with a different config is
+refused (use another ``run_dir`` or ``--fresh``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from difflab.config import dump_yaml, to_dict
+from difflab.errors import ConfigError
+from difflab.report.markdown import environment
+from difflab.training.checkpoint import atomic_write_bytes
+
+FINAL_OUTPUTS = ("metrics.json", "report.md", "report.html")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; anything else must be a device torch knows."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for but CUDA is not available on this machine")
+    return device
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+@dataclass
+class RunFolder:
+    """A run folder being written (see the module docstring)."""
+
+    path: Path
+    recipe: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        recipe: str,
+        config: Any,
+        fresh: bool = False,
+        ignore_keys: tuple[str, ...] = ("run_dir",),
+    ) -> RunFolder:
+        """Create (or reopen, to resume) the folder for ``config``; refuses a folder of another config."""
+        path = Path(path)
+        config_path = path / "config.yaml"
+        if fresh and path.exists():
+            if not (path / "run.json").is_file() and any(path.iterdir()):
+                raise ConfigError(f"--fresh refuses to delete {path}: it is not a difflab run folder")
+            shutil.rmtree(path)
+        if config_path.is_file():
+            try:
+                old = yaml.safe_load(config_path.read_text()) or {}
+            except yaml.YAMLError:
+                old = {}
+            new = to_dict(config)
+            differences = [k for k in config_differences(old, new) if k.split(".")[0] not in ignore_keys]
+            if differences:
+                shown = ", ".join(differences[:6]) + (" ..." if len(differences) > 6 else "")
+                raise ConfigError(
+                    f"{path} holds a run with a different config (differs in: {shown}); "
+                    "choose another run_dir=... or pass --fresh to start over"
+                )
+        elif path.exists() and any(path.iterdir()) and not (path / "run.json").is_file():
+            raise ConfigError(f"{path} exists and is not a difflab run folder; choose another run_dir")
+        for sub in ("checkpoints", "samples", "figures"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        for name in FINAL_OUTPUTS:  # a rerun must never leave the previous run's results looking current
+            (path / name).unlink(missing_ok=True)
+        dump_yaml(config, config_path)
+        run = cls(path=path, recipe=recipe)
+        run._write_status("running")
+        return run
+
+    def _write_status(self, status: str, message: str = "") -> None:
+        record = {
+            "recipe": self.recipe,
+            "status": status,
+            "message": message,
+            "command": " ".join(["difflab"] + sys.argv[1:]) if sys.argv and "difflab" in sys.argv[0] else "",
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "timings_seconds": {k: round(v, 3) for k, v in self.timings.items()},
+            "environment": environment(),
+        }
+        atomic_write_bytes(self.path / "run.json", (json.dumps(record, indent=2) + "\n").encode())
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage of the run (accumulated into ``timings[name]``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def sub(self, *parts: str) -> Path:
+        return self.path.joinpath(*parts)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> Path:
+        path = self.path / "metrics.json"
+        atomic_write_bytes(path, (json.dumps(metrics, indent=2, default=float) + "\n").encode())
+        return path
+
+    def complete(self) -> None:
+        self._write_status("complete")
+
+    def fail(self, message: str) -> None:
+        for name in FINAL_OUTPUTS:
+            (self.path / name).unlink(missing_ok=True)
+        self._write_status("failed", message)
+
+
+def read_run(path: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run folder, with a clear error when the folder is not one."""
+    path = Path(path)
+    record = path / "run.json"
+    if not record.is_file():
+        raise ConfigError(f"{path} is not a difflab run folder (no run.json)")
+    try:
+        return json.loads(record.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{record} is damaged (not valid JSON)") from None

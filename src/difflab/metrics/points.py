@@ -1,0 +1,91 @@
+"""Sample-quality metrics for 2-D point clouds.
+
+- ``nll_course``: the reference course's grading: ``scipy.stats.gaussian_kde`` (Scott's rule) fitted to
+  the training points of all classes; the score is the mean of ``-logpdf(samples)``. It is one-sided:
+  samples piled on the densest part of the data score well, so it is always read beside
+- ``nll_reverse``: held-out real points under a KDE fitted to the samples (punishes dropped modes), and
+- ``nll_heldout``: the samples under a KDE of held-out real points.
+- ``nearest_label_fraction``: the share of samples whose nearest real point carries the intended label
+  (for outlines sampled densely, "nearest to the intended outline").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.stats import gaussian_kde
+
+from difflab.errors import DataError
+
+
+def _as_array(points: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = points.detach().cpu().double().numpy() if isinstance(points, torch.Tensor) else np.asarray(points, float)
+    if array.ndim != 2:
+        raise DataError(f"expected points of shape (N, D), got {array.shape}")
+    return array
+
+
+def check_finite(points: torch.Tensor | np.ndarray, what: str = "samples") -> None:
+    """Raise a clear error when samples contain NaN or inf (a KDE would return NaN silently)."""
+    array = _as_array(points)
+    bad = int((~np.isfinite(array)).any(axis=1).sum())
+    if bad:
+        raise DataError(f"{bad} of {len(array)} {what} are NaN or infinite: the sampler diverged")
+
+
+class KDE:
+    """A Gaussian KDE (Scott's rule bandwidth) of reference points; ``nll(x)`` is ``mean(-log p(x))``."""
+
+    def __init__(self, reference: torch.Tensor | np.ndarray) -> None:
+        array = _as_array(reference)
+        if len(array) <= array.shape[1]:
+            raise DataError(f"a KDE needs more than {array.shape[1]} points, got {len(array)}")
+        self.kde = gaussian_kde(array.T)
+
+    def log_density(self, points: torch.Tensor | np.ndarray) -> np.ndarray:
+        """``log p(x)`` for each point, shape (N,)."""
+        return self.kde.logpdf(_as_array(points).T)
+
+    def nll(self, points: torch.Tensor | np.ndarray) -> float:
+        check_finite(points)
+        return float(-self.log_density(points).mean())
+
+
+def nll_course(samples: torch.Tensor, train_points: torch.Tensor) -> float:
+    """Mean ``-log p_KDE(samples)`` under a KDE of all training points (the reference's grade)."""
+    return KDE(train_points).nll(samples)
+
+
+def nll_reverse(samples: torch.Tensor, heldout_points: torch.Tensor) -> float:
+    """Mean ``-log q_KDE(heldout)`` under a KDE of the samples: low only if the samples cover the data."""
+    check_finite(samples)
+    return KDE(samples).nll(heldout_points)
+
+
+def nearest_labels(
+    points: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
+    """Label of the nearest reference point for each point, (N,) int64 (batched ``cdist``)."""
+    points = points.detach().float().cpu()
+    reference = reference.float().cpu()
+    out = []
+    for start in range(0, len(points), chunk):
+        distances = torch.cdist(points[start : start + chunk], reference)
+        out.append(reference_labels.cpu()[distances.argmin(dim=1)])
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def nearest_label_fraction(
+    samples: torch.Tensor, label: int, reference: torch.Tensor, reference_labels: torch.Tensor
+) -> float:
+    """Share of ``samples`` whose nearest reference point has label ``label``."""
+    return float((nearest_labels(samples, reference, reference_labels) == label).float().mean())
+
+
+def label_histogram(
+    samples: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor, num_classes: int
+) -> list[float]:
+    """Fraction of samples nearest to each class (mode coverage of unconditional samples)."""
+    labels = nearest_labels(samples, reference, reference_labels)
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return (counts / max(len(labels), 1)).tolist()

@@ -1,0 +1,75 @@
+"""Pieces shared by the samplers: the model-call protocol, timestep lists, noise and batching."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from difflab.errors import ConfigError
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+class EpsModel(Protocol):
+    """Anything called as ``model(x_t, t) -> eps``: x_t (B, ...), t (B,) int64 -> (B, ...)."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+
+# callback(step_index, t, x_t, x0_pred) is called once per step, before the update.
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def timestep_list(num_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:
+    """The decreasing timestep indices a sampler visits, ``steps`` of them out of ``num_timesteps``.
+
+    - ``leading`` (DDIM paper, diffusers' default): ``0, r, 2r, ...`` with ``r = T // steps``;
+    - ``trailing`` (Lin et al. 2024): ``T-1, T-1-r, ...`` so the first step starts from pure noise;
+    - ``linspace``: ``round(linspace(0, T-1, steps))``.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ConfigError(f"steps must be between 1 and the schedule's {num_timesteps} timesteps, got {steps}")
+    if spacing == "leading":
+        ratio = num_timesteps // steps
+        timesteps = [i * ratio for i in range(steps)]
+    elif spacing == "trailing":
+        ratio = num_timesteps / steps
+        timesteps = sorted({round(num_timesteps - i * ratio) - 1 for i in range(steps)})
+    elif spacing == "linspace":
+        timesteps = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long().tolist()
+    else:
+        raise ConfigError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    return sorted(set(timesteps), reverse=True)
+
+
+def needs_grad(model: object) -> bool:
+    """Whether calling ``model`` differentiates through its input (classifier guidance does)."""
+    return bool(getattr(model, "needs_grad", False))
+
+
+def sampling_mode(model: object) -> contextlib.AbstractContextManager:
+    """``inference_mode`` for plain sampling; ``no_grad`` when the model takes input gradients itself."""
+    return torch.no_grad() if needs_grad(model) else torch.inference_mode()
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    """Standard normal noise drawn from ``generator`` (on its own device), then moved to ``device``."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source).to(device)
+
+
+def progress(iterable: list[int], enabled: bool, description: str) -> Iterator[int]:
+    """A tqdm bar over the sampling steps when ``enabled``."""
+    return iter(tqdm(iterable, desc=description, leave=False, disable=not enabled))
+
+
+def batched(total: int, batch_size: int) -> Iterator[int]:
+    """Sizes of consecutive batches covering ``total`` items."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    for start in range(0, total, batch_size):
+        yield min(batch_size, total - start)

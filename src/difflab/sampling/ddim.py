@@ -1,0 +1,79 @@
+"""Denoising diffusion implicit models (Song, Meng & Ermon 2021)."""
+
+from __future__ import annotations
+
+import torch
+
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.sampling.common import EpsModel, StepCallback, progress, randn, sampling_mode, timestep_list
+
+
+def ddim_step(
+    schedule: NoiseSchedule,
+    eps: torch.Tensor,
+    t: int,
+    t_prev: int | None,
+    x_t: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    clip_x0: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update ``x_t -> x_{t_prev}`` (Song et al. eq. 12); returns ``(x_prev, x0_pred)``.
+
+    ``x_prev = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma^2) eps + sigma z`` with
+    ``sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)`` and ``a = alpha_bar``.
+    ``t_prev = None`` means the end of the chain, where ``alpha_bar_prev = 1``.
+    """
+    device = x_t.device
+    alpha_bar = schedule.alpha_bar[t].to(device)
+    alpha_bar_prev = schedule.alpha_bar[t_prev].to(device) if t_prev is not None else torch.ones((), device=device)
+    x0_pred = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    if clip_x0 is not None:
+        x0_pred = x0_pred.clamp(-clip_x0, clip_x0)
+        # Re-derive eps from the clipped x0 so the two stay consistent (as diffusers does).
+        eps = (x_t - alpha_bar.sqrt() * x0_pred) / (1 - alpha_bar).sqrt()
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+    x_prev = alpha_bar_prev.sqrt() * x0_pred + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+    if eta > 0 and t_prev is not None:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs noise")
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0_pred
+
+
+def ddim_sample(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    spacing: str = "leading",
+    timesteps: list[int] | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    clip_x0: float | None = None,
+    x_T: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """DDIM sampling over ``steps`` timesteps (or an explicit decreasing ``timesteps`` list).
+
+    Each step's previous timestep is the next entry of the list (the chain ends at ``alpha_bar = 1``),
+    never recomputed by formula, so any spacing works. ``eta = 0`` is deterministic given ``x_T``;
+    ``eta = 1`` matches DDPM's posterior variance. Returns x_0 of ``shape``.
+    """
+    if timesteps is None:
+        timesteps = timestep_list(schedule.num_timesteps, steps, spacing)
+    with sampling_mode(model):
+        x = randn(shape, generator, device) if x_T is None else x_T.to(device)
+        for k in progress(list(range(len(timesteps))), show_progress, "DDIM"):
+            t = timesteps[k]
+            t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else None
+            eps = model(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+            noise = randn(shape, generator, device) if eta > 0 and t_prev is not None else None
+            x_next, x0_pred = ddim_step(schedule, eps, t, t_prev, x, eta, noise, clip_x0)
+            if callback is not None:
+                callback(k, t, x, x0_pred)
+            x = x_next
+    return x

@@ -1,0 +1,217 @@
+"""Checkpoints as safetensors, written atomically and verified by a checksum on load.
+
+Two kinds of files:
+
+- *training state* ``checkpoints/<name>/step-XXXXXXXX.safetensors``: model, EMA and optimizer
+  tensors plus RNG states, with the step, the model signature and a sha256 of all tensor bytes in
+  the safetensors metadata. Resume loads the newest one whose checksum verifies.
+- *exported weights* ``checkpoints/<name>.safetensors`` (what a user loads: the EMA weights when EMA
+  is on) with ``checkpoints/<name>.json`` (model config, step, checksum).
+
+Every file is written to a temporary name in the same folder and renamed into place, so a kill
+never leaves a half-written file under a real name. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from difflab.errors import CheckpointError
+
+STEP_FILE = re.compile(r"step-(\d{8})\.safetensors$")
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the tensors, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors`` save via a temporary file and rename; the old file survives any failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file and its metadata; a damaged file raises :class:`CheckpointError`."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged or not a safetensors file ({exc})") from None
+    return tensors, metadata
+
+
+def verified_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`read_tensors`, then check the sha256 recorded in the metadata."""
+    tensors, metadata = read_tensors(path)
+    expected = metadata.get("sha256")
+    if expected is None:
+        raise CheckpointError(f"checkpoint {path} has no checksum in its metadata")
+    if tensor_digest(tensors) != expected:
+        raise CheckpointError(f"checkpoint {path} fails its checksum (corrupt or truncated)")
+    return tensors, metadata
+
+
+def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse weights that do not fit ``model``, naming the missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_short(unexpected)}")
+    if shapes:
+        detail = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:3])
+        problems.append(f"shape mismatch {detail}{' ...' if len(shapes) > 3 else ''}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not fit this model: {'; '.join(problems)}")
+
+
+def _short(keys: list[str]) -> str:
+    return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+
+def step_files(directory: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the training-state files in ``directory``, newest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = STEP_FILE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def save_training_state(
+    directory: Path, step: int, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], keep_last: int
+) -> Path:
+    """Write ``step-XXXXXXXX.safetensors`` atomically, then prune all but the newest ``keep_last``."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta["step"] = str(step)
+    meta["sha256"] = tensor_digest(tensors)
+    path = directory / f"step-{step:08d}.safetensors"
+    atomic_save_tensors(tensors, path, meta)
+    for _, old in step_files(directory)[max(keep_last, 1) :]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_training_state(directory: Path, warn: Any = print) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The newest training state that verifies; damaged ones are reported through ``warn`` and skipped."""
+    for _, path in step_files(directory):
+        try:
+            return verified_tensors(path)
+        except CheckpointError as exc:
+            warn(f"skipping {exc}")
+    return None
+
+
+def export_weights(path: Path, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Write user-facing weights ``<name>.safetensors`` and their ``<name>.json`` (both atomically)."""
+    tensors = {k: v for k, v in state_dict.items()}
+    digest = tensor_digest(tensors)
+    atomic_save_tensors(tensors, path, {"sha256": digest, "format": "difflab-weights"})
+    record = dict(info, sha256=digest, weights=path.name)
+    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Load exported weights into ``model`` after checking the checksum and the keys; returns the JSON info."""
+    tensors, _ = verified_tensors(path)
+    check_compatible(model, tensors, path)
+    model.load_state_dict(tensors)
+    info_path = path.with_suffix(".json")
+    if info_path.is_file():
+        try:
+            return json.loads(info_path.read_text())
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{info_path} is not valid JSON") from None
+    return {}
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as named tensors (for safetensors) plus the JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{param_id}.{key}"] = value
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict[str, Any]
+) -> None:
+    """Inverse of :func:`flatten_optimizer`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, param_id, key = name.split(".", 2)
+        state.setdefault(int(param_id), {})[key] = value
+    for name, value in rest.get("scalars", {}).items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in tensors.items()}
+
+
+def strip_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def digest_of(names: Iterable[str]) -> str:
+    """A short digest of a list of names (used to tag a model signature)."""
+    return hashlib.sha256("|".join(names).encode()).hexdigest()[:16]

@@ -1,0 +1,85 @@
+"""Scalar logs of a run: ``metrics.jsonl`` (one JSON object a line) and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunLogger:
+    """Writes ``{"tag", "step", "value", "time"}`` lines to ``run_dir/metrics.jsonl`` and the same scalars
+    to TensorBoard under ``run_dir/tensorboard``."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer: Any = None
+        self._tensorboard = tensorboard
+        self._tb_dir = Path(run_dir) / "tensorboard"
+
+    def _tb(self) -> Any:
+        if self._writer is None and self._tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: the JSONL log is enough
+                self._tensorboard = False
+                return None
+            self._writer = SummaryWriter(str(self._tb_dir))
+        return self._writer
+
+    def log(self, tag: str, step: int, value: float) -> None:
+        value = float(value)
+        record = {
+            "tag": tag,
+            "step": int(step),
+            "value": value if math.isfinite(value) else str(value),
+            "time": round(time.time(), 3),
+        }
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        writer = self._tb()
+        if writer is not None:
+            writer.add_scalar(tag, value, int(step))
+
+    def truncate(self, prefix: str, after_step: int) -> None:
+        """Drop records of tags starting with ``prefix`` logged after ``after_step`` (used on resume, so the
+        killed run's steps beyond its last checkpoint are not counted twice)."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if str(record.get("tag", "")).startswith(prefix) and record.get("step", 0) > after_step:
+                continue
+            kept.append(json.dumps(record))
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_series(path: Path, tag: str) -> tuple[list[int], list[float]]:
+    """Steps and values of one tag from a ``metrics.jsonl`` file (the last value wins for a repeated step)."""
+    series: dict[int, float] = {}
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("tag") == tag:
+                series[int(record["step"])] = float(record["value"])
+    steps = sorted(series)
+    return steps, [series[s] for s in steps]

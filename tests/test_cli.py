@@ -1,0 +1,171 @@
+"""The command line end to end: tiny runs that must learn, and bad input that must fail cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from difflab.cli import main
+from difflab.data.states import load_states
+from difflab.metrics.points import KDE, nearest_label_fraction
+
+QUICK_STATES = [
+    "progress=false",
+    "denoiser_train.steps=1500",
+    "denoiser_train.eval_every=500",
+    "classifier_train.steps=600",
+    "sampling.n_uncond=1000",
+    "sampling.n_cond=300",
+    "sampling.cond_steps=50",
+    "figures.prediction_map_steps=[1,250]",
+]
+
+
+@pytest.fixture(scope="module")
+def states_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "states"
+    assert main(["run", "states", f"run_dir={run_dir}", *QUICK_STATES]) == 0
+    return run_dir
+
+
+def test_states_run_writes_every_artefact(states_run: Path) -> None:
+    for name in [
+        "config.yaml",
+        "run.json",
+        "metrics.json",
+        "metrics.jsonl",
+        "report.md",
+        "checkpoints/denoiser.safetensors",
+        "checkpoints/denoiser.json",
+        "checkpoints/classifier.safetensors",
+        "checkpoints/classifier.json",
+        "samples/uncond_gen_samples.pt",
+        *[f"samples/cond_gen_samples_{k}.pt" for k in range(5)],
+        "figures/uncond_samples.png",
+        "figures/cond_samples.png",
+        "figures/forward_process.png",
+        "figures/reverse_process.png",
+        "figures/denoiser_loss.png",
+        "figures/classifier_loss.png",
+        "figures/prediction_map.png",
+    ]:
+        assert (states_run / name).is_file(), name
+    assert list((states_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((states_run / "run.json").read_text())["status"] == "complete"
+    samples = torch.load(states_run / "samples" / "uncond_gen_samples.pt", weights_only=True)
+    assert samples.shape == (1000, 2)
+    assert torch.load(states_run / "samples" / "cond_gen_samples_3.pt", weights_only=True).shape == (300, 2)
+
+
+def test_states_run_learns(states_run: Path) -> None:
+    """Even a short run moves samples onto the outlines and steers them to the asked-for state."""
+    metrics = json.loads((states_run / "metrics.json").read_text())
+    train = load_states("train")
+    noise_score = KDE(train.data).nll(torch.randn(1000, 2, generator=torch.Generator().manual_seed(0)))
+    assert metrics["uncond"]["nll_course"] < noise_score - 1.0
+    assert metrics["uncond"]["nll_course"] < 2.6
+    assert all(share > 0.1 for share in metrics["uncond"]["class_share"].values())
+    for k, name in enumerate(train.names):
+        samples = torch.load(states_run / "samples" / f"cond_gen_samples_{k}.pt", weights_only=True)
+        assert nearest_label_fraction(samples, k, train.data, train.labels) > 0.85, name
+    steps = [json.loads(line) for line in (states_run / "metrics.jsonl").read_text().splitlines()]
+    val = [r["value"] for r in steps if r["tag"] == "denoiser/val_loss"]
+    assert val[-1] < val[0]
+    report = (states_run / "report.md").read_text()
+    assert f"{metrics['uncond']['nll_course']:.3f}" in report
+
+
+def test_rerun_resumes_and_changed_config_is_refused(states_run: Path, capsys) -> None:
+    assert main(["run", "states", f"run_dir={states_run}", *QUICK_STATES]) == 0
+    output = capsys.readouterr().out
+    assert "resumed from step 1500 of 1500 (training already complete)" in output
+    assert main(["run", "states", f"run_dir={states_run}", *QUICK_STATES, "denoiser_train.lr=0.1"]) == 2
+    assert "different config (differs in: denoiser_train.lr)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "nosuchrecipe"], "unknown recipe 'nosuchrecipe'"),
+        (["run", "states", "denoiser_train.stepz=3"], "unknown config key 'denoiser_train.stepz'"),
+        (["run", "states", "seed=abc"], "seed must be an integer"),
+        (["run", "states", "data.path=/nonexistent/states.pt"], "data file /nonexistent/states.pt does not exist"),
+        (["run", "states", "device=cuda:7"], "CUDA is not available"),
+        (["run", "/nonexistent/config.yaml"], "config file /nonexistent/config.yaml does not exist"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    assert main([*args, f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_corrupt_user_data_file(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "states.pt"
+    bad.write_bytes(b"\x00garbage")
+    assert main(["run", "states", f"data.path={bad}", f"run_dir={tmp_path / 'r'}"]) == 2
+    assert f"cannot read {bad}" in capsys.readouterr().err
+
+
+def test_user_point_file_runs(tmp_path: Path) -> None:
+    from sklearn.datasets import make_moons
+
+    points, labels = make_moons(1200, noise=0.05, random_state=0)
+    path = tmp_path / "moons.pt"
+    torch.save({"data": torch.tensor(points, dtype=torch.float32), "labels": torch.tensor(labels)}, path)
+    run_dir = tmp_path / "run"
+    assert (
+        main(
+            [
+                "run",
+                "states",
+                f"data.path={path}",
+                f"run_dir={run_dir}",
+                "progress=false",
+                "denoiser_train.steps=300",
+                "classifier_train.steps=200",
+                "sampling.n_uncond=300",
+                "sampling.n_cond=100",
+                "sampling.cond_steps=20",
+                "figures.prediction_map_steps=[1]",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["cond"]) == {"class 0", "class 1", "all"}
+    assert metrics["targets"] == []
+
+
+def test_swissroll_walkthrough_learns(tmp_path: Path) -> None:
+    run_dir = tmp_path / "swiss"
+    assert (
+        main(
+            ["run", "swissroll", f"run_dir={run_dir}", "progress=false", "denoiser_train.steps=800", "sampling.n=2000"]
+        )
+        == 0
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    from difflab.data.toy import make_toy
+
+    train = make_toy("swissroll", 5000, 0.0, seed=0)
+    noise_score = KDE(train.data).nll(torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)))
+    assert metrics["samples"]["nll_course"] < noise_score - 1.0
+    for name in ["forward_process.png", "reverse_process.png", "samples.png", "loss.png"]:
+        assert (run_dir / "figures" / name).is_file()
+
+
+def test_module_entry_point_and_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "difflab", "recipes"], capture_output=True, text=True, check=True)
+    assert "states" in result.stdout and "swissroll" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "difflab", "config", "moons"], capture_output=True, text=True, check=True
+    )
+    assert "recipe: moons" in result.stdout

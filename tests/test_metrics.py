@@ -1,0 +1,49 @@
+"""The point-cloud metrics against direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import gaussian_kde
+
+from difflab.data.states import load_states
+from difflab.errors import DataError
+from difflab.metrics.points import KDE, label_histogram, nearest_label_fraction, nll_course, nll_reverse
+
+
+def test_nll_course_is_the_reference_grading() -> None:
+    train = load_states("train")
+    samples = torch.randn(300, 2)
+    expected = -gaussian_kde(train.data.double().numpy().T).logpdf(samples.double().numpy().T).mean()
+    assert nll_course(samples, train.data) == pytest.approx(expected, rel=1e-12)
+
+
+def test_kde_of_a_gaussian_approaches_its_entropy() -> None:
+    generator = torch.Generator().manual_seed(0)
+    reference, points = torch.randn(20_000, 2, generator=generator), torch.randn(5000, 2, generator=generator)
+    entropy = np.log(2 * np.pi * np.e)  # of N(0, I_2), in nats
+    assert KDE(reference).nll(points) == pytest.approx(entropy, abs=0.05)
+
+
+def test_reverse_nll_punishes_dropped_modes() -> None:
+    train, heldout = load_states("train"), load_states("heldout")
+    all_states = train.data
+    four_states = train.data[train.labels != 3]
+    # The one-sided score barely notices a missing state; the reverse score does.
+    assert nll_course(four_states, train.data) < nll_course(all_states, train.data) + 0.05
+    assert nll_reverse(four_states, heldout.data) > nll_reverse(all_states, heldout.data) + 1.0
+
+
+def test_nearest_labels() -> None:
+    train = load_states("train")
+    heldout = load_states("heldout")
+    for k in range(5):
+        assert nearest_label_fraction(heldout.data[heldout.labels == k], k, train.data, train.labels) > 0.999
+    shares = label_histogram(heldout.data, train.data, train.labels, 5)
+    assert shares == pytest.approx([0.2] * 5, abs=0.002)
+
+
+def test_nan_samples_are_reported() -> None:
+    with pytest.raises(DataError, match="NaN or infinite"):
+        nll_course(torch.tensor([[0.0, float("nan")]] * 10), load_states("train").data)
