@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from difflab.config import dump_yaml, to_dict
-from difflab.errors import ConfigError
+from difflab.errors import ConfigError, DifflabError
 from difflab.report.markdown import environment
 from difflab.training.checkpoint import atomic_write_bytes
 
@@ -134,6 +134,18 @@ class RunFolder:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Mark the run ``failed`` (with the reason) when the body raises; the error propagates."""
+        try:
+            yield
+        except DifflabError as exc:
+            self.fail(str(exc))
+            raise
+        except BaseException as exc:
+            self.fail(f"interrupted by {type(exc).__name__}")
+            raise
 
     def sub(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)

@@ -19,7 +19,7 @@ from difflab.data.points import PointCloud, load_point_file, split_points
 from difflab.data.states import load_states
 from difflab.diffusion.objectives import noisy_classifier_loss
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
-from difflab.errors import ConfigError, DifflabError
+from difflab.errors import ConfigError
 from difflab.experiments import points2d
 from difflab.experiments.points2d import DenoiserTrainConfig, MLPConfig, Splits
 from difflab.experiments.runs import RunFolder, resolve_device
@@ -231,14 +231,8 @@ def run_states(config: StatesConfig, fresh: bool = False, echo=print) -> RunFold
     device = resolve_device(config.device)
     train_cloud, heldout_cloud, shipped = load_data(config.data, config.seed)
     run = RunFolder.open(config.run_dir, "states", config, fresh=fresh)
-    try:
+    with run.guard():
         _run(run, config, device, train_cloud, heldout_cloud, shipped, wall_start, echo)
-    except DifflabError as exc:
-        run.fail(str(exc))
-        raise
-    except BaseException as exc:
-        run.fail(f"interrupted by {type(exc).__name__}")
-        raise
     return run
 
 

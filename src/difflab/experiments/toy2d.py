@@ -15,7 +15,7 @@ import torch
 
 from difflab.data.toy import TOY_NAMES, make_toy
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
-from difflab.errors import ConfigError, DifflabError
+from difflab.errors import ConfigError
 from difflab.experiments import points2d
 from difflab.experiments.points2d import DenoiserTrainConfig, MLPConfig
 from difflab.experiments.runs import RunFolder, resolve_device
@@ -113,14 +113,8 @@ def run_toy(config: ToyConfig, fresh: bool = False, echo=print) -> RunFolder:
     train = make_toy(config.recipe, config.data.n_train, config.data.noise, seed=0)
     heldout = make_toy(config.recipe, config.data.n_heldout, config.data.noise, seed=1)
     run = RunFolder.open(config.run_dir or f"runs/{config.recipe}", config.recipe, config, fresh=fresh)
-    try:
+    with run.guard():
         _run(run, config, device, train, heldout, wall_start, echo)
-    except DifflabError as exc:
-        run.fail(str(exc))
-        raise
-    except BaseException as exc:
-        run.fail(f"interrupted by {type(exc).__name__}")
-        raise
     return run
 
 
