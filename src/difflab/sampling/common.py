@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from difflab.errors import ConfigError
+from difflab.progress import progress_bar
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -64,7 +64,7 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
 
 def progress(iterable: list[int], enabled: bool, description: str) -> Iterator[int]:
     """A tqdm bar over the sampling steps when ``enabled``."""
-    return iter(tqdm(iterable, desc=description, leave=False, disable=not enabled))
+    return iter(progress_bar(iterable, desc=description, disable=not enabled))
 
 
 def batched(total: int, batch_size: int) -> Iterator[int]:

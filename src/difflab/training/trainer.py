@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from difflab.errors import CheckpointError, ConfigError, TrainingDiverged
+from difflab.progress import progress_bar
 from difflab.seeding import mix_seed
 from difflab.training import checkpoint as ckpt
 from difflab.training.ema import EMA
@@ -112,6 +112,9 @@ class TrainResult:
 class Trainer:
     """Trains ``model`` on ``loss_fn(model, batches.batch(step), generator)`` for ``config.steps`` steps.
 
+    ``hooks`` are called as ``hook(trainer)`` after every completed step (after its checkpoint, if any), e.g.
+    to draw a progress figure every epoch from ``trainer.eval_model``.
+
     Writes ``<name>/train_loss``, ``<name>/lr`` and ``<name>/val_*`` scalars through ``logger``, training
     state checkpoints under ``run_dir/checkpoints/<name>/`` and, at the end, the weights to use
     (EMA when enabled) as ``run_dir/checkpoints/<name>.safetensors`` + ``.json``. An existing training
@@ -134,6 +137,7 @@ class Trainer:
         device: torch.device | str = "cpu",
         show_progress: bool = True,
         echo: Callable[[str], None] = print,
+        hooks: list[Callable[[Trainer], None]] | None = None,
     ) -> None:
         self.name = name
         self.model = model
@@ -148,6 +152,7 @@ class Trainer:
         self.device = torch.device(device)
         self.show_progress = show_progress
         self.echo = echo
+        self.hooks = list(hooks or [])
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas)
         )
@@ -262,14 +267,7 @@ class Trainer:
         running, count, skipped, consecutive_skips = 0.0, 0, 0, 0
         last_logged: float | None = None
         validation: dict[str, float] = {}
-        bar = tqdm(
-            total=config.steps,
-            initial=self.step,
-            desc=self.name,
-            disable=not self.show_progress,
-            leave=False,
-            dynamic_ncols=True,
-        )
+        bar = progress_bar(total=config.steps, initial=self.step, desc=self.name, disable=not self.show_progress)
         try:
             while self.step < config.steps:
                 lr = config.lr_at(self.step)
@@ -315,6 +313,8 @@ class Trainer:
                     validation = self._run_validation()
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                     self.save_checkpoint()
+                for hook in self.hooks:
+                    hook(self)
         finally:
             bar.close()
             self.logger.flush()
