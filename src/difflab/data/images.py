@@ -1,0 +1,184 @@
+"""Image data sets as tensors: a folder of class subfolders, sklearn's 8x8 digits, range helpers.
+
+Every loader returns an :class:`ImageSet` with images (N, C, H, W) float32 in [-1, 1] (the range the
+diffusion models work in) and int64 labels indexing ``class_names``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from difflab.errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Labelled images.
+
+    images: (N, C, H, W) float32 in [-1, 1]; labels: (N,) int64 in [0, len(class_names)).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise DataError(f"images must have shape (N, C, H, W), got {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise DataError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def size(self) -> int:
+        """Height (= width for the square images the loaders make)."""
+        return int(self.images.shape[2])
+
+    def subset(self, index: torch.Tensor | slice) -> ImageSet:
+        """The images and labels at ``index`` (a slice or an index tensor), same class names."""
+        return ImageSet(self.images[index], self.labels[index], self.class_names)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1]: ``(x + 1) / 2`` (no clipping)."""
+    return (x + 1.0) / 2.0
+
+
+def from_unit(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]: ``2 x - 1`` (no clipping)."""
+    return x * 2.0 - 1.0
+
+
+def _read(path: Path) -> Image.Image:
+    """Open and fully decode ``path``; anything Pillow cannot read raises a DataError naming the file."""
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return handle.copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {path} ({exc.__class__.__name__}: {exc})") from None
+
+
+def _normalised(image: Image.Image) -> Image.Image:
+    """``L`` for grayscale modes, ``RGB`` otherwise; transparency is composited onto black, 16-bit scaled."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if array.max(initial=0.0) > 255 else 1.0
+        return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("1", "L"):
+        return image.convert("L")
+    if image.mode in ("LA", "PA", "RGBA", "P"):
+        rgba = image.convert("RGBA")
+        composed = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+        return composed.convert("L" if image.mode == "LA" else "RGB")
+    return image.convert("RGB")
+
+
+def _square(image: Image.Image, size: int) -> Image.Image:
+    """Centre crop to the largest square, then resize to ``size`` x ``size`` (bicubic, antialiased)."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    return square.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) below ``folder``, recursively, in sorted order; hidden files are ignored."""
+    images, others = [], []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+    return images, others
+
+
+def load_image_folder(
+    path: str | Path,
+    size: int,
+    channels: int = 0,
+    max_per_class: int = 0,
+    echo: Callable[[str], object] = print,
+) -> ImageSet:
+    """Images from ``path/<class name>/**/<file>`` with the sorted class folder names as labels.
+
+    A folder with no class subfolders is one class named after the folder. Each image is centre
+    cropped to a square and resized to ``size`` x ``size`` (Pillow, bicubic with antialiasing).
+    channels: 1 (grayscale), 3 (RGB) or 0 (grayscale if every image is grayscale, else RGB).
+    max_per_class: keep at most this many images of each class (the first in sorted order; 0 = all).
+    Files without an image suffix are skipped and counted (reported through ``echo``); a file with
+    an image suffix that Pillow cannot read raises a :class:`DataError` naming it.
+    Returns images (N, C, size, size) in [-1, 1].
+    """
+    root = Path(path)
+    if channels not in (0, 1, 3):
+        raise DataError(f"channels must be 0 (infer), 1 or 3, got {channels}")
+    if size < 1:
+        raise DataError(f"image size must be >= 1, got {size}")
+    if max_per_class < 0:
+        raise DataError(f"max_per_class must be >= 0 (0 = all), got {max_per_class}")
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes: list[tuple[str, list[Path]]] = []
+    skipped: list[Path] = []
+    for folder in subfolders:
+        files, others = _image_files(folder)
+        skipped += others
+        if files:
+            classes.append((folder.name, files[: max_per_class or None]))
+    top_files = [p for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    top_images = [p for p in top_files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not classes and top_images:
+        classes.append((root.name, top_images[: max_per_class or None]))
+        skipped += [p for p in top_files if p not in top_images]
+    else:
+        skipped += top_files
+    if not classes:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root} or its class subfolders")
+    if skipped:
+        echo(f"skipped {len(skipped)} non-image file(s) in {root} (e.g. {skipped[0].relative_to(root)})")
+
+    pictures: list[Image.Image] = []
+    labels: list[int] = []
+    all_gray = True
+    for label, (_, files) in enumerate(classes):
+        for file in files:
+            image = _normalised(_read(file))
+            all_gray &= image.mode == "L"
+            pictures.append(_square(image, size))
+            labels.append(label)
+    channels = channels or (1 if all_gray else 3)
+    mode = "L" if channels == 1 else "RGB"
+    arrays = np.stack([np.asarray(p.convert(mode), dtype=np.uint8).reshape(size, size, channels) for p in pictures])
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() * (2.0 / 255.0) - 1.0
+    return ImageSet(images.contiguous(), torch.tensor(labels, dtype=torch.int64), tuple(n for n, _ in classes))
+
+
+def load_digits_8x8() -> ImageSet:
+    """sklearn's ``load_digits``: 1,797 images (N, 1, 8, 8), gray levels 0..16 mapped to [-1, 1], labels 0..9."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(np.asarray(digits.images, dtype=np.float32)).unsqueeze(1) * (2.0 / 16.0) - 1.0
+    labels = torch.from_numpy(np.asarray(digits.target, dtype=np.int64))
+    return ImageSet(images, labels, tuple(str(d) for d in range(10)))

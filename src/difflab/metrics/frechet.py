@@ -1,0 +1,95 @@
+"""Frechet distance between Gaussian fits of two feature sets, and the inception score.
+
+FID (Heusel et al. 2017): with feature means ``mu_i`` and covariances ``S_i``,
+
+    d^2 = |mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^(1/2)).
+
+``S_1 S_2`` is not symmetric, but it is similar to the symmetric PSD matrix ``A S_2 A`` with
+``A = S_1^(1/2)``, so ``tr((S_1 S_2)^(1/2)) = sum_i sqrt(lambda_i(A S_2 A))``: two symmetric
+eigendecompositions in float64, eigenvalues clipped at 0 (rank-deficient covariances, N < D, give
+tiny negative ones from round-off). No scipy, no complex numbers.
+
+Inception score (Salimans et al. 2016): ``IS = exp(E_x KL(p(y|x) || p(y)))`` with ``p(y)`` the mean of
+``p(y|x)`` over the (split of the) samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from difflab.errors import DataError
+
+
+def _check_features(features: torch.Tensor, what: str) -> torch.Tensor:
+    if features.ndim != 2:
+        raise DataError(f"{what} must have shape (N, D), got {tuple(features.shape)}")
+    if len(features) < 2:
+        raise DataError(f"{what}: a covariance needs at least 2 rows, got {len(features)}")
+    features = features.detach().to("cpu", torch.float64)
+    bad = int((~torch.isfinite(features)).any(dim=1).sum())
+    if bad:
+        raise DataError(f"{what}: {bad} of {len(features)} rows are NaN or infinite")
+    return features
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """features (N, D) -> mean (D,) and unbiased covariance (D, D), both float64 on the CPU."""
+    features = _check_features(features, "features")
+    mean = features.mean(dim=0)
+    centred = features - mean
+    return mean, centred.T @ centred / (len(features) - 1)
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues clipped to 0)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+
+
+def trace_sqrt_product(sigma1: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """``tr((S_1 S_2)^(1/2)) = sum sqrt(eig(A S_2 A))`` with ``A = S_1^(1/2)`` (both PSD)."""
+    root1 = _psd_sqrt(sigma1.to(torch.float64))
+    middle = root1 @ sigma2.to(torch.float64) @ root1
+    eigenvalues = torch.linalg.eigvalsh((middle + middle.T) / 2)
+    return float(eigenvalues.clamp(min=0).sqrt().sum())
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2); mu: (D,), sigma: (D, D)."""
+    mu1, mu2 = mu1.to(torch.float64), mu2.to(torch.float64)
+    sigma1, sigma2 = sigma1.to(torch.float64), sigma2.to(torch.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise DataError(
+            f"feature statistics do not match: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, "
+            f"sigma {tuple(sigma1.shape)} / {tuple(sigma2.shape)}"
+        )
+    mean_term = float((mu1 - mu2).square().sum())
+    value = mean_term + float(sigma1.trace() + sigma2.trace()) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+    return max(value, 0.0)
+
+
+def frechet_distance_of_features(features1: torch.Tensor, features2: torch.Tensor) -> float:
+    """:func:`frechet_distance` of the Gaussian fits of two feature sets (N1, D) and (N2, D)."""
+    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+
+
+def inception_score(probs: torch.Tensor, splits: int = 1) -> float:
+    """``exp(E_x KL(p(y|x) || p(y)))`` of class probabilities (N, K), averaged over ``splits`` equal parts.
+
+    Ranges from 1 (every sample has the same class distribution) to K (confident and uniform over classes).
+    """
+    if probs.ndim != 2 or len(probs) < 1:
+        raise DataError(f"probs must have shape (N, K) with N >= 1, got {tuple(probs.shape)}")
+    if splits < 1 or splits > len(probs):
+        raise DataError(f"splits must be in [1, {len(probs)}], got {splits}")
+    probs = probs.detach().to("cpu", torch.float64)
+    if not torch.isfinite(probs).all() or (probs < 0).any():
+        raise DataError("probs must be finite and non-negative")
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    scores = []
+    for part in torch.tensor_split(probs, splits):
+        marginal = part.mean(dim=0, keepdim=True)
+        # KL(p(y|x) || p(y)) = sum_y p(y|x) (log p(y|x) - log p(y)); xlogy gives 0 log 0 = 0.
+        kl = (torch.xlogy(part, part) - torch.xlogy(part, marginal.expand_as(part))).sum(dim=1)
+        scores.append(float(kl.mean().exp()))
+    return sum(scores) / len(scores)

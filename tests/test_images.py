@@ -1,0 +1,219 @@
+"""Image folders, 8x8 digits, grids and PNG files, Frechet distance and inception score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from difflab.data.images import ImageSet, from_unit, load_digits_8x8, load_image_folder, to_unit
+from difflab.errors import DataError
+from difflab.metrics.frechet import (
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_of_features,
+    inception_score,
+)
+from difflab.viz.images import image_rows_figure, load_image, make_grid, save_grid, save_image
+
+# ---------------------------------------------------------------- image folders
+
+
+def _png(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+@pytest.fixture
+def gray_folder(tmp_path):
+    root = tmp_path / "shapes"
+    # "bars": 30 wide x 10 high, white only in the middle 10 columns -> the centre crop is all white.
+    bar = np.zeros((10, 30), np.uint8)
+    bar[:, 10:20] = 255
+    _png(root / "bars" / "a.png", bar)
+    _png(root / "bars" / "b.png", np.full((40, 20), 128, np.uint8))
+    _png(root / "bars" / "c.png", np.zeros((12, 12), np.uint8))
+    _png(root / "ants" / "x.png", np.full((8, 8), 255, np.uint8))
+    # 16-bit grayscale: 65535 is white.
+    Image.fromarray(np.full((9, 9), 65535, np.uint16)).save(root / "ants" / "deep.png")
+    (root / "ants" / "notes.txt").write_text("not an image")
+    (root / "ants" / ".hidden.png").write_bytes(b"ignored")
+    return root
+
+
+def test_image_folder_labels_shapes_and_crop(gray_folder):
+    messages = []
+    data = load_image_folder(gray_folder, size=10, echo=messages.append)
+    assert data.class_names == ("ants", "bars")  # sorted folder names
+    assert data.images.shape == (5, 1, 10, 10) and data.images.dtype == torch.float32
+    assert data.labels.tolist() == [0, 0, 1, 1, 1]  # ants: deep.png, x.png; bars: a, b, c
+    assert data.images.min() >= -1 and data.images.max() <= 1
+    assert torch.allclose(data.images[0], torch.ones(1, 10, 10))  # 16-bit white
+    assert torch.allclose(data.images[2], torch.ones(1, 10, 10), atol=1e-6)  # the centre crop of the bar
+    assert torch.allclose(data.images[3], torch.full((1, 10, 10), 128 / 127.5 - 1), atol=1e-6)
+    assert torch.allclose(data.images[4], -torch.ones(1, 10, 10))
+    assert len(messages) == 1 and "skipped 1 non-image" in messages[0] and "notes.txt" in messages[0]
+    assert (len(data), data.num_classes, data.channels, data.size) == (5, 2, 1, 10)
+
+
+def test_image_folder_channels_inferred_and_forced(gray_folder):
+    _png(gray_folder / "colour" / "red.png", np.tile(np.array([255, 0, 0], np.uint8), (6, 6, 1)))
+    rgba = np.zeros((6, 6, 4), np.uint8)
+    rgba[..., 1] = 255
+    rgba[:3, :, 3] = 255  # top half opaque green, bottom half transparent -> black
+    _png(gray_folder / "colour" / "zz.png", rgba, mode="RGBA")
+    data = load_image_folder(gray_folder, size=6, echo=lambda _: None)
+    assert data.channels == 3 and data.class_names == ("ants", "bars", "colour")
+    red = data.images[data.labels == 2][0]
+    assert torch.allclose(red[:, 3, 3], torch.tensor([1.0, -1.0, -1.0]))
+    green = data.images[data.labels == 2][1]
+    assert torch.allclose(green[:, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
+    assert torch.allclose(green[:, 5, 0], torch.tensor([-1.0, -1.0, -1.0]))
+    # A gray image in an RGB set has three equal channels.
+    assert torch.equal(data.images[0][0], data.images[0][1])
+    gray = load_image_folder(gray_folder, size=6, channels=1, max_per_class=1, echo=lambda _: None)
+    assert gray.images.shape == (3, 1, 6, 6) and gray.labels.tolist() == [0, 1, 2]
+    # Luma of pure red (ITU-R 601: 0.299) in [-1, 1].
+    assert gray.images[2, 0, 3, 3].item() == pytest.approx(2 * round(0.299 * 255) / 255 - 1, abs=1e-6)
+
+
+def test_image_folder_without_subfolders_is_one_class(tmp_path):
+    _png(tmp_path / "flat" / "one.png", np.zeros((5, 5), np.uint8))
+    data = load_image_folder(tmp_path / "flat", size=4)
+    assert data.class_names == ("flat",) and data.images.shape == (1, 1, 4, 4)
+
+
+def test_image_folder_errors(tmp_path, gray_folder):
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_folder(tmp_path / "missing", size=8)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme.md").write_text("x")
+    with pytest.raises(DataError, match="no images"):
+        load_image_folder(tmp_path / "empty", size=8, echo=lambda _: None)
+    (gray_folder / "bars" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match="broken.png"):
+        load_image_folder(gray_folder, size=8, echo=lambda _: None)
+    with pytest.raises(DataError, match="channels"):
+        load_image_folder(gray_folder, size=8, channels=2)
+
+
+def test_digits_8x8_and_range_helpers():
+    digits = load_digits_8x8()
+    assert isinstance(digits, ImageSet)
+    assert digits.images.shape == (1797, 1, 8, 8) and digits.labels.dtype == torch.int64
+    assert digits.images.min() == -1 and digits.images.max() == 1
+    assert sorted(digits.labels.unique().tolist()) == list(range(10))
+    x = torch.linspace(-1, 1, 11)
+    assert torch.allclose(to_unit(x), torch.linspace(0, 1, 11))
+    assert torch.allclose(from_unit(to_unit(x)), x, atol=1e-6)
+
+
+# ---------------------------------------------------------------- grids and PNG files
+
+
+def test_make_grid_layout_by_hand():
+    images = torch.stack([torch.full((1, 2, 2), v) for v in (0.1, 0.2, 0.3)])
+    grid = make_grid(images, nrow=2, padding=1, pad_value=9.0)
+    p = 9.0
+    expected = torch.tensor(
+        [
+            [p, p, p, p, p, p, p],
+            [p, 0.1, 0.1, p, 0.2, 0.2, p],
+            [p, 0.1, 0.1, p, 0.2, 0.2, p],
+            [p, p, p, p, p, p, p],
+            [p, 0.3, 0.3, p, p, p, p],
+            [p, 0.3, 0.3, p, p, p, p],
+            [p, p, p, p, p, p, p],
+        ]
+    )
+    assert grid.shape == (1, 7, 7)
+    assert torch.allclose(grid[0], expected)
+    # nrow larger than N: one row of N; padding 0 concatenates.
+    flat = make_grid(images, nrow=10, padding=0)
+    assert flat.shape == (1, 2, 6) and torch.allclose(flat[0, :, 2:4], torch.full((2, 2), 0.2))
+
+
+def test_png_round_trip(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    gray = torch.randint(0, 256, (1, 5, 7), generator=generator).float() / 127.5 - 1
+    rgb = torch.randint(0, 256, (3, 4, 4), generator=generator).float() / 127.5 - 1
+    assert torch.allclose(load_image(save_image(gray, tmp_path / "g.png")), gray, atol=1e-6)
+    assert torch.allclose(load_image(save_image(rgb, tmp_path / "c.png")), rgb, atol=1e-6)
+    with Image.open(tmp_path / "g.png") as picture:
+        assert picture.mode == "L" and picture.size == (7, 5)
+    batch = torch.stack([gray, gray.flip(-1)])
+    loaded = load_image(save_grid(batch, tmp_path / "grid.png", nrow=2, padding=2))
+    assert torch.allclose(loaded, make_grid(batch, nrow=2, padding=2), atol=1e-6)
+    # Out-of-range values are clipped when saved.
+    assert load_image(save_image(torch.full((1, 2, 2), 3.0), tmp_path / "hi.png")).max() == 1.0
+
+
+def test_image_rows_figure(tmp_path):
+    rows = [("real", torch.rand(6, 1, 8, 8) * 2 - 1), ("noise 0.3", torch.rand(4, 1, 8, 8) * 2 - 1)]
+    path = image_rows_figure(rows, tmp_path / "rows.png", title="calibration")
+    with Image.open(path) as picture:
+        assert picture.size[0] > 50 and picture.size[1] > 50
+
+
+# ---------------------------------------------------------------- Frechet distance and inception score
+
+
+def _scipy_frechet(x: np.ndarray, y: np.ndarray) -> float:
+    """The usual reference: mu/sigma by numpy, sqrtm by scipy (real part), as in pytorch-fid."""
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(s1)) * 1e-6
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(covmean)))
+
+
+@pytest.mark.parametrize(
+    ("n1", "n2", "dim", "seed"),
+    [(500, 400, 8, 0), (300, 300, 32, 1), (20, 25, 40, 2), (10, 200, 16, 3)],  # the last two: N < D
+)
+def test_frechet_matches_scipy_sqrtm(n1, n2, dim, seed):
+    rng = np.random.default_rng(seed)
+    mix1, mix2 = rng.normal(size=(dim, dim)), rng.normal(size=(dim, dim)) * 0.5
+    x = rng.normal(size=(n1, dim)) @ mix1 + 0.3
+    y = rng.normal(size=(n2, dim)) @ mix2 - 0.2
+    ours = frechet_distance_of_features(torch.from_numpy(x), torch.from_numpy(y))
+    reference = _scipy_frechet(x, y)
+    assert ours == pytest.approx(reference, rel=1e-3, abs=1e-3)
+
+
+def test_frechet_identical_and_shifted():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=generator) @ torch.randn(12, 12, generator=generator)
+    mu, sigma = feature_statistics(x)
+    assert mu.dtype == torch.float64 and sigma.shape == (12, 12)
+    assert torch.allclose(sigma, torch.from_numpy(np.cov(x.double().numpy(), rowvar=False)))
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6 * float(sigma.trace()))
+    shift = torch.linspace(-1, 2, 12, dtype=torch.float64)
+    assert frechet_distance(mu + shift, sigma, mu, sigma) == pytest.approx(float(shift.square().sum()), rel=1e-6)
+    # Closed form for isotropic Gaussians: |dmu|^2 + D (s1 - s2)^2 for std s1, s2.
+    eye = torch.eye(5, dtype=torch.float64)
+    assert frechet_distance(torch.zeros(5), 4 * eye, torch.ones(5), eye) == pytest.approx(5 + 5 * (2 - 1) ** 2)
+    with pytest.raises(DataError, match="NaN"):
+        feature_statistics(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
+    with pytest.raises(DataError, match="do not match"):
+        frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
+
+
+def test_inception_score_limits():
+    k = 10
+    one_hot_uniform = torch.eye(k).repeat(5, 1)  # confident and balanced -> K
+    assert inception_score(one_hot_uniform) == pytest.approx(k)
+    same = torch.softmax(torch.randn(1, k), dim=1).repeat(50, 1)  # one class distribution for all -> 1
+    assert inception_score(same) == pytest.approx(1.0)
+    collapsed = torch.zeros(40, k)
+    collapsed[:, 3] = 1  # confident but a single class -> 1
+    assert inception_score(collapsed) == pytest.approx(1.0)
+    # Two classes only, confident: exp(log 2) = 2; splits average the per-split scores.
+    two = torch.eye(k)[torch.tensor([0, 1] * 10)]
+    assert inception_score(two, splits=2) == pytest.approx(2.0)
+    with pytest.raises(DataError):
+        inception_score(two, splits=0)
