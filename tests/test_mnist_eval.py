@@ -90,7 +90,14 @@ def test_mnist_missing_package_says_how_to_install(monkeypatch):
 
 @pytest.fixture(scope="session")
 def evaluator() -> ImageEvaluator:
-    return ImageEvaluator.for_mnist()
+    # One thread while the reference CNN may be trained (first run on a machine): on a shared, oversubscribed
+    # 2-core machine two threads were measured ~10x slower than one (threads spin at OpenMP barriers).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return ImageEvaluator.for_mnist()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_reference_cnn_is_accurate(evaluator):

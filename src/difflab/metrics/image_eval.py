@@ -367,13 +367,13 @@ class ImageEvaluator:
             result.update(self.inception.evaluate(images, self.reference.images, self.reference_name))
         return result
 
-    def calibration(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
-        """Metrics of reference rows at the same ``n`` (what a good and a bad sample set score).
+    def calibration_sets(self, n: int, seed: int = 0) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
+        """The image sets of :meth:`calibration`: ``([(name, images (n, C, H, W) in [-1, 1]), ...], labels (n,))``.
 
-        Rows: real held-out images (the floor: only sampling noise of n images), the same images with
+        Rows: real held-out images (the floor: only the sampling noise of n images), the same images with
         Gaussian pixel noise of std 0.1 and 0.3 (in [0, 1] pixel units, then clipped to [0, 1]), the same
         images blurred by a Gaussian of sigma 1 px, and pure noise: pixels i.i.d. uniform on [0, 1].
-        Accuracy uses the held-out labels (for pure noise: chance level). ``seed`` picks the images and noise.
+        ``seed`` picks the images and the noise.
         """
         if self.heldout is None:
             raise DataError("calibration needs held-out real images (ImageEvaluator(heldout=...))")
@@ -383,19 +383,23 @@ class ImageEvaluator:
         index = torch.randperm(len(self.heldout), generator=generator)[:n]
         real, labels = self.heldout.images[index], self.heldout.labels[index]
         unit = to_unit(real)
+
+        def noisy(std: float) -> torch.Tensor:
+            return from_unit((unit + std * torch.randn(unit.shape, generator=generator)).clamp(0, 1))
+
         rows = [
             ("real held-out", real),
-            (
-                "real + noise std 0.1",
-                from_unit((unit + 0.1 * torch.randn(unit.shape, generator=generator)).clamp(0, 1)),
-            ),
-            (
-                "real + noise std 0.3",
-                from_unit((unit + 0.3 * torch.randn(unit.shape, generator=generator)).clamp(0, 1)),
-            ),
+            ("real + noise std 0.1", noisy(0.1)),
+            ("real + noise std 0.3", noisy(0.3)),
             ("real blurred sigma 1px", from_unit(gaussian_blur(unit, 1.0))),
             ("pure noise uniform[0,1]", from_unit(torch.rand(unit.shape, generator=generator))),
         ]
+        return rows, labels
+
+    def calibration(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
+        """:meth:`evaluate` of each :meth:`calibration_sets` row at the same ``n``, with a ``name`` per row:
+        what good and bad sample sets score. Accuracy uses the held-out labels (pure noise: chance level)."""
+        rows, labels = self.calibration_sets(n, seed)
         return [{"name": name, **self.evaluate(images, labels)} for name, images in rows]
 
     def real_vs_real_floor(self, n: int = 10_000, seed: int = 0) -> dict[str, Any]:
