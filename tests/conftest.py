@@ -10,7 +10,8 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore", message=".*deprecated.*")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Threads: torch's default (all cores, or OMP_NUM_THREADS when set). On a machine busy with other work,
+# OMP_NUM_THREADS=1 avoids OpenMP threads spinning against each other.
 
 
 class FixedEps(torch.nn.Module):

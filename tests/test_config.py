@@ -59,11 +59,21 @@ def test_bad_overrides_give_one_clear_line(override: str, message: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(recipes()))
 def test_shipped_yaml_equals_the_embedded_defaults(name: str) -> None:
+    """configs/NAME.yaml, or configs/NAME-cpu.yaml where NAME.yaml holds the reference (GPU) sizes."""
     recipe = recipes()[name]
-    path = CONFIGS / f"{name}.yaml"
+    path = CONFIGS / f"{name}-cpu.yaml"
+    if not path.is_file():
+        path = CONFIGS / f"{name}.yaml"
     assert path.is_file(), f"configs/{name}.yaml is missing"
     assert to_dict(config_from(recipe.config_class(), path)) == to_dict(recipe.config_class())
     assert read_yaml(path) == to_dict(recipe.config_class())
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    data = read_yaml(path)
+    recipe = recipes()[data["recipe"]]
+    assert config_from(recipe.config_class(), path).recipe == data["recipe"]
 
 
 def test_yaml_round_trip(tmp_path: Path) -> None:

@@ -27,6 +27,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. denoiser_train.steps=2000 device=cpu")
     run.add_argument("--config", help="a YAML file whose values replace the recipe's defaults")
     run.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    sample = commands.add_parser("sample", help="draw samples from a finished run")
+    sample.add_argument("run_dir", help="a run folder")
+    sample.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    sample.add_argument("--digit", type=int, default=None, help="class label for a class-conditional run")
+    sample.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 0 unconditional, "
+                        "1 conditional (default), > 1 guided")
+    sample.add_argument("--sampler", default="ddim", help="ddpm or ddim (default ddim)")
+    sample.add_argument("--steps", type=int, default=50, help="sampling steps for DDIM (default 50)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--out", default=None, help="output PNG (default RUN/samples/sample_....png)")
     show = commands.add_parser("config", help="print a recipe's default config as YAML")
     show.add_argument("recipe")
     commands.add_parser("recipes", help="list the recipes")
@@ -68,6 +80,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from difflab.experiments.runs import read_run
+
+    recipe = read_run(args.run_dir).get("recipe")
+    if recipe in ("mnist-ddpm", "mnist-cfg"):
+        from difflab.experiments.mnist import sample_from_run
+
+        if args.n < 1:
+            raise ConfigError(f"--n must be >= 1, got {args.n}")
+        path = sample_from_run(args.run_dir, n=args.n, digit=args.digit, guidance=args.guidance,
+                               sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
+                               out=args.out)
+        print(f"samples: {path} (tensors in {path.with_suffix('.pt')})")
+        return 0
+    raise ConfigError(f"sampling from a {recipe!r} run is not supported")
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from difflab.config import dump_yaml
 
@@ -85,7 +114,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "config": cmd_config, "recipes": cmd_recipes}
+    handlers = {"run": cmd_run, "sample": cmd_sample, "config": cmd_config, "recipes": cmd_recipes}
     try:
         return handlers[args.command](args)
     except DifflabError as exc:

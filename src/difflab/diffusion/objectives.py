@@ -23,16 +23,27 @@ def epsilon_loss(
     x0: torch.Tensor,
     generator: torch.Generator,
     labels: torch.Tensor | None = None,
+    label_dropout: float = 0.0,
+    null_label: int | None = None,
 ) -> torch.Tensor:
     """Ho et al.'s ``L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(a_t) x_0 + sqrt(1 - a_t) eps, t) ||^2``.
 
     x0: (B, ...); the mean squared error over all elements. ``labels`` (B,) is passed to conditional
-    models as ``model(x_t, t, labels)``.
+    models as ``model(x_t, t, labels)``; with ``label_dropout = p`` each label is replaced by
+    ``null_label`` with probability p (classifier-free guidance training, Ho & Salimans 2022).
     """
     t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
     x_t = schedule.q_sample(x0, t, noise)
-    prediction = model(x_t, t) if labels is None else model(x_t, t, labels)
+    if labels is None:
+        prediction = model(x_t, t)
+    else:
+        if label_dropout > 0:
+            if null_label is None:
+                raise ValueError("label_dropout needs the null label")
+            drop = torch.rand(labels.shape, generator=generator, device=generator.device).to(labels.device)
+            labels = torch.where(drop < label_dropout, torch.full_like(labels, null_label), labels)
+        prediction = model(x_t, t, labels)
     return F.mse_loss(prediction, noise)
 
 

@@ -17,7 +17,7 @@ class Recipe:
 
 def recipes() -> dict[str, Recipe]:
     """All recipes (imported lazily so ``difflab --help`` stays fast)."""
-    from difflab.experiments import states, toy2d
+    from difflab.experiments import mnist, states, toy2d
 
     found = [
         Recipe(
@@ -36,4 +36,10 @@ def recipes() -> dict[str, Recipe]:
                 f"2-D walkthrough on {name}: forward/reverse process, DDPM samples, NLL",
             )
         )
+    found += [
+        Recipe("mnist-ddpm", mnist.MnistDDPMConfig, mnist.run_mnist_ddpm,
+               "MNIST Micro-UNet: DDPM-1000 vs DDIM-50 grids, timings, FID/IS"),
+        Recipe("mnist-cfg", mnist.MnistCFGConfig, mnist.run_mnist_cfg,
+               "MNIST class-conditional U-Net with classifier-free guidance, guidance sweep"),
+    ]
     return {r.name: r for r in found}

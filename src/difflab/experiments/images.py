@@ -1,0 +1,248 @@
+"""Shared stages of the image recipes: data, the eps U-Net and its training, batched sampling, grids,
+the denoising panel and the built-in evaluation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.data.batches import ShuffledBatches
+from difflab.data.images import ImageSet, load_digits_8x8, load_image_folder
+from difflab.diffusion.objectives import epsilon_loss
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.errors import ConfigError
+from difflab.experiments.runs import RunFolder
+from difflab.models.unet import UNet, UNetConfig
+from difflab.sampling.common import EpsModel, batched
+from difflab.sampling.ddim import ddim_sample
+from difflab.sampling.ddpm import ddpm_sample
+from difflab.sampling.guidance import ClassifierFreeGuidance
+from difflab.seeding import mix_seed, seeded_generator
+from difflab.training.logging import RunLogger
+from difflab.training.trainer import TrainConfig, Trainer, TrainResult
+
+DATA_SOURCES = ("mnist", "imagefolder", "digits")
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass(frozen=True)
+class ImageDataConfig:
+    """Training images.
+
+    ``source``: ``mnist`` (50k training digits; the evaluator compares against the 10k test digits),
+    ``imagefolder`` (``path`` with one subfolder per class, centre-cropped and resized to ``size``, RGB
+    or grayscale by ``channels``, 0 = infer; ``heldout_fraction`` of it held out) or ``digits``
+    (scikit-learn's 8 x 8 digits, for quick tests). ``max_train`` > 0 keeps only that many.
+    """
+
+    source: str = "mnist"
+    path: str = ""
+    size: int = 0
+    channels: int = 0
+    heldout_fraction: float = 0.1
+    max_train: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
+        if self.source == "imagefolder" and not self.path:
+            raise ConfigError("data.source=imagefolder needs data.path=DIR (one subfolder per class)")
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError("data.heldout_fraction must be in (0, 1)")
+
+
+def split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Seeded ``(rest, held_out)`` split."""
+    order = torch.randperm(len(images), generator=seeded_generator(mix_seed(seed, 0, 81)))
+    size = max(1, int(round(len(images) * fraction)))
+    held, kept = order[:size], order[size:]
+
+    def take(index: torch.Tensor) -> ImageSet:
+        return ImageSet(images.images[index], images.labels[index], images.class_names)
+
+    return take(kept), take(held)
+
+
+def load_image_data(config: ImageDataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
+    """``(train, held_out)`` image sets, images (N, C, H, W) in [-1, 1]."""
+    if config.source == "mnist":
+        from difflab.data.mnist import load_mnist
+
+        train, heldout = load_mnist("train"), load_mnist("test")
+    elif config.source == "digits":
+        train, heldout = split_images(load_digits_8x8(), config.heldout_fraction, seed)
+    else:
+        if config.size < 8:
+            raise ConfigError("data.source=imagefolder needs data.size >= 8 (the square side after resizing)")
+        train, heldout = split_images(load_image_folder(config.path, config.size, config.channels),
+                                      config.heldout_fraction, seed)
+    if config.max_train:
+        train = ImageSet(train.images[: config.max_train], train.labels[: config.max_train], train.class_names)
+    return train, heldout
+
+
+def build_unet(config: UNetConfig, data: ImageSet) -> UNet:
+    """A U-Net whose channels and classes fit ``data`` (the config's in/out channels are checked)."""
+    if config.in_channels != data.channels or config.out_channels != data.channels:
+        raise ConfigError(
+            f"unet.in_channels/out_channels are {config.in_channels}/{config.out_channels} but the images have "
+            f"{data.channels} channels; set unet.in_channels={data.channels} unet.out_channels={data.channels}"
+        )
+    if config.num_classes and config.num_classes != data.num_classes:
+        raise ConfigError(f"unet.num_classes={config.num_classes} but the data has {data.num_classes} classes")
+    return UNet(config)
+
+
+def image_validation(schedule: NoiseSchedule, images: torch.Tensor, labels: torch.Tensor | None,
+                     device: torch.device, seed: int, count: int = 256) -> Callable[[torch.nn.Module], dict]:
+    """eps-MSE of ``count`` held-out images at 10 evenly spaced timesteps with fixed noise."""
+    images, labels = images[:count], None if labels is None else labels[:count]
+    steps = torch.linspace(0, schedule.num_timesteps - 1, 10).round().long()
+    x0 = images.repeat(len(steps), 1, 1, 1).to(device)
+    t = steps.repeat_interleave(len(images)).to(device)
+    y = None if labels is None else labels.repeat(len(steps)).to(device)
+    noise = torch.randn(x0.shape, generator=seeded_generator(mix_seed(seed, 0, 91))).to(device)
+    x_t = schedule.q_sample(x0, t, noise)
+
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        total = 0.0
+        for start in range(0, len(x0), 512):
+            chunk = slice(start, start + 512)
+            prediction = model(x_t[chunk], t[chunk]) if y is None else model(x_t[chunk], t[chunk], y[chunk])
+            total += float(torch.nn.functional.mse_loss(prediction, noise[chunk], reduction="sum"))
+        return {"loss": total / noise.numel()}
+
+    return validate
+
+
+def train_image_denoiser(
+    run: RunFolder, logger: RunLogger, train: ImageSet, heldout: ImageSet, schedule: NoiseSchedule,
+    unet_config: UNetConfig, train_config: TrainConfig, seed: int, device: torch.device, show_progress: bool,
+    label_dropout: float = 0.0, hooks: list[Callable[[Trainer], None]] | None = None,
+) -> tuple[Trainer, TrainResult]:
+    """Train (or resume) the eps U-Net; conditional when ``unet_config.num_classes`` > 0."""
+    torch.manual_seed(mix_seed(seed, 0, 92))
+    model = build_unet(unet_config, train).to(device)
+    conditional = unet_config.num_classes > 0
+    tensors = (train.images.to(device), train.labels.to(device))
+    batches = ShuffledBatches(tensors, train_config.batch_size, seed=mix_seed(seed, 0, 93))
+    null_label = unet_config.num_classes
+
+    def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        images, labels = batch
+        if not conditional:
+            return epsilon_loss(net, schedule, images, generator)
+        return epsilon_loss(net, schedule, images, generator, labels, label_dropout, null_label)
+
+    signature = {"model": "UNet", "config": repr(unet_config), "num_timesteps": schedule.num_timesteps}
+    trainer = Trainer(
+        "denoiser", model, loss_fn, batches, train_config, run.path, logger,
+        validate=image_validation(schedule, heldout.images, heldout.labels if conditional else None, device, seed),
+        signature=signature, seed=mix_seed(seed, 0, 94), device=device, show_progress=show_progress, hooks=hooks,
+    )
+    result = trainer.fit()
+    trainer.eval_model.eval()
+    return trainer, result
+
+
+def guided_model(model: torch.nn.Module, labels: torch.Tensor | None, w: float, num_classes: int) -> EpsModel:
+    """The eps model to sample with: unconditional, or classifier-free guided towards ``labels``."""
+    if labels is None or not num_classes:
+        return model
+    return ClassifierFreeGuidance(model, labels, null_label=num_classes, w=w)
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1]
+    labels: torch.Tensor | None
+    seconds: float
+    network_evaluations: int
+
+
+def sample_images(
+    model: torch.nn.Module, schedule: NoiseSchedule, n: int, shape: tuple[int, int, int], *, sampler: str,
+    steps: int, eta: float, batch_size: int, seed: int, device: torch.device, labels: torch.Tensor | None = None,
+    guidance: float = 1.0, num_classes: int = 0, show_progress: bool = False,
+    callback: Callable[..., None] | None = None,
+) -> SampleResult:
+    """``n`` images in batches from fixed seeds; labels (n,) make the samples class-conditional (CFG scale
+    ``guidance``). The same ``seed`` gives the same initial noise, whatever the sampler."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    generator = seeded_generator(mix_seed(seed, 0, 95), device)
+    outputs, start, offset = [], time.perf_counter(), 0
+    calls = 0
+
+    class Counting:
+        def __init__(self, inner: EpsModel) -> None:
+            self.inner = inner
+
+        def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            doubled = isinstance(self.inner, ClassifierFreeGuidance) and self.inner.w not in (0, 1)
+            calls += x.shape[0] * (2 if doubled else 1)
+            return self.inner(x, t)
+
+    for size in batched(n, batch_size):
+        batch_labels = None if labels is None else labels[offset : offset + size].to(device)
+        eps_model = Counting(guided_model(model, batch_labels, guidance, num_classes))
+        full_shape = (size, *shape)
+        if sampler == "ddpm":
+            x = ddpm_sample(eps_model, schedule, full_shape, generator=generator, device=device,
+                            callback=callback if offset == 0 else None, show_progress=show_progress)
+        else:
+            x = ddim_sample(eps_model, schedule, full_shape, steps=steps, eta=eta, generator=generator,
+                            device=device, callback=callback if offset == 0 else None, show_progress=show_progress)
+        outputs.append(x.clamp(-1, 1).cpu())
+        offset += size
+    return SampleResult(torch.cat(outputs), labels, time.perf_counter() - start, calls)
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """``0, 1, ..., K-1, 0, 1, ...`` of length n: every class equally often."""
+    return torch.arange(n) % num_classes
+
+
+def denoising_trajectory(
+    model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], steps: int, frames: int, seed: int,
+    device: torch.device,
+) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Run DDIM and keep ``frames`` snapshots of ``x_t`` and the predicted ``x_0``.
+
+    Returns ``(timesteps, x_t (frames, B, C, H, W), x0_pred (frames, B, C, H, W))``.
+    """
+    keep = set(torch.linspace(0, steps - 1, frames).round().long().tolist())
+    timesteps, xs, x0s = [], [], []
+
+    def record(k: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if k in keep:
+            timesteps.append(t)
+            xs.append(x.detach().cpu().clamp(-3, 3))
+            x0s.append(x0.detach().cpu().clamp(-1, 1))
+
+    ddim_sample(model, schedule, shape, steps=steps, generator=seeded_generator(seed, device), device=device,
+                callback=record)
+    return timesteps, torch.stack(xs), torch.stack(x0s)
+
+
+def evaluator_for(data: ImageDataConfig, device: torch.device, echo: Callable[[str], None] = print) -> Any:
+    """The built-in evaluator for MNIST-shaped data (None for other data, whose features it cannot judge)."""
+    if data.source != "mnist":
+        return None
+    from difflab.metrics.image_eval import ImageEvaluator
+
+    return ImageEvaluator.for_mnist(device=device, echo=echo)
+
+
+def save_samples(path: Path, result: SampleResult) -> None:
+    """Samples as a ``.pt`` dict of tensors (``images``, ``labels``), loadable with ``weights_only=True``."""
+    payload = {"images": result.images.contiguous()}
+    if result.labels is not None:
+        payload["labels"] = result.labels.contiguous()
+    torch.save(payload, path)

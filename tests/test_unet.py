@@ -1,0 +1,82 @@
+"""The U-Net: shapes (28 x 28 included), conditioning, memory formats, and that it learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difflab.data.images import load_digits_8x8
+from difflab.diffusion.objectives import epsilon_loss
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.errors import ConfigError
+from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
+
+
+@pytest.mark.parametrize("size", [28, 32, 8, 13])
+@pytest.mark.parametrize("conditioning", ["add", "film"])
+def test_any_size_and_both_time_conditionings(size: int, conditioning: str) -> None:
+    model = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2, 2), time_conditioning=conditioning,
+                            attention_levels=(2,)))
+    x = torch.randn(3, 1, size, size)
+    out = model(x, torch.tensor([0, 500, 999]))
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0  # the output convolution starts at zero
+
+
+def test_class_conditioning_and_null_label() -> None:
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=16, num_classes=10))
+    for module in model.modules():  # break the zero initialisation so the output is informative
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    x, t = torch.randn(4, 1, 28, 28), torch.full((4,), 10)
+    null = model(x, t, torch.full((4,), 10))
+    torch.testing.assert_close(model(x, t), null)  # no label = the null label
+    assert not torch.allclose(model(x, t, torch.tensor([1, 2, 3, 4])), null)
+
+
+def test_channels_last_gives_the_same_output() -> None:
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=16, num_res_blocks=2, attention_levels=(1,)))
+    for module in model.modules():  # break the zero initialisation so the output is informative
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 700])
+    expected = model(x, t)
+    model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x, t), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_unet_learns_to_denoise_digits() -> None:
+    torch.manual_seed(0)
+    digits = load_digits_8x8()
+    schedule = NoiseSchedule.cosine(100)
+    model = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2), mid_attention=False))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(120):
+        batch = digits.images[torch.randint(0, len(digits), (64,), generator=generator)]
+        loss = epsilon_loss(model, schedule, batch, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_bad_configs_fail_at_construction() -> None:
+    with pytest.raises(ConfigError, match="norm_groups"):
+        UNetConfig(base_channels=12, norm_groups=8)
+    with pytest.raises(ConfigError, match="attention_levels"):
+        UNetConfig(attention_levels=(5,))
+    with pytest.raises(ConfigError, match="time_conditioning"):
+        UNetConfig(time_conditioning="concat")
+    with pytest.raises(ValueError, match="expects"):
+        UNet(UNetConfig())(torch.randn(2, 3, 28, 28), torch.zeros(2))
+
+
+def test_describe_and_count() -> None:
+    config = UNetConfig(base_channels=32, channel_mults=(1, 2, 2))
+    assert count_parameters(UNet(config)) > 500_000
+    assert "28x28:32, 14x14:64, 7x7:64" in describe(config, 28)
