@@ -14,8 +14,8 @@ from difflab.viz.images import load_image
 
 TINY_DIGITS = [
     "data.source=digits", "progress=false", "train.batch_size=64", "train.eval_every=50", "train.log_every=10",
-    "train.lr=2e-3", "unet.base_channels=16", "schedule.num_timesteps=100", "evaluation.batch_size=100",
-    "evaluation.ddim_steps=10",
+    "train.lr=2e-3", "unet.base_channels=16", "schedule.num_timesteps=100", "metrics.batch_size=100",
+    "metrics.ddim_steps=10",
 ]
 
 
@@ -23,7 +23,7 @@ TINY_DIGITS = [
 def cfg_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "cfg"
     assert main(["run", "mnist-cfg", f"run_dir={run_dir}", *TINY_DIGITS, "train.steps=150",
-                 "evaluation.n_samples=100", "guidance.n_sweep=50", "guidance.sweep=[0,2]",
+                 "metrics.n_samples=100", "guidance.n_sweep=50", "guidance.sweep=[0,2]",
                  "guidance.grid_per_digit=3"]) == 0
     return run_dir
 
@@ -58,7 +58,7 @@ def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
 def test_ddpm_recipe_on_digits(tmp_path: Path) -> None:
     run_dir = tmp_path / "ddpm"
     assert main(["run", "mnist-ddpm", f"run_dir={run_dir}", *TINY_DIGITS, "train.steps=100",
-                 "evaluation.n_samples=50", "evaluation.n_ddpm=8"]) == 0
+                 "metrics.n_samples=50", "metrics.n_ddpm=8"]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["grids"]["ddpm"]["network_evaluations"] == 16 * 100
     assert metrics["grids"]["ddim"]["network_evaluations"] == 16 * 10
@@ -76,3 +76,22 @@ def test_bad_image_input(tmp_path: Path, capsys) -> None:
     assert "class-conditional" in capsys.readouterr().err
     assert main(["sample", str(tmp_path)]) == 2
     assert "not a difflab run folder" in capsys.readouterr().err
+
+
+def test_mnist_run_is_evaluated_against_its_calibration_rows(tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "mnist"
+    assert main(["run", "mnist-ddpm", f"run_dir={run_dir}", "data.max_train=2000", "progress=false",
+                 "train.steps=160", "train.lr=2e-3", "train.batch_size=64", "train.eval_every=80",
+                 "unet.base_channels=16", "schedule.num_timesteps=100", "metrics.n_samples=100",
+                 "metrics.n_ddpm=10", "metrics.ddim_steps=10", "metrics.batch_size=100"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rows = {r["name"]: r for r in metrics["calibration"]["100"]}
+    assert rows["real held-out"]["fid"] < rows["pure noise uniform[0,1]"]["fid"]
+    assert metrics["ddim"]["fid"] < rows["pure noise uniform[0,1]"]["fid"]  # 160 steps already beat noise
+    assert [t["target"] for t in metrics["targets"]][0].startswith("DDIM-50 FID within 15%")
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir)]) == 0
+    assert "(calibration) real held-out" in capsys.readouterr().out
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert set(evaluation["samples"]) == {"ddim.pt", "ddpm.pt"}
+    assert evaluation["samples"]["ddim.pt"]["fid"] == pytest.approx(metrics["ddim"]["fid"], rel=1e-6)

@@ -31,14 +31,22 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("run_dir", help="a run folder")
     sample.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     sample.add_argument("--digit", type=int, default=None, help="class label for a class-conditional run")
-    sample.add_argument("--guidance", type=float, default=1.0,
-                        help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 0 unconditional, "
-                        "1 conditional (default), > 1 guided")
+    sample.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 0 unconditional, "
+        "1 conditional (default), > 1 guided",
+    )
     sample.add_argument("--sampler", default="ddim", help="ddpm or ddim (default ddim)")
     sample.add_argument("--steps", type=int, default=50, help="sampling steps for DDIM (default 50)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="auto")
     sample.add_argument("--out", default=None, help="output PNG (default RUN/samples/sample_....png)")
+    evaluate = commands.add_parser("evaluate", help="score an image run's samples with the built-in evaluator")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--inception-weights", default="", help="local InceptionV3 weights for standard FID/IS")
+    evaluate.add_argument("--device", default="auto")
     show = commands.add_parser("config", help="print a recipe's default config as YAML")
     show.add_argument("recipe")
     commands.add_parser("recipes", help="list the recipes")
@@ -89,12 +97,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         if args.n < 1:
             raise ConfigError(f"--n must be >= 1, got {args.n}")
-        path = sample_from_run(args.run_dir, n=args.n, digit=args.digit, guidance=args.guidance,
-                               sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
-                               out=args.out)
+        path = sample_from_run(
+            args.run_dir,
+            n=args.n,
+            digit=args.digit,
+            guidance=args.guidance,
+            sampler=args.sampler,
+            steps=args.steps,
+            seed=args.seed,
+            device=args.device,
+            out=args.out,
+        )
         print(f"samples: {path} (tensors in {path.with_suffix('.pt')})")
         return 0
     raise ConfigError(f"sampling from a {recipe!r} run is not supported")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from difflab.experiments.mnist import evaluate_run
+    from difflab.report.markdown import table
+
+    results = evaluate_run(args.run_dir, args.inception_weights, args.device)
+    rows = [[name, r["n"], r["fid"], r["inception_score"], r.get("accuracy")] for name, r in results["samples"].items()]
+    for calibration in results["calibration"].values():
+        rows += [
+            [f"(calibration) {c['name']}", c["n"], c["fid"], c["inception_score"], c.get("accuracy")]
+            for c in calibration
+        ]
+    print(table(["samples", "n", "FID", "IS", "accuracy"], rows))
+    print(f"written: {args.run_dir}/evaluation.json")
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -114,7 +146,13 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "sample": cmd_sample, "config": cmd_config, "recipes": cmd_recipes}
+    handlers = {
+        "run": cmd_run,
+        "sample": cmd_sample,
+        "evaluate": cmd_evaluate,
+        "config": cmd_config,
+        "recipes": cmd_recipes,
+    }
     try:
         return handlers[args.command](args)
     except DifflabError as exc:

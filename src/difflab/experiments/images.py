@@ -79,8 +79,9 @@ def load_image_data(config: ImageDataConfig, seed: int) -> tuple[ImageSet, Image
     else:
         if config.size < 8:
             raise ConfigError("data.source=imagefolder needs data.size >= 8 (the square side after resizing)")
-        train, heldout = split_images(load_image_folder(config.path, config.size, config.channels),
-                                      config.heldout_fraction, seed)
+        train, heldout = split_images(
+            load_image_folder(config.path, config.size, config.channels), config.heldout_fraction, seed
+        )
     if config.max_train:
         train = ImageSet(train.images[: config.max_train], train.labels[: config.max_train], train.class_names)
     return train, heldout
@@ -98,8 +99,14 @@ def build_unet(config: UNetConfig, data: ImageSet) -> UNet:
     return UNet(config)
 
 
-def image_validation(schedule: NoiseSchedule, images: torch.Tensor, labels: torch.Tensor | None,
-                     device: torch.device, seed: int, count: int = 256) -> Callable[[torch.nn.Module], dict]:
+def image_validation(
+    schedule: NoiseSchedule,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    device: torch.device,
+    seed: int,
+    count: int = 256,
+) -> Callable[[torch.nn.Module], dict]:
     """eps-MSE of ``count`` held-out images at 10 evenly spaced timesteps with fixed noise."""
     images, labels = images[:count], None if labels is None else labels[:count]
     steps = torch.linspace(0, schedule.num_timesteps - 1, 10).round().long()
@@ -121,9 +128,18 @@ def image_validation(schedule: NoiseSchedule, images: torch.Tensor, labels: torc
 
 
 def train_image_denoiser(
-    run: RunFolder, logger: RunLogger, train: ImageSet, heldout: ImageSet, schedule: NoiseSchedule,
-    unet_config: UNetConfig, train_config: TrainConfig, seed: int, device: torch.device, show_progress: bool,
-    label_dropout: float = 0.0, hooks: list[Callable[[Trainer], None]] | None = None,
+    run: RunFolder,
+    logger: RunLogger,
+    train: ImageSet,
+    heldout: ImageSet,
+    schedule: NoiseSchedule,
+    unet_config: UNetConfig,
+    train_config: TrainConfig,
+    seed: int,
+    device: torch.device,
+    show_progress: bool,
+    label_dropout: float = 0.0,
+    hooks: list[Callable[[Trainer], None]] | None = None,
 ) -> tuple[Trainer, TrainResult]:
     """Train (or resume) the eps U-Net; conditional when ``unet_config.num_classes`` > 0."""
     torch.manual_seed(mix_seed(seed, 0, 92))
@@ -141,9 +157,19 @@ def train_image_denoiser(
 
     signature = {"model": "UNet", "config": repr(unet_config), "num_timesteps": schedule.num_timesteps}
     trainer = Trainer(
-        "denoiser", model, loss_fn, batches, train_config, run.path, logger,
+        "denoiser",
+        model,
+        loss_fn,
+        batches,
+        train_config,
+        run.path,
+        logger,
         validate=image_validation(schedule, heldout.images, heldout.labels if conditional else None, device, seed),
-        signature=signature, seed=mix_seed(seed, 0, 94), device=device, show_progress=show_progress, hooks=hooks,
+        signature=signature,
+        seed=mix_seed(seed, 0, 94),
+        device=device,
+        show_progress=show_progress,
+        hooks=hooks,
     )
     result = trainer.fit()
     trainer.eval_model.eval()
@@ -166,9 +192,21 @@ class SampleResult:
 
 
 def sample_images(
-    model: torch.nn.Module, schedule: NoiseSchedule, n: int, shape: tuple[int, int, int], *, sampler: str,
-    steps: int, eta: float, batch_size: int, seed: int, device: torch.device, labels: torch.Tensor | None = None,
-    guidance: float = 1.0, num_classes: int = 0, show_progress: bool = False,
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    n: int,
+    shape: tuple[int, int, int],
+    *,
+    sampler: str,
+    steps: int,
+    eta: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    labels: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    num_classes: int = 0,
+    show_progress: bool = False,
     callback: Callable[..., None] | None = None,
 ) -> SampleResult:
     """``n`` images in batches from fixed seeds; labels (n,) make the samples class-conditional (CFG scale
@@ -194,11 +232,27 @@ def sample_images(
         eps_model = Counting(guided_model(model, batch_labels, guidance, num_classes))
         full_shape = (size, *shape)
         if sampler == "ddpm":
-            x = ddpm_sample(eps_model, schedule, full_shape, generator=generator, device=device,
-                            callback=callback if offset == 0 else None, show_progress=show_progress)
+            x = ddpm_sample(
+                eps_model,
+                schedule,
+                full_shape,
+                generator=generator,
+                device=device,
+                callback=callback if offset == 0 else None,
+                show_progress=show_progress,
+            )
         else:
-            x = ddim_sample(eps_model, schedule, full_shape, steps=steps, eta=eta, generator=generator,
-                            device=device, callback=callback if offset == 0 else None, show_progress=show_progress)
+            x = ddim_sample(
+                eps_model,
+                schedule,
+                full_shape,
+                steps=steps,
+                eta=eta,
+                generator=generator,
+                device=device,
+                callback=callback if offset == 0 else None,
+                show_progress=show_progress,
+            )
         outputs.append(x.clamp(-1, 1).cpu())
         offset += size
     return SampleResult(torch.cat(outputs), labels, time.perf_counter() - start, calls)
@@ -210,7 +264,12 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 
 def denoising_trajectory(
-    model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], steps: int, frames: int, seed: int,
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    steps: int,
+    frames: int,
+    seed: int,
     device: torch.device,
 ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """Run DDIM and keep ``frames`` snapshots of ``x_t`` and the predicted ``x_0``.
@@ -226,18 +285,21 @@ def denoising_trajectory(
             xs.append(x.detach().cpu().clamp(-3, 3))
             x0s.append(x0.detach().cpu().clamp(-1, 1))
 
-    ddim_sample(model, schedule, shape, steps=steps, generator=seeded_generator(seed, device), device=device,
-                callback=record)
+    ddim_sample(
+        model, schedule, shape, steps=steps, generator=seeded_generator(seed, device), device=device, callback=record
+    )
     return timesteps, torch.stack(xs), torch.stack(x0s)
 
 
-def evaluator_for(data: ImageDataConfig, device: torch.device, echo: Callable[[str], None] = print) -> Any:
+def evaluator_for(
+    data: ImageDataConfig, device: torch.device, echo: Callable[[str], None] = print, inception_weights: str = ""
+) -> Any:
     """The built-in evaluator for MNIST-shaped data (None for other data, whose features it cannot judge)."""
     if data.source != "mnist":
         return None
     from difflab.metrics.image_eval import ImageEvaluator
 
-    return ImageEvaluator.for_mnist(device=device, echo=echo)
+    return ImageEvaluator.for_mnist(device=device, echo=echo, inception_weights=inception_weights or None)
 
 
 def save_samples(path: Path, result: SampleResult) -> None:

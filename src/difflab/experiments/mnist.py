@@ -38,13 +38,18 @@ from difflab.viz.images import image_rows_figure, save_grid
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """How many samples are scored (FID/IS by the project's MNIST evaluator) and how they are drawn."""
+    """How many samples are scored (FID/IS by the project's MNIST evaluator) and how they are drawn.
+
+    ``inception_weights``: a local InceptionV3 weights file (torch-fidelity's ``pt_inception-2015-12-05``
+    layout); when set, the standard InceptionV3 FID/IS are computed too (nothing is downloaded).
+    """
 
     n_samples: int = 2000
     n_ddpm: int = 500
     ddim_steps: int = 50
     batch_size: int = 500
     seed: int = 4321
+    inception_weights: str = ""
 
     def __post_init__(self) -> None:
         if self.n_samples < 2 or self.n_ddpm < 0 or self.batch_size < 1 or self.ddim_steps < 1:
@@ -63,14 +68,23 @@ class MnistDDPMConfig:
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("cosine", 1000))
     unet: UNetConfig = field(
-        default_factory=lambda: UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
-                                           time_conditioning="add", mid_attention=False)
+        default_factory=lambda: UNetConfig(
+            base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, time_conditioning="add", mid_attention=False
+        )
     )
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=4000, batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999,
-                                            eval_every=500, log_every=50, checkpoint_every=500)
+        default_factory=lambda: TrainConfig(
+            steps=4000,
+            batch_size=128,
+            lr=1e-3,
+            warmup_steps=200,
+            ema_decay=0.999,
+            eval_every=500,
+            log_every=50,
+            checkpoint_every=500,
+        )
     )
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    metrics: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         if self.recipe != "mnist-ddpm":
@@ -106,16 +120,31 @@ class MnistCFGConfig:
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("cosine", 1000))
     unet: UNetConfig = field(
-        default_factory=lambda: UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
-                                           time_conditioning="film", num_classes=10, mid_attention=True)
+        default_factory=lambda: UNetConfig(
+            base_channels=32,
+            channel_mults=(1, 2, 2),
+            num_res_blocks=1,
+            time_conditioning="film",
+            num_classes=10,
+            mid_attention=True,
+        )
     )
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=4000, batch_size=128, lr=2e-4, weight_decay=1e-4,
-                                            warmup_steps=200, grad_clip=1.0, ema_decay=0.999, eval_every=500,
-                                            log_every=50, checkpoint_every=500)
+        default_factory=lambda: TrainConfig(
+            steps=4000,
+            batch_size=128,
+            lr=2e-4,
+            weight_decay=1e-4,
+            warmup_steps=200,
+            grad_clip=1.0,
+            ema_decay=0.999,
+            eval_every=500,
+            log_every=50,
+            checkpoint_every=500,
+        )
     )
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    metrics: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         if self.recipe != "mnist-cfg":
@@ -145,8 +174,10 @@ def _calibration(evaluator: Any, counts: list[int]) -> dict[str, list[dict[str, 
 
 
 def _loss_figure(run: RunFolder, logger: RunLogger) -> Path:
-    series = {"train": read_series(logger.path, "denoiser/train_loss"),
-              "validation": read_series(logger.path, "denoiser/val_loss")}
+    series = {
+        "train": read_series(logger.path, "denoiser/train_loss"),
+        "validation": read_series(logger.path, "denoiser/val_loss"),
+    }
     return plots2d.curves(series, run.sub("figures", "loss.png"), "eps-prediction MSE")
 
 
@@ -163,9 +194,14 @@ def _metric_rows(rows: list[tuple[str, dict[str, Any]]], accuracy: bool = False)
 def _calibration_table(calibration: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = []
     for n, rows in calibration.items():
-        lines += [f"Calibration rows at n = {int(n):,} (same evaluator, same count):", "",
-                  table(["reference row", "n", "FID", "IS"],
-                        [[r["name"], r["n"], r["fid"], r["inception_score"]] for r in rows]), ""]
+        lines += [
+            f"Calibration rows at n = {int(n):,} (same evaluator, same count):",
+            "",
+            table(
+                ["reference row", "n", "FID", "IS"], [[r["name"], r["n"], r["fid"], r["inception_score"]] for r in rows]
+            ),
+            "",
+        ]
     return lines
 
 
@@ -178,31 +214,39 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
         seed_everything(config.seed)
         schedule = NoiseSchedule.from_config(config.schedule).to(device)
         logger = RunLogger(run.path)
-        echo(f"[mnist-ddpm] run folder {run.path} | {len(train):,} training images {tuple(train.images.shape[1:])} | "
-             f"{describe(config.unet, train.size)} | device {device}")
+        echo(
+            f"[mnist-ddpm] run folder {run.path} | {len(train):,} training images {tuple(train.images.shape[1:])} | "
+            f"{describe(config.unet, train.size)} | device {device}"
+        )
         with run.stage("evaluator"):
-            evaluator = stages.evaluator_for(config.data, device, echo)
+            evaluator = stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights)
         with run.stage("train"):
-            trainer, result = stages.train_image_denoiser(run, logger, train, heldout, schedule, config.unet,
-                                                          config.train, config.seed, device, config.progress)
+            trainer, result = stages.train_image_denoiser(
+                run, logger, train, heldout, schedule, config.unet, config.train, config.seed, device, config.progress
+            )
         model = trainer.eval_model
         shape = tuple(train.images.shape[1:])
-        ev = config.evaluation
+        ev = config.metrics
         common = dict(eta=0.0, batch_size=ev.batch_size, device=device, show_progress=config.progress)
         grids: dict[str, Any] = {}
         with run.stage("grids"):
             for name, sampler, steps in (("ddpm", "ddpm", schedule.num_timesteps), ("ddim", "ddim", ev.ddim_steps)):
-                grid = stages.sample_images(model, schedule, 16, shape, sampler=sampler, steps=steps, seed=ev.seed,
-                                            **common)
+                grid = stages.sample_images(
+                    model, schedule, 16, shape, sampler=sampler, steps=steps, seed=ev.seed, **common
+                )
                 save_grid(grid.images, run.sub("figures", f"grid_{name}.png"), nrow=4)
                 grids[name] = {"steps": steps, "seconds": grid.seconds, "network_evaluations": grid.network_evaluations}
         with run.stage("sample ddim"):
-            ddim = stages.sample_images(model, schedule, ev.n_samples, shape, sampler="ddim", steps=ev.ddim_steps,
-                                        seed=ev.seed, **common)
+            ddim = stages.sample_images(
+                model, schedule, ev.n_samples, shape, sampler="ddim", steps=ev.ddim_steps, seed=ev.seed, **common
+            )
             stages.save_samples(run.sub("samples", "ddim.pt"), ddim)
         with run.stage("sample ddpm"):
-            ddpm = stages.sample_images(model, schedule, ev.n_ddpm, shape, sampler="ddpm", steps=0, seed=ev.seed,
-                                        **common) if ev.n_ddpm else None
+            ddpm = (
+                stages.sample_images(model, schedule, ev.n_ddpm, shape, sampler="ddpm", steps=0, seed=ev.seed, **common)
+                if ev.n_ddpm
+                else None
+            )
             if ddpm is not None:
                 stages.save_samples(run.sub("samples", "ddpm.pt"), ddpm)
         with run.stage("evaluate"):
@@ -219,17 +263,23 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
         logger.close()
         metrics["grids"] = grids
         metrics["model"] = {"parameters": count_parameters(model), "description": describe(config.unet, train.size)}
-        metrics["training"] = {"step": result.step, "seconds": round(result.seconds, 1),
-                               "final_train_loss": result.final_train_loss, "validation": result.final_validation,
-                               "images_per_second": _images_per_second(result, config.train)}
+        metrics["training"] = {
+            "step": result.step,
+            "seconds": round(result.seconds, 1),
+            "final_train_loss": result.final_train_loss,
+            "validation": result.final_validation,
+            "images_per_second": _images_per_second(result, config.train),
+        }
         metrics["timings_seconds"] = {k: round(v, 1) for k, v in run.timings.items()}
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = ddpm_targets(metrics)
         run.write_metrics(metrics)
         _ddpm_report(run, config, metrics, loss)
         run.complete()
-    echo(f"[mnist-ddpm] done in {metrics['timings_seconds']['total']:.0f} s: DDIM-{ev.ddim_steps} FID "
-         f"{metrics['ddim'].get('fid', float('nan')):.2f} | report {run.sub('report.md')}")
+    echo(
+        f"[mnist-ddpm] done in {metrics['timings_seconds']['total']:.0f} s: DDIM-{ev.ddim_steps} FID "
+        f"{metrics['ddim'].get('fid', float('nan')):.2f} | report {run.sub('report.md')}"
+    )
     return run
 
 
@@ -245,20 +295,26 @@ def ddpm_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     fid_ddpm, fid_ddim = metrics["ddpm"]["fid"], metrics["ddim_at_ddpm_count"]["fid"]
     ratio = metrics["ddim"]["seconds_per_1000"] / metrics["ddpm"]["seconds_per_1000"]
     return [
-        {"target": "DDIM-50 FID within 15% of DDPM-1000 FID (equal n)", "value": fid_ddim / fid_ddpm - 1,
-         "met": fid_ddim <= 1.15 * fid_ddpm},
+        {
+            "target": "DDIM-50 FID within 15% of DDPM-1000 FID (equal n)",
+            "value": fid_ddim / fid_ddpm - 1,
+            "met": fid_ddim <= 1.15 * fid_ddpm,
+        },
         {"target": "DDIM-50 time per image <= 1/20 of DDPM-1000 (+10%)", "value": ratio, "met": ratio <= 0.055},
     ]
 
 
 def _ddpm_report(run: RunFolder, config: MnistDDPMConfig, metrics: dict[str, Any], loss: Path) -> None:
-    ev = config.evaluation
+    ev = config.metrics
     rows = [(f"DDIM-{ev.ddim_steps} (eta 0)", metrics["ddim"])]
     if "ddpm" in metrics:
-        rows += [(f"DDIM-{ev.ddim_steps}, first {ev.n_ddpm}", metrics["ddim_at_ddpm_count"]),
-                 ("DDPM-1000", metrics["ddpm"])]
-    grid_rows = [[name.upper(), g["steps"], g["network_evaluations"], g["seconds"]]
-                 for name, g in metrics["grids"].items()]
+        rows += [
+            (f"DDIM-{ev.ddim_steps}, first {ev.n_ddpm}", metrics["ddim_at_ddpm_count"]),
+            ("DDPM-1000", metrics["ddpm"]),
+        ]
+    grid_rows = [
+        [name.upper(), g["steps"], g["network_evaluations"], g["seconds"]] for name, g in metrics["grids"].items()
+    ]
     lines = [
         "# MNIST: DDPM vs DDIM with a time-conditioned U-Net",
         "",
@@ -282,13 +338,25 @@ def _ddpm_report(run: RunFolder, config: MnistDDPMConfig, metrics: dict[str, Any
         *_calibration_table(metrics.get("calibration", {})),
     ]
     if metrics["targets"]:
-        lines += ["## Targets", "", table(["target", "measured", "met"],
-                                          [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]), ""]
+        lines += [
+            "## Targets",
+            "",
+            table(["target", "measured", "met"], [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]),
+            "",
+        ]
     lines += [
-        "## Training", "", figure(loss, run.path, "Training and validation loss"), "",
-        "## Where the time goes", "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1), "",
-        "## Environment", "", environment_table(), "",
+        "## Training",
+        "",
+        figure(loss, run.path, "Training and validation loss"),
+        "",
+        "## Where the time goes",
+        "",
+        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
+        "",
+        "## Environment",
+        "",
+        environment_table(),
+        "",
     ]
     run.sub("report.md").write_text("\n".join(lines))
 
@@ -297,8 +365,17 @@ def _ddpm_report(run: RunFolder, config: MnistDDPMConfig, metrics: dict[str, Any
 class ProgressGrids:
     """A trainer hook: after every epoch, sample one digit of each class from fixed noise (DDIM, 25 steps, w)."""
 
-    def __init__(self, run: RunFolder, schedule: NoiseSchedule, steps_per_epoch: int, shape: tuple[int, ...],
-                 num_classes: int, w: float, seed: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        run: RunFolder,
+        schedule: NoiseSchedule,
+        steps_per_epoch: int,
+        shape: tuple[int, ...],
+        num_classes: int,
+        w: float,
+        seed: int,
+        device: torch.device,
+    ) -> None:
         self.run, self.schedule, self.steps_per_epoch = run, schedule, steps_per_epoch
         self.shape, self.num_classes, self.w, self.seed, self.device = shape, num_classes, w, seed, device
         self.folder = run.sub("figures", "progress")
@@ -309,12 +386,22 @@ class ProgressGrids:
             return
         epoch = -(-trainer.step // self.steps_per_epoch)
         labels = torch.arange(self.num_classes)
-        result = stages.sample_images(trainer.eval_model.eval(), self.schedule, self.num_classes, self.shape,
-                                      sampler="ddim", steps=25, eta=0.0, batch_size=self.num_classes, seed=self.seed,
-                                      device=self.device, labels=labels, guidance=self.w,
-                                      num_classes=self.num_classes)
-        torch.save({"images": result.images, "step": torch.tensor(trainer.step)},
-                   self.folder / f"epoch_{epoch:03d}.pt")
+        result = stages.sample_images(
+            trainer.eval_model.eval(),
+            self.schedule,
+            self.num_classes,
+            self.shape,
+            sampler="ddim",
+            steps=25,
+            eta=0.0,
+            batch_size=self.num_classes,
+            seed=self.seed,
+            device=self.device,
+            labels=labels,
+            guidance=self.w,
+            num_classes=self.num_classes,
+        )
+        torch.save({"images": result.images, "step": torch.tensor(trainer.step)}, self.folder / f"epoch_{epoch:03d}.pt")
 
     def figure(self, path: Path) -> Path | None:
         files = sorted(self.folder.glob("epoch_*.pt"))
@@ -323,8 +410,9 @@ class ProgressGrids:
         rows = []
         for file in files:
             content = torch.load(file, weights_only=True)
-            rows.append((f"epoch {file.stem.split('_')[1].lstrip('0') or '0'} (step {int(content['step'])})",
-                         content["images"]))
+            rows.append(
+                (f"epoch {file.stem.split('_')[1].lstrip('0') or '0'} (step {int(content['step'])})", content["images"])
+            )
         return image_rows_figure(rows, path, "Samples from fixed noise after every epoch (DDIM-25)")
 
 
@@ -338,43 +426,67 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
         logger = RunLogger(run.path)
         classes = config.unet.num_classes
         shape = tuple(train.images.shape[1:])
-        echo(f"[mnist-cfg] run folder {run.path} | {len(train):,} training images {shape} | "
-             f"{describe(config.unet, train.size)} | device {device}")
+        echo(
+            f"[mnist-cfg] run folder {run.path} | {len(train):,} training images {shape} | "
+            f"{describe(config.unet, train.size)} | device {device}"
+        )
         with run.stage("evaluator"):
-            evaluator = stages.evaluator_for(config.data, device, echo)
+            evaluator = stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights)
         steps_per_epoch = max(len(train) // config.train.batch_size, 1)
-        progress = ProgressGrids(run, schedule, steps_per_epoch, shape, classes, config.guidance.w, config.seed,
-                                 device)
+        progress = ProgressGrids(run, schedule, steps_per_epoch, shape, classes, config.guidance.w, config.seed, device)
         with run.stage("train"):
             trainer, result = stages.train_image_denoiser(
-                run, logger, train, heldout, schedule, config.unet, config.train, config.seed, device,
-                config.progress, label_dropout=config.guidance.label_dropout,
-                hooks=[progress] if config.guidance.progress_every_epoch else None)
+                run,
+                logger,
+                train,
+                heldout,
+                schedule,
+                config.unet,
+                config.train,
+                config.seed,
+                device,
+                config.progress,
+                label_dropout=config.guidance.label_dropout,
+                hooks=[progress] if config.guidance.progress_every_epoch else None,
+            )
         model = trainer.eval_model
-        ev, guidance = config.evaluation, config.guidance
-        common = dict(sampler="ddim", steps=ev.ddim_steps, eta=0.0, batch_size=ev.batch_size, device=device,
-                      num_classes=classes, show_progress=config.progress)
+        ev, guidance = config.metrics, config.guidance
+        common = dict(
+            sampler="ddim",
+            steps=ev.ddim_steps,
+            eta=0.0,
+            batch_size=ev.batch_size,
+            device=device,
+            num_classes=classes,
+            show_progress=config.progress,
+        )
         with run.stage("grid"):
             per = guidance.grid_per_digit
             labels = torch.arange(classes).repeat_interleave(per)
-            grid = stages.sample_images(model, schedule, len(labels), shape, seed=ev.seed + 1, labels=labels,
-                                        guidance=guidance.w, **common)
+            grid = stages.sample_images(
+                model, schedule, len(labels), shape, seed=ev.seed + 1, labels=labels, guidance=guidance.w, **common
+            )
             save_grid(grid.images, run.sub("figures", "digits_grid.png"), nrow=per)
         with run.stage("denoising panel"):
             digits = torch.tensor([0, 3, 7, 9][: max(1, min(4, classes))]) % classes
             guided = stages.guided_model(model, digits.to(device), guidance.w, classes)
-            timesteps, xs, x0s = stages.denoising_trajectory(guided, schedule, (len(digits), *shape), ev.ddim_steps,
-                                                             10, ev.seed + 2, device)
+            timesteps, xs, x0s = stages.denoising_trajectory(
+                guided, schedule, (len(digits), *shape), ev.ddim_steps, 10, ev.seed + 2, device
+            )
             panel_rows = []
             for i, digit in enumerate(digits.tolist()):
                 panel_rows.append((f"digit {digit}: x_t", xs[:, i]))
                 panel_rows.append((f"digit {digit}: predicted x_0", x0s[:, i]))
-            panel = image_rows_figure(panel_rows, run.sub("figures", "denoising_panel.png"),
-                                      "DDIM denoising, t = " + ", ".join(map(str, timesteps)))
+            panel = image_rows_figure(
+                panel_rows,
+                run.sub("figures", "denoising_panel.png"),
+                "DDIM denoising, t = " + ", ".join(map(str, timesteps)),
+            )
         with run.stage("sample"):
             main_labels = stages.balanced_labels(ev.n_samples, classes)
-            main = stages.sample_images(model, schedule, ev.n_samples, shape, seed=ev.seed, labels=main_labels,
-                                        guidance=guidance.w, **common)
+            main = stages.sample_images(
+                model, schedule, ev.n_samples, shape, seed=ev.seed, labels=main_labels, guidance=guidance.w, **common
+            )
             stages.save_samples(run.sub("samples", f"cfg_w{guidance.w:g}.pt"), main)
         metrics: dict[str, Any] = {}
         with run.stage("evaluate"):
@@ -388,8 +500,16 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
                     images = stages.SampleResult(main.images[: guidance.n_sweep], sweep_labels, 0.0, 0)
                     seconds = main.seconds * guidance.n_sweep / ev.n_samples
                 else:
-                    images = stages.sample_images(model, schedule, guidance.n_sweep, shape, seed=ev.seed,
-                                                  labels=sweep_labels, guidance=w, **common)
+                    images = stages.sample_images(
+                        model,
+                        schedule,
+                        guidance.n_sweep,
+                        shape,
+                        seed=ev.seed,
+                        labels=sweep_labels,
+                        guidance=w,
+                        **common,
+                    )
                     seconds = images.seconds
                 row = _evaluate(evaluator, images, sweep_labels)
                 row.update(w=w, seconds_per_1000=seconds / guidance.n_sweep * 1000)
@@ -402,18 +522,24 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
             progress_figure = progress.figure(run.sub("figures", "progress.png"))
         logger.close()
         metrics["model"] = {"parameters": count_parameters(model), "description": describe(config.unet, train.size)}
-        metrics["training"] = {"step": result.step, "seconds": round(result.seconds, 1),
-                               "final_train_loss": result.final_train_loss, "validation": result.final_validation,
-                               "images_per_second": _images_per_second(result, config.train)}
+        metrics["training"] = {
+            "step": result.step,
+            "seconds": round(result.seconds, 1),
+            "final_train_loss": result.final_train_loss,
+            "validation": result.final_validation,
+            "images_per_second": _images_per_second(result, config.train),
+        }
         metrics["timings_seconds"] = {k: round(v, 1) for k, v in run.timings.items()}
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = cfg_targets(metrics)
         run.write_metrics(metrics)
         _cfg_report(run, config, metrics, loss, panel, progress_figure)
         run.complete()
-    echo(f"[mnist-cfg] done in {metrics['timings_seconds']['total']:.0f} s: w={guidance.w:g} FID "
-         f"{metrics['main'].get('fid', float('nan')):.2f}, accuracy {metrics['main'].get('accuracy', float('nan')):.3f}"
-         f" | report {run.sub('report.md')}")
+    echo(
+        f"[mnist-cfg] done in {metrics['timings_seconds']['total']:.0f} s: w={guidance.w:g} FID "
+        f"{metrics['main'].get('fid', float('nan')):.2f}, accuracy {metrics['main'].get('accuracy', float('nan')):.3f}"
+        f" | report {run.sub('report.md')}"
+    )
     return run
 
 
@@ -429,23 +555,40 @@ def cfg_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     histogram = main.get("class_histogram", [])
     targets = [
         {"target": "accuracy of the intended digit >= 98%", "value": main["accuracy"], "met": main["accuracy"] >= 0.98},
-        {"target": "every digit present (>= 5% of samples each)", "value": min(histogram) if histogram else None,
-         "met": bool(histogram) and min(histogram) >= 0.05},
+        {
+            "target": "every digit present (>= 5% of samples each)",
+            "value": min(histogram) if histogram else None,
+            "met": bool(histogram) and min(histogram) >= 0.05,
+        },
     ]
     if blur is not None:
-        targets.append({"target": "FID below the 'blurred by 1 px' row (bar)", "value": main["fid"],
-                        "met": main["fid"] < blur})
+        targets.append(
+            {"target": "FID below the 'blurred by 1 px' row (bar)", "value": main["fid"], "met": main["fid"] < blur}
+        )
     if noise is not None:
-        targets.append({"target": "FID approaching the 'noise 0.1' row (goal: at most 2x)",
-                        "value": main["fid"] / noise, "met": main["fid"] <= 2 * noise})
+        targets.append(
+            {
+                "target": "FID approaching the 'noise 0.1' row (goal: at most 2x)",
+                "value": main["fid"] / noise,
+                "met": main["fid"] <= 2 * noise,
+            }
+        )
     return targets
 
 
-def _cfg_report(run: RunFolder, config: MnistCFGConfig, metrics: dict[str, Any], loss: Path, panel: Path,
-                progress_figure: Path | None) -> None:
-    ev, guidance = config.evaluation, config.guidance
-    sweep_rows = [[f"{r['w']:g}", r["n"], r.get("fid"), r.get("inception_score"), r.get("accuracy"),
-                   r["seconds_per_1000"]] for r in metrics["sweep"]]
+def _cfg_report(
+    run: RunFolder,
+    config: MnistCFGConfig,
+    metrics: dict[str, Any],
+    loss: Path,
+    panel: Path,
+    progress_figure: Path | None,
+) -> None:
+    ev, guidance = config.metrics, config.guidance
+    sweep_rows = [
+        [f"{r['w']:g}", r["n"], r.get("fid"), r.get("inception_score"), r.get("accuracy"), r["seconds_per_1000"]]
+        for r in metrics["sweep"]
+    ]
     main = metrics["main"]
     lines = [
         "# MNIST: class-conditional diffusion with classifier-free guidance",
@@ -462,12 +605,14 @@ def _cfg_report(run: RunFolder, config: MnistCFGConfig, metrics: dict[str, Any],
         "",
         figure(run.sub("figures", "digits_grid.png"), run.path, f"One row per digit, w = {guidance.w:g}"),
         "",
-        table(["n", "FID", "IS", "accuracy of the intended digit", "s per 1,000 images"],
-              [[main["n"], main.get("fid"), main.get("inception_score"), main.get("accuracy"),
-                main["seconds_per_1000"]]]),
+        table(
+            ["n", "FID", "IS", "accuracy of the intended digit", "s per 1,000 images"],
+            [[main["n"], main.get("fid"), main.get("inception_score"), main.get("accuracy"), main["seconds_per_1000"]]],
+        ),
         "",
         "Class histogram (share classified as each digit): "
-        + ", ".join(f"{k}: {v:.1%}" for k, v in enumerate(main.get("class_histogram", []))) + ".",
+        + ", ".join(f"{k}: {v:.1%}" for k, v in enumerate(main.get("class_histogram", [])))
+        + ".",
         "",
         "## Guidance sweep",
         "",
@@ -476,23 +621,36 @@ def _cfg_report(run: RunFolder, config: MnistCFGConfig, metrics: dict[str, Any],
         *_calibration_table(metrics.get("calibration", {})),
     ]
     if metrics["targets"]:
-        lines += ["## Targets", "", table(["target", "measured", "met"],
-                                          [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]), ""]
+        lines += [
+            "## Targets",
+            "",
+            table(["target", "measured", "met"], [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]),
+            "",
+        ]
     lines += ["## How the samples form", "", figure(panel, run.path, "x_t and the predicted x_0 along DDIM"), ""]
     if progress_figure is not None:
         lines += [figure(progress_figure, run.path, "Progress: fixed-noise samples after every epoch"), ""]
     lines += [
-        "## Training", "", figure(loss, run.path, "Training and validation loss"), "",
-        "## Where the time goes", "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1), "",
-        "## Environment", "", environment_table(), "",
+        "## Training",
+        "",
+        figure(loss, run.path, "Training and validation loss"),
+        "",
+        "## Where the time goes",
+        "",
+        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
+        "",
+        "## Environment",
+        "",
+        environment_table(),
+        "",
     ]
     run.sub("report.md").write_text("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------------------------
-def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[Any, torch.nn.Module,
-                                                                                     NoiseSchedule]:
+def load_run_model(
+    run_dir: str | Path, device: torch.device | str = "cpu"
+) -> tuple[Any, torch.nn.Module, NoiseSchedule]:
     """``(config, model with its exported weights, schedule)`` of a finished mnist-ddpm or mnist-cfg run."""
     run_dir = Path(run_dir)
     data = read_yaml(run_dir / "config.yaml")
@@ -509,9 +667,17 @@ def load_run_model(run_dir: str | Path, device: torch.device | str = "cpu") -> t
     return config, model.to(device).eval(), schedule
 
 
-def sample_from_run(run_dir: str | Path, n: int = 16, digit: int | None = None, guidance: float = 1.0,
-                    sampler: str = "ddim", steps: int = 50, seed: int = 0, device: str = "auto",
-                    out: str | Path | None = None) -> Path:
+def sample_from_run(
+    run_dir: str | Path,
+    n: int = 16,
+    digit: int | None = None,
+    guidance: float = 1.0,
+    sampler: str = "ddim",
+    steps: int = 50,
+    seed: int = 0,
+    device: str = "auto",
+    out: str | Path | None = None,
+) -> Path:
     """``difflab sample RUN --digit 7 --guidance 2 --n 16 --sampler ddim --steps 50``: a grid PNG (and the
     tensors as .pt beside it). Returns the PNG path."""
     resolved = resolve_device(device)
@@ -525,9 +691,21 @@ def sample_from_run(run_dir: str | Path, n: int = 16, digit: int | None = None, 
             raise ConfigError(f"--digit must be between 0 and {classes - 1}, got {digit}")
         labels = torch.full((n,), digit, dtype=torch.long)
     shape = (config.unet.in_channels, *(_image_size(config),) * 2)
-    result = stages.sample_images(model, schedule, n, shape, sampler=sampler, steps=steps, eta=0.0,
-                                  batch_size=min(n, 500), seed=seed, device=resolved, labels=labels,
-                                  guidance=guidance, num_classes=classes)
+    result = stages.sample_images(
+        model,
+        schedule,
+        n,
+        shape,
+        sampler=sampler,
+        steps=steps,
+        eta=0.0,
+        batch_size=min(n, 500),
+        seed=seed,
+        device=resolved,
+        labels=labels,
+        guidance=guidance,
+        num_classes=classes,
+    )
     name = f"sample_{'digit' + str(digit) + '_' if digit is not None else ''}w{guidance:g}_{sampler}{steps}_seed{seed}"
     path = Path(out) if out else Path(run_dir) / "samples" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -542,3 +720,33 @@ def _image_size(config: Any) -> int:
     if config.data.source == "digits":
         return 8
     return config.data.size
+
+
+def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str = "auto", echo=print) -> dict[str, Any]:
+    """``difflab evaluate RUN``: score every sample file of an image run (``samples/*.pt`` holding
+    ``images`` and optionally ``labels``) with the built-in evaluator, with calibration rows at each sample
+    count; writes ``RUN/evaluation.json`` and returns its content."""
+    import json
+
+    run_dir = Path(run_dir)
+    resolved = resolve_device(device)
+    config, _, _ = load_run_model(run_dir, "cpu")
+    evaluator = stages.evaluator_for(config.data, resolved, echo, inception_weights or config.metrics.inception_weights)
+    if evaluator is None:
+        raise ConfigError(f"{run_dir} was trained on {config.data.source!r} data; the built-in evaluator judges MNIST")
+    files = sorted((run_dir / "samples").glob("*.pt"))
+    if not files:
+        raise ConfigError(f"{run_dir}/samples holds no sample files to evaluate")
+    results: dict[str, Any] = {"samples": {}, "calibration": {}}
+    for file in files:
+        try:
+            content = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged or foreign file
+            raise ConfigError(f"cannot read {file}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        if not isinstance(content, dict) or "images" not in content:
+            continue
+        results["samples"][file.name] = evaluator.evaluate(content["images"], content.get("labels"))
+    counts = sorted({r["n"] for r in results["samples"].values() if r["n"] > 1})
+    results["calibration"] = _calibration(evaluator, counts)
+    (run_dir / "evaluation.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    return results
