@@ -4,6 +4,9 @@
     difflab run CONFIG.yaml [key=value ...]
     difflab config RECIPE            print a recipe's default config as YAML
     difflab recipes                  list the recipes
+    difflab sample RUN --sampler NAME --steps N [--n 5000] [--seed S] [--out FILE]
+    difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S]
+    difflab likelihood RUN [--n 1000]  exact model NLL of held-out points (probability-flow ODE)
 
 Errors a user can cause are printed as one line on stderr with exit status 2.
 """
@@ -30,7 +33,38 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print a recipe's default config as YAML")
     show.add_argument("recipe")
     commands.add_parser("recipes", help="list the recipes")
+    _add_sampling_commands(commands)
     return parser
+
+
+def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
+    from difflab.sampling.solvers import SAMPLERS
+
+    sample = commands.add_parser("sample", help="draw samples from a finished run with any sampler")
+    sample.add_argument("run", help="a finished run folder")
+    sample.add_argument("--sampler", default="dpmpp-2m", help=f"one of {', '.join(SAMPLERS)} (default dpmpp-2m)")
+    sample.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    sample.add_argument("--n", type=int, default=5000, help="number of samples (default 5000)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", help="where to write the samples .pt (default RUN/samples/NAME-Nsteps-seedS.pt)")
+    sample.add_argument("--device", default="auto")
+    compare = commands.add_parser("compare-samplers", help="sample quality against NFE for many samplers")
+    compare.add_argument("run", help="a finished run folder")
+    compare.add_argument("--samplers", help="comma-separated sampler names (default: all)")
+    compare.add_argument("--nfe", type=int, nargs="+", help="NFE budgets (default 5 10 20 50 100 1000, plus T)")
+    compare.add_argument("--n", type=int, default=5000, help="samples per sampler and budget (default 5000)")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--device", default="auto")
+    likelihood = commands.add_parser("likelihood", help="exact model NLL of held-out data (probability-flow ODE)")
+    likelihood.add_argument("run", help="a finished run folder")
+    likelihood.add_argument("--n", type=int, default=1000, help="held-out points to score (default 1000)")
+    likelihood.add_argument("--batch-size", type=int, default=1000)
+    likelihood.add_argument("--rtol", type=float, default=1e-5)
+    likelihood.add_argument("--atol", type=float, default=1e-5)
+    likelihood.add_argument("--t-min", type=float, default=1e-5, help="start of the ODE in continuous time")
+    likelihood.add_argument("--probe", default="rademacher", help="Hutchinson probes: rademacher or gaussian")
+    likelihood.add_argument("--seed", type=int, default=0)
+    likelihood.add_argument("--device", default="auto")
 
 
 def _recipe(name: str):
@@ -83,9 +117,61 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from difflab.experiments.samplers import sample_run
+
+    record = sample_run(args.run, args.sampler, args.steps, args.n, args.seed, args.out, args.device)
+    scores = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("nll") or k == "fid")
+    print(f"{args.sampler}: {record['steps']} steps, {record['nfe']} NFE, {record['seconds']:.1f} s  {scores}")
+    print(f"samples: {record['samples']}" + (f"  figure: {record['figure']}" if "figure" in record else ""))
+    return 0
+
+
+def cmd_compare_samplers(args: argparse.Namespace) -> int:
+    from difflab.experiments import samplers as experiment
+
+    target = experiment.load_target(args.run, args.device)
+    names = [n.strip() for n in args.samplers.split(",") if n.strip()] if args.samplers else experiment.DEFAULT_COMPARED
+    nfes = tuple(args.nfe) if args.nfe else experiment.DEFAULT_NFES
+    print(f"[compare-samplers] {target.recipe} run {target.path}: {len(names)} samplers, NFE {list(nfes)}, n={args.n}")
+    rows = experiment.compare_samplers(target, names, nfes, args.n, args.seed, echo=print)
+    paths = experiment.write_comparison(target, rows, args.n, args.seed)
+    print(experiment.comparison_table(rows, list(target.metrics), target.schedule.num_timesteps))
+    print(f"written: {paths['table']}, {paths['results']}, {paths['figure']}")
+    return 0
+
+
+def cmd_likelihood(args: argparse.Namespace) -> int:
+    from difflab.experiments.samplers import heldout_likelihood, load_target
+    from difflab.sampling.likelihood import LikelihoodSettings
+
+    settings = LikelihoodSettings(t_min=args.t_min, rtol=args.rtol, atol=args.atol, probe=args.probe)
+    target = load_target(args.run, args.device)
+    record = heldout_likelihood(target, args.n, settings, args.batch_size, args.seed)
+    model = record["model"]
+    print(
+        f"exact model NLL of {model['n']} held-out points: {model['nll_nats']:.3f} nats "
+        f"({model['nll_nats_per_dim']:.3f} per dim; {model['divergence']} divergence, {model['method']} "
+        f"rtol {model['rtol']:g} atol {model['atol']:g}, {model['nfe']} ODE evaluations, {model['seconds']:.0f} s; "
+        f"density of the data convolved with N(0, {model['noise_floor_sigma_vp']:.3g}^2), t_min {model['t_min']:g})"
+    )
+    for name, value in record.get("kde", {}).items():
+        if value is not None:
+            print(f"  KDE, {name.replace('_', ' ')}: {value:.3f} nats")
+    print(f"written: {target.path / 'likelihood.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "config": cmd_config, "recipes": cmd_recipes}
+    handlers = {
+        "run": cmd_run,
+        "config": cmd_config,
+        "recipes": cmd_recipes,
+        "sample": cmd_sample,
+        "compare-samplers": cmd_compare_samplers,
+        "likelihood": cmd_likelihood,
+    }
     try:
         return handlers[args.command](args)
     except DifflabError as exc:
