@@ -57,9 +57,7 @@ def test_sample_command_writes_samples_and_scores(moons_run: Path, capsys) -> No
     target = load_target(moons_run, "cpu")
     assert target.metrics["nll_course"](samples) < noise_score(moons_run) - 1.0  # on the moons, not noise
     out = moons_run / "elsewhere" / "heun.pt"
-    assert (
-        main(["sample", str(moons_run), "--sampler", "heun", "--steps", "8", "--n", "50", "--out", str(out)]) == 0
-    )
+    assert main(["sample", str(moons_run), "--sampler", "heun", "--steps", "8", "--n", "50", "--out", str(out)]) == 0
     assert torch.load(out, weights_only=True).shape == (50, 2) and out.with_suffix(".png").is_file()
 
 

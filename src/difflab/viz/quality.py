@@ -30,7 +30,7 @@ def quality_vs_nfe(
         top = None
         if every:
             low, q75 = min(every), float(np.percentile(every, 75))
-            top = min(max(every), low + 3 * (q75 - low) + 0.2)
+            top = min(max(every), low + 4 * (q75 - low) + 0.5)
         for sampler, points in series[metric].items():
             if points:
                 nfe, values = zip(*sorted(points), strict=True)
