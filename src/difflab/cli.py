@@ -4,6 +4,9 @@
     difflab run CONFIG.yaml [key=value ...]
     difflab config RECIPE            print a recipe's default config as YAML
     difflab recipes                  list the recipes
+    difflab sample RUN --sampler NAME --steps N [--n 5000] [--seed S] [--out FILE]
+    difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S]
+    difflab likelihood RUN [--n 1000]  exact model NLL of held-out points (probability-flow ODE)
 
 Errors a user can cause are printed as one line on stderr with exit status 2.
 """
@@ -27,22 +30,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. denoiser_train.steps=2000 device=cpu")
     run.add_argument("--config", help="a YAML file whose values replace the recipe's defaults")
     run.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
-    sample = commands.add_parser("sample", help="draw samples from a finished run")
-    sample.add_argument("run_dir", help="a run folder")
-    sample.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
-    sample.add_argument("--digit", type=int, default=None, help="class label for a class-conditional run")
-    sample.add_argument(
-        "--guidance",
-        type=float,
-        default=1.0,
-        help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 0 unconditional, "
-        "1 conditional (default), > 1 guided",
-    )
-    sample.add_argument("--sampler", default="ddim", help="ddpm or ddim (default ddim)")
-    sample.add_argument("--steps", type=int, default=50, help="sampling steps for DDIM (default 50)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default="auto")
-    sample.add_argument("--out", default=None, help="output PNG (default RUN/samples/sample_....png)")
     evaluate = commands.add_parser("evaluate", help="score an image run's samples with the built-in evaluator")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--inception-weights", default="", help="local InceptionV3 weights for standard FID/IS")
@@ -50,7 +37,43 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print a recipe's default config as YAML")
     show.add_argument("recipe")
     commands.add_parser("recipes", help="list the recipes")
+    _add_sampling_commands(commands)
     return parser
+
+
+def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
+    from difflab.sampling.solvers import SAMPLERS
+
+    sample = commands.add_parser("sample", help="draw samples from a finished run with any sampler")
+    sample.add_argument("run", help="a finished run folder")
+    sample.add_argument("--sampler", default=None,
+                        help=f"one of {', '.join(SAMPLERS)} (default: dpmpp-2m for 2-D runs, ddim for image runs)")
+    sample.add_argument("--steps", type=int, default=None, help="sampler steps (default 20 for 2-D, 50 for images)")
+    sample.add_argument("--n", type=int, default=None, help="number of samples (default 5000 for 2-D, 16 for images)")
+    sample.add_argument("--digit", type=int, default=None, help="class label, for a class-conditional image run")
+    sample.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 0 unconditional, "
+                        "1 conditional (default), > 1 guided")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", help="output file (default under RUN/samples/)")
+    sample.add_argument("--device", default="auto")
+    compare = commands.add_parser("compare-samplers", help="sample quality against NFE for many samplers")
+    compare.add_argument("run", help="a finished run folder")
+    compare.add_argument("--samplers", help="comma-separated sampler names (default: all)")
+    compare.add_argument("--nfe", type=int, nargs="+", help="NFE budgets (default 5 10 20 50 100 1000, plus T)")
+    compare.add_argument("--n", type=int, default=5000, help="samples per sampler and budget (default 5000)")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--device", default="auto")
+    likelihood = commands.add_parser("likelihood", help="exact model NLL of held-out data (probability-flow ODE)")
+    likelihood.add_argument("run", help="a finished run folder")
+    likelihood.add_argument("--n", type=int, default=1000, help="held-out points to score (default 1000)")
+    likelihood.add_argument("--batch-size", type=int, default=1000)
+    likelihood.add_argument("--rtol", type=float, default=1e-5)
+    likelihood.add_argument("--atol", type=float, default=1e-5)
+    likelihood.add_argument("--t-min", type=float, default=1e-5, help="start of the ODE in continuous time")
+    likelihood.add_argument("--probe", default="rademacher", help="Hutchinson probes: rademacher or gaussian")
+    likelihood.add_argument("--seed", type=int, default=0)
+    likelihood.add_argument("--device", default="auto")
 
 
 def _recipe(name: str):
@@ -88,29 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from difflab.experiments.runs import read_run
-
-    recipe = read_run(args.run_dir).get("recipe")
-    if recipe in ("mnist-ddpm", "mnist-cfg"):
-        from difflab.experiments.mnist import sample_from_run
-
-        if args.n < 1:
-            raise ConfigError(f"--n must be >= 1, got {args.n}")
-        path = sample_from_run(
-            args.run_dir,
-            n=args.n,
-            digit=args.digit,
-            guidance=args.guidance,
-            sampler=args.sampler,
-            steps=args.steps,
-            seed=args.seed,
-            device=args.device,
-            out=args.out,
-        )
-        print(f"samples: {path} (tensors in {path.with_suffix('.pt')})")
-        return 0
-    raise ConfigError(f"sampling from a {recipe!r} run is not supported")
+IMAGE_RECIPES = ("mnist-ddpm", "mnist-cfg")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -144,6 +145,66 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from difflab.experiments.runs import read_run
+
+    if args.n is not None and args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    if read_run(args.run).get("recipe") in IMAGE_RECIPES:
+        from difflab.experiments.mnist import sample_from_run
+
+        path = sample_from_run(args.run, n=args.n or 16, digit=args.digit, guidance=args.guidance,
+                               sampler=args.sampler or "ddim", steps=args.steps or 50, seed=args.seed,
+                               device=args.device, out=args.out)
+        print(f"samples: {path} (tensors in {path.with_suffix('.pt')})")
+        return 0
+    if args.digit is not None:
+        raise ConfigError("--digit needs a class-conditional image run (mnist-cfg)")
+    from difflab.experiments.samplers import sample_run
+
+    record = sample_run(args.run, args.sampler or "dpmpp-2m", args.steps or 20, args.n or 5000, args.seed, args.out,
+                        args.device)
+    scores = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("nll") or k == "fid")
+    print(f"{args.sampler}: {record['steps']} steps, {record['nfe']} NFE, {record['seconds']:.1f} s  {scores}")
+    print(f"samples: {record['samples']}" + (f"  figure: {record['figure']}" if "figure" in record else ""))
+    return 0
+
+
+def cmd_compare_samplers(args: argparse.Namespace) -> int:
+    from difflab.experiments import samplers as experiment
+
+    target = experiment.load_target(args.run, args.device)
+    names = [n.strip() for n in args.samplers.split(",") if n.strip()] if args.samplers else experiment.DEFAULT_COMPARED
+    nfes = tuple(args.nfe) if args.nfe else experiment.DEFAULT_NFES
+    print(f"[compare-samplers] {target.recipe} run {target.path}: {len(names)} samplers, NFE {list(nfes)}, n={args.n}")
+    rows = experiment.compare_samplers(target, names, nfes, args.n, args.seed, echo=print)
+    paths = experiment.write_comparison(target, rows, args.n, args.seed)
+    print(experiment.comparison_table(rows, list(target.metrics), target.schedule.num_timesteps))
+    print(f"written: {paths['table']}, {paths['results']}, {paths['figure']}")
+    return 0
+
+
+def cmd_likelihood(args: argparse.Namespace) -> int:
+    from difflab.experiments.samplers import heldout_likelihood, load_target
+    from difflab.sampling.likelihood import LikelihoodSettings
+
+    settings = LikelihoodSettings(t_min=args.t_min, rtol=args.rtol, atol=args.atol, probe=args.probe)
+    target = load_target(args.run, args.device)
+    record = heldout_likelihood(target, args.n, settings, args.batch_size, args.seed)
+    model = record["model"]
+    print(
+        f"exact model NLL of {model['n']} held-out points: {model['nll_nats']:.3f} nats "
+        f"({model['nll_nats_per_dim']:.3f} per dim; {model['divergence']} divergence, {model['method']} "
+        f"rtol {model['rtol']:g} atol {model['atol']:g}, {model['nfe']} ODE evaluations, {model['seconds']:.0f} s; "
+        f"density of the data convolved with N(0, {model['noise_floor_sigma_vp']:.3g}^2), t_min {model['t_min']:g})"
+    )
+    for name, value in record.get("kde", {}).items():
+        if value is not None:
+            print(f"  KDE, {name.replace('_', ' ')}: {value:.3f} nats")
+    print(f"written: {target.path / 'likelihood.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -152,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": cmd_evaluate,
         "config": cmd_config,
         "recipes": cmd_recipes,
+        "compare-samplers": cmd_compare_samplers,
+        "likelihood": cmd_likelihood,
     }
     try:
         return handlers[args.command](args)

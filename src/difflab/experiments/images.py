@@ -27,7 +27,6 @@ from difflab.training.logging import RunLogger
 from difflab.training.trainer import TrainConfig, Trainer, TrainResult
 
 DATA_SOURCES = ("mnist", "imagefolder", "digits")
-SAMPLERS = ("ddpm", "ddim")
 
 
 @dataclass(frozen=True)
@@ -210,9 +209,11 @@ def sample_images(
     callback: Callable[..., None] | None = None,
 ) -> SampleResult:
     """``n`` images in batches from fixed seeds; labels (n,) make the samples class-conditional (CFG scale
-    ``guidance``). The same ``seed`` gives the same initial noise, whatever the sampler."""
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    ``guidance``). ``sampler`` is any name of ``sampling.solvers.SAMPLERS`` (``ddpm`` with steps 0 or T is
+    ancestral sampling over all T steps). The same ``seed`` gives the same initial noise, whatever the sampler."""
+    from difflab.sampling.solvers import get_sampler, sample
+
+    get_sampler(sampler)  # an unknown name fails here, before any work
     generator = seeded_generator(mix_seed(seed, 0, 95), device)
     outputs, start, offset = [], time.perf_counter(), 0
     calls = 0
@@ -231,28 +232,16 @@ def sample_images(
         batch_labels = None if labels is None else labels[offset : offset + size].to(device)
         eps_model = Counting(guided_model(model, batch_labels, guidance, num_classes))
         full_shape = (size, *shape)
-        if sampler == "ddpm":
-            x = ddpm_sample(
-                eps_model,
-                schedule,
-                full_shape,
-                generator=generator,
-                device=device,
-                callback=callback if offset == 0 else None,
-                show_progress=show_progress,
-            )
-        else:
-            x = ddim_sample(
-                eps_model,
-                schedule,
-                full_shape,
-                steps=steps,
-                eta=eta,
-                generator=generator,
-                device=device,
-                callback=callback if offset == 0 else None,
-                show_progress=show_progress,
-            )
+        first = callback if offset == 0 else None
+        if sampler == "ddpm" and steps in (0, schedule.num_timesteps):  # ancestral sampling over all T steps
+            x = ddpm_sample(eps_model, schedule, full_shape, generator=generator, device=device, callback=first,
+                            show_progress=show_progress)
+        elif sampler == "ddim":
+            x = ddim_sample(eps_model, schedule, full_shape, steps=steps, eta=eta, generator=generator,
+                            device=device, callback=first, show_progress=show_progress)
+        else:  # any other sampler of the registry (DPM-Solver++, Heun, Euler, respaced DDPM, ...)
+            x = sample(sampler, eps_model, schedule, full_shape, steps=steps, generator=generator, device=device,
+                       callback=first, show_progress=show_progress)
         outputs.append(x.clamp(-1, 1).cpu())
         offset += size
     return SampleResult(torch.cat(outputs), labels, time.perf_counter() - start, calls)

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from difflab.errors import ConfigError
@@ -37,10 +38,10 @@ def timestep_list(num_timesteps: int, steps: int, spacing: str = "leading") -> l
         ratio = num_timesteps // steps
         timesteps = [i * ratio for i in range(steps)]
     elif spacing == "trailing":
-        ratio = num_timesteps / steps
-        timesteps = sorted({round(num_timesteps - i * ratio) - 1 for i in range(steps)})
+        # numpy's arange and round, exactly as diffusers computes them (ties and float steps included)
+        timesteps = (np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1).tolist()
     elif spacing == "linspace":
-        timesteps = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long().tolist()
+        timesteps = np.linspace(0, num_timesteps - 1, steps).round().astype(np.int64).tolist()
     else:
         raise ConfigError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     return sorted(set(timesteps), reverse=True)

@@ -1,0 +1,346 @@
+"""Sampling, sampler comparison and exact likelihood for a finished run, whatever its recipe.
+
+A *loader* turns a run folder into a :class:`SamplingTarget`: the trained model (as a
+:class:`~difflab.sampling.wrappers.DiffusionModel`), its schedule, the shape of one sample, the quality
+metrics (name -> function of a sample batch, lower is better), a figure function and held-out data.
+Loaders are registered per recipe in :data:`LOADERS`; the 2-D recipes (STATES and the walkthroughs) are
+here, and an image recipe adds its own (with FID as the metric) by calling :func:`register_loader`.
+
+    target = load_target("runs/states")
+    samples, info = draw_samples(target, "dpmpp-2m", steps=20, n=5000, seed=0)
+    rows = compare_samplers(target, ["ddpm", "dpmpp-2m", "heun"], nfes=(10, 20, 50), n=5000, seed=0)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.config import config_from
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.errors import CheckpointError, ConfigError
+from difflab.experiments.runs import read_run, resolve_device
+from difflab.report.markdown import fmt, table
+from difflab.sampling.common import batched
+from difflab.sampling.likelihood import LikelihoodSettings, batched_likelihood
+from difflab.sampling.solvers import SAMPLERS, get_sampler
+from difflab.sampling.wrappers import DiffusionModel
+from difflab.seeding import mix_seed, seeded_generator
+from difflab.training.checkpoint import atomic_write_bytes, load_weights
+from difflab.viz import quality
+
+DEFAULT_NFES = (5, 10, 20, 50, 100, 1000)
+DEFAULT_COMPARED = ("ddpm", "ddim", "dpmpp-2m", "euler", "heun", "euler-a", "ddpm+pc", "ddim+pc", "euler+pc")
+
+Metric = Callable[[torch.Tensor], float]
+
+
+@dataclass
+class SamplingTarget:
+    """What sampling needs from a run folder (see the module docstring)."""
+
+    path: Path
+    recipe: str
+    model: DiffusionModel
+    schedule: NoiseSchedule
+    sample_shape: tuple[int, ...]
+    device: torch.device
+    metrics: dict[str, Metric]
+    plot: Callable[[torch.Tensor, Path, str], Path] | None = None
+    heldout: torch.Tensor | None = None
+    references: dict[str, float] = field(default_factory=dict)  # metric values of real held-out data
+    batch_size: int = 5000
+
+    def score(self, samples: torch.Tensor) -> dict[str, float]:
+        return {name: float(metric(samples)) for name, metric in self.metrics.items()}
+
+
+Loader = Callable[[Path, Any, torch.device], SamplingTarget]
+LOADERS: dict[str, Loader] = {}
+
+
+def register_loader(recipes: Sequence[str], loader: Loader) -> None:
+    """Make :func:`load_target` use ``loader(run_path, config, device)`` for runs of these recipes."""
+    for name in recipes:
+        LOADERS[name] = loader
+
+
+def load_target(run_dir: str | Path, device: str = "auto") -> SamplingTarget:
+    """The :class:`SamplingTarget` of a run folder (its recipe picks the loader)."""
+    from difflab.experiments import recipes
+
+    path = Path(run_dir)
+    record = read_run(path)
+    recipe = record.get("recipe")
+    _register_builtin_loaders()
+    if recipe not in LOADERS:
+        known = ", ".join(sorted(LOADERS))
+        raise ConfigError(f"{path} is a {recipe!r} run; sampling commands know the recipes {known}")
+    config_path = path / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{path} has no config.yaml")
+    config = config_from(recipes()[recipe].config_class(), config_path)
+    return LOADERS[recipe](path, config, resolve_device(device))
+
+
+def _register_builtin_loaders() -> None:
+    from difflab.experiments import toy2d
+
+    register_loader(("states",), load_points_run)
+    register_loader(tuple(toy2d.TOY_DATASETS), load_points_run)
+
+
+def load_points_run(path: Path, config: Any, device: torch.device) -> SamplingTarget:
+    """A 2-D run (STATES or a walkthrough): the denoiser MLP, KDE metrics, held-out points."""
+    from difflab.data.toy import make_toy
+    from difflab.experiments import points2d, states
+    from difflab.metrics.points import KDE, check_finite
+    from difflab.viz import plots2d
+
+    weights = path / "checkpoints" / "denoiser.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no trained denoiser ({weights} is missing); finish the run first")
+    if config.recipe == "states":
+        train, heldout, _ = states.load_data(config.data, config.seed)
+    else:
+        train = make_toy(config.recipe, config.data.n_train, config.data.noise, seed=0)
+        heldout = make_toy(config.recipe, config.data.n_heldout, config.data.noise, seed=1)
+    network = points2d.build_denoiser(config.denoiser, config.schedule.num_timesteps)
+    load_weights(network, weights)
+    network.to(device).eval()
+    schedule = NoiseSchedule.from_config(config.schedule).to(device)
+    train_kde = KDE(train.data)
+
+    def nll_course(samples: torch.Tensor) -> float:
+        check_finite(samples)
+        return train_kde.nll(samples)
+
+    def nll_reverse(samples: torch.Tensor) -> float:
+        check_finite(samples)
+        return KDE(samples).nll(heldout.data)
+
+    references = {"nll_course": train_kde.nll(heldout.data), "nll_reverse": KDE(train.data).nll(heldout.data)}
+    return SamplingTarget(
+        path=path,
+        recipe=config.recipe,
+        model=DiffusionModel(network, schedule, "eps"),
+        schedule=schedule,
+        sample_shape=(2,),
+        device=device,
+        metrics={"nll_course": nll_course, "nll_reverse": nll_reverse},
+        plot=lambda samples, out, title: plots2d.scatter_over_data(samples, train.data, out, title),
+        heldout=heldout.data,
+        references=references,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------------
+def draw_samples(
+    target: SamplingTarget,
+    sampler: str,
+    steps: int,
+    n: int,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``n`` samples by the registered ``sampler`` with ``steps`` steps; returns ``(samples, info)``.
+
+    Batch ``b`` draws from its own generator seeded by ``(seed, b)``, its ``x_T`` first, so every sampler
+    starts from the same noise for the same seed. ``info`` holds the NFE per batch, steps and seconds.
+    """
+    spec = get_sampler(sampler)
+    limit = spec.max_steps(target.schedule.num_timesteps)
+    if steps < 1 or (limit is not None and steps > limit):
+        raise ConfigError(f"{sampler} takes 1 to T={limit} steps, got {steps}")
+    if n < 1:
+        raise ConfigError(f"the number of samples must be >= 1, got {n}")
+    outputs, nfe = [], 0
+    start = time.perf_counter()
+    for b, size in enumerate(batched(n, target.batch_size)):
+        generator = seeded_generator(mix_seed(seed, b, 1), target.device)
+        target.model.reset_nfe()
+        x = spec(
+            target.model,
+            target.schedule,
+            (size, *target.sample_shape),
+            steps=steps,
+            generator=generator,
+            device=target.device,
+            show_progress=show_progress,
+            **(options or {}),
+        )
+        nfe = target.model.nfe
+        outputs.append(x.detach().float().cpu())
+    seconds = time.perf_counter() - start
+    return torch.cat(outputs), {"sampler": sampler, "steps": steps, "nfe": nfe, "seconds": round(seconds, 3)}
+
+
+def sample_run(
+    run_dir: str | Path,
+    sampler: str,
+    steps: int,
+    n: int = 5000,
+    seed: int = 0,
+    out: str | Path | None = None,
+    device: str = "auto",
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """``difflab sample``: draw, save ``.pt`` + scatter PNG (RUN/samples/ or ``out``), score; returns the record."""
+    target = load_target(run_dir, device)
+    samples, info = draw_samples(target, sampler, steps, n, seed, show_progress=show_progress)
+    stem = f"{sampler}-{steps}steps-seed{seed}"
+    pt_path = Path(out) if out else target.path / "samples" / f"{stem}.pt"
+    pt_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(samples, pt_path)
+    record: dict[str, Any] = {**info, "n": n, "seed": seed, "samples": str(pt_path)}
+    record.update(target.score(samples))
+    if target.plot is not None:
+        title = f"{sampler}, {steps} steps ({info['nfe']} NFE), n = {n}"
+        record["figure"] = str(target.plot(samples, pt_path.with_suffix(".png"), title))
+    return record
+
+
+# ------------------------------------------------------------------------------------------------------
+# Comparison
+# ------------------------------------------------------------------------------------------------------
+def compare_samplers(
+    target: SamplingTarget,
+    samplers: Sequence[str] = DEFAULT_COMPARED,
+    nfes: Sequence[int] = DEFAULT_NFES,
+    n: int = 5000,
+    seed: int = 0,
+    include_full: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Score every sampler at every NFE budget (same seeds, so the same starting noise).
+
+    Each budget is spent on the most steps that fit (``SamplerSpec.steps_for_nfe``; Heun's ``2 N - 1``
+    evaluations make its NFE odd); budgets a sampler cannot take (more than T discrete steps) are skipped.
+    ``include_full`` adds the budget ``T`` (DDPM's own). Returns one row per (sampler, budget).
+    """
+    budgets = sorted(set(nfes) | ({target.schedule.num_timesteps} if include_full else set()))
+    rows = []
+    for name in samplers:
+        spec = get_sampler(name)
+        for budget in budgets:
+            steps = spec.steps_for_nfe(budget, target.schedule.num_timesteps)
+            if steps is None:
+                continue
+            samples, info = draw_samples(target, name, steps, n, seed)
+            row = {"budget": budget, **info, **target.score(samples)}
+            rows.append(row)
+            if echo is not None:
+                scores = "  ".join(f"{k} {fmt(row[k])}" for k in target.metrics)
+                echo(f"  {name:9s} budget {budget:5d}: {steps:4d} steps, {info['nfe']:4d} NFE, {scores}")
+    return rows
+
+
+def comparison_table(rows: list[dict[str, Any]], metrics: Sequence[str], num_timesteps: int) -> str:
+    """Markdown: one row per sampler, one column per NFE budget, cells ``metric1 / metric2 [(NFE)]``."""
+    budgets = sorted({row["budget"] for row in rows})
+    samplers = list(dict.fromkeys(row["sampler"] for row in rows))
+    lookup = {(row["sampler"], row["budget"]): row for row in rows}
+    lines = []
+    for name in samplers:
+        cells: list[Any] = [name]
+        for budget in budgets:
+            row = lookup.get((name, budget))
+            if row is None:
+                cells.append("–")
+                continue
+            text = " / ".join(fmt(row[m]) for m in metrics)
+            cells.append(text if row["nfe"] == budget else f"{text} ({row['nfe']})")
+        lines.append(cells)
+    headers = ["sampler"] + [f"NFE {b}" + (" (=T)" if b == num_timesteps else "") for b in budgets]
+    return table(headers, lines)
+
+
+def write_comparison(target: SamplingTarget, rows: list[dict[str, Any]], n: int, seed: int) -> dict[str, Path]:
+    """RUN/compare_samplers/{table.md, results.json, quality_vs_nfe.png}."""
+    out = target.path / "compare_samplers"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = list(target.metrics)
+    notes = [
+        f"# Sampler comparison: {target.recipe} run {target.path}",
+        "",
+        f"Cells: {' / '.join(metrics)} (lower is better) of {n} samples, seed {seed} (the same starting noise "
+        "for every sampler). A number in brackets is the NFE actually spent when the budget does not fit "
+        "the sampler (Heun and the +pc samplers cost 2 N - 1 evaluations for N steps). – : budget not "
+        f"possible (discrete-timestep samplers take at most T = {target.schedule.num_timesteps} steps).",
+        "",
+        f"Real held-out data: {', '.join(f'{k} {fmt(v)}' for k, v in target.references.items())}.",
+        "",
+        comparison_table(rows, metrics, target.schedule.num_timesteps),
+        "",
+        "Samplers: "
+        + "; ".join(f"`{name}` {SAMPLERS[name].description}" for name in dict.fromkeys(row["sampler"] for row in rows))
+        + ".",
+        "",
+    ]
+    paths = {"table": out / "table.md", "results": out / "results.json", "figure": out / "quality_vs_nfe.png"}
+    atomic_write_bytes(paths["table"], "\n".join(notes).encode())
+    record = {"recipe": target.recipe, "n": n, "seed": seed, "references": target.references, "rows": rows}
+    atomic_write_bytes(paths["results"], (json.dumps(record, indent=2) + "\n").encode())
+    series = {
+        metric: {
+            name: [(row["nfe"], row[metric]) for row in rows if row["sampler"] == name]
+            for name in dict.fromkeys(row["sampler"] for row in rows)
+        }
+        for metric in metrics
+    }
+    quality.quality_vs_nfe(series, paths["figure"], f"{target.recipe}: quality vs NFE (n = {n})", target.references)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------
+# Likelihood
+# ------------------------------------------------------------------------------------------------------
+def heldout_likelihood(
+    target: SamplingTarget,
+    n: int = 1000,
+    settings: LikelihoodSettings | None = None,
+    batch_size: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Exact model NLL (probability-flow ODE) of the first ``n`` held-out points; writes RUN/likelihood.json."""
+    if target.heldout is None:
+        raise ConfigError(f"the {target.recipe} recipe has no held-out data to score")
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    points = target.heldout[:n].to(target.device)
+    start = time.perf_counter()
+    result = batched_likelihood(
+        target.model,
+        target.schedule,
+        points,
+        batch_size=batch_size,
+        settings=settings,
+        generator=seeded_generator(mix_seed(seed, 0, 81)),
+        device=target.device,
+    )
+    summary = result.summary()
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    summary["noise_floor_sigma_vp"] = float(
+        (1 - target.model.alpha_bar_at(summary["t_min"] * (target.model.num_timesteps - 1))).sqrt()
+    )
+    record: dict[str, Any] = {"recipe": target.recipe, "model": summary}
+    metrics_path = target.path / "metrics.json"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        real = metrics.get("real", {})
+        uncond = metrics.get("uncond", metrics.get("samples", {}))
+        record["kde"] = {
+            "heldout_under_training_kde": real.get("nll_course"),
+            "heldout_under_sample_kde": uncond.get("nll_reverse"),
+        }
+    atomic_write_bytes(target.path / "likelihood.json", (json.dumps(record, indent=2) + "\n").encode())
+    return record

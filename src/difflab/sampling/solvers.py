@@ -1,0 +1,597 @@
+"""Fast samplers: DPM-Solver++(2M), Heun/Euler on the probability-flow ODE, Euler ancestral,
+respaced DDPM and DDIM, each optionally followed by Langevin corrector steps; and a registry by name.
+
+Every sampler has one signature::
+
+    sample(model, schedule, shape, *, steps, generator=None, device="cpu", x_T=None,
+           callback=None, show_progress=False, **options) -> x_0 of ``shape``
+
+``model`` is an eps-model ``model(x_t, t) -> eps`` or a :class:`~difflab.sampling.wrappers.DiffusionModel`
+(any parameterisation); pass a ``DiffusionModel`` and read its ``nfe`` to count network evaluations.
+All start from the same ``x_T ~ N(0, I)`` in the model's VP space (drawn first from ``generator``), so the
+same seed gives every sampler the same starting noise.
+
+Two families:
+
+- *discrete-timestep* samplers (``ddpm``, ``ddim``, ``dpmpp-2m`` and their ``+pc`` forms) visit integer
+  timesteps of the training schedule, at most T of them; their ``callback(k, t, x, x0_pred)`` gets the
+  integer timestep t;
+- *sigma-space* samplers (``euler``, ``heun``, ``euler-a``) integrate in the VE variable
+  ``x_ve = x_vp / sqrt(alpha_bar)`` over continuous noise levels sigma (Karras et al. 2022), querying the
+  network at fractional timesteps; any number of steps works. Their callback gets ``(i, sigma_i, x_vp,
+  x0_pred)``: the VE sigma, and x mapped back to the VP space so every sampler's trajectory is comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.errors import ConfigError
+from difflab.sampling.common import StepCallback, progress, randn, sampling_mode, timestep_list
+from difflab.sampling.ddim import ddim_step
+from difflab.sampling.ddpm import VARIANCES
+from difflab.sampling.wrappers import DiffusionModel, as_diffusion_model, precise_alpha_bar
+
+SIGMA_SCHEDULES = ("karras", "uniform")
+FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step lists
+# ----------------------------------------------------------------------------------------------------
+def dpm_solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
+    """The decreasing timesteps DPM-Solver visits before its final jump to ``alpha_bar = 1``.
+
+    Spaced as diffusers' ``DPMSolverMultistepScheduler.set_timesteps`` does (which differs from DDIM's
+    lists): ``linspace``: ``round(linspace(0, T-1, steps+1))`` without the 0; ``leading``:
+    ``(0..steps) * (T // (steps+1))`` without the 0; ``trailing``: ``round(arange(T, 0, -T/steps)) - 1``.
+    Repeated entries (steps close to T) are dropped, so a list may be shorter than ``steps``.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ConfigError(f"steps must be between 1 and the schedule's {num_timesteps} timesteps, got {steps}")
+    if spacing == "linspace":
+        # numpy's linspace, as diffusers uses: torch's rounds some midpoints (e.g. 499.5) the other way
+        grid = np.linspace(0, num_timesteps - 1, steps + 1).round().astype(np.int64).tolist()[1:]
+    elif spacing == "leading":
+        ratio = num_timesteps // (steps + 1)
+        grid = [i * ratio for i in range(1, steps + 1)]
+    elif spacing == "trailing":
+        grid = (np.arange(num_timesteps, 0, -num_timesteps / steps).round().astype(np.int64) - 1).tolist()
+    else:
+        raise ConfigError(f"spacing must be one of linspace, leading, trailing, got {spacing!r}")
+    return sorted(set(grid), reverse=True)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """EDM eq. 5: ``sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``, then a final 0.
+
+    Returns (steps + 1,) float64, decreasing, ending with 0.
+    """
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (high + ramp * (low - high)) ** rho
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def uniform_t_sigmas(model: DiffusionModel, steps: int) -> torch.Tensor:
+    """Sigmas at ``steps`` timesteps evenly spaced from T-1 to 0 (fractional), then a final 0. (steps + 1,)."""
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    t = torch.linspace(model.num_timesteps - 1, 0, steps, dtype=torch.float64)
+    return torch.cat([model.t_to_sigma(t), torch.zeros(1, dtype=torch.float64)])
+
+
+def sigma_schedule(model: DiffusionModel, steps: int, kind: str = "karras", rho: float = 7.0) -> torch.Tensor:
+    """The decreasing noise levels a sigma-space sampler visits: Karras (rho) or uniform in t. (steps + 1,)."""
+    if kind == "karras":
+        return karras_sigmas(model.sigma_min, model.sigma_max, steps, rho)
+    if kind == "uniform":
+        return uniform_t_sigmas(model, steps)
+    raise ConfigError(f"sigmas must be one of {', '.join(SIGMA_SCHEDULES)}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Langevin corrector (Song et al. 2021, Algorithm "PC sampling", corrector of their code)
+# ----------------------------------------------------------------------------------------------------
+def langevin_correct(
+    x: torch.Tensor,
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    snr: float,
+    n_steps: int,
+    alpha: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``n_steps`` Langevin steps ``x <- x + e s(x) + sqrt(2 e) z`` at a fixed noise level; x: (B, ...).
+
+    The step size follows the signal-to-noise rule ``e = 2 alpha (snr ||z|| / ||s||)^2``, the norms being
+    per-sample Euclidean norms averaged over the batch (as in Song et al.'s code); ``alpha`` is
+    ``1 - beta_t`` of the level corrected. The rule is invariant to rescaling x, so it gives the same
+    update in the VP and the VE variable.
+    """
+    for _ in range(n_steps):
+        score = score_fn(x)
+        noise = randn(tuple(x.shape), generator, x.device).to(x.dtype)
+        score_norm = score.reshape(len(score), -1).norm(dim=1).mean()
+        noise_norm = noise.reshape(len(noise), -1).norm(dim=1).mean()
+        step = 2 * alpha * (snr * noise_norm / score_norm.clamp(min=1e-12)) ** 2
+        x = x + step * score + (2 * step).sqrt() * noise
+    return x
+
+
+def _check_corrector(corrector_steps: int, snr: float) -> None:
+    if corrector_steps < 0 or snr <= 0:
+        raise ConfigError(f"the corrector needs corrector_steps >= 0 and snr > 0, got {corrector_steps} and {snr}")
+
+
+def _start(shape: tuple[int, ...], x_T: torch.Tensor | None, generator, device) -> torch.Tensor:
+    return randn(shape, generator, device) if x_T is None else x_T.to(device)
+
+
+def _index(t: int, batch: int, device) -> torch.Tensor:
+    return torch.full((batch,), t, device=device, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Discrete-timestep samplers
+# ----------------------------------------------------------------------------------------------------
+def sample_ddpm(
+    model: Any,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    steps: int | None = None,
+    spacing: str = "trailing",
+    variance: str = "beta",
+    corrector_steps: int = 0,
+    snr: float = 0.16,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    x_T: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Ancestral DDPM sampling, respaced to ``steps`` timesteps (Nichol & Dhariwal 2021, section 4).
+
+    Over the visited list ``t_0 > t_1 > ...`` each jump ``t -> t'`` is one step of the DDPM whose
+    ``alpha = alpha_bar_t / alpha_bar_t'`` (``alpha_bar = 1`` after the last timestep): posterior mean
+    ``mu = sqrt(a') beta / (1 - a) x0_pred + sqrt(alpha) (1 - a') / (1 - a) x_t`` and variance ``beta``
+    (``variance="beta"``) or ``beta (1 - a') / (1 - a)`` (``"posterior"``); no noise at the end. With
+    ``steps = T`` (the default) this is Ho et al.'s Algorithm 2, identical to :func:`ddpm_sample`.
+    ``corrector_steps > 0`` adds Langevin steps (snr rule) after every predictor step but the last.
+    """
+    if variance not in VARIANCES:
+        raise ConfigError(f"DDPM variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
+    _check_corrector(corrector_steps, snr)
+    net = as_diffusion_model(model, schedule)
+    timesteps = timestep_list(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    alpha_bar, one_minus = precise_alpha_bar(schedule)
+    log_alpha_bar = alpha_bar.log()
+    with sampling_mode(net):
+        x = _start(shape, x_T, generator, device)
+        for k in progress(list(range(len(timesteps))), show_progress, "DDPM"):
+            t = timesteps[k]
+            t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else None
+            one_minus_t = float(one_minus[t])
+            a_prev = float(alpha_bar[t_prev]) if t_prev is not None else 1.0
+            one_minus_prev = float(one_minus[t_prev]) if t_prev is not None else 0.0
+            # alpha = a_t / a_prev and beta = 1 - alpha of the respaced chain, without cancellation
+            log_alpha = float(log_alpha_bar[t] - (log_alpha_bar[t_prev] if t_prev is not None else 0.0))
+            alpha, beta = math.exp(log_alpha), -math.expm1(log_alpha)
+            x0_pred = net.x0(x, _index(t, shape[0], device))
+            if callback is not None:
+                callback(k, t, x, x0_pred)
+            # Ho et al. eq. 7 for the respaced chain
+            mean = (math.sqrt(a_prev) * beta / one_minus_t) * x0_pred + (
+                math.sqrt(alpha) * one_minus_prev / one_minus_t
+            ) * x
+            if t_prev is None:
+                x = mean
+                break
+            var = beta if variance == "beta" else beta * one_minus_prev / one_minus_t
+            x = mean + math.sqrt(var) * randn(shape, generator, device)
+            if corrector_steps:
+                index = _index(t_prev, shape[0], device)
+                x = langevin_correct(
+                    x,
+                    lambda z, index=index: net.score(z, index),
+                    snr=snr,
+                    n_steps=corrector_steps,
+                    alpha=float(schedule.alphas[t_prev]),
+                    generator=generator,
+                )
+    return x
+
+
+def sample_ddim(
+    model: Any,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 50,
+    spacing: str = "trailing",
+    eta: float = 0.0,
+    corrector_steps: int = 0,
+    snr: float = 0.16,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    x_T: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """DDIM (:func:`~difflab.sampling.ddim.ddim_step`) over ``steps`` timesteps, optionally with Langevin
+    corrector steps after every predictor step but the last. Defaults to ``trailing`` spacing, which starts
+    at T-1 (unlike :func:`ddim_sample`'s ``leading`` default)."""
+    _check_corrector(corrector_steps, snr)
+    net = as_diffusion_model(model, schedule)
+    timesteps = timestep_list(schedule.num_timesteps, steps, spacing)
+    with sampling_mode(net):
+        x = _start(shape, x_T, generator, device)
+        for k in progress(list(range(len(timesteps))), show_progress, "DDIM"):
+            t = timesteps[k]
+            t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else None
+            eps = net.eps(x, _index(t, shape[0], device))
+            noise = randn(shape, generator, device) if eta > 0 and t_prev is not None else None
+            x_next, x0_pred = ddim_step(schedule, eps, t, t_prev, x, eta, noise)
+            if callback is not None:
+                callback(k, t, x, x0_pred)
+            x = x_next
+            if corrector_steps and t_prev is not None:
+                index = _index(t_prev, shape[0], device)
+                x = langevin_correct(
+                    x,
+                    lambda z, index=index: net.score(z, index),
+                    snr=snr,
+                    n_steps=corrector_steps,
+                    alpha=float(schedule.alphas[t_prev]),
+                    generator=generator,
+                )
+    return x
+
+
+def sample_dpmpp_2m(
+    model: Any,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 20,
+    spacing: str = "trailing",
+    lower_order_final: bool = True,
+    final_sigma: str = "zero",
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    x_T: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the multistep second-order solver of the
+    probability-flow ODE in its data-prediction form, on the discrete schedule.
+
+    With ``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``, ``lambda = log(alpha / sigma)`` and
+    ``h = lambda_next - lambda_i``, one step is
+    ``x_next = (sigma_next / sigma_i) x_i + alpha_next (1 - e^{-h}) D``, where ``D = x0_i`` on the first
+    step (first order: DDIM) and ``D = x0_i + (x0_i - x0_{i-1}) / (2 r)``, ``r = h_{i-1} / h``, after.
+    Timesteps are spaced as diffusers spaces them (:func:`dpm_solver_timesteps`); the last jump goes to
+    ``alpha_bar = 1`` (``final_sigma="zero"``, where it is first order and returns ``x0_pred``) or to the
+    smallest training noise level (``"sigma_min"``). As in diffusers, the last step is also first order when
+    ``lower_order_final`` and fewer than 15 steps are taken. One network evaluation per step.
+    """
+    if final_sigma not in FINAL_SIGMAS:
+        raise ConfigError(f"final_sigma must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
+    net = as_diffusion_model(model, schedule)
+    timesteps = dpm_solver_timesteps(schedule.num_timesteps, steps, spacing)
+    alpha_bar, one_minus = precise_alpha_bar(schedule)
+    # (alpha_bar, 1 - alpha_bar) at each visited timestep, then at the final level
+    levels = [(float(alpha_bar[t]), float(one_minus[t])) for t in timesteps]
+    levels.append((1.0, 0.0) if final_sigma == "zero" else (float(alpha_bar[0]), float(one_minus[0])))
+    count = len(timesteps)
+
+    def lam(level: tuple[float, float]) -> float:  # lambda = log(alpha / sigma) = 0.5 log(a / (1 - a))
+        return 0.5 * (math.log(level[0]) - math.log(level[1])) if level[1] > 0 else math.inf
+
+    with sampling_mode(net):
+        x = _start(shape, x_T, generator, device)
+        previous_x0: torch.Tensor | None = None
+        for k in progress(list(range(count)), show_progress, "DPM-Solver++(2M)"):
+            t = timesteps[k]
+            here, there = levels[k], levels[k + 1]
+            x0_pred = net.x0(x, _index(t, shape[0], device))
+            if callback is not None:
+                callback(k, t, x, x0_pred)
+            last = k == count - 1
+            if there[1] == 0:  # the final jump to sigma = 0 lands on the data prediction itself
+                x = x0_pred
+                break
+            h = lam(there) - lam(here)
+            first_order = previous_x0 is None or (last and lower_order_final and count < 15)
+            if first_order:
+                update = x0_pred
+            else:
+                r = (lam(here) - lam(levels[k - 1])) / h
+                update = x0_pred + (x0_pred - previous_x0) / (2 * r)
+            # DPM-Solver++ (data prediction): x_next = (sigma_next / sigma_i) x_i + alpha_next (1 - e^{-h}) D
+            ratio = math.sqrt(there[1] / here[1])
+            x = ratio * x + (-math.sqrt(there[0]) * math.expm1(-h)) * update
+            previous_x0 = x0_pred
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sigma-space samplers (EDM / k-diffusion style)
+# ----------------------------------------------------------------------------------------------------
+def _to_vp(x_ve: torch.Tensor, sigma: float) -> torch.Tensor:
+    return x_ve / math.sqrt(1 + sigma**2)
+
+
+def _sigmas_for(net: DiffusionModel, steps: int, sigmas: str | torch.Tensor, rho: float) -> torch.Tensor:
+    if isinstance(sigmas, torch.Tensor):
+        values = sigmas.double().cpu()
+        if values.ndim != 1 or len(values) < 2 or not bool((values[:-1] > values[1:]).all()):
+            raise ConfigError("explicit sigmas must be a decreasing 1-D tensor of at least 2 values")
+        return values
+    return sigma_schedule(net, steps, sigmas, rho)
+
+
+def _ve_start(shape, x_T, generator, device, sigma_start: float) -> torch.Tensor:
+    # x_T ~ N(0, I) in the VP space at the first noise level, i.e. x_ve = x_T sqrt(1 + sigma^2).
+    return _start(shape, x_T, generator, device) * math.sqrt(1 + sigma_start**2)
+
+
+def _ve_corrector(net: DiffusionModel, schedule, x, sigma: float, corrector_steps, snr, generator) -> torch.Tensor:
+    """Langevin steps on ``x_ve`` with the VE score ``(D(x; sigma) - x) / sigma^2``."""
+    t = float(net.sigma_to_t(sigma))
+    alpha = float(schedule.alphas[min(max(round(t), 0), schedule.num_timesteps - 1)])
+    return langevin_correct(
+        x,
+        lambda z: (net.denoise(z, sigma) - z) / sigma**2,
+        snr=snr,
+        n_steps=corrector_steps,
+        alpha=alpha,
+        generator=generator,
+    )
+
+
+def sample_euler(
+    model: Any,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 50,
+    sigmas: str | torch.Tensor = "karras",
+    rho: float = 7.0,
+    corrector_steps: int = 0,
+    snr: float = 0.16,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    x_T: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma`` (EDM eq. 3,
+    first order; one evaluation per step), optionally with Langevin corrector steps after each step that
+    does not end at sigma = 0. ``sigmas``: ``"karras"`` (rho), ``"uniform"`` in t, or an explicit tensor."""
+    _check_corrector(corrector_steps, snr)
+    net = as_diffusion_model(model, schedule)
+    levels = _sigmas_for(net, steps, sigmas, rho).tolist()
+    with sampling_mode(net):
+        x = _ve_start(shape, x_T, generator, device, levels[0])
+        for i in progress(list(range(len(levels) - 1)), show_progress, "Euler"):
+            sigma, sigma_next = levels[i], levels[i + 1]
+            denoised = net.denoise(x, sigma)
+            if callback is not None:
+                callback(i, sigma, _to_vp(x, sigma), denoised)
+            x = x + (sigma_next - sigma) * (x - denoised) / sigma
+            if corrector_steps and sigma_next > 0:
+                x = _ve_corrector(net, schedule, x, sigma_next, corrector_steps, snr, generator)
+    return x
+
+
+def sample_heun(
+    model: Any,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 25,
+    sigmas: str | torch.Tensor = "karras",
+    rho: float = 7.0,
+    churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    x_T: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1; with
+    ``churn > 0``, Algorithm 2's stochastic churn).
+
+    Per step: (churn) ``sigma_hat = sigma_i (1 + gamma)``, ``gamma = min(churn / N, sqrt(2) - 1)`` for
+    ``s_tmin <= sigma_i <= s_tmax``, ``x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) s_noise z``; then
+    ``d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat``, Euler to ``x' = x_hat + (sigma_next - sigma_hat) d``
+    and, unless ``sigma_next = 0``, the trapezoidal correction with ``d' = (x' - D(x'; sigma_next)) / sigma_next``.
+    ``steps`` noise levels cost ``2 steps - 1`` evaluations.
+    """
+    net = as_diffusion_model(model, schedule)
+    levels = _sigmas_for(net, steps, sigmas, rho).tolist()
+    count = len(levels) - 1
+    with sampling_mode(net):
+        x = _ve_start(shape, x_T, generator, device, levels[0])
+        for i in progress(list(range(count)), show_progress, "Heun"):
+            sigma, sigma_next = levels[i], levels[i + 1]
+            gamma = min(churn / count, math.sqrt(2) - 1) if churn > 0 and s_tmin <= sigma <= s_tmax else 0.0
+            sigma_hat = sigma * (1 + gamma)
+            if gamma > 0:  # EDM Algorithm 2, lines 5-6
+                x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * randn(shape, generator, device)
+            denoised = net.denoise(x, sigma_hat)
+            if callback is not None:
+                callback(i, sigma_hat, _to_vp(x, sigma_hat), denoised)
+            slope = (x - denoised) / sigma_hat
+            x_next = x + (sigma_next - sigma_hat) * slope
+            if sigma_next > 0:  # EDM Algorithm 1, lines 9-11: second-order correction
+                slope_next = (x_next - net.denoise(x_next, sigma_next)) / sigma_next
+                x_next = x + (sigma_next - sigma_hat) * (slope + slope_next) / 2
+            x = x_next
+    return x
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """``(sigma_down, sigma_up)`` splitting a step of a VE ancestral sampler (k-diffusion's rule):
+    ``sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2))``,
+    ``sigma_down = sqrt(sigma_next^2 - sigma_up^2)``."""
+    if eta == 0 or sigma_next == 0:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+def sample_euler_ancestral(
+    model: Any,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 50,
+    sigmas: str | torch.Tensor = "karras",
+    rho: float = 7.0,
+    eta: float = 1.0,
+    corrector_steps: int = 0,
+    snr: float = 0.16,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    x_T: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Euler ancestral (k-diffusion's ``sample_euler_ancestral``): an Euler step of the ODE down to
+    ``sigma_down``, then fresh noise of std ``sigma_up`` (:func:`ancestral_step`); ``eta = 1`` matches the
+    DDPM posterior. One evaluation per step."""
+    _check_corrector(corrector_steps, snr)
+    net = as_diffusion_model(model, schedule)
+    levels = _sigmas_for(net, steps, sigmas, rho).tolist()
+    with sampling_mode(net):
+        x = _ve_start(shape, x_T, generator, device, levels[0])
+        for i in progress(list(range(len(levels) - 1)), show_progress, "Euler ancestral"):
+            sigma, sigma_next = levels[i], levels[i + 1]
+            denoised = net.denoise(x, sigma)
+            if callback is not None:
+                callback(i, sigma, _to_vp(x, sigma), denoised)
+            sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+            x = x + (sigma_down - sigma) * (x - denoised) / sigma
+            if sigma_next > 0:
+                x = x + sigma_up * randn(shape, generator, device)
+                if corrector_steps:
+                    x = _ve_corrector(net, schedule, x, sigma_next, corrector_steps, snr, generator)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler by name: its function, fixed options, and its evaluation count for a number of steps.
+
+    ``discrete``: visits integer timesteps, so at most T steps. ``evals_per_step`` and ``evals_saved``
+    give ``nfe(steps) = evals_per_step * steps - evals_saved``.
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    description: str
+    discrete: bool
+    stochastic: bool
+    evals_per_step: int = 1
+    evals_saved: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def nfe(self, steps: int) -> int:
+        """Network evaluations of a run with ``steps`` steps."""
+        return self.evals_per_step * steps - self.evals_saved
+
+    def max_steps(self, num_timesteps: int) -> int | None:
+        return num_timesteps if self.discrete else None
+
+    def steps_for_nfe(self, nfe: int, num_timesteps: int) -> int | None:
+        """The most steps whose NFE is at most ``nfe``; None when even 1 step costs more or T is exceeded."""
+        steps = (nfe + self.evals_saved) // self.evals_per_step
+        if steps < 1 or self.nfe(steps) < 1:
+            return None
+        limit = self.max_steps(num_timesteps)
+        if limit is not None and steps > limit:
+            return None
+        return steps
+
+    def __call__(self, model: Any, schedule: NoiseSchedule, shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
+        return self.function(model, schedule, shape, **{**self.options, **kwargs})
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    spec.name: spec
+    for spec in [
+        SamplerSpec("ddpm", sample_ddpm, "DDPM ancestral, respaced (trailing) when steps < T", True, True),
+        SamplerSpec("ddim", sample_ddim, "DDIM, eta = 0 (trailing)", True, False),
+        SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "DPM-Solver++(2M), data prediction (trailing)", True, False),
+        SamplerSpec("euler", sample_euler, "Euler on the probability-flow ODE, Karras sigmas", False, False),
+        SamplerSpec("heun", sample_heun, "Heun (EDM Algorithm 1), Karras sigmas", False, False, 2, 1),
+        SamplerSpec("euler-a", sample_euler_ancestral, "Euler ancestral, eta = 1, Karras sigmas", False, True),
+        SamplerSpec(
+            "ddpm+pc",
+            sample_ddpm,
+            "DDPM predictor + 1 Langevin corrector step (snr 0.16)",
+            True,
+            True,
+            2,
+            1,
+            {"corrector_steps": 1},
+        ),
+        SamplerSpec(
+            "ddim+pc",
+            sample_ddim,
+            "DDIM predictor + 1 Langevin corrector step (snr 0.16)",
+            True,
+            True,
+            2,
+            1,
+            {"corrector_steps": 1},
+        ),
+        SamplerSpec(
+            "euler+pc",
+            sample_euler,
+            "Euler ODE predictor + 1 Langevin corrector step (snr 0.16)",
+            False,
+            True,
+            2,
+            1,
+            {"corrector_steps": 1},
+        ),
+    ]
+}
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """The registered sampler ``name`` (see :data:`SAMPLERS`)."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def sample(
+    name: str, model: Any, schedule: NoiseSchedule, shape: tuple[int, ...], *, steps: int, **kwargs: Any
+) -> torch.Tensor:
+    """Run the registered sampler ``name`` with ``steps`` steps; keyword options go to its function."""
+    spec = get_sampler(name)
+    limit = spec.max_steps(schedule.num_timesteps)
+    if steps < 1 or (limit is not None and steps > limit):
+        bound = f"between 1 and T={limit}" if limit is not None else ">= 1"
+        raise ConfigError(f"{name} needs steps {bound}, got {steps}")
+    return spec(model, schedule, shape, steps=steps, **kwargs)

@@ -1,0 +1,237 @@
+"""One interface over eps-, x0-, v- and score-parameterised diffusion models.
+
+A network trained on the discrete VP schedule ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps``
+predicts one of (Ho et al. 2020; Salimans & Ho 2022; Song et al. 2021)
+
+- ``eps``:   the noise ``eps``;
+- ``x0``:    the clean data ``x_0``;
+- ``v``:     ``v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0``;
+- ``score``: ``grad_x log p_t(x_t) = -eps / sqrt(1 - alpha_bar_t)``.
+
+:class:`DiffusionModel` turns any of them into every other, counts network evaluations (NFE), and adds
+the continuous-sigma view the sigma-space solvers work in (Karras et al. 2022, "EDM"; k-diffusion's
+``DiscreteSchedule``): the VP variable maps to a variance-exploding one by
+``x_ve = x_vp / sqrt(alpha_bar)``, whose noise level is ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``, and
+the denoiser is ``D(x_ve; sigma) = x_ve - sigma eps(x_ve / sqrt(1 + sigma^2), t(sigma))``. Sigmas between
+the discrete ones map to fractional timesteps by interpolating ``log sigma`` linearly in ``t``; the network
+receives the fractional ``t`` as a float (difflab's time encodings accept float t), or the rounded integer
+when ``round_timesteps=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.errors import ConfigError
+
+PARAMETERIZATIONS = ("eps", "x0", "v", "score")
+
+
+# Conversions between the four targets. ``alpha_bar`` broadcasts against ``x_t`` (a tensor of shape
+# (B, 1, ..., 1) or a scalar); every identity follows from x_t = sqrt(a) x_0 + sqrt(1 - a) eps.
+def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``."""
+    return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``eps = (x_t - sqrt(a) x_0) / sqrt(1 - a)``."""
+    return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+
+def v_to_eps(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``eps = sqrt(1 - a) x_t + sqrt(a) v`` (Salimans & Ho 2022, appendix D)."""
+    return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
+
+
+def eps_to_v(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``v = sqrt(a) eps - sqrt(1 - a) x_0 = (eps - sqrt(1 - a) x_t) / sqrt(a)``."""
+    return (eps - (1 - alpha_bar).sqrt() * x_t) / alpha_bar.sqrt()
+
+
+def score_to_eps(score: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``eps = -sqrt(1 - a) score``."""
+    return -(1 - alpha_bar).sqrt() * score
+
+
+def eps_to_score(eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``score = -eps / sigma_t`` with ``sigma_t = sqrt(1 - a)`` (the VP marginal's std)."""
+    return -eps / (1 - alpha_bar).sqrt()
+
+
+def precise_alpha_bar(schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha_bar, 1 - alpha_bar)`` in float64 from the schedule's betas, (T,) each.
+
+    The schedule stores ``alpha_bar`` in float32, where ``1 - alpha_bar`` near t = 0 (about 1e-4) keeps only
+    ~3 significant digits; ``1 - alpha_bar = -expm1(sum log(1 - beta))`` keeps them all.
+    """
+    log_alpha_bar = torch.cumsum(torch.log1p(-schedule.betas.double().cpu()), 0)
+    return log_alpha_bar.exp(), -torch.expm1(log_alpha_bar)
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) or () values reshaped to broadcast over ``like`` of shape (B, ...)."""
+    return values.reshape(values.shape + (1,) * (like.ndim - values.ndim)).to(like.dtype)
+
+
+class DiffusionModel:
+    """A network of any parameterisation seen through one interface, with an NFE counter.
+
+    model: called as ``model(x_t, t)`` with x_t (B, ...) and t (B,) timesteps (int or float); it returns
+    the ``parameterization`` target, shape of x_t. schedule: the discrete schedule it was trained on.
+
+    Calling the wrapper returns eps, so it is itself an ``EpsModel`` and works with every sampler and
+    guidance wrapper. ``nfe`` counts calls of the network (a batched call is one evaluation).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        schedule: NoiseSchedule,
+        parameterization: str = "eps",
+        round_timesteps: bool = False,
+    ) -> None:
+        if parameterization not in PARAMETERIZATIONS:
+            raise ConfigError(
+                f"parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {parameterization!r}"
+            )
+        self.model = model
+        self.schedule = schedule
+        self.parameterization = parameterization
+        self.round_timesteps = round_timesteps
+        self.nfe = 0
+        alpha_bar, one_minus_alpha_bar = precise_alpha_bar(schedule)
+        self.alpha_bar64 = alpha_bar
+        self.num_timesteps = schedule.num_timesteps
+        # VE noise levels of the discrete steps, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), increasing in t.
+        self.sigmas = (one_minus_alpha_bar / alpha_bar).sqrt()
+        self.log_sigmas = self.sigmas.log()
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    @property
+    def needs_grad(self) -> bool:
+        return bool(getattr(self.model, "needs_grad", False))
+
+    def reset_nfe(self) -> None:
+        self.nfe = 0
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    # -- the continuous schedule -----------------------------------------------------------------------
+    def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
+        """VE sigma at (fractional) timestep ``t`` in [0, T-1]: ``log sigma`` linear between the steps. float64."""
+        t = torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0, self.num_timesteps - 1)
+        if self.num_timesteps == 1:
+            return self.sigmas[0].expand(t.shape).clone()
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        weight = t - low
+        log_sigma = (1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[low + 1]
+        return log_sigma.exp()
+
+    def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The inverse of :meth:`t_to_sigma`; sigmas outside [sigma_min, sigma_max] clamp to 0 or T-1. float64."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
+        if self.num_timesteps == 1:
+            return torch.zeros_like(sigma)
+        log_sigma = sigma.clamp(min=1e-300).log()
+        # index of the last discrete log-sigma <= log_sigma, kept inside [0, T-2]
+        low = (torch.searchsorted(self.log_sigmas, log_sigma, right=True) - 1).clamp(0, self.num_timesteps - 2)
+        low_value, high_value = self.log_sigmas[low], self.log_sigmas[low + 1]
+        weight = ((log_sigma - low_value) / (high_value - low_value)).clamp(0, 1)
+        return low.double() + weight
+
+    def alpha_bar_at(self, t: torch.Tensor | float) -> torch.Tensor:
+        """``alpha_bar = 1 / (1 + sigma(t)^2)`` at (fractional) timesteps, the schedule's at integers. float64."""
+        return 1 / (1 + self.t_to_sigma(t) ** 2)
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        if t.ndim == 0:
+            t = t.expand(like.shape[0])
+        if not t.is_floating_point():
+            values = self.alpha_bar64.to(like.device)[t.to(like.device)]
+        else:
+            values = self.alpha_bar_at(t).to(like.device)
+        return _broadcast(values, like)
+
+    def _network_t(self, t: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.is_floating_point() and self.round_timesteps:
+            t = t.round().long()
+        return t
+
+    # -- the four targets ------------------------------------------------------------------------------
+    def output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's raw output at x (B, ...), t (B,) or scalar; counts one evaluation."""
+        self.nfe += 1
+        return self.model(x, self._network_t(t, x.shape[0], x.device))
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predicted noise at x_t (B, ...), timesteps t (B,) int or float."""
+        t = self._network_t(t, x.shape[0], x.device)  # rounded once, so conversions use the same t
+        out = self.output(x, t)
+        if self.parameterization == "eps":
+            return out
+        alpha_bar = self._alpha_bar(t, x)
+        if self.parameterization == "x0":
+            return x0_to_eps(x, out, alpha_bar)
+        if self.parameterization == "v":
+            return v_to_eps(x, out, alpha_bar)
+        return score_to_eps(out, alpha_bar)
+
+    def x0(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predicted clean data at x_t (B, ...), timesteps t (B,)."""
+        t = self._network_t(t, x.shape[0], x.device)  # rounded once, so conversions use the same t
+        if self.parameterization == "x0":
+            return self.output(x, t)
+        return eps_to_x0(x, self.eps(x, t), self._alpha_bar(t, x))
+
+    def v(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predicted velocity ``v = sqrt(a) eps - sqrt(1 - a) x_0`` at x_t (B, ...)."""
+        t = self._network_t(t, x.shape[0], x.device)  # rounded once, so conversions use the same t
+        if self.parameterization == "v":
+            return self.output(x, t)
+        return eps_to_v(x, self.eps(x, t), self._alpha_bar(t, x))
+
+    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``grad_x log p_t(x_t) = -eps / sqrt(1 - alpha_bar_t)`` at x_t (B, ...)."""
+        t = self._network_t(t, x.shape[0], x.device)  # rounded once, so conversions use the same t
+        if self.parameterization == "score":
+            return self.output(x, t)
+        return eps_to_score(self.eps(x, t), self._alpha_bar(t, x))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.eps(x, t)
+
+    # -- the sigma (VE) view ---------------------------------------------------------------------------
+    def denoise(self, x_ve: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """``D(x; sigma)``: the clean-data prediction for the VE variable ``x_ve = x_vp / sqrt(alpha_bar)``.
+
+        x_ve: (B, ...); sigma: scalar or (B,) VE noise levels. ``x_vp = x_ve / sqrt(1 + sigma^2)`` goes to
+        the network at ``t(sigma)`` and ``D = x_ve - sigma eps`` (EDM Table 1, VP column).
+        """
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x_ve.shape[0])
+        t = self.sigma_to_t(sigma).to(x_ve.device)
+        scale = _broadcast((1 + sigma**2).rsqrt().to(x_ve.device), x_ve)
+        eps = self.eps(x_ve * scale, t)
+        return x_ve - _broadcast(sigma.to(x_ve.device), x_ve) * eps
+
+
+def as_diffusion_model(model: Any, schedule: NoiseSchedule) -> DiffusionModel:
+    """``model`` itself when it is a :class:`DiffusionModel`, else an eps-model wrapped in one."""
+    if isinstance(model, DiffusionModel):
+        return model
+    return DiffusionModel(model, schedule, "eps")

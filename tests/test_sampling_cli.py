@@ -1,0 +1,113 @@
+"""`difflab sample`, `compare-samplers` and `likelihood` on a tiny two-moons run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from difflab.cli import main
+from difflab.experiments.samplers import heldout_likelihood, load_target
+from difflab.sampling.likelihood import batched_likelihood
+
+TINY_MOONS = [
+    "progress=false",
+    "denoiser.time_encoding=centered",  # learns in 500 steps where the walkthrough's raw t needs thousands
+    "denoiser_train.steps=500",
+    "denoiser_train.eval_every=250",
+    "denoiser_train.checkpoint_every=500",
+    "data.n_train=2000",
+    "data.n_heldout=1000",
+    "sampling.n=300",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def moons_run(tmp_path_factory) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("runs") / "moons"
+    assert main(["run", "moons", f"run_dir={run_dir}", *TINY_MOONS]) == 0
+    torch.set_num_threads(threads)
+    return run_dir
+
+
+def noise_score(run: Path) -> float:
+    target = load_target(run, "cpu")
+    return target.metrics["nll_course"](torch.randn(500, 2, generator=torch.Generator().manual_seed(0)))
+
+
+def test_sample_command_writes_samples_and_scores(moons_run: Path, capsys) -> None:
+    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--steps", "10", "--n", "400"]) == 0
+    printed = capsys.readouterr().out
+    assert "10 NFE" in printed and "nll_course" in printed and "nll_reverse" in printed
+    samples = torch.load(moons_run / "samples" / "dpmpp-2m-10steps-seed0.pt", weights_only=True)
+    assert samples.shape == (400, 2)
+    assert (moons_run / "samples" / "dpmpp-2m-10steps-seed0.png").is_file()
+    target = load_target(moons_run, "cpu")
+    assert target.metrics["nll_course"](samples) < noise_score(moons_run) - 1.0  # on the moons, not noise
+    out = moons_run / "elsewhere" / "heun.pt"
+    assert main(["sample", str(moons_run), "--sampler", "heun", "--steps", "8", "--n", "50", "--out", str(out)]) == 0
+    assert torch.load(out, weights_only=True).shape == (50, 2) and out.with_suffix(".png").is_file()
+
+
+def test_compare_samplers_writes_table_json_and_plot(moons_run: Path, capsys) -> None:
+    argv = [
+        "compare-samplers",
+        str(moons_run),
+        "--samplers",
+        "ddpm,dpmpp-2m,heun",
+        "--nfe",
+        "5",
+        "20",
+        "--n",
+        "300",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    out = moons_run / "compare_samplers"
+    for name in ("table.md", "results.json", "quality_vs_nfe.png"):
+        assert (out / name).is_file()
+    results = json.loads((out / "results.json").read_text())
+    rows = {(row["sampler"], row["budget"]): row for row in results["rows"]}
+    # budgets 5, 20 and T = 100; Heun spends 2 N - 1 evaluations, so 5 -> 3 steps, 20 -> 10 steps (19 NFE)
+    assert rows[("heun", 20)]["steps"] == 10 and rows[("heun", 20)]["nfe"] == 19
+    assert rows[("ddpm", 100)]["nfe"] == 100 and rows[("dpmpp-2m", 5)]["nfe"] == 5
+    assert "| dpmpp-2m |" in printed and "NFE 100 (=T)" in (out / "table.md").read_text()
+    noise = noise_score(moons_run)
+    assert rows[("ddpm", 100)]["nll_course"] < noise - 1.0 and rows[("dpmpp-2m", 20)]["nll_course"] < noise - 1.0
+    # two solvers of the same probability-flow ODE from the same noise agree once converged
+    for metric in ("nll_course", "nll_reverse"):
+        assert abs(rows[("dpmpp-2m", 20)][metric] - rows[("heun", 100)][metric]) < 0.05
+
+
+def test_likelihood_command_scores_heldout_points_above_noise(moons_run: Path, capsys) -> None:
+    assert main(["likelihood", str(moons_run), "--n", "100"]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((moons_run / "likelihood.json").read_text())
+    assert record["model"]["n"] == 100 and record["model"]["divergence"] == "exact"
+    assert f"{record['model']['nll_nats']:.3f}" in printed and "KDE" in printed
+    assert record["kde"]["heldout_under_training_kde"] is not None
+    # the trained model gives held-out points a far higher density than points of the prior
+    target = load_target(moons_run, "cpu")
+    noise = batched_likelihood(target.model, target.schedule, torch.randn(100, 2) * 1.5)
+    assert record["model"]["nll_nats"] < float(noise.nll.mean()) - 0.5
+    assert heldout_likelihood(target, n=10)["model"]["n"] == 10
+
+
+def test_sampling_commands_reject_bad_input(moons_run: Path, tmp_path: Path, capsys) -> None:
+    assert main(["sample", str(moons_run), "--sampler", "dpm-9", "--steps", "5"]) == 2
+    assert main(["sample", str(moons_run), "--sampler", "ddim", "--steps", "101"]) == 2
+    assert main(["likelihood", str(tmp_path)]) == 2
+    errors = capsys.readouterr().err
+    assert "unknown sampler" in errors and "steps" in errors and "not a difflab run folder" in errors

@@ -1,0 +1,444 @@
+"""The model wrapper and the fast samplers: conversions, parity with diffusers' DPMSolverMultistepScheduler
+and DDIMScheduler step by step (to 1e-5), closed forms on Gaussian data, convergence orders, the corrector."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from difflab.diffusion.schedule import NoiseSchedule, linear_betas
+from difflab.errors import ConfigError
+from difflab.sampling.common import timestep_list
+from difflab.sampling.ddpm import ddpm_sample
+from difflab.sampling.solvers import (
+    SAMPLERS,
+    ancestral_step,
+    dpm_solver_timesteps,
+    get_sampler,
+    karras_sigmas,
+    langevin_correct,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+)
+from difflab.sampling.wrappers import (
+    DiffusionModel,
+    eps_to_score,
+    eps_to_v,
+    eps_to_x0,
+    score_to_eps,
+    v_to_eps,
+    x0_to_eps,
+)
+from test_samplers import float64_oracle
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are small: one thread is faster, and far faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+MEAN, STD = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.5
+
+
+def gaussian_eps(schedule: NoiseSchedule, mean: torch.Tensor = MEAN, std: float = STD):
+    """The exact eps of data N(mean, std^2 I) at integer or fractional timesteps (the wrapper's continuous
+    alpha_bar between steps): eps = sqrt(1 - a) (x - sqrt(a) m) / (a s^2 + 1 - a)."""
+    continuous = DiffusionModel(None, schedule)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            alpha_bar = continuous.alpha_bar_at(t)
+        else:
+            alpha_bar = schedule.alpha_bar.double()[t]
+        alpha_bar = alpha_bar[:, None].to(x.dtype)
+        variance = alpha_bar * std**2 + (1 - alpha_bar)
+        return (1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * mean.to(x.dtype)) / variance
+
+    return eps
+
+
+def exact_flow(x_T: torch.Tensor, sigma_start: float, sigma_end: float) -> torch.Tensor:
+    """The probability-flow ODE solved exactly for Gaussian data: in the VE variable x - m scales with
+    sqrt(s^2 + sigma^2). x_T is the VP state at sigma_start; returns the VE state at sigma_end."""
+    x_ve = x_T.double() * math.sqrt(1 + sigma_start**2)
+    return MEAN + (x_ve - MEAN) * math.sqrt(STD**2 + sigma_end**2) / math.sqrt(STD**2 + sigma_start**2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The wrapper
+# ------------------------------------------------------------------------------------------------------
+def test_parameterisation_identities() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(64, 3, generator=generator, dtype=torch.float64), torch.randn(64, 3, dtype=torch.float64)
+    alpha_bar = torch.rand(64, 1, generator=generator, dtype=torch.float64) * 0.98 + 0.01
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+    v = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0  # Salimans & Ho's definition
+    torch.testing.assert_close(eps_to_x0(x_t, eps, alpha_bar), x0)
+    torch.testing.assert_close(x0_to_eps(x_t, x0, alpha_bar), eps)
+    torch.testing.assert_close(eps_to_v(x_t, eps, alpha_bar), v)
+    torch.testing.assert_close(v_to_eps(x_t, v, alpha_bar), eps)
+    torch.testing.assert_close(eps_to_score(eps, alpha_bar), -eps / (1 - alpha_bar).sqrt())
+    torch.testing.assert_close(score_to_eps(eps_to_score(eps, alpha_bar), alpha_bar), eps)
+
+
+def test_every_parameterisation_gives_the_same_predictions() -> None:
+    """An eps network re-expressed as an x0, v and score network predicts the same eps, x0, v and score."""
+    schedule = NoiseSchedule.linear(100, 1e-3, 0.2)
+    eps_fn = gaussian_eps(schedule)
+    reference = DiffusionModel(eps_fn, schedule, "eps")
+
+    def as_target(kind: str):
+        return lambda x, t: getattr(reference, kind)(x, t)
+
+    x = torch.randn(32, 2, dtype=torch.float64)
+    for t in (torch.full((32,), 37), torch.full((32,), 12.25, dtype=torch.float64)):
+        expected = {k: getattr(reference, k)(x, t) for k in ("eps", "x0", "v", "score")}
+        for kind in ("x0", "v", "score"):
+            wrapped = DiffusionModel(as_target(kind), schedule, kind)
+            for target, value in expected.items():
+                torch.testing.assert_close(getattr(wrapped, target)(x, t), value, msg=f"{kind} -> {target}")
+    # the score of the Gaussian's exact eps is the analytic score of the noised Gaussian
+    a = schedule.alpha_bar.double()[37]
+    analytic = -(x - a.sqrt() * MEAN) / (a * STD**2 + 1 - a)
+    torch.testing.assert_close(reference.score(x, torch.full((32,), 37)), analytic)
+
+
+def test_sigma_view_interpolates_log_sigma_and_counts_evaluations() -> None:
+    schedule = NoiseSchedule.linear(200, 1e-3, 0.05)
+    model = DiffusionModel(lambda x, t: torch.zeros_like(x), schedule)
+    alpha_bar = torch.cumprod(1 - linear_betas(200, 1e-3, 0.05), 0)  # float64 throughout
+    # sigma_t = sqrt((1 - a) / a), accurate even at t = 0 where the stored float32 alpha_bar is not
+    torch.testing.assert_close(model.sigmas, ((1 - alpha_bar) / alpha_bar).sqrt(), rtol=1e-6, atol=0)
+    steps = torch.arange(200, dtype=torch.float64)
+    torch.testing.assert_close(model.t_to_sigma(steps), model.sigmas)
+    torch.testing.assert_close(model.alpha_bar_at(steps), alpha_bar, rtol=1e-6, atol=0)
+    fractional = torch.tensor([0.0, 0.3, 17.5, 123.9, 199.0], dtype=torch.float64)
+    torch.testing.assert_close(model.sigma_to_t(model.t_to_sigma(fractional)), fractional)
+    midpoint = model.t_to_sigma(17.5)
+    torch.testing.assert_close(midpoint, (model.sigmas[17] * model.sigmas[18]).sqrt())  # geometric mean
+    assert float(model.sigma_to_t(1e-9)) == 0 and float(model.sigma_to_t(1e9)) == 199
+    # D(x; sigma) = x - sigma eps(x / sqrt(1 + sigma^2)): with eps = 0 the denoiser is the identity
+    x = torch.randn(8, 2)
+    torch.testing.assert_close(model.denoise(x, 3.0), x)
+    assert model.nfe == 1
+    rounded = DiffusionModel(lambda x, t: x * 0 + t[:, None], schedule, round_timesteps=True)
+    assert rounded.eps(x, torch.full((8,), 17.6, dtype=torch.float64))[0, 0] == 18
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_registry_counts_network_evaluations(name: str) -> None:
+    schedule = NoiseSchedule.linear(100, 1e-3, 0.2)
+    model = DiffusionModel(gaussian_eps(schedule), schedule)
+    spec = get_sampler(name)
+    for steps in (1, 4, 10):
+        model.reset_nfe()
+        x = sample(name, model, schedule, (16, 2), steps=steps, generator=torch.Generator().manual_seed(0))
+        assert x.shape == (16, 2) and torch.isfinite(x).all()
+        assert model.nfe == spec.nfe(steps), (name, steps)
+        assert spec.steps_for_nfe(spec.nfe(steps), 100) == steps
+    if spec.discrete:
+        assert spec.steps_for_nfe(10_000, 100) is None
+        with pytest.raises(ConfigError, match="steps"):
+            sample(name, model, schedule, (4, 2), steps=101)
+
+
+def test_registry_rejects_unknown_names() -> None:
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        get_sampler("dpm-4s")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Parity with diffusers
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_dpm_timesteps_match_diffusers(spacing: str) -> None:
+    for num_timesteps in (100, 1000):
+        for steps in [1, 2, 3, 7, 10, 14, 15, 20, 25, 27, 30, 48, 50, 99]:
+            oracle = DPMSolverMultistepScheduler(num_timesteps, timestep_spacing=spacing)
+            oracle.set_timesteps(steps)
+            assert dpm_solver_timesteps(num_timesteps, steps, spacing) == oracle.timesteps.tolist()
+
+
+def test_ddim_timesteps_match_diffusers_for_every_step_count() -> None:
+    """Rounding ties (e.g. 499.5) and float steps of arange must come out as diffusers computes them."""
+    for spacing in ("linspace", "trailing"):
+        for steps in range(1, 501):
+            oracle = DDIMScheduler(500, timestep_spacing=spacing)
+            oracle.set_timesteps(steps)
+            assert timestep_list(500, steps, spacing) == oracle.timesteps.tolist(), (spacing, steps)
+
+
+class QueuedOutputs:
+    """A stand-in network that returns pre-drawn random outputs, one per call, whatever its input."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        self.outputs = iter(outputs)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return next(self.outputs)
+
+
+def dpm_oracle(steps: int, spacing: str, final: str, prediction: str) -> DPMSolverMultistepScheduler:
+    oracle = float64_oracle(
+        DPMSolverMultistepScheduler(
+            1000,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            lower_order_final=True,
+            timestep_spacing=spacing,
+            final_sigmas_type=final,
+            prediction_type=prediction,
+        )
+    )
+    oracle.set_timesteps(steps)
+    # the oracle's sigmas are float32; recompute them in float64 from its float64 alphas_cumprod
+    alpha_bar = oracle.alphas_cumprod
+    sigmas = ((1 - alpha_bar[oracle.timesteps]) / alpha_bar[oracle.timesteps]).sqrt()
+    last = torch.zeros(1, dtype=torch.float64) if final == "zero" else ((1 - alpha_bar[0]) / alpha_bar[0]).sqrt()[None]
+    oracle.sigmas = torch.cat([sigmas, last])
+    return oracle
+
+
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 20])
+def test_dpmpp_2m_matches_diffusers_step_by_step(spacing: str, steps: int, final: str) -> None:
+    """Random x0-predictions at every step: each intermediate x and the output agree to 1e-5."""
+    oracle = dpm_oracle(steps, spacing, final, "sample")
+    generator = torch.Generator().manual_seed(steps)
+    outputs = [torch.randn(8, 3, generator=generator) for _ in oracle.timesteps]
+    x_T = torch.randn(8, 3, generator=generator)
+    expected, x = [], x_T.double()
+    for k, t in enumerate(oracle.timesteps):
+        expected.append(x)
+        x = oracle.step(outputs[k].double(), t, x).prev_sample
+    expected.append(x)
+    visited: list[tuple[int, torch.Tensor]] = []
+    model = DiffusionModel(QueuedOutputs(outputs), NoiseSchedule.linear(1000), "x0")
+    ours = sample_dpmpp_2m(
+        model,
+        NoiseSchedule.linear(1000),
+        (8, 3),
+        steps=steps,
+        spacing=spacing,
+        final_sigma=final,
+        x_T=x_T,
+        callback=lambda k, t, x_t, x0: visited.append((t, x_t)),
+    )
+    assert [t for t, _ in visited] == oracle.timesteps.tolist()
+    for (_, got), want in zip(visited + [(None, ours)], expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert model.nfe == len(oracle.timesteps)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_dpmpp_2m_eps_model_loop_matches_diffusers(fixed_eps, spacing: str) -> None:
+    schedule = NoiseSchedule.cosine(1000)
+    oracle = float64_oracle(
+        DPMSolverMultistepScheduler(
+            1000, beta_schedule="squaredcos_cap_v2", algorithm_type="dpmsolver++", timestep_spacing=spacing
+        )
+    )
+    oracle.set_timesteps(25)
+    alpha_bar = oracle.alphas_cumprod[oracle.timesteps]
+    oracle.sigmas = torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    x_T = torch.randn((8, 2), generator=torch.Generator().manual_seed(5))
+    x = x_T.double()
+    with torch.no_grad():
+        for t in oracle.timesteps:
+            x = oracle.step(fixed_eps(x.float(), torch.full((8,), int(t))).double(), t, x).prev_sample
+    ours = sample_dpmpp_2m(fixed_eps, schedule, (8, 2), steps=25, spacing=spacing, x_T=x_T)
+    torch.testing.assert_close(ours.double(), x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 8, 20, 50])
+def test_ddim_matches_diffusers_step_by_step(spacing: str, steps: int) -> None:
+    """Random x0-predictions at every step. diffusers' DDIM takes the previous timestep as t - T // steps,
+    which is the next listed one for these spacings when steps divides T (difflab reads it from the list)."""
+    oracle = float64_oracle(
+        DDIMScheduler(
+            1000, clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing, prediction_type="sample"
+        )
+    )
+    oracle.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(steps)
+    outputs = [torch.randn(8, 3, generator=generator) for _ in oracle.timesteps]
+    x_T = torch.randn(8, 3, generator=generator)
+    expected, x = [], x_T.double()
+    for k, t in enumerate(oracle.timesteps.tolist()):
+        expected.append(x)
+        x = oracle.step(outputs[k].double(), t, x).prev_sample
+    expected.append(x)
+    schedule = NoiseSchedule.linear(1000)
+    model = DiffusionModel(QueuedOutputs(outputs), schedule, "x0")
+    visited: list[torch.Tensor] = []
+    ours = sample_ddim(
+        model,
+        schedule,
+        (8, 3),
+        steps=steps,
+        spacing=spacing,
+        x_T=x_T,
+        callback=lambda k, t, x_t, x0: visited.append(x_t),
+    )
+    for got, want in zip(visited + [ours], expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dpmpp_first_order_is_ddim() -> None:
+    """With one step DPM-Solver++ is DDIM; both land on x0_pred."""
+    schedule = NoiseSchedule.linear(200, 1e-3, 0.05)
+    eps = gaussian_eps(schedule)
+    x_T = torch.randn(64, 2, dtype=torch.float64)
+    torch.testing.assert_close(
+        sample_dpmpp_2m(eps, schedule, (64, 2), steps=1, x_T=x_T), sample_ddim(eps, schedule, (64, 2), steps=1, x_T=x_T)
+    )
+
+
+def test_respaced_ddpm_with_all_steps_is_ddpm(fixed_eps) -> None:
+    schedule = NoiseSchedule.linear(60, 1e-3, 0.3)
+    for variance in ("beta", "posterior"):
+        reference = ddpm_sample(
+            fixed_eps, schedule, (16, 2), generator=torch.Generator().manual_seed(4), variance=variance
+        )
+        ours = sample_ddpm(fixed_eps, schedule, (16, 2), generator=torch.Generator().manual_seed(4), variance=variance)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Closed forms on Gaussian data
+# ------------------------------------------------------------------------------------------------------
+def test_heun_and_dpmpp_reproduce_gaussian_data() -> None:
+    """Heun (50 noise levels, 99 NFE) and DPM-Solver++(2M) (20 NFE) with the exact eps: per-sample close to
+    the exact ODE solution and with the data's mean and std."""
+    x_T = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    linear = NoiseSchedule.linear(1000)
+    heun = sample_heun(gaussian_eps(linear), linear, (20_000, 2), steps=50, x_T=x_T)
+    cosine = NoiseSchedule.cosine(1000)
+    dpm = sample_dpmpp_2m(gaussian_eps(cosine), cosine, (20_000, 2), steps=20, x_T=x_T)
+    for schedule, x, tolerance in ((linear, heun, 0.02), (cosine, dpm, 0.01)):
+        exact = exact_flow(x_T, DiffusionModel(None, schedule).sigma_max, 0.0)
+        assert (x - exact).abs().max() < tolerance
+        torch.testing.assert_close(x.std(0), exact.std(0), atol=0.005, rtol=0)  # the solver's own error
+        # and the data's moments, up to 4 standard errors of 20,000 samples
+        torch.testing.assert_close(x.mean(0), MEAN, atol=0.02, rtol=0)
+        torch.testing.assert_close(x.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.01, rtol=0)
+    # The last jump to sigma = 0 returns the posterior mean D(x; sigma_last), which shrinks a Gaussian by
+    # s^2 / (s^2 + sigma_last^2) instead of the ODE's s / sqrt(s^2 + sigma_last^2): 20 trailing steps of the
+    # linear schedule end at sigma = 0.17 (4% too small a std); 40 end at 0.09 (1%).
+    coarse = sample_dpmpp_2m(gaussian_eps(linear), linear, (20_000, 2), steps=40, x_T=x_T)
+    torch.testing.assert_close(coarse.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.01, rtol=0)
+
+
+def test_heun_is_second_order_and_euler_first_order() -> None:
+    """On a Karras ladder from sigma_max down to 10 sigma_min, doubling the steps divides Heun's error by ~4
+    and Euler's by ~2 (errors against the exact Gaussian flow)."""
+    schedule = NoiseSchedule.linear(500)
+    model = DiffusionModel(gaussian_eps(schedule), schedule)
+    x_T = torch.randn(500, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for sampler, low, high in ((sample_heun, 3.5, 5.5), (sample_euler, 1.8, 2.2)):
+        errors = []
+        for steps in (16, 32, 64):
+            sigmas = karras_sigmas(10 * model.sigma_min, model.sigma_max, steps)[:-1]
+            x = sampler(model, schedule, (500, 2), steps=steps, sigmas=sigmas, x_T=x_T)
+            errors.append(float((x - exact_flow(x_T, model.sigma_max, float(sigmas[-1]))).abs().max()))
+        ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+        assert all(low < r < high for r in ratios), (sampler.__name__, errors, ratios)
+
+
+def test_uniform_sigmas_and_euler_ancestral_on_gaussian_data() -> None:
+    schedule = NoiseSchedule.linear(1000)
+    eps = gaussian_eps(schedule)
+    generator = torch.Generator().manual_seed(3)
+    x_T = torch.randn(20_000, 2, generator=generator, dtype=torch.float64)
+    heun = sample_heun(eps, schedule, (20_000, 2), steps=100, sigmas="uniform", x_T=x_T)
+    assert (heun - exact_flow(x_T, DiffusionModel(None, schedule).sigma_max, 0.0)).abs().max() < 0.02
+    ancestral = sample_euler_ancestral(eps, schedule, (20_000, 2), steps=200, generator=generator, x_T=x_T)
+    torch.testing.assert_close(ancestral.mean(0), MEAN, atol=0.03, rtol=0)
+    torch.testing.assert_close(ancestral.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
+    assert ancestral_step(2.0, 1.0, 0.0) == (1.0, 0.0)
+    down, up = ancestral_step(2.0, 1.0, 1.0)
+    assert math.isclose(down**2 + up**2, 1.0) and math.isclose(up, math.sqrt(0.75))
+
+
+def test_heun_churn_stays_on_the_distribution() -> None:
+    schedule = NoiseSchedule.linear(1000)
+    generator = torch.Generator().manual_seed(6)
+    x = sample_heun(
+        gaussian_eps(schedule),
+        schedule,
+        (20_000, 2),
+        steps=60,
+        churn=20.0,
+        s_tmin=0.05,
+        s_tmax=50.0,
+        generator=generator,
+    )
+    torch.testing.assert_close(x.mean(0).double(), MEAN, atol=0.03, rtol=0)
+    torch.testing.assert_close(x.std(0).double(), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Predictor-corrector
+# ------------------------------------------------------------------------------------------------------
+def test_langevin_corrector_pulls_samples_to_the_noisy_marginal() -> None:
+    """With the score of a DDPM (eps) model, Langevin steps at level t move a badly scaled cloud to
+    p_t = N(sqrt(a) m, (a s^2 + 1 - a) I) and then keep it there."""
+    schedule = NoiseSchedule.linear(1000)
+    model = DiffusionModel(gaussian_eps(schedule), schedule)
+    t = 300
+    a = float(schedule.alpha_bar[t])
+    target_mean, target_std = math.sqrt(a) * MEAN, math.sqrt(a * STD**2 + 1 - a)
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(20_000, 2, generator=generator, dtype=torch.float64) * 3 * target_std  # 3x too wide
+    index = torch.full((20_000,), t)
+    x = langevin_correct(
+        x, lambda z: model.score(z, index), snr=0.16, n_steps=300, alpha=float(schedule.alphas[t]), generator=generator
+    )
+    assert model.nfe == 300
+    torch.testing.assert_close(x.mean(0), target_mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(x.std(0), torch.full((2,), target_std, dtype=torch.float64), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["ddpm+pc", "ddim+pc", "euler+pc"])
+def test_predictor_corrector_samplers_on_gaussian_data(name: str) -> None:
+    schedule = NoiseSchedule.linear(1000)
+    x = sample(
+        name,
+        gaussian_eps(schedule),
+        schedule,
+        (20_000, 2),
+        steps=100,
+        generator=torch.Generator().manual_seed(8),
+        x_T=torch.randn(20_000, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64),
+    )
+    torch.testing.assert_close(x.mean(0), MEAN, atol=0.03, rtol=0)
+    torch.testing.assert_close(x.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.03, rtol=0)
+
+
+def test_bad_solver_arguments() -> None:
+    schedule = NoiseSchedule.linear(10)
+    eps = gaussian_eps(schedule)
+    with pytest.raises(ConfigError, match="sigmas"):
+        sample_heun(eps, schedule, (2, 2), steps=3, sigmas="cosine")
+    with pytest.raises(ConfigError, match="decreasing"):
+        sample_euler(eps, schedule, (2, 2), steps=3, sigmas=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ConfigError, match="final_sigma"):
+        sample_dpmpp_2m(eps, schedule, (2, 2), steps=3, final_sigma="one")
+    with pytest.raises(ConfigError, match="corrector"):
+        sample_ddim(eps, schedule, (2, 2), steps=3, corrector_steps=1, snr=0)
+    with pytest.raises(ConfigError, match="parameterization"):
+        DiffusionModel(eps, schedule, "noise")
