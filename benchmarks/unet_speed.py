@@ -31,7 +31,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from difflab.experiments.mnist import MnistDDPMConfig  # noqa: E402
 from difflab.models.unet import UNet, count_parameters  # noqa: E402
 
 
@@ -131,14 +130,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--recipe", default="mnist-ddpm", help="whose CPU-config U-Net to measure (default mnist-ddpm)")
+    parser.add_argument("unet", nargs="*", help="overrides of that U-Net, e.g. base_channels=24 channel_mults=[1,2,4]")
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    ours_config = MnistDDPMConfig().unet
+    from difflab.config import config_from
+    from difflab.experiments import recipes
+
+    recipe_config = config_from(recipes()[args.recipe].config_class(), None, [f"unet.{o}" for o in args.unet])
+    ours_config = recipe_config.unet
     ours = UNet(ours_config)
     target = count_parameters(ours)
-    base, diffusers_model = matched(diffusers_unet, target, range(16, 65, 8))
-    dim, lucid_model = matched(lucidrains_unet, target, range(8, 49, 2))
+    base, diffusers_model = matched(diffusers_unet, target, range(16, 129, 8))
+    dim, lucid_model = matched(lucidrains_unet, target, range(8, 97, 2))
 
     def call_ours(m, x, t):
         return m(x, t)

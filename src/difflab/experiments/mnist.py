@@ -45,7 +45,7 @@ class EvaluationConfig:
     """
 
     n_samples: int = 2000
-    n_ddpm: int = 500
+    n_ddpm: int = 300
     ddim_steps: int = 50
     batch_size: int = 500
     seed: int = 4321
@@ -69,16 +69,16 @@ class MnistDDPMConfig:
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("cosine", 1000))
     unet: UNetConfig = field(
         default_factory=lambda: UNetConfig(
-            base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, time_conditioning="add", mid_attention=False
+            base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=1, time_conditioning="add", mid_attention=True
         )
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=4000,
+            steps=1500,
             batch_size=128,
             lr=1e-3,
-            warmup_steps=200,
-            ema_decay=0.999,
+            warmup_steps=100,
+            ema_decay=0.995,
             eval_every=500,
             log_every=50,
             checkpoint_every=500,
@@ -94,14 +94,21 @@ class MnistDDPMConfig:
 @dataclass(frozen=True)
 class GuidanceConfig:
     """Classifier-free guidance: ``eps_hat = eps_u + w (eps_c - eps_u)`` (w = 0 unconditional, w = 1 the
-    conditional model, w > 1 guided; the papers' ``(1 + w') eps_c - w' eps_u`` is w = 1 + w')."""
+    conditional model, w > 1 guided; the papers' ``(1 + w') eps_c - w' eps_u`` is w = 1 + w').
+
+    The scored samples (at ``w`` and over ``sweep``) are drawn with ``sampler`` / ``steps`` (default
+    DPM-Solver++(2M) with 20 steps, which matches DDIM-50 at 40% of the network evaluations); the digit grid
+    and the denoising panel use DDIM with ``metrics.ddim_steps``.
+    """
 
     w: float = 2.0
     sweep: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 5.0)
-    n_sweep: int = 1000
+    n_sweep: int = 500
     grid_per_digit: int = 10
     label_dropout: float = 0.1
     progress_every_epoch: bool = True
+    sampler: str = "dpmpp-2m"
+    steps: int = 20
 
     def __post_init__(self) -> None:
         if not 0 <= self.label_dropout < 1:
@@ -122,7 +129,7 @@ class MnistCFGConfig:
     unet: UNetConfig = field(
         default_factory=lambda: UNetConfig(
             base_channels=32,
-            channel_mults=(1, 2, 2),
+            channel_mults=(1, 2, 4),
             num_res_blocks=1,
             time_conditioning="film",
             num_classes=10,
@@ -131,13 +138,13 @@ class MnistCFGConfig:
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=4000,
+            steps=2100,
             batch_size=128,
-            lr=2e-4,
+            lr=1e-3,
             weight_decay=1e-4,
-            warmup_steps=200,
+            warmup_steps=100,
             grad_clip=1.0,
-            ema_decay=0.999,
+            ema_decay=0.995,
             eval_every=500,
             log_every=50,
             checkpoint_every=500,
@@ -484,8 +491,9 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
             )
         with run.stage("sample"):
             main_labels = stages.balanced_labels(ev.n_samples, classes)
+            scored = dict(common, sampler=guidance.sampler, steps=guidance.steps)
             main = stages.sample_images(
-                model, schedule, ev.n_samples, shape, seed=ev.seed, labels=main_labels, guidance=guidance.w, **common
+                model, schedule, ev.n_samples, shape, seed=ev.seed, labels=main_labels, guidance=guidance.w, **scored
             )
             stages.save_samples(run.sub("samples", f"cfg_w{guidance.w:g}.pt"), main)
         metrics: dict[str, Any] = {}
@@ -508,7 +516,7 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
                         seed=ev.seed,
                         labels=sweep_labels,
                         guidance=w,
-                        **common,
+                        **scored,
                     )
                     seconds = images.seconds
                 row = _evaluate(evaluator, images, sweep_labels)
@@ -601,9 +609,12 @@ def _cfg_report(
         f"({metrics['training']['images_per_second']} images/s). Guidance convention: "
         "`eps_hat = eps_u + w (eps_c - eps_u)` (w = 0 unconditional, w = 1 conditional).",
         "",
-        f"## Samples at w = {guidance.w:g} (DDIM, {ev.ddim_steps} steps, EMA weights)",
+        f"## Samples at w = {guidance.w:g} (EMA weights)",
         "",
-        figure(run.sub("figures", "digits_grid.png"), run.path, f"One row per digit, w = {guidance.w:g}"),
+        figure(run.sub("figures", "digits_grid.png"), run.path,
+               f"One row per digit, w = {guidance.w:g}, DDIM {ev.ddim_steps} steps"),
+        "",
+        f"Scored samples: {guidance.sampler}, {guidance.steps} steps, balanced labels, fixed seeds.",
         "",
         table(
             ["n", "FID", "IS", "accuracy of the intended digit", "s per 1,000 images"],
