@@ -1,4 +1,4 @@
-"""Shared test set-up: quiet warnings from the diffusers oracle, fixed threads, small helpers."""
+"""Shared test set-up: quiet warnings from the diffusers oracle, one thread, small helpers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore", message=".*deprecated.*")
-# Threads: torch's default (all cores, or OMP_NUM_THREADS when set). On a machine busy with other work,
-# OMP_NUM_THREADS=1 avoids OpenMP threads spinning against each other.
+# One intra-op thread: the test models are tiny, and on a 2-core machine shared with other jobs two OpenMP
+# threads made a 64-unit MLP's training step ~100x slower (30 s vs 0.25 s for 160 backward passes, measured
+# with load average ~9): each op waits for the partner thread the scheduler has parked. DIFFLAB_TEST_THREADS
+# overrides it.
+torch.set_num_threads(int(os.environ.get("DIFFLAB_TEST_THREADS", "1")))
 
 
 class FixedEps(torch.nn.Module):

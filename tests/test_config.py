@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from difflab.cli import main
 from difflab.config import config_from, dump_yaml, from_dict, merge_overrides, parse_override, read_yaml, to_dict
 from difflab.errors import ConfigError
 from difflab.experiments import recipes
@@ -48,6 +55,11 @@ def test_overrides_are_typed() -> None:
         ("schedule.kind=quadratic", "schedule.kind must be one of"),
         ("denoiser_train.mode=turbo", "denoiser_train.mode must be one of"),
         ("steps", "must look like key=value"),
+        ("denoiser_train.lr=1" + "0" * 400, "denoiser_train.lr must be a number within the float range"),
+        ("denoiser_train.precision=fp8", "denoiser_train: precision must be one of fp32, bf16, fp16"),
+        ("classifier_train.grad_accum=0", "classifier_train: grad_accum must be >= 1"),
+        ("denoiser_train.grad_accum=3", "batch_size (1024) must be divisible by grad_accum (3)"),
+        ("denoiser_train.compile=yes please", "denoiser_train.compile must be true or false"),
     ],
 )
 def test_bad_overrides_give_one_clear_line(override: str, message: str) -> None:
@@ -158,3 +170,104 @@ def test_fuzzed_documents_give_a_config_or_one_clear_error(document) -> None:
         assert str(exc) and "\n" not in str(exc)
     else:
         assert isinstance(config, StatesConfig)
+
+
+# -- every recipe, overrides and whole YAML files through the CLI -------------------------------------------
+
+RECIPE_NAMES = sorted(recipes())
+
+
+def _flat_keys(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        keys += _flat_keys(value, full) if isinstance(value, dict) else [full]
+        if isinstance(value, dict):
+            keys.append(full)
+    return keys
+
+
+RECIPE_KEYS = {
+    name: sorted(_flat_keys(to_dict(recipes()[name].config_class()))) + ["bogus", "data.bogus", "a.b.c"]
+    for name in RECIPE_NAMES
+}
+ANY_VALUE = st.one_of(
+    VALUES,
+    st.integers(),  # unbounded: 400-digit integers too
+    st.sampled_from([10**400, -(10**400), 2**63, 2**64 + 1]),
+    st.sampled_from(["fp16", "bf16", "fp32", "cuda", "cpu", "auto", "1e400", "-0", ".inf", "~", "[1, 2", "{a: 1}"]),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_fuzzed_overrides_of_every_recipe(data) -> None:
+    name = data.draw(st.sampled_from(RECIPE_NAMES))
+    pairs = data.draw(st.lists(st.tuples(st.sampled_from(RECIPE_KEYS[name]), ANY_VALUE), max_size=4))
+    overrides = [f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}" for key, value in pairs]
+    try:
+        config = config_from(recipes()[name].config_class(), None, overrides)
+    except ConfigError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    else:
+        assert type(config) is type(recipes()[name].config_class())
+
+
+def _nest(pairs: list[tuple[str, object]]) -> dict:
+    document: dict = {}
+    for key, value in pairs:
+        node = document
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return document
+
+
+@st.composite
+def yaml_files(draw) -> bytes:
+    kind = draw(st.sampled_from(["config", "config", "config", "text", "bytes"]))
+    if kind == "text":
+        return draw(st.text(max_size=60)).encode()
+    if kind == "bytes":
+        return draw(st.binary(max_size=60))
+    name = draw(st.sampled_from(RECIPE_NAMES))
+    document = _nest(draw(st.lists(st.tuples(st.sampled_from(RECIPE_KEYS[name]), ANY_VALUE), max_size=5)))
+    if draw(st.integers(0, 9)):
+        document["recipe"] = name if draw(st.integers(0, 5)) else draw(ANY_VALUE)
+    return yaml.safe_dump(document, allow_unicode=True).encode()
+
+
+@settings(max_examples=150, deadline=None)
+@given(yaml_files(), st.sampled_from(["run", "train"]))
+def test_cli_with_a_fuzzed_yaml_file_never_shows_a_traceback(content: bytes, command: str) -> None:
+    """``difflab run FILE`` / ``difflab train FILE`` on any file: a config (handed to the recipe, stubbed here)
+    or exit status 2 with one line on stderr, never a traceback."""
+    from difflab import experiments
+
+    started = []
+
+    def stub(config, fresh=False):
+        started.append(config)
+        return SimpleNamespace(main=True, path=Path("stub"))
+
+    stubbed = {name: dataclasses.replace(recipe, run=stub, train=stub) for name, recipe in recipes().items()}
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiments, "recipes", lambda: stubbed)
+        path = Path(folder) / "config.yaml"
+        path.write_bytes(content)
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                status = main([command, str(path)])
+            except SystemExit as exc:  # argparse; must not happen for a file argument
+                status = exc.code
+    message = err.getvalue()
+    assert "Traceback" not in message
+    if status == 0:
+        assert len(started) == 1 and message == ""
+    else:
+        assert status == 2 and message.startswith("difflab: error: ") and message.count("\n") == 1, message
+        assert not started

@@ -2,13 +2,15 @@
 
     difflab run RECIPE [key=value ...] [--config FILE] [--fresh]
     difflab run CONFIG.yaml [key=value ...]
+    difflab train RECIPE|CONFIG.yaml [key=value ...]   only the training stages + exported weights
     difflab config RECIPE            print a recipe's default config as YAML
     difflab recipes                  list the recipes
     difflab sample RUN --sampler NAME --steps N [--n 5000] [--seed S] [--out FILE]
     difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S]
     difflab likelihood RUN [--n 1000]  exact model NLL of held-out points (probability-flow ODE)
 
-Errors a user can cause are printed as one line on stderr with exit status 2.
+``run`` and ``train`` also work under ``torchrun --nproc_per_node=N -m difflab ...`` (data-parallel; rank 0
+writes everything). Errors a user can cause are printed as one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--inception-weights", default="", help="local InceptionV3 weights for standard FID/IS")
     evaluate.add_argument("--device", default="auto")
+    train = commands.add_parser(
+        "train", help="run only the training stages of a recipe and export the weights (no sampling or report)"
+    )
+    train.add_argument("recipe", help="a recipe name or a YAML config file with a recipe key")
+    train.add_argument("overrides", nargs="*", help="config overrides, e.g. denoiser_train.precision=bf16")
+    train.add_argument("--config", help="a YAML file whose values replace the recipe's defaults")
+    train.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
     show = commands.add_parser("config", help="print a recipe's default config as YAML")
     show.add_argument("recipe")
     commands.add_parser("recipes", help="list the recipes")
@@ -107,7 +116,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = _recipe(recipe_name)
     config = config_from(recipe.config_class(), config_file, args.overrides)
     run = recipe.run(config, fresh=args.fresh)
-    print(f"report: {run.path / 'report.md'}")
+    if run.main:
+        print(f"report: {run.path / 'report.md'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from difflab.config import config_from
+
+    recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
+    recipe = _recipe(recipe_name)
+    config = config_from(recipe.config_class(), config_file, args.overrides)
+    run = recipe.train(config, fresh=args.fresh)
+    if run.main:
+        print(f"weights: {run.path / 'checkpoints'}")
     return 0
 
 
@@ -209,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
         "run": cmd_run,
+        "train": cmd_train,
         "sample": cmd_sample,
         "evaluate": cmd_evaluate,
         "config": cmd_config,
@@ -221,9 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     except DifflabError as exc:
         print(f"difflab: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine's doing (a full disk, a permission), not a bug: one line too
+        print(f"difflab: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "difflab.training.distributed" in sys.modules:
+            sys.modules["difflab.training.distributed"].shutdown()
 
 
 if __name__ == "__main__":

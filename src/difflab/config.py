@@ -80,7 +80,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         number = _as_number(value)
         if number is None:
             raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(number)
+        try:
+            return float(number)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{key} must be a number within the float range, got {_short_repr(value)}") from None
     if tp is str:
         if isinstance(value, str):
             return value
@@ -88,6 +91,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key} must be a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported config type {tp!r}")  # pragma: no cover - a developer error
+
+
+def _short_repr(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_number(value: Any) -> float | int | None:

@@ -9,12 +9,13 @@ from torch import nn
 from difflab.data.batches import ShuffledBatches
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
-from difflab.seeding import mix_seed
+from difflab.seeding import batch_randint, batch_randn, mix_seed
 
 
 def sample_timesteps(batch: int, num_timesteps: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``t ~ U{0, ..., T-1}``, shape (B,)."""
-    return torch.randint(0, num_timesteps, (batch,), generator=generator, device=generator.device).to(device)
+    """``t ~ U{0, ..., T-1}``, shape (B,). Drawn per example (see ``seeding.batch_randint``), so a loss split
+    over processes or micro-batches sees the timesteps the whole batch would."""
+    return batch_randint(num_timesteps, batch, generator, device)
 
 
 def epsilon_loss(
@@ -33,7 +34,7 @@ def epsilon_loss(
     ``null_label`` with probability p (classifier-free guidance training, Ho & Salimans 2022).
     """
     t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    noise = batch_randn(tuple(x0.shape), generator, x0.device)
     x_t = schedule.q_sample(x0, t, noise)
     if labels is None:
         prediction = model(x_t, t)
@@ -56,7 +57,7 @@ def noisy_classifier_loss(
 ) -> torch.Tensor:
     """Cross-entropy of ``f_phi(y | x_t, t)`` on points noised to a uniform random t (Dhariwal & Nichol)."""
     t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    noise = batch_randn(tuple(x0.shape), generator, x0.device)
     return F.cross_entropy(classifier(schedule.q_sample(x0, t, noise), t), labels)
 
 

@@ -1,4 +1,6 @@
-"""One recipe per reference experiment. ``RECIPES`` maps a recipe name to its config class and runner."""
+"""One recipe per reference experiment. :func:`recipes` maps a recipe name to its config class, its runner
+(``difflab run``: train, sample, score, report) and its trainer (``difflab train``: the training stages and
+the exported weights only)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ class Recipe:
     config_class: Callable[[], Any]
     run: Callable[..., Any]
     summary: str
+    train: Callable[..., Any]
 
 
 def recipes() -> dict[str, Recipe]:
@@ -25,6 +28,7 @@ def recipes() -> dict[str, Recipe]:
             states.StatesConfig,
             states.run_states,
             "STATES: DDPM + classifier-guided DDIM on five US state outlines",
+            states.train_states,
         ),
     ]
     for name in toy2d.TOY_DATASETS:
@@ -34,12 +38,23 @@ def recipes() -> dict[str, Recipe]:
                 toy2d.toy_config_class(name),
                 toy2d.run_toy,
                 f"2-D walkthrough on {name}: forward/reverse process, DDPM samples, NLL",
+                toy2d.train_toy,
             )
         )
     found += [
-        Recipe("mnist-ddpm", mnist.MnistDDPMConfig, mnist.run_mnist_ddpm,
-               "MNIST Micro-UNet: DDPM-1000 vs DDIM-50 grids, timings, FID/IS"),
-        Recipe("mnist-cfg", mnist.MnistCFGConfig, mnist.run_mnist_cfg,
-               "MNIST class-conditional U-Net with classifier-free guidance, guidance sweep"),
+        Recipe(
+            "mnist-ddpm",
+            mnist.MnistDDPMConfig,
+            mnist.run_mnist_ddpm,
+            "MNIST Micro-UNet: DDPM-1000 vs DDIM-50 grids, timings, FID/IS",
+            mnist.train_mnist_ddpm,
+        ),
+        Recipe(
+            "mnist-cfg",
+            mnist.MnistCFGConfig,
+            mnist.run_mnist_cfg,
+            "MNIST class-conditional U-Net with classifier-free guidance, guidance sweep",
+            mnist.train_mnist_cfg,
+        ),
     ]
     return {r.name: r for r in found}

@@ -23,6 +23,7 @@ from difflab.sampling.ddim import ddim_sample
 from difflab.sampling.ddpm import ddpm_sample
 from difflab.sampling.guidance import ClassifierFreeGuidance
 from difflab.seeding import mix_seed, seeded_generator
+from difflab.training import distributed
 from difflab.training.logging import RunLogger
 from difflab.training.trainer import TrainConfig, Trainer, TrainResult
 
@@ -214,9 +215,8 @@ def sample_images(
     from difflab.sampling.solvers import get_sampler, sample
 
     get_sampler(sampler)  # an unknown name fails here, before any work
-    generator = seeded_generator(mix_seed(seed, 0, 95), device)
-    outputs, start, offset = [], time.perf_counter(), 0
-    calls = 0
+    context = distributed.current()
+    start, calls = time.perf_counter(), 0
 
     class Counting:
         def __init__(self, inner: EpsModel) -> None:
@@ -228,23 +228,59 @@ def sample_images(
             calls += x.shape[0] * (2 if doubled else 1)
             return self.inner(x, t)
 
-    for size in batched(n, batch_size):
-        batch_labels = None if labels is None else labels[offset : offset + size].to(device)
-        eps_model = Counting(guided_model(model, batch_labels, guidance, num_classes))
-        full_shape = (size, *shape)
-        first = callback if offset == 0 else None
-        if sampler == "ddpm" and steps in (0, schedule.num_timesteps):  # ancestral sampling over all T steps
-            x = ddpm_sample(eps_model, schedule, full_shape, generator=generator, device=device, callback=first,
-                            show_progress=show_progress)
-        elif sampler == "ddim":
-            x = ddim_sample(eps_model, schedule, full_shape, steps=steps, eta=eta, generator=generator,
-                            device=device, callback=first, show_progress=show_progress)
-        else:  # any other sampler of the registry (DPM-Solver++, Heun, Euler, respaced DDPM, ...)
-            x = sample(sampler, eps_model, schedule, full_shape, steps=steps, generator=generator, device=device,
-                       callback=first, show_progress=show_progress)
-        outputs.append(x.clamp(-1, 1).cpu())
-        offset += size
-    return SampleResult(torch.cat(outputs), labels, time.perf_counter() - start, calls)
+    def draw(shard: int, count: int) -> torch.Tensor:
+        first_row = distributed.shard_range(n, shard, context.world_size)[0] if context.enabled else 0
+        generator = seeded_generator(mix_seed(distributed.shard_seed(seed, shard), 0, 95), device)
+        outputs, offset = [], 0
+        for size in batched(count, batch_size):
+            rows = slice(first_row + offset, first_row + offset + size)
+            batch_labels = None if labels is None else labels[rows].to(device)
+            eps_model = Counting(guided_model(model, batch_labels, guidance, num_classes))
+            full_shape = (size, *shape)
+            first = callback if shard == 0 and offset == 0 else None
+            if sampler == "ddpm" and steps in (0, schedule.num_timesteps):  # ancestral sampling over all T steps
+                x = ddpm_sample(
+                    eps_model,
+                    schedule,
+                    full_shape,
+                    generator=generator,
+                    device=device,
+                    callback=first,
+                    show_progress=show_progress,
+                )
+            elif sampler == "ddim":
+                x = ddim_sample(
+                    eps_model,
+                    schedule,
+                    full_shape,
+                    steps=steps,
+                    eta=eta,
+                    generator=generator,
+                    device=device,
+                    callback=first,
+                    show_progress=show_progress,
+                )
+            else:  # any other sampler of the registry (DPM-Solver++, Heun, Euler, respaced DDPM, ...)
+                x = sample(
+                    sampler,
+                    eps_model,
+                    schedule,
+                    full_shape,
+                    steps=steps,
+                    generator=generator,
+                    device=device,
+                    callback=first,
+                    show_progress=show_progress,
+                )
+            outputs.append(x.clamp(-1, 1))
+            offset += size
+        return torch.cat(outputs)
+
+    # Under torchrun every rank draws its shard of the n samples and all receive the whole set; a set smaller
+    # than the number of processes (a progress grid) is drawn whole by every rank.
+    images = distributed.sample_sharded(draw, n, context) if n >= context.world_size else draw(0, n)
+    calls = calls * (context.world_size if context.enabled and n >= context.world_size else 1)
+    return SampleResult(images.cpu(), labels, time.perf_counter() - start, calls)
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ Both end with the built-in evaluation (``metrics.image_eval``) and its calibrati
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,11 @@ from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
-from difflab.experiments.runs import RunFolder, resolve_device
+from difflab.experiments.runs import RunFolder, resolve_device, setup_device
 from difflab.models.unet import UNetConfig, count_parameters, describe
 from difflab.report.markdown import environment_table, figure, table
 from difflab.seeding import seed_everything
+from difflab.training import distributed
 from difflab.training.checkpoint import load_weights
 from difflab.training.logging import RunLogger, read_series
 from difflab.training.trainer import TrainConfig, Trainer
@@ -161,11 +163,55 @@ class MnistCFGConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _setup(config: Any, recipe: str, fresh: bool):
-    device = resolve_device(config.device)
+def _setup(config: Any, recipe: str, fresh: bool, echo):
+    """Device (joining torchrun's process group when launched by it), data and run folder; ranks other than
+    0 get a silent ``echo`` and a run folder that writes nothing."""
+    device = setup_device(config.device)
+    if not distributed.current().is_main:
+        echo = _quiet
     train, heldout = stages.load_image_data(config.data, config.seed)
     run = RunFolder.open(config.run_dir, recipe, config, fresh=fresh)
-    return device, train, heldout, run
+    return device, train, heldout, run, echo
+
+
+def _quiet(message: str) -> None:
+    """The ``echo`` of ranks other than 0."""
+
+
+def _train_only(config: Any, recipe: str, fresh: bool, echo, **extra: Any) -> RunFolder:
+    """``difflab train mnist-*``: only the U-Net's training and its exported weights."""
+    wall = time.perf_counter()
+    device, train, heldout, run, echo = _setup(config, recipe, fresh, echo)
+    with run.guard():
+        seed_everything(config.seed)
+        schedule = NoiseSchedule.from_config(config.schedule).to(device)
+        logger = RunLogger(run.path)
+        with run.stage("train"):
+            stages.train_image_denoiser(
+                run,
+                logger,
+                train,
+                heldout,
+                schedule,
+                config.unet,
+                config.train,
+                config.seed,
+                device,
+                config.progress and run.main,
+                **extra,
+            )
+        logger.close()
+        run.complete("trained (difflab train): weights in checkpoints/; `difflab run` samples and scores them")
+        echo(f"[{recipe}] trained in {time.perf_counter() - wall:.0f} s: weights in {run.sub('checkpoints')}")
+    return run
+
+
+def train_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> RunFolder:
+    return _train_only(config, "mnist-ddpm", fresh, echo)
+
+
+def train_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> RunFolder:
+    return _train_only(config, "mnist-cfg", fresh, echo, label_dropout=config.guidance.label_dropout)
 
 
 def _evaluate(evaluator: Any, result: stages.SampleResult, intended: torch.Tensor | None = None) -> dict[str, Any]:
@@ -216,7 +262,7 @@ def _calibration_table(calibration: dict[str, list[dict[str, Any]]]) -> list[str
 def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> RunFolder:
     """The Micro-UNet walkthrough into ``config.run_dir``."""
     wall = time.perf_counter()
-    device, train, heldout, run = _setup(config, "mnist-ddpm", fresh)
+    device, train, heldout, run, echo = _setup(config, "mnist-ddpm", fresh, echo)
     with run.guard():
         seed_everything(config.seed)
         schedule = NoiseSchedule.from_config(config.schedule).to(device)
@@ -225,8 +271,10 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
             f"[mnist-ddpm] run folder {run.path} | {len(train):,} training images {tuple(train.images.shape[1:])} | "
             f"{describe(config.unet, train.size)} | device {device}"
         )
-        with run.stage("evaluator"):
-            evaluator = stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights)
+        with run.stage("evaluator"):  # rank 0 alone scores; every rank draws its shard of the samples
+            evaluator = (
+                stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights) if run.main else None
+            )
         with run.stage("train"):
             trainer, result = stages.train_image_denoiser(
                 run, logger, train, heldout, schedule, config.unet, config.train, config.seed, device, config.progress
@@ -241,21 +289,25 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
                 grid = stages.sample_images(
                     model, schedule, 16, shape, sampler=sampler, steps=steps, seed=ev.seed, **common
                 )
-                save_grid(grid.images, run.sub("figures", f"grid_{name}.png"), nrow=4)
+                if run.main:
+                    save_grid(grid.images, run.sub("figures", f"grid_{name}.png"), nrow=4)
                 grids[name] = {"steps": steps, "seconds": grid.seconds, "network_evaluations": grid.network_evaluations}
         with run.stage("sample ddim"):
             ddim = stages.sample_images(
                 model, schedule, ev.n_samples, shape, sampler="ddim", steps=ev.ddim_steps, seed=ev.seed, **common
             )
-            stages.save_samples(run.sub("samples", "ddim.pt"), ddim)
+            if run.main:
+                stages.save_samples(run.sub("samples", "ddim.pt"), ddim)
         with run.stage("sample ddpm"):
             ddpm = (
                 stages.sample_images(model, schedule, ev.n_ddpm, shape, sampler="ddpm", steps=0, seed=ev.seed, **common)
                 if ev.n_ddpm
                 else None
             )
-            if ddpm is not None:
+            if ddpm is not None and run.main:
                 stages.save_samples(run.sub("samples", "ddpm.pt"), ddpm)
+        if not run.main:  # rank 0 alone scores, draws and reports
+            return run
         with run.stage("evaluate"):
             metrics: dict[str, Any] = {"ddim": _evaluate(evaluator, ddim)}
             metrics["ddim"]["seconds_per_1000"] = ddim.seconds / len(ddim.images) * 1000
@@ -408,7 +460,10 @@ class ProgressGrids:
             guidance=self.w,
             num_classes=self.num_classes,
         )
-        torch.save({"images": result.images, "step": torch.tensor(trainer.step)}, self.folder / f"epoch_{epoch:03d}.pt")
+        if distributed.current().is_main:
+            torch.save(
+                {"images": result.images, "step": torch.tensor(trainer.step)}, self.folder / f"epoch_{epoch:03d}.pt"
+            )
 
     def figure(self, path: Path) -> Path | None:
         files = sorted(self.folder.glob("epoch_*.pt"))
@@ -426,7 +481,7 @@ class ProgressGrids:
 def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> RunFolder:
     """The class-conditional CFG recipe into ``config.run_dir``."""
     wall = time.perf_counter()
-    device, train, heldout, run = _setup(config, "mnist-cfg", fresh)
+    device, train, heldout, run, echo = _setup(config, "mnist-cfg", fresh, echo)
     with run.guard():
         seed_everything(config.seed)
         schedule = NoiseSchedule.from_config(config.schedule).to(device)
@@ -437,8 +492,10 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
             f"[mnist-cfg] run folder {run.path} | {len(train):,} training images {shape} | "
             f"{describe(config.unet, train.size)} | device {device}"
         )
-        with run.stage("evaluator"):
-            evaluator = stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights)
+        with run.stage("evaluator"):  # rank 0 alone scores; every rank draws its shard of the samples
+            evaluator = (
+                stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights) if run.main else None
+            )
         steps_per_epoch = max(len(train) // config.train.batch_size, 1)
         progress = ProgressGrids(run, schedule, steps_per_epoch, shape, classes, config.guidance.w, config.seed, device)
         with run.stage("train"):
@@ -473,8 +530,9 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
             grid = stages.sample_images(
                 model, schedule, len(labels), shape, seed=ev.seed + 1, labels=labels, guidance=guidance.w, **common
             )
-            save_grid(grid.images, run.sub("figures", "digits_grid.png"), nrow=per)
-        with run.stage("denoising panel"):
+            if run.main:
+                save_grid(grid.images, run.sub("figures", "digits_grid.png"), nrow=per)
+        with run.stage("denoising panel") if run.main else contextlib.nullcontext():
             digits = torch.tensor([0, 3, 7, 9][: max(1, min(4, classes))]) % classes
             guided = stages.guided_model(model, digits.to(device), guidance.w, classes)
             timesteps, xs, x0s = stages.denoising_trajectory(
@@ -484,18 +542,17 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
             for i, digit in enumerate(digits.tolist()):
                 panel_rows.append((f"digit {digit}: x_t", xs[:, i]))
                 panel_rows.append((f"digit {digit}: predicted x_0", x0s[:, i]))
-            panel = image_rows_figure(
-                panel_rows,
-                run.sub("figures", "denoising_panel.png"),
-                "DDIM denoising, t = " + ", ".join(map(str, timesteps)),
-            )
+            panel = run.sub("figures", "denoising_panel.png")
+            if run.main:
+                image_rows_figure(panel_rows, panel, "DDIM denoising, t = " + ", ".join(map(str, timesteps)))
         with run.stage("sample"):
             main_labels = stages.balanced_labels(ev.n_samples, classes)
             scored = dict(common, sampler=guidance.sampler, steps=guidance.steps)
             main = stages.sample_images(
                 model, schedule, ev.n_samples, shape, seed=ev.seed, labels=main_labels, guidance=guidance.w, **scored
             )
-            stages.save_samples(run.sub("samples", f"cfg_w{guidance.w:g}.pt"), main)
+            if run.main:
+                stages.save_samples(run.sub("samples", f"cfg_w{guidance.w:g}.pt"), main)
         metrics: dict[str, Any] = {}
         with run.stage("evaluate"):
             metrics["main"] = _evaluate(evaluator, main, main_labels)
@@ -523,6 +580,8 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
                 row.update(w=w, seconds_per_1000=seconds / guidance.n_sweep * 1000)
                 sweep.append(row)
         metrics["sweep"] = sweep
+        if not run.main:  # rank 0 alone scores, draws and reports
+            return run
         with run.stage("evaluate"):
             metrics["calibration"] = _calibration(evaluator, [ev.n_samples, guidance.n_sweep])
         with run.stage("figures"):
@@ -611,8 +670,11 @@ def _cfg_report(
         "",
         f"## Samples at w = {guidance.w:g} (EMA weights)",
         "",
-        figure(run.sub("figures", "digits_grid.png"), run.path,
-               f"One row per digit, w = {guidance.w:g}, DDIM {ev.ddim_steps} steps"),
+        figure(
+            run.sub("figures", "digits_grid.png"),
+            run.path,
+            f"One row per digit, w = {guidance.w:g}, DDIM {ev.ddim_steps} steps",
+        ),
         "",
         f"Scored samples: {guidance.sampler}, {guidance.steps} steps, balanced labels, fixed seeds.",
         "",

@@ -21,6 +21,7 @@ from difflab.sampling.common import EpsModel, batched
 from difflab.sampling.ddim import ddim_sample
 from difflab.sampling.ddpm import ddpm_sample
 from difflab.seeding import mix_seed, seeded_generator
+from difflab.training.distributed import sample_sharded, shard_seed
 from difflab.training.logging import RunLogger, read_series
 from difflab.training.trainer import TrainConfig, Trainer, TrainResult
 from difflab.viz import plots2d
@@ -206,6 +207,49 @@ def sample_points(
                 snapshots.append((nearest, visited[nearest]))
         outputs.append(x.detach().cpu())
     return torch.cat(outputs), snapshots
+
+
+def sample_points_sharded(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    n: int,
+    *,
+    seed: int,
+    sampler: str,
+    steps: int,
+    eta: float,
+    ddpm_variance: str,
+    batch_size: int,
+    device: torch.device,
+    snapshot_steps: tuple[int, ...] = (),
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    """:func:`sample_points` spread over the ranks of a data-parallel run and gathered on every rank.
+
+    Rank r draws shard r of the ``n`` samples with a generator seeded ``shard_seed(seed, r)``; snapshots
+    come from shard 0. On a single process this is exactly ``sample_points`` with a generator seeded ``seed``.
+    """
+    snapshots: list[tuple[int, torch.Tensor]] = []
+
+    def draw(shard: int, count: int) -> torch.Tensor:
+        samples, recorded = sample_points(
+            model,
+            schedule,
+            count,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            ddpm_variance=ddpm_variance,
+            batch_size=batch_size,
+            generator=seeded_generator(shard_seed(seed, shard), device),
+            device=device,
+            snapshot_steps=snapshot_steps if shard == 0 else (),
+            show_progress=show_progress and shard == 0,
+        )
+        snapshots.extend(recorded)
+        return samples
+
+    return sample_sharded(draw, n), snapshots
 
 
 def forward_figure(data: torch.Tensor, schedule: NoiseSchedule, steps: tuple[int, ...], path: Path, seed: int) -> Path:

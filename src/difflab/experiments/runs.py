@@ -13,6 +13,9 @@ Layout::
 
 Re-running the same command resumes in the same folder; a folder made with a different config is
 refused (use another ``run_dir`` or ``--fresh``).
+
+In a data-parallel run (torchrun) every rank gets a :class:`RunFolder`, but only rank 0's writes
+(``main``): it creates the folder while the others wait, and alone writes ``run.json``, metrics and reports.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import yaml
 from difflab.config import dump_yaml, to_dict
 from difflab.errors import ConfigError, DifflabError
 from difflab.report.markdown import environment
+from difflab.training import distributed
 from difflab.training.checkpoint import atomic_write_bytes
 
 FINAL_OUTPUTS = ("metrics.json", "report.md", "report.html")
@@ -48,6 +52,13 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda was asked for but CUDA is not available on this machine")
+    return device
+
+
+def setup_device(name: str) -> torch.device:
+    """:func:`resolve_device`, then join torchrun's process group when this process was launched by torchrun
+    (NCCL on GPUs, each rank on ``cuda:LOCAL_RANK``; gloo on CPU). A single process gets ``resolve_device``."""
+    device, _ = distributed.init_from_env(resolve_device(name))
     return device
 
 
@@ -73,6 +84,7 @@ class RunFolder:
     path: Path
     recipe: str
     timings: dict[str, float] = field(default_factory=dict)
+    main: bool = True
 
     @classmethod
     def open(
@@ -83,7 +95,18 @@ class RunFolder:
         fresh: bool = False,
         ignore_keys: tuple[str, ...] = ("run_dir",),
     ) -> RunFolder:
-        """Create (or reopen, to resume) the folder for ``config``; refuses a folder of another config."""
+        """Create (or reopen, to resume) the folder for ``config``; refuses a folder of another config.
+
+        Across processes rank 0 does this while the others wait; they get a folder that writes nothing.
+        """
+        context = distributed.current()
+        run = distributed.on_main(lambda: cls._open_main(path, recipe, config, fresh, ignore_keys), context)
+        return run if run is not None else cls(path=Path(path), recipe=recipe, main=False)
+
+    @classmethod
+    def _open_main(
+        cls, path: str | Path, recipe: str, config: Any, fresh: bool, ignore_keys: tuple[str, ...]
+    ) -> RunFolder:
         path = Path(path)
         config_path = path / "config.yaml"
         if fresh and path.exists():
@@ -115,6 +138,8 @@ class RunFolder:
         return run
 
     def _write_status(self, status: str, message: str = "") -> None:
+        if not self.main:
+            return
         record = {
             "recipe": self.recipe,
             "status": status,
@@ -152,13 +177,17 @@ class RunFolder:
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
         path = self.path / "metrics.json"
+        if not self.main:
+            return path
         atomic_write_bytes(path, (json.dumps(metrics, indent=2, default=float) + "\n").encode())
         return path
 
-    def complete(self) -> None:
-        self._write_status("complete")
+    def complete(self, message: str = "") -> None:
+        self._write_status("complete", message)
 
     def fail(self, message: str) -> None:
+        if not self.main:
+            return
         for name in FINAL_OUTPUTS:
             (self.path / name).unlink(missing_ok=True)
         self._write_status("failed", message)

@@ -22,12 +22,13 @@ from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import points2d
 from difflab.experiments.points2d import DenoiserTrainConfig, MLPConfig, Splits
-from difflab.experiments.runs import RunFolder, resolve_device
+from difflab.experiments.runs import RunFolder, setup_device
 from difflab.metrics import points as point_metrics
 from difflab.models.mlp import NoisyClassifierMLP
 from difflab.report.markdown import environment_table, figure, table
 from difflab.sampling.guidance import ClassifierGuidance
 from difflab.seeding import mix_seed, seed_everything, seeded_generator
+from difflab.training import distributed
 from difflab.training.logging import RunLogger
 from difflab.training.trainer import TrainConfig, Trainer
 from difflab.viz import plots2d
@@ -225,15 +226,58 @@ def train_classifier(
     return trainer.eval_model.eval(), result
 
 
-def run_states(config: StatesConfig, fresh: bool = False, echo=print) -> RunFolder:
-    """Run the whole STATES recipe into ``config.run_dir``; returns the completed run folder."""
-    wall_start = time.perf_counter()
-    device = resolve_device(config.device)
+def _open(config: StatesConfig, fresh: bool, echo):
+    device = setup_device(config.device)
+    if not distributed.current().is_main:
+        echo = _quiet
     train_cloud, heldout_cloud, shipped = load_data(config.data, config.seed)
     run = RunFolder.open(config.run_dir, "states", config, fresh=fresh)
+    return device, train_cloud, heldout_cloud, shipped, run, echo
+
+
+def _quiet(message: str) -> None:
+    """The ``echo`` of ranks other than 0: one process speaks for a data-parallel run."""
+
+
+def run_states(config: StatesConfig, fresh: bool = False, echo=print) -> RunFolder:
+    """Run the whole STATES recipe into ``config.run_dir``; returns the completed run folder.
+
+    Under torchrun every rank trains (data-parallel) and draws its shard of the samples; rank 0 alone
+    scores them and writes the figures, ``metrics.json`` and the report.
+    """
+    wall_start = time.perf_counter()
+    device, train_cloud, heldout_cloud, shipped, run, echo = _open(config, fresh, echo)
     with run.guard():
         _run(run, config, device, train_cloud, heldout_cloud, shipped, wall_start, echo)
     return run
+
+
+def train_states(config: StatesConfig, fresh: bool = False, echo=print) -> RunFolder:
+    """``difflab train states``: only the training stages (denoiser, then classifier) and the exported weights
+    ``checkpoints/{denoiser,classifier}.safetensors``; no sampling, metrics or report. A later
+    ``difflab run`` with the same config finds the training complete and goes on from there."""
+    wall_start = time.perf_counter()
+    device, train_cloud, heldout_cloud, shipped, run, echo = _open(config, fresh, echo)
+    with run.guard():
+        seed_everything(config.seed)
+        schedule = NoiseSchedule.from_config(config.schedule).to(device)
+        splits = points2d.make_splits(train_cloud, heldout_cloud, config.data.val_fraction, config.seed)
+        logger = RunLogger(run.path)
+        _train_stages(run, logger, config, splits, schedule, device)
+        logger.close()
+        run.complete("trained (difflab train): weights in checkpoints/; `difflab run` samples and scores them")
+        echo(f"[states] trained in {time.perf_counter() - wall_start:.0f} s: weights in {run.sub('checkpoints')}")
+    return run
+
+
+def _train_stages(run: RunFolder, logger: RunLogger, config: StatesConfig, splits: Splits, schedule, device):
+    with run.stage("train denoiser"):
+        denoiser, denoiser_result = points2d.train_denoiser(
+            run, logger, splits, schedule, config.denoiser, config.denoiser_train, config.seed, device, config.progress
+        )
+    with run.stage("train classifier"):
+        classifier, classifier_result = train_classifier(run, logger, splits, schedule, config, device)
+    return denoiser, denoiser_result, classifier, classifier_result
 
 
 def _run(
@@ -252,59 +296,62 @@ def _run(
     logger = RunLogger(run.path)
     names = train_cloud.names
     figures: dict[str, Path] = {}
+    world = distributed.current().world_size
     echo(
         f"[states] run folder {run.path} | {len(train_cloud)} training points, {len(heldout_cloud)} held out, "
-        f"{train_cloud.num_classes} classes | device {device}"
+        f"{train_cloud.num_classes} classes | device {device}" + (f" x {world} processes" if world > 1 else "")
     )
 
-    with run.stage("train denoiser"):
-        denoiser, denoiser_result = points2d.train_denoiser(
-            run, logger, splits, schedule, config.denoiser, config.denoiser_train, config.seed, device, config.progress
-        )
-    with run.stage("train classifier"):
-        classifier, classifier_result = train_classifier(run, logger, splits, schedule, config, device)
+    denoiser, denoiser_result, classifier, classifier_result = _train_stages(
+        run, logger, config, splits, schedule, device
+    )
 
     sampling = config.sampling
+    show_progress = config.progress and run.main
     with run.stage("sample unconditional"):
-        generator = seeded_generator(mix_seed(sampling.seed, 0, 1), device)
-        uncond, snapshots = points2d.sample_points(
+        uncond, snapshots = points2d.sample_points_sharded(
             denoiser,
             schedule,
             sampling.n_uncond,
+            seed=mix_seed(sampling.seed, 0, 1),
             sampler=sampling.uncond_sampler,
             steps=sampling.uncond_steps,
             eta=0.0,
             ddpm_variance=sampling.ddpm_variance,
             batch_size=sampling.batch_size,
-            generator=generator,
             device=device,
             snapshot_steps=config.figures.reverse_steps,
-            show_progress=config.progress,
+            show_progress=show_progress,
         )
         point_metrics.check_finite(uncond, "unconditional samples")
-        torch.save(uncond, run.sub("samples", "uncond_gen_samples.pt"))
+        if run.main:
+            torch.save(uncond, run.sub("samples", "uncond_gen_samples.pt"))
 
     conditional: list[torch.Tensor] = []
     with run.stage("sample classifier-guided"):
         for label in range(train_cloud.num_classes if sampling.n_cond else 0):
             guided = ClassifierGuidance(denoiser, classifier, schedule, label, sampling.guidance_scale)
-            generator = seeded_generator(mix_seed(sampling.seed, label + 1, 2), device)
-            samples, _ = points2d.sample_points(
+            samples, _ = points2d.sample_points_sharded(
                 guided,
                 schedule,
                 sampling.n_cond,
+                seed=mix_seed(sampling.seed, label + 1, 2),
                 sampler=sampling.cond_sampler,
                 steps=sampling.cond_steps,
                 eta=sampling.cond_eta,
                 ddpm_variance=sampling.ddpm_variance,
                 batch_size=sampling.batch_size,
-                generator=generator,
                 device=device,
-                show_progress=config.progress,
+                show_progress=show_progress,
             )
             point_metrics.check_finite(samples, f"samples of class {label}")
-            torch.save(samples, run.sub("samples", f"cond_gen_samples_{label}.pt"))
+            if run.main:
+                torch.save(samples, run.sub("samples", f"cond_gen_samples_{label}.pt"))
             conditional.append(samples)
+
+    if not run.main:  # rank 0 alone scores, draws and reports
+        logger.close()
+        return
 
     with run.stage("metrics"):
         metrics = compute_metrics(splits, uncond, conditional, classifier, device, names)

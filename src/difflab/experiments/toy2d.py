@@ -18,10 +18,11 @@ from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import points2d
 from difflab.experiments.points2d import DenoiserTrainConfig, MLPConfig
-from difflab.experiments.runs import RunFolder, resolve_device
+from difflab.experiments.runs import RunFolder, setup_device
 from difflab.metrics import points as point_metrics
 from difflab.report.markdown import environment_table, figure, table
-from difflab.seeding import mix_seed, seed_everything, seeded_generator
+from difflab.seeding import mix_seed, seed_everything
+from difflab.training import distributed
 from difflab.training.logging import RunLogger
 from difflab.viz import plots2d
 
@@ -106,15 +107,54 @@ def toy_config_class(name: str) -> Any:
     return factory
 
 
-def run_toy(config: ToyConfig, fresh: bool = False, echo=print) -> RunFolder:
-    """Run the 2-D walkthrough on ``config.recipe`` into ``config.run_dir``."""
-    wall_start = time.perf_counter()
-    device = resolve_device(config.device)
+def _open(config: ToyConfig, fresh: bool, echo):
+    device = setup_device(config.device)
+    if not distributed.current().is_main:
+        echo = _quiet
     train = make_toy(config.recipe, config.data.n_train, config.data.noise, seed=0)
     heldout = make_toy(config.recipe, config.data.n_heldout, config.data.noise, seed=1)
     run = RunFolder.open(config.run_dir or f"runs/{config.recipe}", config.recipe, config, fresh=fresh)
+    return device, train, heldout, run, echo
+
+
+def _quiet(message: str) -> None:
+    """The ``echo`` of ranks other than 0."""
+
+
+def run_toy(config: ToyConfig, fresh: bool = False, echo=print) -> RunFolder:
+    """Run the 2-D walkthrough on ``config.recipe`` into ``config.run_dir``."""
+    wall_start = time.perf_counter()
+    device, train, heldout, run, echo = _open(config, fresh, echo)
     with run.guard():
         _run(run, config, device, train, heldout, wall_start, echo)
+    return run
+
+
+def train_toy(config: ToyConfig, fresh: bool = False, echo=print) -> RunFolder:
+    """``difflab train swissroll`` (spiral, moons): train the denoiser and export its weights, nothing else."""
+    wall_start = time.perf_counter()
+    device, train, heldout, run, echo = _open(config, fresh, echo)
+    with run.guard():
+        seed_everything(config.seed)
+        schedule = NoiseSchedule.from_config(config.schedule).to(device)
+        splits = points2d.make_splits(train, heldout, config.data.val_fraction, config.seed)
+        logger = RunLogger(run.path)
+        with run.stage("train denoiser"):
+            points2d.train_denoiser(
+                run,
+                logger,
+                splits,
+                schedule,
+                config.denoiser,
+                config.denoiser_train,
+                config.seed,
+                device,
+                config.progress,
+            )
+        logger.close()
+        run.complete("trained (difflab train): weights in checkpoints/")
+        seconds = time.perf_counter() - wall_start
+        echo(f"[{config.recipe}] trained in {seconds:.0f} s: weights in {run.sub('checkpoints')}")
     return run
 
 
@@ -130,23 +170,26 @@ def _run(run: RunFolder, config: ToyConfig, device: torch.device, train, heldout
         )
     sampling = config.sampling
     with run.stage("sample"):
-        generator = seeded_generator(mix_seed(sampling.seed, 0, 1), device)
-        samples, snapshots = points2d.sample_points(
+        samples, snapshots = points2d.sample_points_sharded(
             model,
             schedule,
             sampling.n,
+            seed=mix_seed(sampling.seed, 0, 1),
             sampler=sampling.sampler,
             steps=sampling.steps,
             eta=sampling.eta,
             ddpm_variance=sampling.ddpm_variance,
             batch_size=sampling.batch_size,
-            generator=generator,
             device=device,
             snapshot_steps=config.figures.reverse_steps,
-            show_progress=config.progress,
+            show_progress=config.progress and run.main,
         )
         point_metrics.check_finite(samples)
-        torch.save(samples, run.sub("samples", "samples.pt"))
+        if run.main:
+            torch.save(samples, run.sub("samples", "samples.pt"))
+    if not run.main:  # rank 0 alone scores, draws and reports
+        logger.close()
+        return
     with run.stage("metrics"):
         train_kde, heldout_kde = point_metrics.KDE(train.data), point_metrics.KDE(heldout.data)
         metrics: dict[str, Any] = {

@@ -14,6 +14,7 @@ never leaves a half-written file under a real name. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -41,8 +42,25 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    return CheckpointError(f"could not write {path}: {reason}; the file already there (if any) is untouched")
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass  # a temp name is never loaded; the next start removes it (remove_stale_temp_files)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename.
+
+    A failure (a full disk, a read-only folder) raises :class:`CheckpointError` and leaves ``path`` as it was.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
@@ -50,23 +68,42 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_failed(path, exc) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _discard(tmp)
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``safetensors`` save via a temporary file and rename; the old file survives any failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``safetensors`` save via a temporary file and rename; the old file survives any failure.
+
+    A failure (a full disk, a read-only folder) raises :class:`CheckpointError` naming the reason.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        raise _write_failed(path, exc) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _discard(tmp)
+
+
+def remove_stale_temp_files(directory: Path, prefix: str = ".") -> list[Path]:
+    """Delete ``.NAME.tmp-PID`` files (starting with ``prefix``) a killed writer left in ``directory``.
+
+    They are never loaded (only ``step-XXXXXXXX.safetensors`` names are), this only frees the disk.
+    """
+    removed = []
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if path.name.startswith(prefix) and path.name.startswith(".") and ".tmp-" in path.name:
+                _discard(path)
+                removed.append(path)
+    return removed
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -93,9 +130,9 @@ def verified_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
-def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Refuse weights that do not fit ``model``, naming the missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
+def state_differences(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``state`` from loading into a model whose state dict is ``own``: the missing, unexpected and
+    mis-shaped parameter names (an empty list when it fits)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -107,6 +144,12 @@ def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     if shapes:
         detail = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:3])
         problems.append(f"shape mismatch {detail}{' ...' if len(shapes) > 3 else ''}")
+    return problems
+
+
+def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse weights that do not fit ``model``, naming the missing, unexpected and mis-shaped keys."""
+    problems = state_differences(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"checkpoint {source} does not fit this model: {'; '.join(problems)}")
 

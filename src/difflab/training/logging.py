@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from difflab.training.checkpoint import atomic_write_bytes
+
 
 class RunLogger:
     """Writes ``{"tag", "step", "value", "time"}`` lines to ``run_dir/metrics.jsonl`` and the same scalars
@@ -19,6 +21,18 @@ class RunLogger:
         self._writer: Any = None
         self._tensorboard = tensorboard
         self._tb_dir = Path(run_dir) / "tensorboard"
+        self._checked_tail = False
+
+    def _end_cut_line(self) -> None:
+        """End a last line a killed writer cut short, so the next record is not glued onto it."""
+        self._checked_tail = True
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb") as handle:
+                handle.seek(-1, 2)
+                cut = handle.read(1) != b"\n"
+            if cut:
+                with open(self.path, "a") as handle:
+                    handle.write("\n")
 
     def _tb(self) -> Any:
         if self._writer is None and self._tensorboard:
@@ -31,6 +45,8 @@ class RunLogger:
         return self._writer
 
     def log(self, tag: str, step: int, value: float) -> None:
+        if not self._checked_tail:
+            self._end_cut_line()
         value = float(value)
         record = {
             "tag": tag,
@@ -46,19 +62,26 @@ class RunLogger:
 
     def truncate(self, prefix: str, after_step: int) -> None:
         """Drop records of tags starting with ``prefix`` logged after ``after_step`` (used on resume, so the
-        killed run's steps beyond its last checkpoint are not counted twice)."""
+        killed run's steps beyond its last checkpoint are not counted twice), and lines a kill cut short.
+
+        The file is replaced atomically (a kill during the rewrite leaves the old file) and left untouched
+        when there is nothing to drop.
+        """
         if not self.path.is_file():
             return
-        kept = []
+        kept, dropped = [], False
         for line in self.path.read_text().splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a kill
+                dropped = True  # a line cut short by a kill
+                continue
             if str(record.get("tag", "")).startswith(prefix) and record.get("step", 0) > after_step:
+                dropped = True
                 continue
             kept.append(json.dumps(record))
-        self.path.write_text("".join(k + "\n" for k in kept))
+        if dropped:
+            atomic_write_bytes(self.path, "".join(k + "\n" for k in kept).encode())
 
     def flush(self) -> None:
         if self._writer is not None:

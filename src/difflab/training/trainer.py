@@ -3,14 +3,25 @@
 Determinism: the batch for step ``s`` and the random numbers its loss draws come from generators
 seeded by ``(seed, s)``, so the data order and noise never depend on how often a run was stopped
 and resumed. A resumed run therefore ends with the same weights as an uninterrupted one (on CPU).
+
+Scaling out: under ``torchrun`` (an initialised process group) the model is wrapped in
+``DistributedDataParallel``; every rank computes the step's global batch of ``batch_size`` rows and
+trains on its ``1/world_size`` slice (``training/distributed.py``), ``grad_accum`` splits that slice into
+micro-batches whose losses are scaled by ``1/grad_accum``, and per-example randomness is drawn for the
+whole batch and sliced (``seeding.RowGenerator``), so a step computes the same gradient, up to float
+rounding, for any number of processes and micro-batches. ``precision`` picks fp32, bf16 autocast or fp16
+autocast with a gradient scaler (CUDA only); ``compile`` wraps the network in ``torch.compile``.
+Rank 0 alone logs, validates, runs hooks and writes checkpoints and exported weights.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,18 +31,42 @@ from torch import nn
 
 from difflab.errors import CheckpointError, ConfigError, TrainingDiverged
 from difflab.progress import progress_bar
-from difflab.seeding import mix_seed
+from difflab.seeding import RowGenerator, mix_seed
 from difflab.training import checkpoint as ckpt
+from difflab.training import distributed
 from difflab.training.ema import EMA
 from difflab.training.logging import RunLogger
 
 LR_SCHEDULES = ("constant", "cosine")
 NAN_POLICIES = ("stop", "skip")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Settings a resumed run may change: bookkeeping, and how a step is executed (not what it computes).
+RESUMABLE_CHANGES = (
+    "steps",
+    "eval_every",
+    "log_every",
+    "checkpoint_every",
+    "keep_last",
+    "nan_policy",
+    "max_skipped_steps",
+    "ema_decay",
+    "precision",
+    "grad_accum",
+    "compile",
+    "deterministic",
+)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings of one network."""
+    """Optimisation settings of one network.
+
+    ``batch_size`` is the global batch of a step: with N processes each trains on ``batch_size / N`` rows,
+    in ``grad_accum`` micro-batches. ``precision``: ``fp32``, ``bf16`` (autocast, CPU or GPU) or ``fp16``
+    (autocast + gradient scaler, GPU only). ``compile``: ``torch.compile`` the network. ``deterministic``:
+    ``torch.use_deterministic_algorithms(True)`` while training (bit-exact resume on GPUs too).
+    Checkpoints every ``checkpoint_every`` steps, the newest ``keep_last`` kept.
+    """
 
     steps: int = 1000
     batch_size: int = 256
@@ -49,6 +84,10 @@ class TrainConfig:
     keep_last: int = 2
     nan_policy: str = "stop"
     max_skipped_steps: int = 10
+    precision: str = "fp32"
+    grad_accum: int = 1
+    compile: bool = False
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +110,13 @@ class TrainConfig:
             ),
             (self.keep_last >= 1, "keep_last must be >= 1"),
             (self.nan_policy in NAN_POLICIES, f"nan_policy must be one of {', '.join(NAN_POLICIES)}"),
+            (self.max_skipped_steps >= 0, "max_skipped_steps must be >= 0"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (
+                self.grad_accum < 1 or self.batch_size % self.grad_accum == 0,
+                f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,18 +153,62 @@ class TrainResult:
     final_train_loss: float | None
     final_validation: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
+    world_size: int = 1
+
+
+def _compile(module: nn.Module) -> nn.Module:
+    """``torch.compile`` (inductor: C++ on CPU, Triton on GPU); a seam for tests."""
+    return torch.compile(module)  # type: ignore[return-value]
+
+
+def _is_compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from torch.compile's machinery (dynamo tracing or an inductor backend)."""
+    return any(cls.__module__.startswith(("torch._dynamo", "torch._inductor")) for cls in type(exc).__mro__)
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _batch_rows(batch: Any) -> int | None:
+    """The number of rows (first dimension) of a batch: a tensor, or a tuple/list/dict holding tensors."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for value in values:
+        rows = _batch_rows(value)
+        if rows is not None:
+            return rows
+    return None
+
+
+def _slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` of every tensor in ``batch`` (other values are kept as they are)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() else batch
+    if isinstance(batch, dict):
+        return {k: _slice_batch(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice_batch(v, start, stop) for v in batch)
+    return batch
 
 
 class Trainer:
     """Trains ``model`` on ``loss_fn(model, batches.batch(step), generator)`` for ``config.steps`` steps.
 
     ``hooks`` are called as ``hook(trainer)`` after every completed step (after its checkpoint, if any), e.g.
-    to draw a progress figure every epoch from ``trainer.eval_model``.
+    to draw a progress figure every epoch from ``trainer.eval_model``; on rank 0 only in a data-parallel run.
 
     Writes ``<name>/train_loss``, ``<name>/lr`` and ``<name>/val_*`` scalars through ``logger``, training
     state checkpoints under ``run_dir/checkpoints/<name>/`` and, at the end, the weights to use
     (EMA when enabled) as ``run_dir/checkpoints/<name>.safetensors`` + ``.json``. An existing training
     state in the run folder is resumed automatically (the signature of the model must match).
+
+    ``loss_fn`` must return the mean loss of the rows it is given (the trainer averages micro-batches and
+    ranks); it should draw per-example randomness with ``seeding.batch_randn`` / ``batch_randint`` so that a
+    step is the same for any number of processes and micro-batches (the objectives in
+    ``diffusion/objectives.py`` do). ``distributed`` defaults to the process group this process is in.
     """
 
     def __init__(
@@ -138,6 +228,7 @@ class Trainer:
         show_progress: bool = True,
         echo: Callable[[str], None] = print,
         hooks: list[Callable[[Trainer], None]] | None = None,
+        distributed_context: distributed.DistContext | None = None,
     ) -> None:
         self.name = name
         self.model = model
@@ -153,20 +244,44 @@ class Trainer:
         self.show_progress = show_progress
         self.echo = echo
         self.hooks = list(hooks or [])
+        self.dist = distributed_context or distributed.current()
+        self._check_execution_settings()
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas)
         )
         self.ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.state_dir = self.run_dir / "checkpoints" / name
         self.weights_path = self.run_dir / "checkpoints" / f"{name}.safetensors"
         self.step = 0
         self.last_checkpoint: tuple[int, Path] | None = None
+        self._ddp: nn.Module | None = None
+
+    def _check_execution_settings(self) -> None:
+        config, world = self.config, self.dist.world_size
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError(
+                f"precision=fp16 needs a CUDA GPU (its gradient scaler is CUDA-only); device is {self.device.type}: "
+                "use precision=bf16 or fp32"
+            )
+        if config.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision=bf16 is not supported by this GPU: use precision=fp16 or fp32")
+        parts = world * config.grad_accum
+        if config.batch_size % parts:
+            raise ConfigError(
+                f"batch_size ({config.batch_size}) is the global batch and must be divisible by "
+                f"processes x grad_accum = {world} x {config.grad_accum}"
+            )
 
     # -- state -----------------------------------------------------------------------------------
     @property
     def eval_model(self) -> nn.Module:
         """The weights used for validation and sampling: the EMA copy when EMA is on."""
         return self.ema.shadow if self.ema is not None else self.model
+
+    def _say(self, message: str) -> None:
+        if self.dist.is_main:
+            self.echo(message)
 
     def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = ckpt.prefixed("model.", self.model.state_dict())
@@ -175,33 +290,77 @@ class Trainer:
         optim_tensors, optim_rest = ckpt.flatten_optimizer(self.optimizer)
         tensors.update(optim_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         metadata = {
             "name": self.name,
             "signature": json.dumps(self.signature, sort_keys=True),
             "train_config": json.dumps(asdict(self.config)),
             "optimizer": json.dumps(optim_rest),
             "ema_updates": str(self.ema.num_updates if self.ema is not None else 0),
+            "world_size": str(self.dist.world_size),
         }
+        if self.scaler is not None:
+            metadata["grad_scaler"] = json.dumps(self.scaler.state_dict())
         return tensors, metadata
 
     def save_checkpoint(self) -> Path:
+        """Write the training state of the current step (atomically; the newest ``keep_last`` are kept)."""
         tensors, metadata = self._state_tensors()
         path = ckpt.save_training_state(self.state_dir, self.step, tensors, metadata, self.config.keep_last)
         self.last_checkpoint = (self.step, path)
         return path
 
-    def _restore(self) -> int:
-        found = ckpt.latest_training_state(self.state_dir, warn=self.echo)
-        if found is None:
-            return 0
-        tensors, metadata = found
+    def _checkpoint(self) -> None:
+        """:meth:`save_checkpoint` on rank 0; a failed write (a full disk) stops every rank with one line."""
+        try:
+            distributed.on_main(self.save_checkpoint, self.dist)
+        except CheckpointError as exc:
+            raise CheckpointError(f"'{self.name}' stopped at step {self.step}: {exc}; {self._kept()}") from None
+        self.last_checkpoint = (self.step, self.state_dir / f"step-{self.step:08d}.safetensors")
+
+    def _check_resumable(self, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
         saved = json.loads(metadata.get("signature", "{}"))
         if saved != self.signature:
             keys = sorted(k for k in set(saved) | set(self.signature) if saved.get(k) != self.signature.get(k))
+            weights = ckpt.state_differences(self.model.state_dict(), ckpt.strip_prefix("model.", tensors))
+            detail = f"; its weights: {'; '.join(weights)}" if weights else ""
             raise CheckpointError(
                 f"the checkpoint of '{self.name}' in {self.state_dir} was made by a different model "
-                f"(differs in: {', '.join(keys)}); use a new run_dir or --fresh"
+                f"(differs in: {', '.join(keys)}{detail}); use a new run_dir or --fresh"
             )
+        try:
+            saved_config = json.loads(metadata.get("train_config", "{}"))
+        except json.JSONDecodeError:
+            saved_config = {}
+        current = json.loads(json.dumps(asdict(self.config)))
+        changed = sorted(
+            k for k in saved_config if k not in RESUMABLE_CHANGES and saved_config.get(k) != current.get(k)
+        )
+        if changed:
+            shown = ", ".join(f"{k} {saved_config.get(k)} -> {current.get(k)}" for k in changed[:6])
+            raise CheckpointError(
+                f"the checkpoint of '{self.name}' in {self.state_dir} was trained with other settings ({shown}); "
+                "use a new run_dir or --fresh"
+            )
+
+    def _restore(self) -> int:
+        if self.dist.is_main:
+            ckpt.remove_stale_temp_files(self.state_dir)
+            ckpt.remove_stale_temp_files(self.state_dir.parent, prefix=f".{self.name}.")
+        found = ckpt.latest_training_state(self.state_dir, warn=self._say)
+        step = 0
+        if found is not None:
+            step = self._load_state(*found)
+        if not distributed.agree(step, self.dist):
+            raise CheckpointError(
+                f"the ranks found different checkpoints of '{self.name}' in {self.state_dir}: "
+                "the run folder must be on a file system every rank sees"
+            )
+        return step
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+        self._check_resumable(metadata, tensors)
         model_state = ckpt.strip_prefix("model.", tensors)
         ckpt.check_compatible(self.model, model_state, self.state_dir)
         self.model.load_state_dict(model_state)
@@ -215,7 +374,11 @@ class Trainer:
             ckpt.unflatten_optimizer(self.optimizer, tensors, json.loads(metadata["optimizer"]))
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"the optimizer state in {self.state_dir} does not fit: {exc}") from None
+        if self.scaler is not None and metadata.get("grad_scaler"):
+            self.scaler.load_state_dict(json.loads(metadata["grad_scaler"]))
         torch.set_rng_state(tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         step = int(metadata["step"])
         self.last_checkpoint = (step, self.state_dir / f"step-{step:08d}.safetensors")
         return step
@@ -234,7 +397,7 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------------
     def _run_validation(self) -> dict[str, float]:
-        if self.validate is None:
+        if self.validate is None or not self.dist.is_main:
             return {}
         was_training = self.model.training
         self.eval_model.eval()
@@ -245,45 +408,150 @@ class Trainer:
             self.logger.log(f"{self.name}/val_{key}", self.step, value)
         return values
 
-    def _diverged(self, loss: float) -> TrainingDiverged:
+    def _kept(self) -> str:
         if self.last_checkpoint is None:
-            kept = "no checkpoint had been written yet"
-        else:
-            kept = f"the last good checkpoint (step {self.last_checkpoint[0]}) is kept at {self.last_checkpoint[1]}"
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint (step {self.last_checkpoint[0]}) is kept at {self.last_checkpoint[1]}"
+
+    def _diverged(self, loss: float) -> TrainingDiverged:
         return TrainingDiverged(
-            f"'{self.name}' training stopped: the loss became {loss} at step {self.step + 1}; {kept}"
+            f"'{self.name}' training stopped: the loss became {loss} at step {self.step + 1}; {self._kept()}"
         )
 
+    def _network(self) -> nn.Module:
+        """What the loss is computed through: the model, wrapped in DDP across processes, then compiled."""
+        net: nn.Module = self.model
+        self._ddp = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+            net = self._ddp
+        if self.config.compile:
+            net = _compile(net)
+        return net
+
+    def _autocast(self) -> Any:
+        if self.config.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _micro_batches(self, batch: Any) -> Iterator[tuple[Any, torch.Generator]]:
+        """This rank's ``grad_accum`` micro-batches of the step's global batch, each with its generator.
+
+        With ``P = world_size x grad_accum`` parts, rank r takes parts ``r A .. r A + A - 1`` (a contiguous
+        ``1/world_size`` shard). One part (a single process, no accumulation) is the batch itself with the
+        step's generator, exactly as before sharding existed.
+        """
+        seed = mix_seed(self.seed, self.step, 1)
+        accum, parts = self.config.grad_accum, self.dist.world_size * self.config.grad_accum
+        if parts == 1:
+            yield batch, torch.Generator(self.device).manual_seed(seed)
+            return
+        rows = _batch_rows(batch)
+        if rows is None:
+            raise ConfigError(
+                f"'{self.name}': grad_accum > 1 and data-parallel training need batches of tensors "
+                "(or tuples/dicts of them) to split"
+            )
+        if rows % parts:
+            raise ConfigError(
+                f"'{self.name}': a batch of {rows} rows cannot be split over processes x grad_accum = "
+                f"{self.dist.world_size} x {accum}"
+            )
+        size = rows // parts
+        for k in range(accum):
+            start = (self.dist.rank * accum + k) * size
+            generator = RowGenerator.for_rows(seed, start, start + size, rows, self.device)
+            yield _slice_batch(batch, start, start + size), generator
+
+    def _forward_backward(self, net: nn.Module, batch: Any) -> float:
+        """Accumulate the gradient of the step's mean loss; returns that loss (averaged over all ranks).
+
+        Each micro-batch loss is a mean over its rows, so it is scaled by ``1 / grad_accum`` before
+        ``backward`` and DDP averages over ranks: the sum is the gradient of the global batch's mean loss.
+        """
+        accum = self.config.grad_accum
+        total: torch.Tensor | None = None
+        for k, (micro, generator) in enumerate(self._micro_batches(batch)):
+            last = k == accum - 1
+            sync = self._ddp.no_sync() if self._ddp is not None and not last else nullcontext()  # type: ignore[operator]
+            with sync:
+                with self._autocast():
+                    loss = self.loss_fn(net, micro, generator)
+                scaled = loss / accum if accum > 1 else loss
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            detached = loss.detach().float()
+            total = detached if total is None else total + detached
+        assert total is not None
+        if self.dist.enabled:
+            return float(distributed.all_reduce_sum(total, self.dist)) / (accum * self.dist.world_size)
+        return float(total) / accum if accum > 1 else float(total)
+
+    @contextmanager
+    def _determinism(self) -> Iterator[None]:
+        if not self.config.deterministic:
+            yield
+            return
+        before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
     def fit(self) -> TrainResult:
+        with self._determinism():
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         config = self.config
         start = time.perf_counter()
         resumed = self._restore()
         self.step = resumed
-        if resumed:
+        if self.dist.is_main:  # records past the resume point belong to a run that is being redone
             self.logger.truncate(f"{self.name}/", resumed)
+        if resumed:
             done = " (training already complete)" if resumed >= config.steps else ""
-            self.echo(f"[{self.name}] resumed from step {resumed} of {config.steps}{done}")
+            self._say(f"[{self.name}] resumed from step {resumed} of {config.steps}{done}")
+        net = self._network()
         self.model.train()
         running, count, skipped, consecutive_skips = 0.0, 0, 0, 0
         last_logged: float | None = None
         validation: dict[str, float] = {}
-        bar = progress_bar(total=config.steps, initial=self.step, desc=self.name, disable=not self.show_progress)
+        main = self.dist.is_main
+        bar = progress_bar(
+            total=config.steps, initial=self.step, desc=self.name, disable=not (self.show_progress and main)
+        )
         try:
             while self.step < config.steps:
                 lr = config.lr_at(self.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                generator = torch.Generator(self.device).manual_seed(mix_seed(self.seed, self.step, 1))
                 batch = self.batches.batch(self.step)
-                loss = self.loss_fn(self.model, batch, generator)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss_value = float(loss.detach())
+                try:
+                    loss_value = self._forward_backward(net, batch)
+                except Exception as exc:
+                    if config.compile and _is_compile_failure(exc):
+                        raise ConfigError(
+                            f"'{self.name}': compile=true failed ({type(exc).__name__}: {_first_line(exc)}); "
+                            "run with compile=false"
+                        ) from None
+                    raise
                 finite = math.isfinite(loss_value)
                 if finite:
-                    loss.backward()
+                    if self.scaler is not None:
+                        self.scaler.unscale_(self.optimizer)
                     if config.grad_clip > 0:
                         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-                        finite = bool(torch.isfinite(norm))
+                        # with fp16 an overflowing gradient is the scaler's business: it skips the step
+                        finite = bool(torch.isfinite(norm)) or self.scaler is not None
                 if not finite:
                     if config.nan_policy == "stop":
                         raise self._diverged(loss_value)
@@ -296,7 +564,11 @@ class Trainer:
                     bar.update(1)
                     continue
                 consecutive_skips = 0
-                self.optimizer.step()
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
                 if self.ema is not None:
                     self.ema.update(self.model)
                 self.step += 1
@@ -305,22 +577,25 @@ class Trainer:
                 count += 1
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     last_logged = running / count
-                    self.logger.log(f"{self.name}/train_loss", self.step, last_logged)
-                    self.logger.log(f"{self.name}/lr", self.step, lr)
+                    if main:
+                        self.logger.log(f"{self.name}/train_loss", self.step, last_logged)
+                        self.logger.log(f"{self.name}/lr", self.step, lr)
                     bar.set_postfix(loss=f"{last_logged:.4f}")
                     running, count = 0.0, 0
                 if self.step % config.eval_every == 0 or self.step == config.steps:
                     validation = self._run_validation()
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                    self.save_checkpoint()
-                for hook in self.hooks:
-                    hook(self)
+                    self._checkpoint()
+                if main:
+                    for hook in self.hooks:
+                        hook(self)
         finally:
             bar.close()
-            self.logger.flush()
-        if resumed >= config.steps and self.validate is not None:
+            if main:
+                self.logger.flush()
+        if resumed >= config.steps and self.validate is not None and main:
             validation = self._last_validation()
-        self.export()
+        distributed.on_main(self.export, self.dist)
         return TrainResult(
             name=self.name,
             step=self.step,
@@ -329,6 +604,7 @@ class Trainer:
             final_train_loss=last_logged,
             final_validation=validation,
             skipped_steps=skipped,
+            world_size=self.dist.world_size,
         )
 
     def _last_validation(self) -> dict[str, float]:

@@ -1,0 +1,234 @@
+"""Scaling out: data-parallel training over processes, gradient accumulation, bf16/fp16 and torch.compile.
+
+Where the maths says two ways of running a step compute the same thing (one batch vs N micro-batches, one
+process vs two), the tests ask for the same numbers up to float32 rounding; where it does not (bf16), they
+ask for a loss close to fp32's and for learning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import difflab
+from difflab.cli import main
+from difflab.data.batches import ShuffledBatches
+from difflab.diffusion.objectives import epsilon_loss
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.errors import ConfigError
+from difflab.models.mlp import DenoiserMLP
+from difflab.seeding import RowGenerator, batch_randint, batch_randn
+from difflab.training import distributed
+from difflab.training import trainer as trainer_module
+from difflab.training.distributed import DistContext, sample_sharded, shard_range, shard_seed
+from difflab.training.logging import RunLogger, read_series
+from difflab.training.trainer import TrainConfig, Trainer
+
+SCHEDULE = NoiseSchedule.linear(100, 1e-3, 0.2)
+SRC = Path(difflab.__file__).resolve().parent.parent
+
+# float32 rounding only: a mean over 256 rows split into parts, or gradients averaged over ranks, differs from
+# the one-piece sum in the last bits (~1e-7 relative); 20-60 AdamW steps keep that far below 1e-5.
+SAME_MATHS_RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and two threads crawl when other processes share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def data(n: int = 1024) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    angle = torch.rand(n, generator=generator) * 6.28
+    return torch.stack([angle.cos(), angle.sin()], 1) + 0.05 * torch.randn(n, 2, generator=generator)
+
+
+def make_trainer(run_dir: Path, steps: int, hidden=(64, 64), context: DistContext | None = None, **overrides):
+    torch.manual_seed(0)
+    model = DenoiserMLP(2, hidden, 100)
+    settings = {"steps": steps, "batch_size": 256, "lr": 3e-3, "warmup_steps": 5, "log_every": 1, **overrides}
+    config = TrainConfig(**{"eval_every": 1000, "checkpoint_every": 1000, **settings})
+    return Trainer(
+        "denoiser",
+        model,
+        lambda net, batch, generator: epsilon_loss(net, SCHEDULE, batch[0], generator),
+        ShuffledBatches((data(),), config.batch_size, seed=1),
+        config,
+        run_dir,
+        RunLogger(run_dir, tensorboard=False),
+        seed=3,
+        show_progress=False,
+        echo=lambda message: None,
+        distributed_context=context,
+    )
+
+
+def losses(run_dir: Path) -> list[float]:
+    return read_series(run_dir / "metrics.jsonl", "denoiser/train_loss")[1]
+
+
+def test_row_generators_slice_the_whole_batch_draw() -> None:
+    full_t = torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(7))
+    full_noise = torch.randn((12, 3), generator=torch.Generator().manual_seed(7).set_state(_after_randint(7)))
+    pieces_t, pieces_noise, plain = [], [], []
+    for start in (0, 4, 8):
+        generator = RowGenerator.for_rows(7, start, start + 4, 12)
+        pieces_t.append(batch_randint(100, 4, generator, "cpu"))
+        pieces_noise.append(batch_randn((4, 3), generator, "cpu"))
+        plain.append(torch.randn(4, generator=generator))
+    assert torch.equal(torch.cat(pieces_t), full_t)
+    assert torch.equal(torch.cat(pieces_noise), full_noise)
+    assert not torch.equal(plain[0], plain[1])  # direct draws are independent per slice
+    with pytest.raises(ValueError, match="whole micro-batch"):
+        batch_randn((3, 3), RowGenerator.for_rows(7, 0, 4, 12), "cpu")
+
+
+def _after_randint(seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    torch.randint(0, 100, (12,), generator=generator)
+    return generator.get_state()
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
+    """4 micro-batches of 64 (losses scaled by 1/4) give the weights of one batch of 256."""
+    whole = make_trainer(tmp_path / "whole", 40, ema_decay=0.9)
+    whole.fit()
+    accumulated = make_trainer(tmp_path / "accum", 40, ema_decay=0.9, grad_accum=4)
+    accumulated.fit()
+    for a, b in zip(whole.model.parameters(), accumulated.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=SAME_MATHS_RTOL, atol=1e-6)
+    for a, b in zip(whole.ema.state_dict().values(), accumulated.ema.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=SAME_MATHS_RTOL, atol=1e-6)
+    torch.testing.assert_close(losses(tmp_path / "accum"), losses(tmp_path / "whole"), rtol=SAME_MATHS_RTOL, atol=0)
+    assert losses(tmp_path / "whole")[-1] < losses(tmp_path / "whole")[0]
+    with pytest.raises(ConfigError, match=r"batch_size \(256\) must be divisible by grad_accum \(3\)"):
+        TrainConfig(batch_size=256, grad_accum=3)
+
+
+def test_global_batch_must_split_over_processes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="global batch and must be divisible by processes x grad_accum = 3 x 1"):
+        make_trainer(tmp_path, 5, context=DistContext(rank=0, world_size=3))
+
+
+def test_bf16_is_close_to_fp32_and_learns(tmp_path: Path) -> None:
+    make_trainer(tmp_path / "fp32", 120).fit()
+    make_trainer(tmp_path / "bf16", 120, precision="bf16").fit()
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    # Same weights and batch at step 1: bf16 keeps 8 bits of mantissa (relative rounding 2^-8 = 0.4%) per op.
+    assert abs(bf16[0] - fp32[0]) / fp32[0] < 2e-2
+    assert sum(bf16[-10:]) / 10 < 0.75 * sum(bf16[:5]) / 5
+    assert abs(sum(bf16[-10:]) - sum(fp32[-10:])) / sum(fp32[-10:]) < 0.1
+
+
+def test_fp16_needs_a_gpu(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="precision=fp16 needs a CUDA GPU.*use precision=bf16"):
+        make_trainer(tmp_path, 5, precision="fp16")
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, fp16"):
+        TrainConfig(precision="int8")
+
+
+def test_compile_gives_the_eager_loss(tmp_path: Path) -> None:
+    make_trainer(tmp_path / "eager", 8, hidden=(32,)).fit()
+    compiled = make_trainer(tmp_path / "compiled", 8, hidden=(32,), compile=True)
+    compiled.fit()
+    torch.testing.assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=SAME_MATHS_RTOL, atol=0)
+    assert (tmp_path / "compiled" / "checkpoints" / "denoiser.safetensors").is_file()
+    assert set(load_file(tmp_path / "compiled" / "checkpoints" / "denoiser.safetensors")) == set(
+        compiled.model.state_dict()
+    )  # the plain module's names, not the compiled wrapper's
+
+
+def test_a_failing_compile_is_one_clear_line(tmp_path: Path, monkeypatch) -> None:
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found\nlong details")
+
+    monkeypatch.setattr(trainer_module, "_compile", lambda module: torch.compile(module, backend=broken_backend))
+    torch._dynamo.reset()
+    with pytest.raises(ConfigError) as info:
+        make_trainer(tmp_path, 3, hidden=(8,), compile=True).fit()
+    assert "compile=true failed" in str(info.value) and "compile=false" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_sharding_helpers_on_one_process() -> None:
+    assert [shard_range(10, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert shard_seed(123, 0) == 123 and shard_seed(123, 1) != 123
+    samples = sample_sharded(lambda shard, count: torch.arange(count) + 100 * shard, 7)
+    assert torch.equal(samples, torch.arange(7))
+    assert distributed.on_main(lambda: 5) == 5
+    assert distributed.current() == DistContext()
+
+
+QUICK = [
+    "progress=false",
+    "device=cpu",
+    "denoiser.hidden=[32,32]",
+    "classifier.hidden=[32]",
+    "denoiser_train.steps=20",
+    "classifier_train.steps=10",
+    "denoiser_train.log_every=1",
+    "classifier_train.log_every=1",
+    "denoiser_train.batch_size=256",
+    "classifier_train.batch_size=256",
+    "denoiser_train.checkpoint_every=10",
+    "sampling.n_uncond=200",
+    "sampling.n_cond=40",
+    "sampling.cond_steps=10",
+    "figures.prediction_map_steps=[1]",
+]
+
+
+def train_losses(path: Path) -> dict[tuple[str, int], float]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    keys = [(r["tag"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys)), "a step was logged twice (more than one rank wrote)"
+    return {(r["tag"], r["step"]): r["value"] for r in records if r["tag"].endswith("/train_loss")}
+
+
+def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2 -m difflab run states`` on gloo: the per-step losses of the same global
+    batch match a single process (float rounding only), rank 0 alone writes, sampling is sharded."""
+    two = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*command, "-m", "difflab", "run", "states", f"run_dir={two}", *QUICK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("report:") == 1  # rank 0 alone speaks
+    one = tmp_path / "one"
+    assert main(["train", "states", f"run_dir={one}", *QUICK]) == 0
+
+    single, double = train_losses(one / "metrics.jsonl"), train_losses(two / "metrics.jsonl")
+    assert single.keys() == double.keys() and len(single) == 30
+    for key, value in single.items():
+        assert double[key] == pytest.approx(value, rel=SAME_MATHS_RTOL), key
+    for name in ("denoiser", "classifier"):
+        a = load_file(one / "checkpoints" / f"{name}.safetensors")
+        b = load_file(two / "checkpoints" / f"{name}.safetensors")
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=SAME_MATHS_RTOL, atol=1e-6)
+
+    assert json.loads((two / "run.json").read_text())["status"] == "complete"
+    assert (two / "report.md").is_file() and (two / "metrics.json").is_file()
+    assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    samples = torch.load(two / "samples" / "uncond_gen_samples.pt", weights_only=True)
+    assert samples.shape == (200, 2) and torch.isfinite(samples).all()
+    assert not torch.allclose(samples[:100], samples[100:])  # two shards drawn with different seeds
+    info = json.loads((two / "checkpoints" / "denoiser.json").read_text())
+    assert info["step"] == 20
