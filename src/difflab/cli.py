@@ -4,6 +4,8 @@
     difflab run CONFIG.yaml [key=value ...]
     difflab config RECIPE            print a recipe's default config as YAML
     difflab recipes                  list the recipes
+    difflab report RUN [--style S]   rebuild RUN/report.md and RUN/report.html from the run folder
+    difflab serve [RUNS_DIR] [--port 8765] [--host 127.0.0.1]   browse run folders in a web browser
 
 Errors a user can cause are printed as one line on stderr with exit status 2.
 """
@@ -30,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print a recipe's default config as YAML")
     show.add_argument("recipe")
     commands.add_parser("recipes", help="list the recipes")
+    report = commands.add_parser("report", help="(re)write a completed run's report.md and report.html")
+    report.add_argument("run_dir", help="a completed run folder")
+    report.add_argument("--style", default="default", help="report style (default: default)")
+    serve = commands.add_parser("serve", help="browse run folders: metrics, configs, figures, trajectories")
+    serve.add_argument("runs_dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     return parser
 
 
@@ -65,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config_from(recipe.config_class(), config_file, args.overrides)
     run = recipe.run(config, fresh=args.fresh)
     print(f"report: {run.path / 'report.md'}")
+    print(f"report: {run.path / 'report.html'}")
     return 0
 
 
@@ -83,9 +93,31 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from difflab.experiments import report_run
+
+    md_path, html_path = report_run(args.run_dir, args.style)
+    print(f"report: {md_path}")
+    print(f"report: {html_path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from difflab.report.serve import serve_forever
+
+    serve_forever(args.runs_dir, args.host, args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "config": cmd_config, "recipes": cmd_recipes}
+    handlers = {
+        "run": cmd_run,
+        "config": cmd_config,
+        "recipes": cmd_recipes,
+        "report": cmd_report,
+        "serve": cmd_serve,
+    }
     try:
         return handlers[args.command](args)
     except DifflabError as exc:
