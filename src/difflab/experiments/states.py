@@ -393,6 +393,7 @@ def _run(
     metrics["timings_seconds"]["total"] = round(total, 2)
     metrics["targets"] = targets(metrics, shipped, total)
     metrics["data"] = data_summary(splits, config.data, shipped)
+    metrics["device"] = str(device)
     run.write_metrics(metrics)
     write_report(build_report(load_run(run.path, require_complete=False)), run.path)
     run.complete()

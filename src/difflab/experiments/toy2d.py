@@ -221,6 +221,7 @@ def _run(run: RunFolder, config: ToyConfig, device: torch.device, train, heldout
         "validation_points": len(splits.validation),
         "heldout_points": len(heldout),
     }
+    metrics["device"] = str(device)
     run.write_metrics(metrics)
     write_report(build_report(load_run(run.path, require_complete=False)), run.path)
     run.complete()

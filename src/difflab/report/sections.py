@@ -93,7 +93,8 @@ def environment_table(contents: RunContents) -> Table | Paragraph:
     env = contents.environment
     if not env:
         return Paragraph("`run.json` records no environment.")
-    return Table(("item", "value"), tuple(sorted(env.items())))
+    rows = [("device used", str(contents.metrics["device"]))] if "device" in contents.metrics else []
+    return Table(("item", "value"), tuple(rows + sorted(env.items())))
 
 
 def trajectory_note(contents: RunContents) -> Paragraph | None:
@@ -115,7 +116,13 @@ def closing_sections(contents: RunContents) -> list[tuple[str, list[Block | None
     return [
         ("Where the time goes", [timings_table(contents)]),
         ("Configuration", [config_block(contents)]),
-        ("Environment", [Paragraph("The machine that made the run (from `run.json`)."), environment_table(contents)]),
+        (
+            "Environment",
+            [
+                Paragraph("The machine that made the run (from `run.json`; the device from `metrics.json`)."),
+                environment_table(contents),
+            ],
+        ),
     ]
 
 
