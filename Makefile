@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 # torch is installed first, pinned to the CPU build that lies on this machine's disk; pyproject asks only torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test install dev lint clean
+# The browser test drives Debian's Chromium through chromedriver; as root no sudo is needed.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test install dev browser lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +28,11 @@ $(VENV)/.dev-installed: $(VENV)/.installed pyproject.toml
 
 install: $(VENV)/.installed
 
-dev: $(VENV)/.dev-installed
+dev: $(VENV)/.dev-installed browser
+
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
 
 run: install
 	$(BIN)/difflab run states

@@ -40,6 +40,8 @@ def test_states_run_writes_every_artefact(states_run: Path) -> None:
         "metrics.json",
         "metrics.jsonl",
         "report.md",
+        "report.html",
+        "samples/trajectory.safetensors",
         "checkpoints/denoiser.safetensors",
         "checkpoints/denoiser.json",
         "checkpoints/classifier.safetensors",

@@ -13,8 +13,15 @@ from difflab.experiments.mnist import sample_from_run
 from difflab.viz.images import load_image
 
 TINY_DIGITS = [
-    "data.source=digits", "progress=false", "train.batch_size=64", "train.eval_every=50", "train.log_every=10",
-    "train.lr=2e-3", "unet.base_channels=16", "schedule.num_timesteps=100", "metrics.batch_size=100",
+    "data.source=digits",
+    "progress=false",
+    "train.batch_size=64",
+    "train.eval_every=50",
+    "train.log_every=10",
+    "train.lr=2e-3",
+    "unet.base_channels=16",
+    "schedule.num_timesteps=100",
+    "metrics.batch_size=100",
     "metrics.ddim_steps=10",
 ]
 
@@ -22,15 +29,36 @@ TINY_DIGITS = [
 @pytest.fixture(scope="module")
 def cfg_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "cfg"
-    assert main(["run", "mnist-cfg", f"run_dir={run_dir}", *TINY_DIGITS, "train.steps=150",
-                 "metrics.n_samples=100", "guidance.n_sweep=50", "guidance.sweep=[0,2]",
-                 "guidance.grid_per_digit=3"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "mnist-cfg",
+                f"run_dir={run_dir}",
+                *TINY_DIGITS,
+                "train.steps=150",
+                "metrics.n_samples=100",
+                "guidance.n_sweep=50",
+                "guidance.sweep=[0,2]",
+                "guidance.grid_per_digit=3",
+            ]
+        )
+        == 0
+    )
     return run_dir
 
 
 def test_cfg_run_writes_its_artefacts_and_learns(cfg_run: Path) -> None:
-    for name in ["report.md", "metrics.json", "checkpoints/denoiser.safetensors", "figures/digits_grid.png",
-                 "figures/denoising_panel.png", "figures/progress.png", "figures/loss.png", "samples/cfg_w2.pt"]:
+    for name in [
+        "report.md",
+        "metrics.json",
+        "checkpoints/denoiser.safetensors",
+        "figures/digits_grid.png",
+        "figures/denoising_panel.png",
+        "figures/progress.png",
+        "figures/loss.png",
+        "samples/cfg_w2.pt",
+    ]:
         assert (cfg_run / name).is_file(), name
     assert len(list((cfg_run / "figures" / "progress").glob("epoch_*.pt"))) >= 5  # 1,617 digits / 64 per step
     records = [json.loads(line) for line in (cfg_run / "metrics.jsonl").read_text().splitlines()]
@@ -48,8 +76,12 @@ def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
     assert path.is_file() and path.with_suffix(".pt").is_file()
     content = torch.load(path.with_suffix(".pt"), weights_only=True)
     assert content["labels"].tolist() == [7, 7, 7, 7]
-    assert main(["sample", str(cfg_run), "--digit", "3", "--guidance", "2", "--n", "4", "--sampler", "ddim",
-                 "--steps", "5"]) == 0
+    assert (
+        main(
+            ["sample", str(cfg_run), "--digit", "3", "--guidance", "2", "--n", "4", "--sampler", "ddim", "--steps", "5"]
+        )
+        == 0
+    )
     assert "samples" in capsys.readouterr().out
     assert main(["sample", str(cfg_run), "--digit", "12"]) == 2
     assert "--digit must be between 0 and 9" in capsys.readouterr().err
@@ -57,8 +89,20 @@ def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
 
 def test_ddpm_recipe_on_digits(tmp_path: Path) -> None:
     run_dir = tmp_path / "ddpm"
-    assert main(["run", "mnist-ddpm", f"run_dir={run_dir}", *TINY_DIGITS, "train.steps=100",
-                 "metrics.n_samples=50", "metrics.n_ddpm=8"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "mnist-ddpm",
+                f"run_dir={run_dir}",
+                *TINY_DIGITS,
+                "train.steps=100",
+                "metrics.n_samples=50",
+                "metrics.n_ddpm=8",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["grids"]["ddpm"]["network_evaluations"] == 16 * 100
     assert metrics["grids"]["ddim"]["network_evaluations"] == 16 * 10
@@ -69,8 +113,19 @@ def test_ddpm_recipe_on_digits(tmp_path: Path) -> None:
 def test_bad_image_input(tmp_path: Path, capsys) -> None:
     assert main(["run", "mnist-cfg", "data.source=imagefolder", f"run_dir={tmp_path / 'r'}"]) == 2
     assert "needs data.path" in capsys.readouterr().err
-    assert main(["run", "mnist-cfg", "data.source=imagefolder", f"data.path={tmp_path / 'none'}", "data.size=16",
-                 f"run_dir={tmp_path / 'r'}"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "mnist-cfg",
+                "data.source=imagefolder",
+                f"data.path={tmp_path / 'none'}",
+                "data.size=16",
+                f"run_dir={tmp_path / 'r'}",
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert main(["run", "mnist-cfg", "unet.num_classes=0", f"run_dir={tmp_path / 'r'}"]) == 2
     assert "class-conditional" in capsys.readouterr().err
@@ -80,10 +135,28 @@ def test_bad_image_input(tmp_path: Path, capsys) -> None:
 
 def test_mnist_run_is_evaluated_against_its_calibration_rows(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "mnist"
-    assert main(["run", "mnist-ddpm", f"run_dir={run_dir}", "data.max_train=2000", "progress=false",
-                 "train.steps=160", "train.lr=2e-3", "train.batch_size=64", "train.eval_every=80",
-                 "unet.base_channels=16", "schedule.num_timesteps=100", "metrics.n_samples=100",
-                 "metrics.n_ddpm=10", "metrics.ddim_steps=10", "metrics.batch_size=100"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "mnist-ddpm",
+                f"run_dir={run_dir}",
+                "data.max_train=2000",
+                "progress=false",
+                "train.steps=160",
+                "train.lr=2e-3",
+                "train.batch_size=64",
+                "train.eval_every=80",
+                "unet.base_channels=16",
+                "schedule.num_timesteps=100",
+                "metrics.n_samples=100",
+                "metrics.n_ddpm=10",
+                "metrics.ddim_steps=10",
+                "metrics.batch_size=100",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rows = {r["name"]: r for r in metrics["calibration"]["100"]}
     assert rows["real held-out"]["fid"] < rows["pure noise uniform[0,1]"]["fid"]

@@ -15,8 +15,9 @@ from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
 @pytest.mark.parametrize("size", [28, 32, 8, 13])
 @pytest.mark.parametrize("conditioning", ["add", "film"])
 def test_any_size_and_both_time_conditionings(size: int, conditioning: str) -> None:
-    model = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2, 2), time_conditioning=conditioning,
-                            attention_levels=(2,)))
+    model = UNet(
+        UNetConfig(base_channels=16, channel_mults=(1, 2, 2), time_conditioning=conditioning, attention_levels=(2,))
+    )
     x = torch.randn(3, 1, size, size)
     out = model(x, torch.tensor([0, 500, 999]))
     assert out.shape == x.shape

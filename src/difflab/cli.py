@@ -8,6 +8,8 @@
     difflab sample RUN --sampler NAME --steps N [--n 5000] [--seed S] [--out FILE]
     difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S]
     difflab likelihood RUN [--n 1000]  exact model NLL of held-out points (probability-flow ODE)
+    difflab report RUN [--style S]   rebuild RUN/report.md and RUN/report.html from the run folder
+    difflab serve [RUNS_DIR] [--port 8765] [--host 127.0.0.1]   browse run folders in a web browser
 
 ``run`` and ``train`` also work under ``torchrun --nproc_per_node=N -m difflab ...`` (data-parallel; rank 0
 writes everything). Errors a user can cause are printed as one line on stderr with exit status 2.
@@ -47,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("recipe")
     commands.add_parser("recipes", help="list the recipes")
     _add_sampling_commands(commands)
+    report = commands.add_parser("report", help="(re)write a completed run's report.md and report.html")
+    report.add_argument("run_dir", help="a completed run folder")
+    report.add_argument("--style", default="default", help="report style (default: default)")
+    serve = commands.add_parser("serve", help="browse run folders: metrics, configs, figures, trajectories")
+    serve.add_argument("runs_dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     return parser
 
 
@@ -55,14 +64,21 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
 
     sample = commands.add_parser("sample", help="draw samples from a finished run with any sampler")
     sample.add_argument("run", help="a finished run folder")
-    sample.add_argument("--sampler", default=None,
-                        help=f"one of {', '.join(SAMPLERS)} (default: dpmpp-2m for 2-D runs, ddim for image runs)")
+    sample.add_argument(
+        "--sampler",
+        default=None,
+        help=f"one of {', '.join(SAMPLERS)} (default: dpmpp-2m for 2-D runs, ddim for image runs)",
+    )
     sample.add_argument("--steps", type=int, default=None, help="sampler steps (default 20 for 2-D, 50 for images)")
     sample.add_argument("--n", type=int, default=None, help="number of samples (default 5000 for 2-D, 16 for images)")
     sample.add_argument("--digit", type=int, default=None, help="class label, for a class-conditional image run")
-    sample.add_argument("--guidance", type=float, default=1.0,
-                        help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 0 unconditional, "
-                        "1 conditional (default), > 1 guided")
+    sample.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 0 unconditional, "
+        "1 conditional (default), > 1 guided",
+    )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output file (default under RUN/samples/)")
     sample.add_argument("--device", default="auto")
@@ -118,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = recipe.run(config, fresh=args.fresh)
     if run.main:
         print(f"report: {run.path / 'report.md'}")
+        print(f"report: {run.path / 'report.html'}")
     return 0
 
 
@@ -175,17 +192,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if read_run(args.run).get("recipe") in IMAGE_RECIPES:
         from difflab.experiments.mnist import sample_from_run
 
-        path = sample_from_run(args.run, n=args.n or 16, digit=args.digit, guidance=args.guidance,
-                               sampler=args.sampler or "ddim", steps=args.steps or 50, seed=args.seed,
-                               device=args.device, out=args.out)
+        path = sample_from_run(
+            args.run,
+            n=args.n or 16,
+            digit=args.digit,
+            guidance=args.guidance,
+            sampler=args.sampler or "ddim",
+            steps=args.steps or 50,
+            seed=args.seed,
+            device=args.device,
+            out=args.out,
+        )
         print(f"samples: {path} (tensors in {path.with_suffix('.pt')})")
         return 0
     if args.digit is not None:
         raise ConfigError("--digit needs a class-conditional image run (mnist-cfg)")
     from difflab.experiments.samplers import sample_run
 
-    record = sample_run(args.run, args.sampler or "dpmpp-2m", args.steps or 20, args.n or 5000, args.seed, args.out,
-                        args.device)
+    record = sample_run(
+        args.run, args.sampler or "dpmpp-2m", args.steps or 20, args.n or 5000, args.seed, args.out, args.device
+    )
     scores = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("nll") or k == "fid")
     print(f"{args.sampler}: {record['steps']} steps, {record['nfe']} NFE, {record['seconds']:.1f} s  {scores}")
     print(f"samples: {record['samples']}" + (f"  figure: {record['figure']}" if "figure" in record else ""))
@@ -227,6 +253,22 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from difflab.experiments import report_run
+
+    md_path, html_path = report_run(args.run_dir, args.style)
+    print(f"report: {md_path}")
+    print(f"report: {html_path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from difflab.report.serve import serve_forever
+
+    serve_forever(args.runs_dir, args.host, args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -238,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         "recipes": cmd_recipes,
         "compare-samplers": cmd_compare_samplers,
         "likelihood": cmd_likelihood,
+        "report": cmd_report,
+        "serve": cmd_serve,
     }
     try:
         return handlers[args.command](args)

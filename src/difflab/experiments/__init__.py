@@ -1,21 +1,27 @@
 """One recipe per reference experiment. :func:`recipes` maps a recipe name to its config class, its runner
-(``difflab run``: train, sample, score, report) and its trainer (``difflab train``: the training stages and
-the exported weights only)."""
+(``difflab run``: train, sample, score, report), its trainer (``difflab train``: the training stages and the
+exported weights only) and its report styles."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+DEFAULT_STYLE = "default"
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """A recipe: ``run(config, fresh=...)`` makes a run folder; ``reports`` maps a report style name to a
+    builder ``(RunContents) -> Report`` (``default`` is what the recipe writes when it completes)."""
+
     name: str
     config_class: Callable[[], Any]
     run: Callable[..., Any]
     summary: str
     train: Callable[..., Any]
+    reports: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
 
 
 def recipes() -> dict[str, Recipe]:
@@ -29,6 +35,7 @@ def recipes() -> dict[str, Recipe]:
             states.run_states,
             "STATES: DDPM + classifier-guided DDIM on five US state outlines",
             states.train_states,
+            {DEFAULT_STYLE: states.build_report},
         ),
     ]
     for name in toy2d.TOY_DATASETS:
@@ -39,6 +46,7 @@ def recipes() -> dict[str, Recipe]:
                 toy2d.run_toy,
                 f"2-D walkthrough on {name}: forward/reverse process, DDPM samples, NLL",
                 toy2d.train_toy,
+                {DEFAULT_STYLE: toy2d.build_report},
             )
         )
     found += [
@@ -58,3 +66,23 @@ def recipes() -> dict[str, Recipe]:
         ),
     ]
     return {r.name: r for r in found}
+
+
+def report_run(path: Any, style: str = DEFAULT_STYLE, require_complete: bool = True) -> tuple[Any, Any]:
+    """Rebuild ``report.md`` and ``report.html`` of the run folder ``path`` in report ``style``, from the
+    folder alone; returns both paths. Refuses (one-line ConfigError) a folder that is not a completed run."""
+    from difflab.errors import ConfigError
+    from difflab.report.render import write_report
+    from difflab.report.rundata import load_run
+
+    contents = load_run(path, require_complete=require_complete)
+    known = recipes()
+    recipe = known.get(contents.recipe)
+    if recipe is None:
+        raise ConfigError(f"{path} was made by recipe {contents.recipe!r}, which this difflab does not know")
+    builder = recipe.reports.get(style)
+    if builder is None:
+        raise ConfigError(
+            f"recipe {recipe.name} has no report style {style!r}; choose one of {', '.join(recipe.reports) or 'none'}"
+        )
+    return write_report(builder(contents), contents.path)

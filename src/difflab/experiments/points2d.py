@@ -17,9 +17,10 @@ from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
 from difflab.experiments.runs import RunFolder
 from difflab.models.mlp import DenoiserMLP
-from difflab.sampling.common import EpsModel, batched
+from difflab.sampling.common import EpsModel, StepCallback, batched, timestep_list
 from difflab.sampling.ddim import ddim_sample
 from difflab.sampling.ddpm import ddpm_sample
+from difflab.sampling.trajectory import TrajectoryRecorder, choose_frames
 from difflab.seeding import mix_seed, seeded_generator
 from difflab.training.distributed import sample_sharded, shard_seed
 from difflab.training.logging import RunLogger, read_series
@@ -159,23 +160,29 @@ def sample_points(
     device: torch.device,
     snapshot_steps: tuple[int, ...] = (),
     show_progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
     """``n`` 2-D samples in batches; returns ``(samples (n, 2), snapshots)``.
 
     ``snapshot_steps`` are DDPM steps (``T`` = pure noise, ``0`` = the output) at which the first batch is
-    recorded for the reverse-process figure; DDIM records the nearest visited step.
+    recorded for the reverse-process figure; DDIM records the nearest visited step. ``callback`` (e.g. a
+    :class:`TrajectoryRecorder`) sees every step of the first batch.
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     outputs, snapshots = [], []
     wanted = set(snapshot_steps)
     for b, size in enumerate(batched(n, batch_size)):
-        record: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None
+        record: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = callback if b == 0 else None
         if b == 0 and wanted:
             visited: dict[int, torch.Tensor] = {}
 
-            def record(k: int, t: int, x: torch.Tensor, x0: torch.Tensor, visited: dict = visited) -> None:
+            def record(
+                k: int, t: int, x: torch.Tensor, x0: torch.Tensor, visited: dict = visited, outer=callback
+            ) -> None:
                 visited[t + 1] = x.detach().cpu().clone()  # x is x_{t+1} in DDPM step numbering
+                if outer is not None:
+                    outer(k, t, x, x0)
 
         if sampler == "ddpm":
             x = ddpm_sample(
@@ -223,11 +230,13 @@ def sample_points_sharded(
     device: torch.device,
     snapshot_steps: tuple[int, ...] = (),
     show_progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
     """:func:`sample_points` spread over the ranks of a data-parallel run and gathered on every rank.
 
     Rank r draws shard r of the ``n`` samples with a generator seeded ``shard_seed(seed, r)``; snapshots
-    come from shard 0. On a single process this is exactly ``sample_points`` with a generator seeded ``seed``.
+    (and the ``callback``'s steps) come from shard 0. On a single process this is exactly ``sample_points``
+    with a generator seeded ``seed``.
     """
     snapshots: list[tuple[int, torch.Tensor]] = []
 
@@ -245,11 +254,28 @@ def sample_points_sharded(
             device=device,
             snapshot_steps=snapshot_steps if shard == 0 else (),
             show_progress=show_progress and shard == 0,
+            callback=callback if shard == 0 else None,
         )
         snapshots.extend(recorded)
         return samples
 
     return sample_sharded(draw, n), snapshots
+
+
+def trajectory_recorder(
+    schedule: NoiseSchedule, sampler: str, steps: int, frames: int, points: int
+) -> TrajectoryRecorder | None:
+    """A recorder of ``frames`` evenly spread timesteps of the first ``points`` samples of ``sampler``
+    (``None`` when ``frames`` is 0)."""
+    if frames <= 0:
+        return None
+    num_timesteps = schedule.num_timesteps
+    if sampler == "ddpm":
+        visited = list(range(num_timesteps - 1, -1, -1))
+    else:
+        visited = timestep_list(num_timesteps, steps or num_timesteps)
+    keep = choose_frames(visited, frames)
+    return TrajectoryRecorder(keep, points, {"sampler": sampler, "num_timesteps": str(num_timesteps)})
 
 
 def forward_figure(data: torch.Tensor, schedule: NoiseSchedule, steps: tuple[int, ...], path: Path, seed: int) -> Path:

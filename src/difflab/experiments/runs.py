@@ -6,10 +6,11 @@ Layout::
     RUN/run.json           recipe, status (running | complete | failed), message, timings, environment
     RUN/metrics.jsonl      scalar logs (also RUN/tensorboard/)
     RUN/checkpoints/       training states and exported weights
-    RUN/samples/           sample tensors (.pt)
+    RUN/samples/           sample tensors (.pt); trajectory.safetensors (x_t and predicted x_0 at ~20 steps)
     RUN/figures/           PNG figures
     RUN/metrics.json       final metrics (written only when the run completes)
-    RUN/report.md          the report (written only when the run completes)
+    RUN/report.md          the report (written only when the run completes; ``difflab report RUN`` rebuilds it)
+    RUN/report.html        the same report as one self-contained HTML file (figures embedded)
 
 Re-running the same command resumes in the same folder; a folder made with a different config is
 refused (use another ``run_dir`` or ``--fresh``).

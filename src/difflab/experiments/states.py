@@ -25,7 +25,11 @@ from difflab.experiments.points2d import DenoiserTrainConfig, MLPConfig, Splits
 from difflab.experiments.runs import RunFolder, setup_device
 from difflab.metrics import points as point_metrics
 from difflab.models.mlp import NoisyClassifierMLP
-from difflab.report.markdown import environment_table, figure, table
+from difflab.report import sections
+from difflab.report.document import MetricRow, MetricTable, Paragraph, Report, Table, metric
+from difflab.report.references import reference_text, reference_value
+from difflab.report.render import write_report
+from difflab.report.rundata import TRAJECTORY_FILE, RunContents, load_run
 from difflab.sampling.guidance import ClassifierGuidance
 from difflab.seeding import mix_seed, seed_everything, seeded_generator
 from difflab.training import distributed
@@ -39,8 +43,8 @@ UNCOND_NLL_REVERSE_MAX = 2.25
 COND_NLL_TOLERANCE = 0.05
 COND_NEAREST_MIN = 0.98
 TIME_BUDGET_SECONDS = 300.0
-REFERENCE_PASS_LINE = 2.5
-REFERENCE_BUG_FREE = 2.3
+REFERENCE_PASS_LINE = reference_value("states", "nll_course", "pass line")  # see report/references.py
+REFERENCE_BUG_FREE = reference_value("states", "nll_course", "bug-free")
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,22 @@ class GuidedSamplingConfig:
 
 @dataclass(frozen=True)
 class FigureConfig:
-    """Timesteps shown in the figures (DDPM steps: 0 is the data / the output, T is pure noise)."""
+    """Timesteps shown in the figures (DDPM steps: 0 is the data / the output, T is pure noise).
+
+    ``trajectory_frames`` timesteps of the unconditional sampling of the first ``trajectory_points``
+    samples are kept in ``samples/trajectory.safetensors`` (x_t and predicted x_0) for the run browser's
+    trajectory viewer; 0 frames keeps none.
+    """
 
     forward_steps: tuple[int, ...] = (0, 25, 50, 100, 200, 500)
     reverse_steps: tuple[int, ...] = (500, 200, 100, 50, 25, 0)
     prediction_map_steps: tuple[int, ...] = (1, 100, 250, 400)
+    trajectory_frames: int = 20
+    trajectory_points: int = 500
+
+    def __post_init__(self) -> None:
+        if self.trajectory_frames < 0 or self.trajectory_points < 1:
+            raise ConfigError("figures.trajectory_frames must be >= 0 and figures.trajectory_points >= 1")
 
 
 @dataclass(frozen=True)
@@ -309,6 +324,13 @@ def _run(
     sampling = config.sampling
     show_progress = config.progress and run.main
     with run.stage("sample unconditional"):
+        recorder = points2d.trajectory_recorder(
+            schedule,
+            sampling.uncond_sampler,
+            sampling.uncond_steps,
+            config.figures.trajectory_frames,
+            config.figures.trajectory_points,
+        )
         uncond, snapshots = points2d.sample_points_sharded(
             denoiser,
             schedule,
@@ -322,10 +344,13 @@ def _run(
             device=device,
             snapshot_steps=config.figures.reverse_steps,
             show_progress=show_progress,
+            callback=recorder,
         )
         point_metrics.check_finite(uncond, "unconditional samples")
         if run.main:
             torch.save(uncond, run.sub("samples", "uncond_gen_samples.pt"))
+            if recorder is not None:
+                recorder.trajectory().save(run.sub(TRAJECTORY_FILE))
 
     conditional: list[torch.Tensor] = []
     with run.stage("sample classifier-guided"):
@@ -414,13 +439,30 @@ def _run(
     metrics["timings_seconds"] = {k: round(v, 2) for k, v in run.timings.items()}
     metrics["timings_seconds"]["total"] = round(total, 2)
     metrics["targets"] = targets(metrics, shipped, total)
+    metrics["data"] = data_summary(splits, config.data, shipped)
+    metrics["device"] = str(device)
     run.write_metrics(metrics)
-    write_report(run, config, metrics, figures, shipped)
+    write_report(build_report(load_run(run.path, require_complete=False)), run.path)
     run.complete()
     echo(
         f"[states] done in {total:.0f} s: unconditional nll_course {metrics['uncond']['nll_course']:.3f} "
         f"(real {metrics['real']['nll_course']:.3f}), nll_reverse {metrics['uncond']['nll_reverse']:.3f}"
     )
+
+
+def data_summary(splits: Splits, config: PointsDataConfig, shipped: bool) -> dict[str, Any]:
+    """What the run trained and scored on (``metrics.json``'s ``data`` entry)."""
+    train = splits.train
+    counts = torch.bincount(train.labels, minlength=train.num_classes).tolist()
+    return {
+        "source": "shipped STATES arrays" if shipped else config.path,
+        "training_points": len(train),
+        "fit_points": len(splits.fit),
+        "validation_points": len(splits.validation),
+        "heldout_points": len(splits.heldout),
+        "classes": train.num_classes,
+        "training_points_per_class": dict(zip(train.names, counts, strict=True)),
+    }
 
 
 def _train_summary(result) -> dict[str, Any]:
@@ -518,138 +560,167 @@ def targets(metrics: dict[str, Any], shipped: bool, total_seconds: float) -> lis
     return rows
 
 
-def write_report(
-    run: RunFolder, config: StatesConfig, metrics: dict[str, Any], figures: dict[str, Path], shipped: bool
-) -> Path:
-    real, uncond, cond = metrics["real"], metrics["uncond"], metrics["cond"]
-    lines = [
-        "# STATES: unconditional and classifier-guided diffusion on five state outlines",
-        "",
-        f"Run folder `{run.path}`; config in `config.yaml`; every number below is also in `metrics.json`.",
-        "",
-        "## Unconditional samples (DDPM)",
-        "",
-        f"{uncond['n']:,} samples by {config.sampling.uncond_sampler.upper()} "
-        f"({config.schedule.num_timesteps} steps, sigma_t^2 = "
-        f"{'beta_t' if config.sampling.ddpm_variance == 'beta' else 'beta_tilde_t'}). "
-        "Scores are mean negative log-likelihoods in nats under Gaussian KDEs (Scott's rule); lower is better. "
-        f"The reference's pass line for `nll_course` is {REFERENCE_PASS_LINE} and 'bug-free' is below "
-        f"{REFERENCE_BUG_FREE}.",
-        "",
-        table(
-            ["metric", "samples", "real held-out data (floor)", "what it measures"],
-            [
-                ["nll_course", uncond["nll_course"], real["nll_course"], "samples under a KDE of all training points"],
-                ["nll_heldout", uncond["nll_heldout"], real["nll_heldout"], "samples under a KDE of held-out points"],
-                [
-                    "nll_reverse",
-                    uncond["nll_reverse"],
-                    real["nll_reverse"],
-                    "held-out points under a KDE of the samples",
-                ],
-            ],
+def build_report(contents: RunContents) -> Report:
+    """The STATES report, from the run folder alone (config.yaml, metrics.json, metrics.jsonl, figures/)."""
+    config = contents.typed_config(StatesConfig())
+    metrics = contents.metrics
+    uncond, cond = metrics.get("uncond", {}), metrics.get("cond", {})
+    shipped = not config.data.path
+    report = Report("STATES: unconditional and classifier-guided diffusion on five state outlines")
+    report.add(sections.run_summary(contents))
+    report.section(
+        "Data",
+        Paragraph(
+            "The five shipped state outlines (Census geometry; training seed 0, held-out seed 1)."
+            if shipped
+            else f"Points from `{config.data.path}`."
         ),
-        "",
-        "Share of unconditional samples nearest to each outline (real data: 20% each): "
-        + ", ".join(f"{k} {v:.1%}" for k, v in uncond["class_share"].items())
-        + ".",
-        "",
-        figure(figures["uncond"], run.path, "Unconditional samples (blue) over the training data (grey)"),
-        "",
+        sections.data_table(contents),
+    )
+
+    uncond_rows = [
+        ("nll_course", "samples under a KDE of all training points"),
+        ("nll_heldout", "samples under a KDE of held-out points"),
+        ("nll_reverse", "held-out points under a KDE of the samples"),
     ]
-    if cond:
-        lines += [
-            "## Classifier-guided samples",
-            "",
-            f"{config.sampling.n_cond:,} samples per class by {config.sampling.cond_sampler.upper()} "
-            f"({config.sampling.cond_steps or config.schedule.num_timesteps} steps, eta = {config.sampling.cond_eta}) "
-            "with `eps_hat = eps - s sqrt(1 - alpha_bar_t) grad log f(y | x_t)`, "
-            f"s = {config.sampling.guidance_scale}. "
-            "`nll_course` scores each class's samples under the all-classes KDE, beside what that class's real "
-            "held-out points score.",
-            "",
-            table(
-                [
+    report.section(
+        "Unconditional samples (DDPM)",
+        Paragraph(
+            f"{uncond.get('n', 0):,} samples by {config.sampling.uncond_sampler.upper()} "
+            f"({config.sampling.uncond_steps or config.schedule.num_timesteps} steps, sigma_t^2 = "
+            f"{'beta_t' if config.sampling.ddpm_variance == 'beta' else 'beta_tilde_t'}). "
+            "Scores are mean negative log-likelihoods in nats under Gaussian KDEs (Scott's rule); lower is better. "
+            "The floor is what real held-out points score; the reference grades `nll_course` with a pass line of "
+            f"{reference_value('states', 'nll_course', 'pass line')} and calls below "
+            f"{reference_value('states', 'nll_course', 'bug-free')} bug-free."
+        ),
+        MetricTable(
+            tuple(
+                MetricRow(
+                    name,
+                    metric(metrics, f"uncond.{name}"),
+                    metric(metrics, f"real.{name}"),
+                    reference_text("states", name) if shipped else "",
+                    what,
+                )
+                for name, what in uncond_rows
+            ),
+            value_header="samples",
+            floor_header="real held-out data (floor)",
+        ),
+        Paragraph(
+            "Share of unconditional samples nearest to each outline (real data: 20% each): "
+            + sections.share_text(uncond.get("class_share", {}))
+            + "."
+        )
+        if uncond.get("class_share")
+        else None,
+        sections.figure_if(
+            contents, "figures/uncond_samples.png", "Unconditional samples (blue) over the training data (grey)"
+        ),
+        sections.trajectory_note(contents),
+    )
+    classes = [name for name in cond if name != "all"]
+    if classes:
+        report.section(
+            "Classifier-guided samples",
+            Paragraph(
+                f"{config.sampling.n_cond:,} samples per class by {config.sampling.cond_sampler.upper()} "
+                f"({config.sampling.cond_steps or config.schedule.num_timesteps} steps, "
+                f"eta = {config.sampling.cond_eta}) with "
+                "`eps_hat = eps - s sqrt(1 - alpha_bar_t) grad log f(y | x_t)`, "
+                f"s = {config.sampling.guidance_scale}. `nll_course` scores each class's samples under the "
+                "all-classes KDE, beside what that class's real held-out points score (the floor)."
+            ),
+            Table(
+                (
                     "class",
                     "nll_course",
-                    "real held-out",
+                    "real held-out (floor)",
                     "gap",
                     "nll_reverse (vs class held-out)",
                     "nearest the intended outline",
                     "classifier accuracy (t=0)",
-                ],
-                [
-                    [
+                ),
+                tuple(
+                    (
                         name,
-                        v["nll_course"],
-                        v["real_nll_course"],
-                        v["nll_course_gap"],
-                        v["nll_reverse"],
-                        f"{v['nearest_outline_fraction']:.2%}",
-                        f"{v['classifier_accuracy']:.2%}",
-                    ]
-                    for name, v in cond.items()
-                    if name != "all"
-                ],
+                        metric(metrics, f"cond.{name}.nll_course"),
+                        metric(metrics, f"cond.{name}.real_nll_course"),
+                        metric(metrics, f"cond.{name}.nll_course_gap"),
+                        metric(metrics, f"cond.{name}.nll_reverse"),
+                        metric(metrics, f"cond.{name}.nearest_outline_fraction", 2, percent=True),
+                        metric(metrics, f"cond.{name}.classifier_accuracy", 2, percent=True),
+                    )
+                    for name in classes
+                )
+                + (
+                    (
+                        "all classes",
+                        metric(metrics, "cond.all.nll_course"),
+                        metric(metrics, "real.nll_course"),
+                        None,
+                        None,
+                        None,
+                        None,
+                    ),
+                ),
             ),
-            "",
-            figure(figures["cond"], run.path, "Classifier-guided samples per class and combined"),
-            "",
-        ]
-    lines += [
-        "## Training",
-        "",
-        table(
-            ["network", "steps", "final train loss", "final validation", "seconds", "resumed from"],
-            [
-                [
+            sections.figure_if(
+                contents, "figures/cond_samples.png", "Classifier-guided samples per class and combined"
+            ),
+        )
+    training = metrics.get("training", {})
+    report.section(
+        "Training",
+        Table(
+            ("network", "steps", "final train loss", "final validation", "seconds", "resumed from"),
+            tuple(
+                (
                     name,
-                    s["step"],
-                    s["final_train_loss"],
-                    ", ".join(f"{k} {v:.4f}" for k, v in s["final_validation"].items()),
-                    s["seconds"],
-                    s["resumed_from"],
-                ]
-                for name, s in metrics["training"].items()
-            ],
+                    metric(metrics, f"training.{name}.step"),
+                    metric(metrics, f"training.{name}.final_train_loss", 4),
+                    ", ".join(f"{k} {v:.4f}" for k, v in (s.get("final_validation") or {}).items()),
+                    metric(metrics, f"training.{name}.seconds", 1),
+                    metric(metrics, f"training.{name}.resumed_from"),
+                )
+                for name, s in training.items()
+            ),
+        )
+        if training
+        else None,
+        Paragraph(
+            f"Denoiser: MLP {list(config.denoiser.hidden)} on `(x, y, t_bar)`, `t_bar = 2 (t - T/2) / T`, "
+            f"{config.denoiser.activation}; mode `{config.denoiser_train.mode}` (fresh t and noise every batch; "
+            "the reference's in-memory N x T pairs are `denoiser_train.mode=pairs`); AdamW, "
+            f"lr {config.denoiser_train.lr} with warmup + cosine decay, batch {config.denoiser_train.batch_size}, "
+            f"EMA {config.denoiser_train.ema_decay or 'off'}. Classifier: MLP {list(config.classifier.hidden)}, "
+            f"{len(uncond.get('class_share', {}))} logits, cross-entropy on `(x_t, t_bar)`."
         ),
-        "",
-        f"Denoiser: MLP {list(config.denoiser.hidden)} on `(x, y, t_bar)`, `t_bar = 2 (t - T/2) / T`, "
-        f"{config.denoiser.activation}; mode `{config.denoiser_train.mode}` (fresh t and noise every batch; "
-        "the reference's in-memory N x T pairs are `denoiser_train.mode=pairs`); AdamW, "
-        f"lr {config.denoiser_train.lr} with warmup + cosine decay, batch {config.denoiser_train.batch_size}, "
-        f"EMA {config.denoiser_train.ema_decay or 'off'}. Classifier: MLP {list(config.classifier.hidden)}, "
-        f"{train_cloud_classes(metrics)} logits, cross-entropy on `(x_t, t_bar)`.",
-        "",
-        figure(figures["denoiser_loss"], run.path, "Denoiser training and validation loss"),
-        "",
-        figure(figures["classifier_loss"], run.path, "Classifier training and validation cross-entropy"),
-        "",
-        figure(figures["prediction_map"], run.path, "Classifier prediction map at several timesteps"),
-        "",
-        "## Forward and reverse process",
-        "",
-        figure(figures["forward"], run.path, "Forward process: the data noised to several timesteps"),
-        "",
-        figure(figures["reverse"], run.path, "Reverse process: DDPM samples at several steps"),
-        "",
-        "## Where the time goes",
-        "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
-        "",
-    ]
-    if shipped and metrics["targets"]:
-        lines += [
-            "## Targets",
-            "",
-            table(["target", "measured", "met"], [[r["target"], r["value"], r["met"]] for r in metrics["targets"]]),
-            "",
-        ]
-    lines += ["## Environment", "", environment_table(), ""]
-    path = run.sub("report.md")
-    path.write_text("\n".join(lines))
-    return path
-
-
-def train_cloud_classes(metrics: dict[str, Any]) -> int:
-    return len(metrics["uncond"]["class_share"])
+        sections.curves_table(contents),
+        sections.figure_if(contents, "figures/denoiser_loss.png", "Denoiser training and validation loss"),
+        sections.figure_if(contents, "figures/classifier_loss.png", "Classifier training and validation cross-entropy"),
+        sections.figure_if(contents, "figures/prediction_map.png", "Classifier prediction map at several timesteps"),
+    )
+    report.section(
+        "Forward and reverse process",
+        sections.figure_if(
+            contents, "figures/forward_process.png", "Forward process: the data noised to several timesteps"
+        ),
+        sections.figure_if(contents, "figures/reverse_process.png", "Reverse process: DDPM samples at several steps"),
+    )
+    target_rows = metrics.get("targets") or []
+    if shipped and target_rows:
+        report.section(
+            "Targets",
+            Table(
+                ("target", "measured", "met"),
+                tuple(
+                    (row["target"], metric(metrics, f"targets.{k}.value"), row["met"])
+                    for k, row in enumerate(target_rows)
+                ),
+            ),
+        )
+    for title, blocks in sections.closing_sections(contents):
+        report.section(title, *blocks)
+    return report

@@ -20,7 +20,11 @@ from difflab.experiments import points2d
 from difflab.experiments.points2d import DenoiserTrainConfig, MLPConfig
 from difflab.experiments.runs import RunFolder, setup_device
 from difflab.metrics import points as point_metrics
-from difflab.report.markdown import environment_table, figure, table
+from difflab.report import sections
+from difflab.report.document import MetricRow, MetricTable, Paragraph, Report, metric
+from difflab.report.references import reference_text
+from difflab.report.render import write_report
+from difflab.report.rundata import TRAJECTORY_FILE, RunContents, load_run
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training import distributed
 from difflab.training.logging import RunLogger
@@ -54,8 +58,17 @@ class ToySamplingConfig:
 
 @dataclass(frozen=True)
 class ToyFigureConfig:
+    """Timesteps of the figures; ``trajectory_frames`` timesteps of the first ``trajectory_points`` samples
+    go to ``samples/trajectory.safetensors`` for the run browser (0 frames: none)."""
+
     forward_steps: tuple[int, ...] = (0, 33, 66, 100)
     reverse_steps: tuple[int, ...] = (100, 66, 33, 0)
+    trajectory_frames: int = 20
+    trajectory_points: int = 500
+
+    def __post_init__(self) -> None:
+        if self.trajectory_frames < 0 or self.trajectory_points < 1:
+            raise ConfigError("figures.trajectory_frames must be >= 0 and figures.trajectory_points >= 1")
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,13 @@ def _run(run: RunFolder, config: ToyConfig, device: torch.device, train, heldout
         )
     sampling = config.sampling
     with run.stage("sample"):
+        recorder = points2d.trajectory_recorder(
+            schedule,
+            sampling.sampler,
+            sampling.steps,
+            config.figures.trajectory_frames,
+            config.figures.trajectory_points,
+        )
         samples, snapshots = points2d.sample_points_sharded(
             model,
             schedule,
@@ -183,10 +203,13 @@ def _run(run: RunFolder, config: ToyConfig, device: torch.device, train, heldout
             device=device,
             snapshot_steps=config.figures.reverse_steps,
             show_progress=config.progress and run.main,
+            callback=recorder,
         )
         point_metrics.check_finite(samples)
         if run.main:
             torch.save(samples, run.sub("samples", "samples.pt"))
+            if recorder is not None:
+                recorder.trajectory().save(run.sub(TRAJECTORY_FILE))
     if not run.main:  # rank 0 alone scores, draws and reports
         logger.close()
         return
@@ -233,8 +256,17 @@ def _run(run: RunFolder, config: ToyConfig, device: torch.device, train, heldout
     summary["seconds"] = round(summary["seconds"], 2)
     metrics["training"] = {"denoiser": summary}
     metrics["timings_seconds"] = {k: round(v, 2) for k, v in run.timings.items()} | {"total": round(total, 2)}
+    metrics["data"] = {
+        "dataset": config.recipe,
+        "noise": config.data.noise,
+        "training_points": len(train),
+        "fit_points": len(splits.fit),
+        "validation_points": len(splits.validation),
+        "heldout_points": len(heldout),
+    }
+    metrics["device"] = str(device)
     run.write_metrics(metrics)
-    _report(run, config, metrics, figures)
+    write_report(build_report(load_run(run.path, require_complete=False)), run.path)
     run.complete()
     echo(
         f"[{config.recipe}] done in {total:.0f} s: nll_course {metrics['samples']['nll_course']:.3f} "
@@ -242,55 +274,75 @@ def _run(run: RunFolder, config: ToyConfig, device: torch.device, train, heldout
     )
 
 
-def _report(run: RunFolder, config: ToyConfig, metrics: dict[str, Any], figures: dict[str, Path]) -> None:
-    s, r = metrics["samples"], metrics["real"]
-    train = metrics["training"]["denoiser"]
-    lines = [
-        f"# 2-D walkthrough: {config.recipe}",
-        "",
-        f"T = {config.schedule.num_timesteps}, {config.schedule.kind} betas from {config.schedule.beta_start} to "
-        f"{config.schedule.beta_end}; MLP {list(config.denoiser.hidden)} on `[x_t, t]` (time input "
-        f"`{config.denoiser.time_encoding}`); {train['step']} AdamW steps of batch {config.denoiser_train.batch_size}.",
-        "",
-        "## Samples",
-        "",
-        table(
-            ["metric", "samples", "real held-out data (floor)"],
-            [
-                ["nll_course (KDE of training points)", s["nll_course"], r["nll_course"]],
-                ["nll_heldout (KDE of held-out points)", s["nll_heldout"], r["nll_heldout"]],
-                ["nll_reverse (held-out under KDE of samples)", s["nll_reverse"], r["nll_reverse"]],
-            ],
-        ),
-        "",
-        figure(figures["samples"], run.path, f"{s['n']:,} samples over the training data"),
-        "",
-        "## Forward and reverse process",
-        "",
-        figure(
-            figures["forward"], run.path, "Forward process at t = " + ", ".join(map(str, config.figures.forward_steps))
-        ),
-        "",
-        figure(
-            figures["reverse"],
-            run.path,
-            "Reverse process (DDPM) at t = " + ", ".join(map(str, config.figures.reverse_steps)),
-        ),
-        "",
-        "## Training",
-        "",
-        f"Final training loss {train['final_train_loss']:.4f}, validation loss "
-        f"{train['final_validation'].get('loss', float('nan')):.4f}, {train['seconds']:.1f} s.",
-        "",
-        figure(figures["loss"], run.path, "Training and validation loss"),
-        "",
-        "## Where the time goes",
-        "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
-        "",
-        "## Environment",
-        "",
-        environment_table(),
-        "",
+def build_report(contents: RunContents) -> Report:
+    """The 2-D walkthrough's report, from the run folder alone."""
+    config = contents.typed_config(toy_config_class(contents.recipe)())
+    metrics = contents.metrics
+    samples = metrics.get("samples", {})
+    train = metrics.get("training", {}).get("denoiser", {})
+    report = Report(f"2-D walkthrough: {config.recipe}")
+    report.add(sections.run_summary(contents))
+    report.add(
+        Paragraph(
+            f"T = {config.schedule.num_timesteps}, {config.schedule.kind} betas from {config.schedule.beta_start} to "
+            f"{config.schedule.beta_end}; MLP {list(config.denoiser.hidden)} on `[x_t, t]` (time input "
+            f"`{config.denoiser.time_encoding}`); {train.get('step', 0)} AdamW steps of batch "
+            f"{config.denoiser_train.batch_size}."
+        )
+    )
+    report.section("Data", sections.data_table(contents))
+    rows = [
+        ("nll_course", "samples under a KDE of the training points"),
+        ("nll_heldout", "samples under a KDE of the held-out points"),
+        ("nll_reverse", "held-out points under a KDE of the samples"),
     ]
-    run.sub("report.md").write_text("\n".join(lines))
+    report.section(
+        "Samples",
+        Paragraph(
+            f"{samples.get('n', 0):,} samples by {config.sampling.sampler.upper()}; mean negative log-likelihoods in "
+            "nats under Gaussian KDEs (Scott's rule), lower is better, beside what real held-out points score."
+        ),
+        MetricTable(
+            tuple(
+                MetricRow(
+                    name,
+                    metric(metrics, f"samples.{name}"),
+                    metric(metrics, f"real.{name}"),
+                    reference_text(config.recipe, name),
+                    what,
+                )
+                for name, what in rows
+            ),
+            value_header="samples",
+            floor_header="real held-out data (floor)",
+        ),
+        sections.figure_if(contents, "figures/samples.png", f"{samples.get('n', 0):,} samples over the training data"),
+        sections.trajectory_note(contents),
+    )
+    report.section(
+        "Forward and reverse process",
+        sections.figure_if(
+            contents,
+            "figures/forward_process.png",
+            "Forward process at t = " + ", ".join(map(str, config.figures.forward_steps)),
+        ),
+        sections.figure_if(
+            contents,
+            "figures/reverse_process.png",
+            f"Reverse process ({config.sampling.sampler.upper()}) at t = "
+            + ", ".join(map(str, config.figures.reverse_steps)),
+        ),
+    )
+    validation = (train.get("final_validation") or {}).get("loss", float("nan"))
+    report.section(
+        "Training",
+        Paragraph(
+            f"Final training loss {train.get('final_train_loss', float('nan')):.4f}, validation loss "
+            f"{validation:.4f}, {train.get('seconds', float('nan')):.1f} s."
+        ),
+        sections.curves_table(contents),
+        sections.figure_if(contents, "figures/loss.png", "Training and validation loss"),
+    )
+    for title, blocks in sections.closing_sections(contents):
+        report.section(title, *blocks)
+    return report

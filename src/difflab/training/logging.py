@@ -106,3 +106,18 @@ def read_series(path: Path, tag: str) -> tuple[list[int], list[float]]:
                 series[int(record["step"])] = float(record["value"])
     steps = sorted(series)
     return steps, [series[s] for s in steps]
+
+
+def read_all_series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every tag of a ``metrics.jsonl`` file: ``{tag: (steps, values)}`` sorted by step (the last value wins
+    for a repeated step; lines that are not JSON, such as one cut short by a kill, are skipped)."""
+    found: dict[str, dict[int, float]] = {}
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                record = json.loads(line)
+                tag, step, value = str(record["tag"]), int(record["step"]), float(record["value"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            found.setdefault(tag, {})[step] = value
+    return {tag: (sorted(s), [s[k] for k in sorted(s)]) for tag, s in sorted(found.items())}

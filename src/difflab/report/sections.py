@@ -1,0 +1,134 @@
+"""Sections every recipe's report shares, built from a run folder: the run itself, data summary,
+logged training curves, where the time went, the resolved config and the environment."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from difflab.report.document import Block, BulletList, Code, Figure, Paragraph, Table, Value, metric
+from difflab.report.rundata import TRAJECTORY_FILE, RunContents
+
+
+def run_summary(contents: RunContents) -> Paragraph:
+    """One paragraph: run folder, recipe, command, status and where the numbers live."""
+    record = contents.record
+    command = record.get("command") or ""
+    parts = [f"Run folder `{contents.path}`, recipe `{contents.recipe}`"]
+    if command:
+        parts.append(f"made by `{command}`")
+    return Paragraph(
+        ", ".join(parts) + ". The resolved config is in `config.yaml`; every number in the tables below is in "
+        "`metrics.json` (logged curves in `metrics.jsonl`)."
+    )
+
+
+def data_table(contents: RunContents, labels: dict[str, str] | None = None) -> Table | Paragraph:
+    """``metrics.json``'s ``data`` entry (what the run trained and scored on) as a table."""
+    data = contents.metrics.get("data")
+    if not isinstance(data, dict) or not data:
+        return Paragraph("This run did not record a data summary (it predates `metrics.json`'s `data` entry).")
+    labels = labels or {}
+    rows = []
+    for key, value in data.items():
+        label = labels.get(key, key.replace("_", " "))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((label, metric(contents.metrics, f"data.{key}")))
+        elif isinstance(value, dict):
+            rows.append(
+                (label, ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in value.items()))
+            )
+        elif isinstance(value, (list, tuple)):
+            rows.append((label, ", ".join(str(v) for v in value)))
+        else:
+            rows.append((label, str(value)))
+    return Table(("item", "value"), tuple(rows))
+
+
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def curves_table(contents: RunContents, skip: tuple[str, ...] = ("/lr",)) -> Table | None:
+    """Every logged series of ``metrics.jsonl``: points, first, last, best and its step."""
+    rows = []
+    for tag, (steps, values) in contents.series.items():
+        if any(tag.endswith(s) for s in skip) or not values:
+            continue
+        finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+        maximise = "accuracy" in tag
+        best = (max if maximise else min)(finite, key=lambda sv: sv[1]) if finite else (None, None)
+        rows.append(
+            (
+                f"`{tag}`",
+                len(values),
+                Value(values[0], f"metrics.jsonl:{tag}", 4),
+                Value(values[-1], f"metrics.jsonl:{tag}", 4),
+                Value(best[1], f"metrics.jsonl:{tag}", 4),
+                best[0],
+            )
+        )
+    if not rows:
+        return None
+    return Table(
+        ("series", "points", "first", "last", "best", "best at step"),
+        tuple(rows),
+        caption="From `metrics.jsonl` (also in `tensorboard/`); best is the highest accuracy or the lowest loss.",
+    )
+
+
+def timings_table(contents: RunContents) -> Table | Paragraph:
+    timings = contents.metrics.get("timings_seconds")
+    if not isinstance(timings, dict):
+        return Paragraph("No timings were recorded.")
+    return Table(("stage", "seconds"), tuple((k, metric(contents.metrics, f"timings_seconds.{k}", 1)) for k in timings))
+
+
+def config_block(contents: RunContents) -> Code:
+    return Code(contents.config_text or "(config.yaml is missing)", "yaml", "Resolved config (config.yaml)")
+
+
+def environment_table(contents: RunContents) -> Table | Paragraph:
+    """The machine that made the run (from ``run.json``): versions, device, threads."""
+    env = contents.environment
+    if not env:
+        return Paragraph("`run.json` records no environment.")
+    rows = [("device used", str(contents.metrics["device"]))] if "device" in contents.metrics else []
+    return Table(("item", "value"), tuple(rows + sorted(env.items())))
+
+
+def trajectory_note(contents: RunContents) -> Paragraph | None:
+    if not contents.has(TRAJECTORY_FILE):
+        return None
+    return Paragraph(
+        f"The denoising trajectory of a few samples (x_t and the predicted x_0 at about 20 timesteps) is in "
+        f"`{TRAJECTORY_FILE}`; `difflab serve` shows it with a slider over the timesteps."
+    )
+
+
+def figure_if(contents: RunContents, path: str, caption: str) -> Figure | None:
+    """A figure block when the file exists in the run folder, else ``None``."""
+    return Figure(path, caption) if contents.has(path) else None
+
+
+def closing_sections(contents: RunContents) -> list[tuple[str, list[Block | None]]]:
+    """The sections every report ends with: time, config, environment."""
+    return [
+        ("Where the time goes", [timings_table(contents)]),
+        ("Configuration", [config_block(contents)]),
+        (
+            "Environment",
+            [
+                Paragraph("The machine that made the run (from `run.json`; the device from `metrics.json`)."),
+                environment_table(contents),
+            ],
+        ),
+    ]
+
+
+def bullet(items: list[str]) -> BulletList:
+    return BulletList(tuple(items))
+
+
+def share_text(shares: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.1%}" for k, v in shares.items() if isinstance(v, (int, float)))
