@@ -210,7 +210,7 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("report:") == 1  # rank 0 alone speaks
+    assert result.stdout.count("report.md") == 1  # rank 0 alone speaks
     one = tmp_path / "one"
     assert main(["train", "states", f"run_dir={one}", *QUICK]) == 0
 
