@@ -1,0 +1,72 @@
+"""DDIM inversion: run the deterministic DDIM update backwards, from x_0 to x_t (Song et al. 2021, sec. 4.3;
+Dhariwal & Nichol 2021, appendix F), then DDIM forwards again to reconstruct.
+
+DDIM with eta = 0 is an Euler step of the probability-flow ODE in the variables
+``x / sqrt(alpha_bar)`` and ``sqrt(1 / alpha_bar - 1)``; integrating the same ODE the other way,
+
+    x_next = sqrt(alpha_bar_next) * x0_pred + sqrt(1 - alpha_bar_next) * eps_theta(x_cur, t_cur),
+    x0_pred = (x_cur - sqrt(1 - alpha_bar_cur) * eps_theta(x_cur, t_cur)) / sqrt(alpha_bar_cur),
+
+encodes an image into the noise that DDIM maps back onto it. The only approximation is that each step uses
+eps at its start (at x_0 itself, where no noise level exists, eps is taken at the first timestep), so the
+round trip becomes exact as the number of steps grows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.sampling.common import EpsModel, StepCallback, sampling_mode, timestep_list
+from difflab.sampling.ddim import ddim_sample
+
+
+def inversion_timesteps(num_timesteps: int, steps: int, t_end: int | None = None) -> list[int]:
+    """The increasing timesteps of an inversion with ``steps`` steps ending at ``t_end`` (default T - 1).
+
+    Evenly spaced from ``t_end / steps`` to ``t_end`` (so that DDIM over the reversed list undoes it)."""
+    end = num_timesteps - 1 if t_end is None else t_end
+    if not 0 <= end < num_timesteps:
+        raise ValueError(f"t_end must be in [0, {num_timesteps - 1}], got {t_end}")
+    if end + 1 < steps:
+        return timestep_list(num_timesteps, steps)[::-1]
+    return sorted({round(end * (i + 1) / steps) for i in range(steps)})
+
+
+def ddim_invert(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    timesteps: list[int],
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Map ``x0`` (B, ...) to ``x_t`` at ``timesteps[-1]`` along the increasing ``timesteps``."""
+    device = x0.device
+    with sampling_mode(model):
+        x = x0
+        previous: int | None = None
+        for k, t in enumerate(timesteps):
+            t_eval = previous if previous is not None else t
+            eps = model(x, torch.full((x.shape[0],), t_eval, device=device, dtype=torch.long))
+            alpha_bar_cur = (
+                schedule.alpha_bar[previous].to(device) if previous is not None else torch.ones((), device=device)
+            )
+            alpha_bar_next = schedule.alpha_bar[t].to(device)
+            x0_pred = (x - (1 - alpha_bar_cur).sqrt() * eps) / alpha_bar_cur.sqrt()
+            if callback is not None:
+                callback(k, t, x, x0_pred)
+            x = alpha_bar_next.sqrt() * x0_pred + (1 - alpha_bar_next).sqrt() * eps
+            previous = t
+    return x
+
+
+def ddim_round_trip(
+    model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor, steps: int, t_end: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert ``x0`` with ``steps`` DDIM steps and reconstruct it with the same steps; returns
+    ``(x_t, reconstruction)``, both shaped like ``x0``."""
+    timesteps = inversion_timesteps(schedule.num_timesteps, steps, t_end)
+    latent = ddim_invert(model, schedule, x0, timesteps)
+    reconstruction = ddim_sample(model, schedule, tuple(x0.shape), timesteps=timesteps[::-1], x_T=latent,
+                                 device=x0.device)
+    return latent, reconstruction
