@@ -17,7 +17,7 @@ class Recipe:
 
 def recipes() -> dict[str, Recipe]:
     """All recipes (imported lazily so ``difflab --help`` stays fast)."""
-    from difflab.experiments import mnist, states, toy2d
+    from difflab.experiments import mnist, ncsn, ncsn2d, states, toy2d
 
     found = [
         Recipe(
@@ -41,5 +41,10 @@ def recipes() -> dict[str, Recipe]:
                "MNIST Micro-UNet: DDPM-1000 vs DDIM-50 grids, timings, FID/IS"),
         Recipe("mnist-cfg", mnist.MnistCFGConfig, mnist.run_mnist_cfg,
                "MNIST class-conditional U-Net with classifier-free guidance, guidance sweep"),
+        Recipe("mnist-ncsn", ncsn.MnistNCSNConfig, ncsn.run_mnist_ncsn,
+               "MNIST noise-conditional score network (DSM) sampled by annealed Langevin dynamics, (c, T) sweep"),
     ]
+    for name, data in ncsn2d.POINT_RECIPES.items():
+        found.append(Recipe(name, ncsn2d.points_config_class(name), ncsn2d.run_points_ncsn,
+                            f"NCSN on {data}: score MLP, annealed Langevin samples, score field, NLL"))
     return {r.name: r for r in found}
