@@ -20,13 +20,13 @@ class Recipe:
     config_class: Callable[[], Any]
     run: Callable[..., Any]
     summary: str
-    train: Callable[..., Any]
+    train: Callable[..., Any] | None = None
     reports: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
 
 
 def recipes() -> dict[str, Recipe]:
     """All recipes (imported lazily so ``difflab --help`` stays fast)."""
-    from difflab.experiments import mnist, states, toy2d
+    from difflab.experiments import mnist, ncsn, ncsn2d, states, toy2d
 
     found = [
         Recipe(
@@ -64,7 +64,22 @@ def recipes() -> dict[str, Recipe]:
             "MNIST class-conditional U-Net with classifier-free guidance, guidance sweep",
             mnist.train_mnist_cfg,
         ),
+        Recipe(
+            "mnist-ncsn",
+            ncsn.MnistNCSNConfig,
+            ncsn.run_mnist_ncsn,
+            "MNIST noise-conditional score network (DSM) sampled by annealed Langevin dynamics, (c, T) sweep",
+        ),
     ]
+    for name, data in ncsn2d.POINT_RECIPES.items():
+        found.append(
+            Recipe(
+                name,
+                ncsn2d.points_config_class(name),
+                ncsn2d.run_points_ncsn,
+                f"NCSN on {data}: score MLP, annealed Langevin samples, score field, NLL",
+            )
+        )
     return {r.name: r for r in found}
 
 

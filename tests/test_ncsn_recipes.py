@@ -1,0 +1,137 @@
+"""The NCSN recipes end to end on small data: artefacts, learning, the sweep, the comparison with a DDPM run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from difflab.cli import main
+from difflab.data.states import load_states
+from difflab.experiments.ncsn import best_cell, read_comparison, targets
+from difflab.experiments.ncsn_common import LangevinConfig
+from difflab.metrics.points import KDE
+
+
+def logged(run_dir: Path, tag: str = "score/val_loss") -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["value"] for r in records if r["tag"] == tag]
+
+
+STATES_TINY = [
+    "progress=false", "model.hidden=[128,128,128]", "train.steps=1500", "train.batch_size=512",
+    "train.eval_every=300", "train.log_every=50", "sampling.n=600", "langevin.steps_per_level=30", "langevin.c=0.2",
+    "figures.grid=8",
+]  # fmt: skip
+
+
+def test_states_ncsn_learns_the_outlines(tmp_path: Path) -> None:
+    run_dir = tmp_path / "states"
+    assert main(["run", "states-ncsn", f"run_dir={run_dir}", *STATES_TINY]) == 0
+    for name in [
+        "report.md",
+        "metrics.json",
+        "checkpoints/score.safetensors",
+        "samples/samples.pt",
+        "figures/samples.png",
+        "figures/langevin_trajectory.png",
+        "figures/score_field.png",
+        "figures/score_field_exact.png",
+        "figures/loss.png",
+    ]:
+        assert (run_dir / name).is_file(), name
+    # s = 0 scores D / 2 = 1; the floor (the noise's variance given x~) is about 0.6 here
+    losses, train_losses = logged(run_dir), logged(run_dir, "score/train_loss")
+    assert losses[-1] < losses[0] and losses[-1] < 0.8 and train_losses[-1] < 0.85 * train_losses[0]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["sampling"]["network_evaluations_per_sample"] == 10 * 30 + 1
+    # far better than the chains' start N(0, 3^2) and than a Gaussian fitted to the data
+    start = 3.0 * torch.randn(600, 2, generator=torch.Generator().manual_seed(0))
+    kde = KDE(load_states("train").data)
+    assert metrics["samples"]["nll_course"] < kde.nll(start) - 2
+    assert metrics["samples"]["nll_course"] < kde.nll(torch.randn(600, 2, generator=torch.Generator().manual_seed(1)))
+    assert min(metrics["samples"]["class_share"].values()) > 0.05  # every outline reached
+    assert metrics["targets"][0]["target"].startswith("STATES nll_course <= 2.3")
+    assert "The learned score field" in (run_dir / "report.md").read_text()
+
+
+ROLL_TINY = [
+    "progress=false", "model.hidden=[32,32]", "train.steps=50", "train.batch_size=256", "sampling.n=100",
+    "langevin.steps_per_level=3", "figures.grid=5", "data.n_train=500", "data.n_heldout=500",
+]  # fmt: skip
+
+
+def test_swissroll_ncsn_runs_and_bad_figure_levels_are_refused(tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "roll"
+    assert main(["run", "swissroll-ncsn", f"run_dir={run_dir}", *ROLL_TINY]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["targets"] == [] and metrics["samples"]["n"] == 100
+    assert main(["run", "swissroll-ncsn", f"run_dir={tmp_path / 'bad'}", "figures.score_levels=[0,12]"]) == 2
+    assert "figures.score_levels [12] outside the noise levels 0..9" in capsys.readouterr().err
+
+
+DIGITS_TINY = [
+    "data.source=digits", "progress=false", "train.steps=200", "train.lr=2e-3", "train.eval_every=50",
+    "train.log_every=10", "unet.base_channels=8", "sweep.c=[0.1,0.2]", "sweep.steps_per_level=[2,3]",
+    "sweep.n_samples=8", "evaluation.n_samples=24", "evaluation.grid_size=16", "langevin.steps_per_level=4",
+]  # fmt: skip
+
+
+def test_mnist_ncsn_recipe_on_digits(tmp_path: Path) -> None:
+    run_dir = tmp_path / "ncsn"
+    assert main(["run", "mnist-ncsn", f"run_dir={run_dir}", *DIGITS_TINY, f"compare_to={tmp_path / 'none'}"]) == 0
+    for name in [
+        "report.md",
+        "metrics.json",
+        "checkpoints/score.safetensors",
+        "samples/langevin.pt",
+        "figures/samples_grid.png",
+        "figures/langevin_trajectory.png",
+        "figures/sweep_grids.png",
+        "figures/loss.png",
+    ]:
+        assert (run_dir / name).is_file(), name
+    losses = logged(run_dir)  # s = 0 scores D / 2 = 32
+    assert losses[-1] < 0.85 * losses[0] and losses[-1] < 0.8 * 32
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [(r["c"], r["steps_per_level"]) for r in metrics["sweep"]] == [(0.1, 2), (0.1, 3), (0.2, 2), (0.2, 3)]
+    assert [r["network_evaluations_per_sample"] for r in metrics["sweep"]] == [21, 31, 21, 31]
+    # no evaluator for 8 x 8 digits: the final samples use the langevin config's (c, T)
+    assert metrics["best"] == {"c": 0.1, "steps_per_level": 4, "chosen_by": "langevin config"}
+    assert metrics["comparison"]["missing"] is True
+    samples = torch.load(run_dir / "samples" / "langevin.pt", weights_only=True)["images"]
+    assert samples.shape == (24, 1, 8, 8) and samples.abs().max() <= 1
+    report = (run_dir / "report.md").read_text()
+    assert "the comparison is missing" in report and "IS 1.99 and FID 139.9" in report
+
+
+class FakeEvaluator:
+    def evaluate(self, images: torch.Tensor) -> dict:
+        return {"n": len(images), "fid": float(images.mean()) + 10.0, "inception_score": 8.0}
+
+
+def test_comparison_with_a_ddpm_run_and_the_targets(tmp_path: Path) -> None:
+    folder = tmp_path / "ddpm"
+    (folder / "samples").mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"ddim": {"n": 2000, "fid": 10.0, "inception_score": 9.0}}))
+    torch.save({"images": torch.zeros(50, 1, 8, 8)}, folder / "samples" / "ddim.pt")
+    assert read_comparison(str(tmp_path / "missing")) is None
+    reported = read_comparison(str(folder))
+    assert reported == {"run": str(folder), "sampler": "DDIM", "n": 2000, "fid": 10.0, "inception_score": 9.0}
+    scored = read_comparison(str(folder), FakeEvaluator(), 40)
+    assert scored["equal_n"] == {"n": 40, "fid": 10.0, "inception_score": 8.0}
+    assert "equal_n" not in read_comparison(str(folder), FakeEvaluator(), 60)  # too few samples to compare
+    histogram = [0.1] * 10
+    rows = targets({"fid": 19.0, "inception_score": 7.5, "class_histogram": histogram}, scored)
+    assert [row["met"] for row in rows] == [True, True, True]
+    assert rows[1]["value"] == pytest.approx(1.9) and rows[2]["value"] == pytest.approx(7.5 / 8 - 1)
+    rows = targets({"fid": 25.0, "inception_score": 6.0, "class_histogram": [0.01] + [0.11] * 9}, reported)
+    assert [row["met"] for row in rows] == [False, False, False]
+    sweep = [
+        {"c": 0.1, "steps_per_level": 75, "fid": 30.0, "inception_score": 8.0},
+        {"c": 0.2, "steps_per_level": 150, "fid": 20.0, "inception_score": 8.0},
+    ]
+    assert best_cell(sweep, LangevinConfig())["c"] == 0.2
+    assert best_cell([{"c": 0.1, "steps_per_level": 75, "n": 8}], LangevinConfig(c=0.05))["c"] == 0.05
