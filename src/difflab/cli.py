@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="config overrides, e.g. denoiser_train.precision=bf16")
     train.add_argument("--config", help="a YAML file whose values replace the recipe's defaults")
     train.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    invert = commands.add_parser("invert", help="DDIM inversion round trips of real images with an image run's model")
+    invert.add_argument("run_dir", help="a finished mnist-ddpm run folder")
+    invert.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100], help="DDIM step counts")
+    invert.add_argument("--n", type=int, default=64, help="held-out images to invert (default 64)")
+    invert.add_argument(
+        "--t-end", type=int, default=None, help="timestep to invert to (default: the last with alpha_bar >= 1e-3)"
+    )
+    invert.add_argument("--seed", type=int, default=0)
+    invert.add_argument("--device", default="auto")
     show = commands.add_parser("config", help="print a recipe's default config as YAML")
     show.add_argument("recipe")
     commands.add_parser("recipes", help="list the recipes")
@@ -171,6 +180,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_invert(args: argparse.Namespace) -> int:
+    from difflab.experiments.inversion import invert_run
+    from difflab.report.markdown import table
+
+    result = invert_run(args.run_dir, tuple(args.steps), args.n, args.t_end, args.seed, args.device)
+    print(
+        table(
+            ["steps", "n", "MSE", "PSNR (dB)", "SSIM", "seconds"],
+            [[r["steps"], r["n"], r["mse"], r["psnr_db"], r["ssim"], r["seconds"]] for r in result["rows"]],
+            digits=4,
+        )
+    )
+    print(f"written: {args.run_dir}/inversion.json, {args.run_dir}/figures/inversion.png")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from difflab.config import dump_yaml
 
@@ -278,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": cmd_train,
         "sample": cmd_sample,
         "evaluate": cmd_evaluate,
+        "invert": cmd_invert,
         "config": cmd_config,
         "recipes": cmd_recipes,
         "compare-samplers": cmd_compare_samplers,

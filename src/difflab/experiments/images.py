@@ -22,6 +22,7 @@ from difflab.sampling.common import EpsModel, batched
 from difflab.sampling.ddim import ddim_sample
 from difflab.sampling.ddpm import ddpm_sample
 from difflab.sampling.guidance import ClassifierFreeGuidance
+from difflab.sampling.wrappers import DiffusionModel
 from difflab.seeding import mix_seed, seeded_generator
 from difflab.training import distributed
 from difflab.training.logging import RunLogger
@@ -208,6 +209,7 @@ def sample_images(
     num_classes: int = 0,
     show_progress: bool = False,
     callback: Callable[..., None] | None = None,
+    clip_x0: float | None = 1.0,
 ) -> SampleResult:
     """``n`` images in batches from fixed seeds; labels (n,) make the samples class-conditional (CFG scale
     ``guidance``). ``sampler`` is any name of ``sampling.solvers.SAMPLERS`` (``ddpm`` with steps 0 or T is
@@ -236,6 +238,8 @@ def sample_images(
             rows = slice(first_row + offset, first_row + offset + size)
             batch_labels = None if labels is None else labels[rows].to(device)
             eps_model = Counting(guided_model(model, batch_labels, guidance, num_classes))
+            if clip_x0 is not None:  # images live in [-1, 1]: clip the x_0 predictions (Ho et al.'s clip_denoised)
+                eps_model = DiffusionModel(eps_model, schedule, "eps", clip_x0=clip_x0)
             full_shape = (size, *shape)
             first = callback if shard == 0 and offset == 0 else None
             if sampler == "ddpm" and steps in (0, schedule.num_timesteps):  # ancestral sampling over all T steps

@@ -14,7 +14,7 @@ from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.runs import resolve_device
 from difflab.metrics.image_quality import psnr, ssim
-from difflab.sampling.inversion import ddim_round_trip
+from difflab.sampling.inversion import ddim_round_trip, default_inversion_end
 from difflab.viz.images import image_rows_figure
 
 
@@ -27,7 +27,8 @@ def invert_run(
     device: str = "auto",
     echo=print,
 ) -> dict[str, Any]:
-    """Invert ``n`` held-out images of the run's data to ``t_end`` (default T - 1) and back with each number of
+    """Invert ``n`` held-out images of the run's data to ``t_end`` (default: the last t with
+    alpha_bar >= 1e-3) and back with each number of
     DDIM ``steps``; writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``; returns the results."""
     from difflab.experiments.mnist import load_run_model
 
@@ -49,21 +50,34 @@ def invert_run(
         latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end)
         seconds = time.perf_counter() - start
         reconstruction = reconstruction.clamp(-1, 1)
-        rows.append({
-            "steps": count,
-            "n": len(x0),
-            "mse": float(((reconstruction - x0) ** 2).mean()),
-            "psnr_db": psnr(reconstruction, x0),
-            "ssim": ssim(reconstruction, x0),
-            "latent_std": float(latent.std()),
-            "seconds": seconds,
-        })
+        rows.append(
+            {
+                "steps": count,
+                "n": len(x0),
+                "mse": float(((reconstruction - x0) ** 2).mean()),
+                "psnr_db": psnr(reconstruction, x0),
+                "ssim": ssim(reconstruction, x0),
+                "latent_std": float(latent.std()),
+                "seconds": seconds,
+            }
+        )
         figure_rows.append((f"{count} steps", reconstruction[:8].cpu()))
-        echo(f"[invert] {count:4d} steps: PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, "
-             f"latent std {rows[-1]['latent_std']:.3f}, {seconds:.1f} s")
-    result = {"t_end": schedule.num_timesteps - 1 if t_end is None else t_end, "rows": rows,
-              "images": "held-out images of the run's data, pixel range [-1, 1] mapped to [0, 1] for PSNR/SSIM"}
+        echo(
+            f"[invert] {count:4d} steps: PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, "
+            f"latent std {rows[-1]['latent_std']:.3f}, {seconds:.1f} s"
+        )
+    if t_end is None:
+        t_end = default_inversion_end(schedule)
+    result = {
+        "t_end": t_end,
+        "alpha_bar_t_end": float(schedule.alpha_bar[t_end]),
+        "rows": rows,
+        "images": "held-out images of the run's data, pixel range [-1, 1] mapped to [0, 1] for PSNR/SSIM",
+    }
     (run_dir / "inversion.json").write_text(json.dumps(result, indent=2) + "\n")
-    image_rows_figure(figure_rows, run_dir / "figures" / "inversion.png",
-                      "DDIM inversion to t = " + str(result["t_end"]) + " and back")
+    image_rows_figure(
+        figure_rows,
+        run_dir / "figures" / "inversion.png",
+        "DDIM inversion to t = " + str(result["t_end"]) + " and back",
+    )
     return result

@@ -21,6 +21,16 @@ from difflab.sampling.common import EpsModel, StepCallback, sampling_mode, times
 from difflab.sampling.ddim import ddim_sample
 
 
+def default_inversion_end(schedule: NoiseSchedule, min_alpha_bar: float = 1e-3) -> int:
+    """The last timestep with ``alpha_bar >= min_alpha_bar`` (x_t is then 99.9% noise by variance).
+
+    Inverting further is ill-conditioned: reconstructing starts with ``x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``,
+    which multiplies the gap between the eps used going up and the eps used coming down by ``1 / sqrt(a)``
+    (~2,000 at the cosine schedule's last step, where beta is clipped to 0.999)."""
+    above = (schedule.alpha_bar >= min_alpha_bar).nonzero()
+    return int(above.max()) if len(above) else schedule.num_timesteps - 1
+
+
 def inversion_timesteps(num_timesteps: int, steps: int, t_end: int | None = None) -> list[int]:
     """The increasing timesteps of an inversion with ``steps`` steps ending at ``t_end`` (default T - 1).
 
@@ -63,10 +73,13 @@ def ddim_invert(
 def ddim_round_trip(
     model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor, steps: int, t_end: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert ``x0`` with ``steps`` DDIM steps and reconstruct it with the same steps; returns
-    ``(x_t, reconstruction)``, both shaped like ``x0``."""
+    """Invert ``x0`` with ``steps`` DDIM steps to ``t_end`` (default :func:`default_inversion_end`) and
+    reconstruct it with the same steps; returns ``(x_t, reconstruction)``, both shaped like ``x0``."""
+    if t_end is None:
+        t_end = default_inversion_end(schedule)
     timesteps = inversion_timesteps(schedule.num_timesteps, steps, t_end)
     latent = ddim_invert(model, schedule, x0, timesteps)
-    reconstruction = ddim_sample(model, schedule, tuple(x0.shape), timesteps=timesteps[::-1], x_T=latent,
-                                 device=x0.device)
+    reconstruction = ddim_sample(
+        model, schedule, tuple(x0.shape), timesteps=timesteps[::-1], x_T=latent, device=x0.device
+    )
     return latent, reconstruction

@@ -85,6 +85,12 @@ class DiffusionModel:
 
     Calling the wrapper returns eps, so it is itself an ``EpsModel`` and works with every sampler and
     guidance wrapper. ``nfe`` counts calls of the network (a batched call is one evaluation).
+
+    ``clip_x0 = c`` clips every clean-data prediction to [-c, c] and re-derives eps from it (Ho et al.'s
+    ``clip_denoised``; diffusers' ``clip_sample``), for data known to lie in [-c, c]. It matters at the
+    lowest signal-to-noise ratios: near t = T the prediction ``x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``
+    multiplies any error of eps by ``1 / sqrt(a)`` (about 2,000 at the cosine schedule's last step), which
+    any sampler starting at t = T - 1 then carries into its first step.
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class DiffusionModel:
         schedule: NoiseSchedule,
         parameterization: str = "eps",
         round_timesteps: bool = False,
+        clip_x0: float | None = None,
     ) -> None:
         if parameterization not in PARAMETERIZATIONS:
             raise ConfigError(
@@ -102,6 +109,7 @@ class DiffusionModel:
         self.schedule = schedule
         self.parameterization = parameterization
         self.round_timesteps = round_timesteps
+        self.clip_x0 = clip_x0
         self.nfe = 0
         alpha_bar, one_minus_alpha_bar = precise_alpha_bar(schedule)
         self.alpha_bar64 = alpha_bar
@@ -181,14 +189,21 @@ class DiffusionModel:
         """Predicted noise at x_t (B, ...), timesteps t (B,) int or float."""
         t = self._network_t(t, x.shape[0], x.device)  # rounded once, so conversions use the same t
         out = self.output(x, t)
-        if self.parameterization == "eps":
+        if self.parameterization == "eps" and self.clip_x0 is None:
             return out
         alpha_bar = self._alpha_bar(t, x)
-        if self.parameterization == "x0":
-            return x0_to_eps(x, out, alpha_bar)
-        if self.parameterization == "v":
-            return v_to_eps(x, out, alpha_bar)
-        return score_to_eps(out, alpha_bar)
+        if self.parameterization == "eps":
+            eps = out
+        elif self.parameterization == "x0":
+            eps = x0_to_eps(x, out, alpha_bar)
+        elif self.parameterization == "v":
+            eps = v_to_eps(x, out, alpha_bar)
+        else:
+            eps = score_to_eps(out, alpha_bar)
+        if self.clip_x0 is not None:
+            x0 = eps_to_x0(x, eps, alpha_bar).clamp(-self.clip_x0, self.clip_x0)
+            eps = x0_to_eps(x, x0, alpha_bar)
+        return eps
 
     def x0(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predicted clean data at x_t (B, ...), timesteps t (B,)."""
