@@ -1,6 +1,6 @@
 """The ``difflab`` command line.
 
-    difflab run RECIPE [key=value ...] [--config FILE] [--fresh]
+    difflab run RECIPE [key=value ...] [--config FILE] [--fresh] [--table]
     difflab run CONFIG.yaml [key=value ...]
     difflab config RECIPE            print a recipe's default config as YAML
     difflab recipes                  list the recipes
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. denoiser_train.steps=2000 device=cpu")
     run.add_argument("--config", help="a YAML file whose values replace the recipe's defaults")
     run.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    run.add_argument("--table", action="store_true",
+                     help="run the recipe's comparison table (sets table=true; mnist-ldm)")
     sample = commands.add_parser("sample", help="draw samples from a finished run")
     sample.add_argument("run_dir", help="a run folder")
     sample.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
@@ -74,7 +76,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
     recipe = _recipe(recipe_name)
-    config = config_from(recipe.config_class(), config_file, args.overrides)
+    overrides = list(args.overrides)
+    if args.table:
+        if not hasattr(recipe.config_class(), "table"):
+            raise ConfigError(f"--table is for recipes with a comparison table (mnist-ldm), not {recipe_name!r}")
+        overrides.append("table=true")
+    config = config_from(recipe.config_class(), config_file, overrides)
     run = recipe.run(config, fresh=args.fresh)
     print(f"report: {run.path / 'report.md'}")
     return 0
@@ -113,7 +120,13 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may follow a flag (`difflab run mnist-ldm --table seed=1`): argparse leaves them over as extras.
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if args.command != "run" or any(e.startswith("-") for e in extras):
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        args.overrides = list(args.overrides) + extras
     handlers = {"run": cmd_run, "sample": cmd_sample, "config": cmd_config, "recipes": cmd_recipes}
     try:
         return handlers[args.command](args)

@@ -17,7 +17,7 @@ class Recipe:
 
 def recipes() -> dict[str, Recipe]:
     """All recipes (imported lazily so ``difflab --help`` stays fast)."""
-    from difflab.experiments import mnist, states, toy2d
+    from difflab.experiments import autoencoder, ldm, mnist, states, toy2d
 
     found = [
         Recipe(
@@ -41,5 +41,9 @@ def recipes() -> dict[str, Recipe]:
                "MNIST Micro-UNet: DDPM-1000 vs DDIM-50 grids, timings, FID/IS"),
         Recipe("mnist-cfg", mnist.MnistCFGConfig, mnist.run_mnist_cfg,
                "MNIST class-conditional U-Net with classifier-free guidance, guidance sweep"),
+        Recipe("autoencoder", autoencoder.AutoencoderRecipeConfig, autoencoder.run_autoencoder,
+               "KL-regularised VAE for latent diffusion: PSNR/SSIM, compression, scaling factor"),
+        Recipe("mnist-ldm", ldm.MnistLDMConfig, ldm.run_mnist_ldm,
+               "Latent diffusion + CFG, cosine schedule, learned variance, respacing; --table for the comparison"),
     ]
     return {r.name: r for r in found}
