@@ -74,6 +74,8 @@ def test_the_table_reuses_the_folder(ldm_run: Path, capsys) -> None:
     assert labels[:3] == ["pixel DDPM", "pixel DDIM-5", "latent DDPM"]
     assert "+ learned variance, w = 2, DDPM-5 respaced" in labels and "combined, w = 2" in labels
     assert metrics["models"]["latent-cfg-cosine"]["schedule"] == "cosine"
+    reused = {r["label"] for r in metrics["rows"] if r["reused_samples"]}
+    assert reused == {"+ learned variance, w = 2", "+ learned variance, w = 2, DDPM-5 respaced"}
     assert metrics["vlb"]["pixel"]["decoder"] == "discretized" and metrics["vlb"]["latent-cfg"]["decoder"] == "gaussian"
     targets = [t["target"] for t in metrics["targets"]]
     assert any("VLB below the fixed-variance" in t for t in targets)

@@ -471,6 +471,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                 "parameters": count_parameters(model), "train_seconds": training_seconds(run, variant.name, result),
                 "steps": result.step, "batch_size": variant.train.batch_size,
                 "final_validation": result.final_validation,
+                "weights_sha256": ckpt.tensor_digest(model.state_dict()),
             }
         results = []
         decode = vae.decode
@@ -480,22 +481,32 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
             shape = image_shape if variant.space == "pixel" else latent_shape
             labels = stages.balanced_labels(config.evaluation.n_samples, variant.unet.num_classes) \
                 if variant.conditional else None
-            with run.stage(f"sample {variant.name}"):
-                sampled = stages.sample_images(
-                    model, schedule, config.evaluation.n_samples, shape, sampler=row.sampler, steps=row.steps,
-                    eta=0.0, batch_size=config.evaluation.batch_size, seed=config.evaluation.seed, device=device,
-                    labels=labels, guidance=1.0 if row.w is None else row.w, num_classes=variant.unet.num_classes,
-                    show_progress=config.progress, variance=sampling_variance(variant, config),
-                    decode=decode if variant.space == "latent" else None)
             slug = _slug(row)
-            stages.save_samples(run.sub("samples", f"{slug}.pt"), sampled)
+            # A rerun reuses the samples of a row when they came from the same weights (and latents).
+            identity = {"weights_sha256": models[variant.name]["weights_sha256"], "latents": cache_info["key"],
+                        "n": config.evaluation.n_samples, "seed": config.evaluation.seed,
+                        "variance": sampling_variance(variant, config)}
+            sampled = _reuse_samples(run, slug, identity)
+            reused = sampled is not None
+            if sampled is None:
+                with run.stage(f"sample {variant.name}"):
+                    sampled = stages.sample_images(
+                        model, schedule, config.evaluation.n_samples, shape, sampler=row.sampler, steps=row.steps,
+                        eta=0.0, batch_size=config.evaluation.batch_size, seed=config.evaluation.seed, device=device,
+                        labels=labels, guidance=1.0 if row.w is None else row.w,
+                        num_classes=variant.unet.num_classes, show_progress=config.progress,
+                        variance=sampling_variance(variant, config),
+                        decode=decode if variant.space == "latent" else None)
+                stages.save_samples(run.sub("samples", f"{slug}.pt"), sampled)
+                record = {**identity, "seconds": sampled.seconds, "network_evaluations": sampled.network_evaluations}
+                ckpt.atomic_write_bytes(run.sub("samples", f"{slug}.json"), json.dumps(record).encode())
             with run.stage("evaluate"):
                 scores = {"n": len(sampled.images)} if evaluator is None else evaluator.evaluate(sampled.images, labels)
             steps = row.steps or schedule.num_timesteps
             results.append({"label": row.label, "variant": variant.name, "sampler": row.sampler, "steps": steps,
                             "w": row.w, "slug": slug, **scores,
                             "seconds_per_1000": sampled.seconds / len(sampled.images) * 1000,
-                            "network_evaluations": sampled.network_evaluations,
+                            "network_evaluations": sampled.network_evaluations, "reused_samples": reused,
                             "train_seconds": models[variant.name]["train_seconds"]})
             echo(f"[mnist-ldm] {row.label}: FID {scores.get('fid', float('nan')):.2f}, "
                  f"{results[-1]['seconds_per_1000']:.1f} s per 1,000 images")
@@ -547,6 +558,22 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
         run.complete()
     echo(f"[mnist-ldm] done in {metrics['timings_seconds']['total']:.0f} s | report {run.sub('report.md')}")
     return run
+
+
+def _reuse_samples(run: RunFolder, slug: str, identity: dict[str, Any]) -> stages.SampleResult | None:
+    """The samples of a row saved by an earlier session, if their record matches ``identity``."""
+    record_path, samples_path = run.sub("samples", f"{slug}.json"), run.sub("samples", f"{slug}.pt")
+    if not (record_path.is_file() and samples_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        content = torch.load(samples_path, weights_only=True)
+    except (json.JSONDecodeError, OSError, RuntimeError):
+        return None
+    if any(record.get(key) != value for key, value in identity.items()):
+        return None
+    return stages.SampleResult(content["images"], content.get("labels"), float(record["seconds"]),
+                               int(record["network_evaluations"]))
 
 
 def _slug(row: Row) -> str:
