@@ -1,6 +1,6 @@
 """The ``difflab`` command line.
 
-    difflab run RECIPE [key=value ...] [--config FILE] [--fresh]
+    difflab run RECIPE [key=value ...] [--config FILE] [--fresh] [--table]
     difflab run CONFIG.yaml [key=value ...]
     difflab train RECIPE|CONFIG.yaml [key=value ...]   only the training stages + exported weights
     difflab config RECIPE            print a recipe's default config as YAML
@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     invert.add_argument("--seed", type=int, default=0)
     invert.add_argument("--device", default="auto")
+    run.add_argument("--table", action="store_true",
+                     help="run the recipe's comparison table (sets table=true; mnist-ldm)")
     show = commands.add_parser("config", help="print a recipe's default config as YAML")
     show.add_argument("recipe")
     commands.add_parser("recipes", help="list the recipes")
@@ -139,7 +141,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
     recipe = _recipe(recipe_name)
-    config = config_from(recipe.config_class(), config_file, args.overrides)
+    overrides = list(args.overrides)
+    if args.table:
+        if not hasattr(recipe.config_class(), "table"):
+            raise ConfigError(f"--table is for recipes with a comparison table (mnist-ldm), not {recipe_name!r}")
+        overrides.append("table=true")
+    config = config_from(recipe.config_class(), config_file, overrides)
     run = recipe.run(config, fresh=args.fresh)
     if run.main:
         print(f"report: {run.path / 'report.md'}")
@@ -297,7 +304,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may follow a flag (`difflab run mnist-ldm --table seed=1`): argparse leaves them over as extras.
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if args.command not in ("run", "train") or any(e.startswith("-") for e in extras):
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        args.overrides = list(args.overrides) + extras
     handlers = {
         "run": cmd_run,
         "train": cmd_train,

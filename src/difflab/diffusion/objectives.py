@@ -8,6 +8,7 @@ from torch import nn
 
 from difflab.data.batches import ShuffledBatches
 from difflab.diffusion.schedule import NoiseSchedule
+from difflab.diffusion.vlb import learned_log_variance, reverse_mean, split_output, vlb_terms
 from difflab.errors import ConfigError
 from difflab.seeding import batch_randint, batch_randn, mix_seed
 
@@ -16,6 +17,27 @@ def sample_timesteps(batch: int, num_timesteps: int, generator: torch.Generator,
     """``t ~ U{0, ..., T-1}``, shape (B,). Drawn per example (see ``seeding.batch_randint``), so a loss split
     over processes or micro-batches sees the timesteps the whole batch would."""
     return batch_randint(num_timesteps, batch, generator, device)
+
+
+def _noised(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    generator: torch.Generator,
+    labels: torch.Tensor | None,
+    label_dropout: float,
+    null_label: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(t, eps, x_t, labels)``: t ~ U{0..T-1}, eps ~ N(0, I), x_t ~ q(x_t | x_0), labels with dropout applied."""
+    t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
+    noise = batch_randn(tuple(x0.shape), generator, x0.device)
+    x_t = schedule.q_sample(x0, t, noise)
+    if labels is not None and label_dropout > 0:
+        if null_label is None:
+            raise ValueError("label_dropout needs the null label")
+        # Per-example uniforms as Phi(z) of per-example normals, so data-parallel ranks drop the global batch's labels.
+        uniform = 0.5 * (1 + torch.erf(batch_randn((labels.shape[0],), generator, labels.device) / 2**0.5))
+        labels = torch.where(uniform < label_dropout, torch.full_like(labels, null_label), labels)
+    return t, noise, x_t, labels
 
 
 def epsilon_loss(
@@ -33,19 +55,41 @@ def epsilon_loss(
     models as ``model(x_t, t, labels)``; with ``label_dropout = p`` each label is replaced by
     ``null_label`` with probability p (classifier-free guidance training, Ho & Salimans 2022).
     """
-    t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
-    noise = batch_randn(tuple(x0.shape), generator, x0.device)
-    x_t = schedule.q_sample(x0, t, noise)
-    if labels is None:
-        prediction = model(x_t, t)
-    else:
-        if label_dropout > 0:
-            if null_label is None:
-                raise ValueError("label_dropout needs the null label")
-            drop = torch.rand(labels.shape, generator=generator, device=generator.device).to(labels.device)
-            labels = torch.where(drop < label_dropout, torch.full_like(labels, null_label), labels)
-        prediction = model(x_t, t, labels)
+    t, noise, x_t, labels = _noised(schedule, x0, generator, labels, label_dropout, null_label)
+    prediction = model(x_t, t) if labels is None else model(x_t, t, labels)
     return F.mse_loss(prediction, noise)
+
+
+def hybrid_loss(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    generator: torch.Generator,
+    labels: torch.Tensor | None = None,
+    label_dropout: float = 0.0,
+    null_label: int | None = None,
+    vlb_weight: float = 0.001,
+    decoder: str = "discretized",
+) -> torch.Tensor:
+    """Nichol & Dhariwal's ``L_hybrid = L_simple + lambda L_vlb`` for a model returning ``[eps, v]`` (B, 2C, ...).
+
+    ``L_simple`` is the eps MSE of the first C channels. ``L_vlb`` trains only the variance: the term ``L_t``
+    (:func:`~difflab.diffusion.vlb.vlb_terms`, bits/dim, the decoder NLL at t = 0) is evaluated with the mean
+    computed from a *detached* eps (stop-gradient, their sec. 3.1) and the learned variance of v. As
+    ``L_vlb = sum_t L_t = T E_t[L_t]``, the sampled term is weighted by ``vlb_weight * T`` (with lambda = 0.001 and
+    T = 1000 this is their code's ``mse + vb``). ``decoder``: ``discretized`` for 8-bit images in [-1, 1],
+    ``gaussian`` for continuous data such as latents. Noise, timesteps and label dropout as :func:`epsilon_loss`.
+    """
+    t, noise, x_t, labels = _noised(schedule, x0, generator, labels, label_dropout, null_label)
+    output = model(x_t, t) if labels is None else model(x_t, t, labels)
+    eps, values = split_output(output, x_t)
+    if values is None:
+        raise ConfigError("the hybrid loss needs a learned-variance model (output channels = 2 x input channels)")
+    simple = F.mse_loss(eps, noise)
+    mean = reverse_mean(schedule, eps.detach(), x_t, t)
+    log_variance = learned_log_variance(schedule, values, t)
+    vlb = vlb_terms(schedule, x0, x_t, t, mean, log_variance, decoder)
+    return simple + vlb_weight * schedule.num_timesteps * vlb.mean()
 
 
 def noisy_classifier_loss(

@@ -26,7 +26,7 @@ class Recipe:
 
 def recipes() -> dict[str, Recipe]:
     """All recipes (imported lazily so ``difflab --help`` stays fast)."""
-    from difflab.experiments import mnist, ncsn, ncsn2d, states, toy2d
+    from difflab.experiments import autoencoder, ldm, mnist, ncsn, ncsn2d, states, toy2d
 
     found = [
         Recipe(
@@ -69,6 +69,18 @@ def recipes() -> dict[str, Recipe]:
             ncsn.MnistNCSNConfig,
             ncsn.run_mnist_ncsn,
             "MNIST noise-conditional score network (DSM) sampled by annealed Langevin dynamics, (c, T) sweep",
+        ),
+        Recipe(
+            "autoencoder",
+            autoencoder.AutoencoderRecipeConfig,
+            autoencoder.run_autoencoder,
+            "KL-regularised VAE for latent diffusion: PSNR/SSIM, compression, scaling factor",
+        ),
+        Recipe(
+            "mnist-ldm",
+            ldm.MnistLDMConfig,
+            ldm.run_mnist_ldm,
+            "Latent diffusion + CFG, cosine schedule, learned variance, respacing; --table for the comparison",
         ),
     ]
     for name, data in ncsn2d.POINT_RECIPES.items():

@@ -13,8 +13,10 @@ import torch
 
 from difflab.data.batches import ShuffledBatches
 from difflab.data.images import ImageSet, load_digits_8x8, load_image_folder
-from difflab.diffusion.objectives import epsilon_loss
+from difflab.diffusion.objectives import epsilon_loss, hybrid_loss
+from difflab.diffusion.respacing import respaced
 from difflab.diffusion.schedule import NoiseSchedule
+from difflab.diffusion.vlb import split_output
 from difflab.errors import ConfigError
 from difflab.experiments.runs import RunFolder
 from difflab.models.unet import UNet, UNetConfig
@@ -88,12 +90,14 @@ def load_image_data(config: ImageDataConfig, seed: int) -> tuple[ImageSet, Image
     return train, heldout
 
 
-def build_unet(config: UNetConfig, data: ImageSet) -> UNet:
-    """A U-Net whose channels and classes fit ``data`` (the config's in/out channels are checked)."""
-    if config.in_channels != data.channels or config.out_channels != data.channels:
+def build_unet(config: UNetConfig, data: ImageSet, learned_variance: bool = False) -> UNet:
+    """A U-Net whose channels and classes fit ``data`` (the config's in/out channels are checked; a learned-variance
+    model outputs ``[eps, v]``, twice the data's channels)."""
+    out_channels = data.channels * (2 if learned_variance else 1)
+    if config.in_channels != data.channels or config.out_channels != out_channels:
         raise ConfigError(
             f"unet.in_channels/out_channels are {config.in_channels}/{config.out_channels} but the images have "
-            f"{data.channels} channels; set unet.in_channels={data.channels} unet.out_channels={data.channels}"
+            f"{data.channels} channels; set unet.in_channels={data.channels} unet.out_channels={out_channels}"
         )
     if config.num_classes and config.num_classes != data.num_classes:
         raise ConfigError(f"unet.num_classes={config.num_classes} but the data has {data.num_classes} classes")
@@ -122,6 +126,7 @@ def image_validation(
         for start in range(0, len(x0), 512):
             chunk = slice(start, start + 512)
             prediction = model(x_t[chunk], t[chunk]) if y is None else model(x_t[chunk], t[chunk], y[chunk])
+            prediction, _ = split_output(prediction, x_t[chunk])  # the eps part of a learned-variance output
             total += float(torch.nn.functional.mse_loss(prediction, noise[chunk], reduction="sum"))
         return {"loss": total / noise.numel()}
 
@@ -141,10 +146,23 @@ def train_image_denoiser(
     show_progress: bool,
     label_dropout: float = 0.0,
     hooks: list[Callable[[Trainer], None]] | None = None,
+    name: str = "denoiser",
+    learned_variance: bool = False,
+    vlb_weight: float = 0.001,
+    decoder: str = "discretized",
+    channels_last: bool = False,
 ) -> tuple[Trainer, TrainResult]:
-    """Train (or resume) the eps U-Net; conditional when ``unet_config.num_classes`` > 0."""
+    """Train (or resume) the eps U-Net; conditional when ``unet_config.num_classes`` > 0.
+
+    ``learned_variance``: the U-Net outputs ``[eps, v]`` and is trained with the hybrid loss
+    ``L_simple + vlb_weight L_vlb`` (``decoder``: ``discretized`` for 8-bit images, ``gaussian`` for latents).
+    ``name`` names the checkpoints (several models can share a run folder). ``channels_last`` stores the weights
+    NHWC (faster convolutions on CPU).
+    """
     torch.manual_seed(mix_seed(seed, 0, 92))
-    model = build_unet(unet_config, train).to(device)
+    model = build_unet(unet_config, train, learned_variance).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     conditional = unet_config.num_classes > 0
     tensors = (train.images.to(device), train.labels.to(device))
     batches = ShuffledBatches(tensors, train_config.batch_size, seed=mix_seed(seed, 0, 93))
@@ -152,13 +170,18 @@ def train_image_denoiser(
 
     def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         images, labels = batch
+        if learned_variance:
+            return hybrid_loss(net, schedule, images, generator, labels if conditional else None, label_dropout,
+                               null_label if conditional else None, vlb_weight, decoder)
         if not conditional:
             return epsilon_loss(net, schedule, images, generator)
         return epsilon_loss(net, schedule, images, generator, labels, label_dropout, null_label)
 
     signature = {"model": "UNet", "config": repr(unet_config), "num_timesteps": schedule.num_timesteps}
+    if learned_variance:
+        signature.update(objective="hybrid", vlb_weight=vlb_weight, decoder=decoder)
     trainer = Trainer(
-        "denoiser",
+        name,
         model,
         loss_fn,
         batches,
@@ -210,13 +233,24 @@ def sample_images(
     show_progress: bool = False,
     callback: Callable[..., None] | None = None,
     clip_x0: float | None = 1.0,
+    variance: str = "beta",
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SampleResult:
     """``n`` images in batches from fixed seeds; labels (n,) make the samples class-conditional (CFG scale
-    ``guidance``). ``sampler`` is any name of ``sampling.solvers.SAMPLERS`` (``ddpm`` with steps 0 or T is
-    ancestral sampling over all T steps). The same ``seed`` gives the same initial noise, whatever the sampler."""
+    ``guidance``). The same ``seed`` gives the same initial noise, whatever the sampler.
+
+    ``sampler`` is any name of ``sampling.solvers.SAMPLERS``; ``ddpm`` runs all T steps when ``steps`` is 0 or T,
+    else ``steps`` respaced steps (Nichol & Dhariwal sec. 4), with ``variance`` its reverse variance (``learned``
+    for a model that outputs ``[eps, v]``). ``clip_x0`` clips the x_0 predictions of pixel images in [-1, 1]
+    (not done for latents, i.e. when ``decode`` is given, nor for learned-variance outputs). ``decode`` maps
+    each sampled batch to images (latent diffusion: the autoencoder's decoder), inside the timed region.
+    Images are clipped to [-1, 1]."""
     from difflab.sampling.solvers import get_sampler, sample
 
     get_sampler(sampler)  # an unknown name fails here, before any work
+    respacing = respaced(schedule, steps) if sampler == "ddpm" and 0 < steps < schedule.num_timesteps else None
+    if decode is not None or variance == "learned":
+        clip_x0 = None
     context = distributed.current()
     start, calls = time.perf_counter(), 0
 
@@ -242,16 +276,11 @@ def sample_images(
                 eps_model = DiffusionModel(eps_model, schedule, "eps", clip_x0=clip_x0)
             full_shape = (size, *shape)
             first = callback if shard == 0 and offset == 0 else None
-            if sampler == "ddpm" and steps in (0, schedule.num_timesteps):  # ancestral sampling over all T steps
-                x = ddpm_sample(
-                    eps_model,
-                    schedule,
-                    full_shape,
-                    generator=generator,
-                    device=device,
-                    callback=first,
-                    show_progress=show_progress,
-                )
+            if sampler == "ddpm":  # ancestral sampling over all T steps, or respaced ones
+                model_fn, chain = (eps_model, schedule) if respacing is None else (respacing.wrap(eps_model),
+                                                                                   respacing.schedule)
+                x = ddpm_sample(model_fn, chain, full_shape, generator=generator, device=device, variance=variance,
+                                callback=first, show_progress=show_progress)
             elif sampler == "ddim":
                 x = ddim_sample(
                     eps_model,
@@ -276,6 +305,9 @@ def sample_images(
                     callback=first,
                     show_progress=show_progress,
                 )
+            if decode is not None:
+                with torch.inference_mode():
+                    x = decode(x)
             outputs.append(x.clamp(-1, 1))
             offset += size
         return torch.cat(outputs)

@@ -49,7 +49,7 @@ class EvaluationConfig:
     n_samples: int = 2000
     n_ddpm: int = 300
     ddim_steps: int = 50
-    batch_size: int = 500
+    batch_size: int = 128
     seed: int = 4321
     inception_weights: str = ""
 
@@ -76,7 +76,7 @@ class MnistDDPMConfig:
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=1500,
+            steps=2400,
             batch_size=128,
             lr=1e-3,
             warmup_steps=100,
@@ -140,7 +140,7 @@ class MnistCFGConfig:
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=2100,
+            steps=2800,
             batch_size=128,
             lr=1e-3,
             weight_decay=1e-4,
@@ -198,6 +198,7 @@ def _train_only(config: Any, recipe: str, fresh: bool, echo, **extra: Any) -> Ru
                 config.seed,
                 device,
                 config.progress and run.main,
+                channels_last=device.type == "cpu",
                 **extra,
             )
         logger.close()
@@ -277,7 +278,17 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
             )
         with run.stage("train"):
             trainer, result = stages.train_image_denoiser(
-                run, logger, train, heldout, schedule, config.unet, config.train, config.seed, device, config.progress
+                run,
+                logger,
+                train,
+                heldout,
+                schedule,
+                config.unet,
+                config.train,
+                config.seed,
+                device,
+                config.progress,
+                channels_last=device.type == "cpu",
             )
         model = trainer.eval_model
         shape = tuple(train.images.shape[1:])
@@ -512,6 +523,7 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
                 config.progress,
                 label_dropout=config.guidance.label_dropout,
                 hooks=[progress] if config.guidance.progress_every_epoch else None,
+                channels_last=device.type == "cpu",
             )
         model = trainer.eval_model
         ev, guidance = config.metrics, config.guidance
@@ -737,7 +749,10 @@ def load_run_model(
     model = UNet(config.unet)
     load_weights(model, run_dir / "checkpoints" / "denoiser.safetensors")
     schedule = NoiseSchedule.from_config(config.schedule).to(device)
-    return config, model.to(device).eval(), schedule
+    model = model.to(device).eval()
+    if torch.device(device).type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return config, model, schedule
 
 
 def sample_from_run(

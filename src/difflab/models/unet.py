@@ -8,6 +8,13 @@ DDPM walkthrough) or uses it as a per-channel scale and shift after the normalis
 (``"film"``, improved DDPM's scale-shift norm / FiLM). With ``num_classes = K`` a learned embedding of
 K + 1 labels (label K is the null label of classifier-free guidance) is added to the time embedding.
 
+Cross-attention (Rombach et al. 2022, the LDM U-Net) is optional: at the levels in ``cross_attention_levels`` (and
+in the bottleneck with ``mid_cross_attention``) each stage ends with a block whose queries are the pixels and whose
+keys and values are a context sequence (B, L, context_dim). With ``class_conditioning="cross"`` (or ``"both"``,
+which also keeps the additive embedding) the context is a learned embedding of the label as ``context_tokens``
+tokens (the null label has its own); any other context can be passed as ``forward(x, t, context=...)``. With none
+of these options set the network, its parameters and its outputs are exactly those of the plain U-Net.
+
 Call ``model.to(memory_format=torch.channels_last)`` for speed on CPU (about 2x here): inputs are then
 converted to NHWC inside ``forward``.
 
@@ -28,6 +35,7 @@ from difflab.errors import ConfigError
 from difflab.models.mlp import sinusoidal_embedding
 
 TIME_CONDITIONINGS = ("add", "film")
+CLASS_CONDITIONINGS = ("add", "cross", "both")
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,10 @@ class UNetConfig:
     ``channel_mults[i] * base_channels`` channels at level i (resolution ``size / 2**i``);
     ``attention_levels`` lists the levels with self-attention (the bottleneck has it when
     ``mid_attention``); ``time_scale`` multiplies t before the sinusoidal embedding (1 for integer
-    timesteps, e.g. 1000 for continuous t in [0, 1]).
+    timesteps, e.g. 1000 for continuous t in [0, 1]). ``cross_attention_levels`` / ``mid_cross_attention``
+    add cross-attention to a context of width ``context_dim`` (0 = the time-embedding width);
+    ``class_conditioning`` says how labels enter: ``add`` (to the time embedding), ``cross`` (as a context of
+    ``context_tokens`` learned tokens) or ``both``.
     """
 
     in_channels: int = 1
@@ -54,6 +65,11 @@ class UNetConfig:
     time_scale: float = 1.0
     num_classes: int = 0
     norm_groups: int = 8
+    cross_attention_levels: tuple[int, ...] = ()
+    mid_cross_attention: bool = False
+    context_dim: int = 0
+    context_tokens: int = 1
+    class_conditioning: str = "add"
 
     def __post_init__(self) -> None:
         if self.time_conditioning not in TIME_CONDITIONINGS:
@@ -72,6 +88,24 @@ class UNetConfig:
             raise ConfigError(f"unet.attention_levels {bad} outside 0..{len(self.channel_mults) - 1}")
         if not 0 <= self.dropout < 1:
             raise ConfigError("unet.dropout must be in [0, 1)")
+        bad = [level for level in self.cross_attention_levels if not 0 <= level < len(self.channel_mults)]
+        if bad:
+            raise ConfigError(f"unet.cross_attention_levels {bad} outside 0..{len(self.channel_mults) - 1}")
+        if self.class_conditioning not in CLASS_CONDITIONINGS:
+            raise ConfigError(f"unet.class_conditioning must be one of {', '.join(CLASS_CONDITIONINGS)}")
+        if self.class_conditioning != "add" and not self.has_cross_attention:
+            raise ConfigError(
+                f"unet.class_conditioning={self.class_conditioning} needs cross-attention "
+                "(unet.cross_attention_levels or unet.mid_cross_attention)"
+            )
+        if self.class_conditioning != "add" and self.num_classes < 1:
+            raise ConfigError(f"unet.class_conditioning={self.class_conditioning} needs unet.num_classes > 0")
+        if self.context_tokens < 1 or self.context_dim < 0:
+            raise ConfigError("unet.context_tokens must be >= 1 and unet.context_dim >= 0")
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return bool(self.cross_attention_levels) or self.mid_cross_attention
 
     @property
     def downsample_factor(self) -> int:
@@ -126,8 +160,34 @@ class SelfAttention(nn.Module):
         return x + self.out(attended.transpose(-1, -2).reshape(b, c, h, w))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from the pixels (queries) to a context sequence (keys and values), with
+    ``scaled_dot_product_attention``: x (B, C, H, W), context (B, L, context_dim) -> (B, C, H, W), residual."""
+
+    def __init__(self, channels: int, context_dim: int, groups: int, head_channels: int) -> None:
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = nn.GroupNorm(groups, channels)
+        self.context_norm = nn.LayerNorm(context_dim)
+        self.query = nn.Conv2d(channels, channels, 1)
+        self.key_value = nn.Linear(context_dim, channels * 2)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        d = c // self.heads
+        q = self.query(self.norm(x)).reshape(b, self.heads, d, h * w).transpose(-1, -2)  # (B, heads, HW, d)
+        kv = self.key_value(self.context_norm(context)).reshape(b, context.shape[1], 2, self.heads, d)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, heads, L, d)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(attended.transpose(-1, -2).reshape(b, c, h, w))
+
+
 class UNet(nn.Module):
-    """``eps_theta(x_t, t[, y])``: x (B, C, H, W), t (B,) int or float, y (B,) int labels or None.
+    """``eps_theta(x_t, t[, y][, context])``: x (B, C, H, W), t (B,) int or float, y (B,) int labels or None,
+    context (B, L, context_dim) or None (the label tokens are used when the model has cross-attention).
 
     Returns (B, C_out, H, W).
     """
@@ -138,12 +198,23 @@ class UNet(nn.Module):
         base = config.base_channels
         emb_dim = config.time_embedding_dim or 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.class_embedding = nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes else None
+        additive = config.num_classes and config.class_conditioning in ("add", "both")
+        self.class_embedding = nn.Embedding(config.num_classes + 1, emb_dim) if additive else None
+        context_dim = config.context_dim or emb_dim
+        self.context_dim = context_dim
+        self.class_context = (
+            nn.Embedding(config.num_classes + 1, config.context_tokens * context_dim)
+            if config.class_conditioning in ("cross", "both")
+            else None
+        )
         film = config.time_conditioning == "film"
         groups = config.norm_groups
 
         def block(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, groups, config.dropout, film)
+
+        def cross(width: int) -> CrossAttention:
+            return CrossAttention(width, context_dim, groups, config.attention_head_channels)
 
         self.stem = nn.Conv2d(config.in_channels, base, 3, padding=1)
         self.down = nn.ModuleList()
@@ -156,6 +227,8 @@ class UNet(nn.Module):
                 stage = nn.ModuleList([block(channels, width)])
                 if level in config.attention_levels:
                     stage.append(SelfAttention(width, groups, config.attention_head_channels))
+                if level in config.cross_attention_levels:
+                    stage.append(cross(width))
                 self.down.append(stage)
                 channels = width
                 skips.append(channels)
@@ -166,6 +239,7 @@ class UNet(nn.Module):
         self.mid_attention = (
             SelfAttention(channels, groups, config.attention_head_channels) if config.mid_attention else None
         )
+        self.mid_cross_attention = cross(channels) if config.mid_cross_attention else None
         self.mid2 = block(channels, channels)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mults))):
@@ -174,6 +248,8 @@ class UNet(nn.Module):
                 stage = nn.ModuleList([block(channels + skips.pop(), width)])
                 if level in config.attention_levels:
                     stage.append(SelfAttention(width, groups, config.attention_head_channels))
+                if level in config.cross_attention_levels:
+                    stage.append(cross(width))
                 self.up.append(stage)
                 channels = width
             if level > 0:
@@ -194,9 +270,28 @@ class UNet(nn.Module):
             emb = emb + self.class_embedding(y)
         return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def label_context(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """The labels as a context sequence (B, context_tokens, context_dim) (None -> the null label)."""
+        if self.class_context is None:
+            raise ValueError("this U-Net has no label context (class_conditioning is 'add')")
+        if y is None:
+            y = torch.full((batch,), self.config.num_classes, device=device, dtype=torch.long)
+        return self.class_context(y).reshape(batch, self.config.context_tokens, self.context_dim)
+
+    def _stage_extras(self, stage: nn.ModuleList, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        for extra in stage[1:]:
+            h = extra(h, context) if isinstance(extra, CrossAttention) else extra(h)
+        return h
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet expects (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        if self.config.has_cross_attention and context is None:
+            if self.class_context is None:
+                raise ValueError("this U-Net has cross-attention: pass context (B, L, context_dim)")
+            context = self.label_context(y, x.shape[0], x.device)
         height, width = x.shape[-2:]
         if self.stem.weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # NHWC: oneDNN's fast path on CPU
@@ -209,21 +304,19 @@ class UNet(nn.Module):
         skips = [h]
         for stage in self.down:
             if isinstance(stage[0], ResBlock):
-                h = stage[0](h, emb)
-                for extra in stage[1:]:
-                    h = extra(h)
+                h = self._stage_extras(stage, stage[0](h, emb), context)
             else:
                 h = stage[0](h)
             skips.append(h)
         h = self.mid1(h, emb)
         if self.mid_attention is not None:
             h = self.mid_attention(h)
+        if self.mid_cross_attention is not None:
+            h = self.mid_cross_attention(h, context)
         h = self.mid2(h, emb)
         for stage in self.up:
             if isinstance(stage[0], ResBlock):
-                h = stage[0](torch.cat([h, skips.pop()], dim=1), emb)
-                for extra in stage[1:]:
-                    h = extra(h)
+                h = self._stage_extras(stage, stage[0](torch.cat([h, skips.pop()], dim=1), emb), context)
             else:
                 h = stage[0](h)
         h = self.out_conv(F.silu(self.out_norm(h)))
@@ -239,4 +332,12 @@ def describe(config: UNetConfig, size: int) -> str:
     model = UNet(config)
     resolutions = [math.ceil(size / 2**i) for i in range(len(config.channel_mults))]
     levels = ", ".join(f"{r}x{r}:{m * config.base_channels}" for r, m in zip(resolutions, config.channel_mults))
-    return f"U-Net [{levels}], {config.num_res_blocks} res blocks/level, {count_parameters(model):,} parameters"
+    extras = ""
+    if config.attention_levels:
+        extras += ", self-attention at " + ", ".join(f"{resolutions[i]}x{resolutions[i]}" for i in
+                                                     sorted(config.attention_levels))
+    if config.cross_attention_levels:
+        extras += ", cross-attention at " + ", ".join(f"{resolutions[i]}x{resolutions[i]}" for i in
+                                                      sorted(config.cross_attention_levels))
+    return (f"U-Net [{levels}], {config.num_res_blocks} res blocks/level{extras}, "
+            f"{count_parameters(model):,} parameters")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from difflab.diffusion.schedule import NoiseSchedule
+from difflab.diffusion.vlb import split_output
 from difflab.sampling.common import EpsModel, StepCallback, progress, randn, sampling_mode, timestep_list
 
 
@@ -61,7 +62,8 @@ def ddim_sample(
 
     Each step's previous timestep is the next entry of the list (the chain ends at ``alpha_bar = 1``),
     never recomputed by formula, so any spacing works. ``eta = 0`` is deterministic given ``x_T``;
-    ``eta = 1`` matches DDPM's posterior variance. Returns x_0 of ``shape``.
+    ``eta = 1`` matches DDPM's posterior variance. A model returning ``[eps, v]`` (learned variance) is used for
+    its eps only. Returns x_0 of ``shape``.
     """
     if timesteps is None:
         timesteps = timestep_list(schedule.num_timesteps, steps, spacing)
@@ -70,7 +72,8 @@ def ddim_sample(
         for k in progress(list(range(len(timesteps))), show_progress, "DDIM"):
             t = timesteps[k]
             t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else None
-            eps = model(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+            # A learned-variance model's extra channels are ignored: DDIM's sigma comes from eta.
+            eps, _ = split_output(model(x, torch.full((shape[0],), t, device=device, dtype=torch.long)), x)
             noise = randn(shape, generator, device) if eta > 0 and t_prev is not None else None
             x_next, x0_pred = ddim_step(schedule, eps, t, t_prev, x, eta, noise, clip_x0)
             if callback is not None:

@@ -1,14 +1,16 @@
-"""Ancestral sampling of DDPM (Ho et al. 2020, Algorithm 2)."""
+"""Ancestral sampling of DDPM (Ho et al. 2020, Algorithm 2), with a fixed or a learned reverse variance
+(Nichol & Dhariwal 2021, eq. 15)."""
 
 from __future__ import annotations
 
 import torch
 
 from difflab.diffusion.schedule import NoiseSchedule
+from difflab.diffusion.vlb import learned_log_variance, split_output
 from difflab.errors import ConfigError
 from difflab.sampling.common import EpsModel, StepCallback, progress, randn, sampling_mode
 
-VARIANCES = ("beta", "posterior")
+VARIANCES = ("beta", "posterior", "learned")
 
 
 def ddpm_step(
@@ -19,14 +21,17 @@ def ddpm_step(
     noise: torch.Tensor | None,
     variance: str = "beta",
     clip_x0: float | None = None,
+    variance_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse step ``x_t -> x_{t-1}``; returns ``(x_{t-1}, x0_pred)``.
 
     ``x_{t-1} = mu_tilde(x0_pred, x_t) + sigma_t z`` with
     ``x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)``; without clipping this equals
     Ho et al.'s ``mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)``.
-    ``sigma_t^2`` is ``beta_t`` (``variance="beta"``) or ``beta_tilde_t`` (``"posterior"``), and no noise
-    is added at the last step (t = 0). eps, x_t, noise: (B, ...).
+    ``sigma_t^2`` is ``beta_t`` (``variance="beta"``), ``beta_tilde_t`` (``"posterior"``) or the learned
+    ``exp(v log beta_t + (1 - v) log beta_tilde_t)`` with ``v = (variance_values + 1) / 2`` (``"learned"``;
+    variance_values: the network's extra output channels, shape of eps). No noise is added at the last step
+    (t = 0). eps, x_t, noise: (B, ...).
     """
     index = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
     x0_pred = schedule.predict_x0(x_t, index, eps)
@@ -37,6 +42,11 @@ def ddpm_step(
         return mean, x0_pred
     if noise is None:
         raise ValueError("ddpm_step needs noise for t > 0")
+    if variance == "learned":
+        if variance_values is None:
+            raise ValueError("ddpm_step with variance='learned' needs the network's variance_values")
+        log_variance = learned_log_variance(schedule, variance_values, index)
+        return mean + torch.exp(0.5 * log_variance) * noise, x0_pred
     var = schedule.betas[t] if variance == "beta" else schedule.posterior_variance[t]
     return mean + var.to(x_t.device).sqrt() * noise, x0_pred
 
@@ -56,7 +66,10 @@ def ddpm_sample(
 ) -> torch.Tensor:
     """Draw ``shape[0]`` samples by running all T ancestral steps from ``x_T ~ N(0, I)``.
 
-    model: ``model(x_t, t) -> eps``, x_t (B, ...), t (B,). Returns x_0 of ``shape``. Noise comes from
+    model: ``model(x_t, t) -> eps``, x_t (B, C, ...), t (B,); with ``variance="learned"`` the model returns
+    ``[eps, v]`` (B, 2C, ...) (a fixed variance ignores v). To sample with K < T respaced steps, pass
+    ``RespacedSchedule.schedule`` and ``RespacedSchedule.wrap(model)`` (:mod:`difflab.diffusion.respacing`).
+    Returns x_0 of ``shape``. Noise comes from
     ``generator`` (the initial ``x_T`` first, then one draw per step), so a seeded generator makes the
     result reproducible.
     """
@@ -67,9 +80,11 @@ def ddpm_sample(
         timesteps = list(range(schedule.num_timesteps - 1, -1, -1))
         for i in progress(timesteps, show_progress, "DDPM"):
             t_batch = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            eps = model(x, t_batch)
+            eps, values = split_output(model(x, t_batch), x)
+            if variance == "learned" and values is None:
+                raise ConfigError("DDPM variance 'learned' needs a model that outputs [eps, v] (twice the channels)")
             noise = randn(shape, generator, device) if i > 0 else None
-            x_next, x0_pred = ddpm_step(schedule, eps, i, x, noise, variance, clip_x0)
+            x_next, x0_pred = ddpm_step(schedule, eps, i, x, noise, variance, clip_x0, values)
             if callback is not None:
                 callback(schedule.num_timesteps - 1 - i, i, x, x0_pred)
             x = x_next

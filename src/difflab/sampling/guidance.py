@@ -1,7 +1,8 @@
 """Guidance: eps-model wrappers that steer any eps-based sampler towards a class.
 
 Both wrappers return an object called as ``model(x_t, t) -> eps_hat``, so DDPM, DDIM and the other
-samplers use them unchanged.
+samplers use them unchanged. For a learned-variance model, whose output is ``[eps, v]`` (twice the input's
+channels), only eps is guided; v is the conditional model's (as in GLIDE).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from difflab.diffusion.schedule import NoiseSchedule
+from difflab.diffusion.vlb import split_output
 from difflab.sampling.common import EpsModel
 
 
@@ -54,11 +56,13 @@ class ClassifierGuidance:
         return grad
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps = self.model(x, t)
+        output = self.model(x, t)
         if self.scale == 0:
-            return eps
+            return output
+        eps, values = split_output(output, x)
         sigma = self.schedule.sigma(t).reshape((-1,) + (1,) * (x.ndim - 1))
-        return eps - self.scale * sigma * self.log_prob_grad(x, t)
+        eps_hat = eps - self.scale * sigma * self.log_prob_grad(x, t)
+        return eps_hat if values is None else torch.cat([eps_hat, values], dim=1)
 
 
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w: float) -> torch.Tensor:
@@ -91,6 +95,9 @@ class ClassifierFreeGuidance:
         null = torch.full_like(labels, self.null_label)
         if self.w == 0:
             return self.model(x, t, null)
-        eps = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
-        eps_cond, eps_uncond = eps.chunk(2)
-        return cfg_combine(eps_uncond, eps_cond, self.w)
+        output = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+        cond, uncond = output.chunk(2)
+        eps_cond, values = split_output(cond, x)
+        eps_uncond, _ = split_output(uncond, x)
+        eps_hat = cfg_combine(eps_uncond, eps_cond, self.w)
+        return eps_hat if values is None else torch.cat([eps_hat, values], dim=1)

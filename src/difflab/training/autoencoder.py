@@ -1,0 +1,57 @@
+"""The objective of the KL-regularised autoencoder and the latent scaling factor (Rombach et al. 2022, sec. 3 and
+appendix G)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from difflab.errors import ConfigError
+
+RECONSTRUCTIONS = ("l1", "l2")
+
+
+def autoencoder_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    generator: torch.Generator,
+    kl_weight: float = 1e-6,
+    reconstruction: str = "l1",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L = rec(x, D(z)) + kl_weight * KL(q(z | x) || N(0, I))`` with ``z = mu + sigma * eps`` (reparameterised).
+
+    images: (B, C, H, W) in [-1, 1]. ``rec`` is the mean absolute (``l1``) or squared (``l2``) error per pixel;
+    the KL (``0.5 sum(mu^2 + sigma^2 - 1 - log sigma^2)`` per image) is divided by the number of pixels too, so
+    ``kl_weight`` has the meaning of the LDM code's (whose losses are both sums per image). Returns the loss and
+    its parts (``reconstruction``, ``kl`` per image in nats).
+    """
+    if reconstruction not in RECONSTRUCTIONS:
+        raise ConfigError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}, got {reconstruction!r}")
+    mean, log_variance = model.encode_moments(images)
+    noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+    recon = model.decode_raw(mean + torch.exp(0.5 * log_variance) * noise)
+    error = recon - images
+    rec = error.abs().mean() if reconstruction == "l1" else (error**2).mean()
+    kl = 0.5 * (mean**2 + torch.exp(log_variance) - 1.0 - log_variance).flatten(1).sum(dim=1)
+    pixels = images[0].numel()
+    loss = rec + kl_weight * kl.mean() / pixels
+    return loss, {"reconstruction": rec.detach(), "kl": kl.mean().detach()}
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+@torch.no_grad()
+def latent_scaling_factor(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> float:
+    """``1 / std`` of the posterior means of ``images`` (N, C, H, W) over every element (Rombach et al., sec. G),
+    so the scaled latents have unit variance like the diffusion model's noise."""
+    device = next(model.parameters()).device
+    means = [model.encode_moments(part.to(device))[0].double().cpu() for part in _batches(images, batch_size)]
+    std = float(torch.cat(means).std())
+    if not std > 0:
+        raise ConfigError("the autoencoder maps every image to the same latent: cannot compute a scaling factor")
+    return 1.0 / std
