@@ -324,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         "report": cmd_report,
         "serve": cmd_serve,
     }
+    succeeded = False
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        succeeded = True
+        return code
     except DifflabError as exc:
         print(f"difflab: error: {exc}", file=sys.stderr)
         return 2
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if "difflab.training.distributed" in sys.modules:
-            sys.modules["difflab.training.distributed"].shutdown()
+            sys.modules["difflab.training.distributed"].shutdown(succeeded)
 
 
 if __name__ == "__main__":

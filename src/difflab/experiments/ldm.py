@@ -598,7 +598,8 @@ def _figures(run: RunFolder, logger: RunLogger, results: list[dict[str, Any]], v
         preferred = [r for r in candidates if r["w"] == config.guidance.w and r["steps"] == max(
             c["steps"] for c in candidates)]
         row = (preferred or candidates)[0]
-        content = torch.load(run.sub("samples", f"{row['slug']}.pt"), weights_only=True)
+        row_samples = run.sub("samples", f"{row['slug']}.pt")
+        content = torch.load(row_samples, weights_only=True)
         images = content["images"]
         if "labels" in content:
             labels = content["labels"]

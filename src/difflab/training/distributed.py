@@ -93,9 +93,17 @@ def init_from_env(device: torch.device) -> tuple[torch.device, DistContext]:
     return device, current()
 
 
-def shutdown() -> None:
-    """Leave the process group (if this process joined one)."""
+def shutdown(succeeded: bool = True) -> None:
+    """Leave the process group (if this process joined one).
+
+    After a run that succeeded on this rank the ranks first meet at a barrier: a rank that tears its gloo
+    group down while rank 0 is still writing the report aborted the process at exit now and then
+    ("terminate called without an active exception"). After a failure there is no barrier (the other
+    ranks may never arrive).
+    """
     if dist.is_available() and dist.is_initialized():
+        if succeeded and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
