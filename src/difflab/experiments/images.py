@@ -491,12 +491,16 @@ def sampler_determinism(
     ddim_steps: int,
     seed: int,
     device: torch.device,
+    clip_x0: float | None = 1.0,
 ) -> dict[str, Any]:
     """Is the sampler a deterministic map of x_T? ``n`` starting points x_T (n, *shape), each sampled twice
     with different generators for every draw after x_T: DDIM (eta = 0, ``ddim_steps``) in two separate calls,
     DDPM (all T steps) in one call of the 2n duplicated x_T. Differences are of the final images in [-1, 1];
-    ``different_x_T`` is the scale of unrelated images (DDIM images of neighbouring x_T)."""
+    ``different_x_T`` is the scale of unrelated images (DDIM images of neighbouring x_T). ``clip_x0`` clips the
+    x_0 predictions as :func:`sample_images` does."""
     x_T = torch.randn((n, *shape), generator=seeded_generator(mix_seed(seed, 0, 97))).to(device)
+    if clip_x0 is not None:
+        model = DiffusionModel(model, schedule, "eps", clip_x0=clip_x0)
 
     def generator(k: int) -> torch.Generator:
         return seeded_generator(mix_seed(seed, k, 99), device)
