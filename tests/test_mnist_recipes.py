@@ -10,7 +10,9 @@ import torch
 
 from difflab.cli import main
 from difflab.experiments.mnist import sample_from_run
+from difflab.sampling.trajectory import Trajectory
 from difflab.viz.images import load_image
+from reportcheck import assert_self_contained, assert_sources, assert_traceable
 
 TINY_DIGITS = [
     "data.source=digits",
@@ -51,6 +53,8 @@ def cfg_run(tmp_path_factory) -> Path:
 def test_cfg_run_writes_its_artefacts_and_learns(cfg_run: Path) -> None:
     for name in [
         "report.md",
+        "report.html",
+        "samples/trajectory.safetensors",
         "metrics.json",
         "checkpoints/denoiser.safetensors",
         "figures/digits_grid.png",
@@ -69,6 +73,18 @@ def test_cfg_run_writes_its_artefacts_and_learns(cfg_run: Path) -> None:
     assert samples["images"].abs().max() <= 1
     grid = load_image(cfg_run / "figures" / "digits_grid.png")
     assert grid.shape[-2] > grid.shape[-1]  # 10 rows of 3 digits
+    trajectory = Trajectory.load(cfg_run / "samples" / "trajectory.safetensors")
+    assert trajectory.kind == "images" and trajectory.x_t.shape == (10, 8, 1, 8, 8)
+
+
+def test_cfg_report_is_self_contained_and_traced(cfg_run: Path) -> None:
+    assert_self_contained(cfg_run, "report", min_images=4)  # digit grid, panel, progress, loss
+    metrics = json.loads((cfg_run / "metrics.json").read_text())
+    assert_sources(cfg_run, "report", {"": metrics}, min_values=20)
+    md = (cfg_run / "report.md").read_text()
+    for title in ("Samples at w = 2", "Guidance sweep", "How the samples form", "Training", "Environment"):
+        assert f"## {title}\n" in md
+    assert "| w = 0 | 50 |" in md and "Share classified as each digit" not in md  # no evaluator on digits
 
 
 def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
@@ -168,3 +184,10 @@ def test_mnist_run_is_evaluated_against_its_calibration_rows(tmp_path: Path, cap
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert set(evaluation["samples"]) == {"ddim.pt", "ddpm.pt"}
     assert evaluation["samples"]["ddim.pt"]["fid"] == pytest.approx(metrics["ddim"]["fid"], rel=1e-6)
+    # The reports, with FID/IS beside the calibration floors: the default one and the five-section write-up.
+    assert_sources(run_dir, "report", {"": metrics}, min_values=80)
+    assert "floor: real held-out" in (run_dir / "report.md").read_text()
+    assert main(["report", str(run_dir), "--style", "ddpm-vs-ddim"]) == 0
+    five = (run_dir / "report-ddpm-vs-ddim.md").read_text()
+    assert len(five) <= 7500 and "quality (FID" in five and "real held-out (floor)" in five
+    assert_traceable(run_dir, "report-ddpm-vs-ddim", {"": metrics}, min_numbers=120)

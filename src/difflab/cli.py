@@ -9,6 +9,7 @@
     difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S]
     difflab likelihood RUN [--n 1000]  exact model NLL of held-out points (probability-flow ODE)
     difflab report RUN [--style S]   rebuild RUN/report.md and RUN/report.html from the run folder
+    difflab report RUN --style ddpm-vs-ddim [--with RUN_NO_T] [--forward RUN_2D]   the five-section write-up
     difflab serve [RUNS_DIR] [--port 8765] [--host 127.0.0.1]   browse run folders in a web browser
 
 ``run`` and ``train`` also work under ``torchrun --nproc_per_node=N -m difflab ...`` (data-parallel; rank 0
@@ -54,15 +55,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     invert.add_argument("--seed", type=int, default=0)
     invert.add_argument("--device", default="auto")
-    run.add_argument("--table", action="store_true",
-                     help="run the recipe's comparison table (sets table=true; mnist-ldm)")
+    run.add_argument(
+        "--table", action="store_true", help="run the recipe's comparison table (sets table=true; mnist-ldm)"
+    )
     show = commands.add_parser("config", help="print a recipe's default config as YAML")
     show.add_argument("recipe")
     commands.add_parser("recipes", help="list the recipes")
     _add_sampling_commands(commands)
     report = commands.add_parser("report", help="(re)write a completed run's report.md and report.html")
     report.add_argument("run_dir", help="a completed run folder")
-    report.add_argument("--style", default="default", help="report style (default: default)")
+    report.add_argument(
+        "--style", default="default", help="report style (default: default); others write RUN/report-STYLE.md/.html"
+    )
+    report.add_argument(
+        "--with",
+        dest="with_run",
+        help="ddpm-vs-ddim: the ablation run trained without t (unet.time_conditioning=none); default: a sibling",
+    )
+    report.add_argument(
+        "--forward", help="ddpm-vs-ddim: a swissroll/states run whose forward-process panels it describes"
+    )
     serve = commands.add_parser("serve", help="browse run folders: metrics, configs, figures, trajectories")
     serve.add_argument("runs_dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
     serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
@@ -290,7 +302,8 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from difflab.experiments import report_run
 
-    md_path, html_path = report_run(args.run_dir, args.style)
+    companions = {"ablation": args.with_run, "forward": args.forward}
+    md_path, html_path = report_run(args.run_dir, args.style, companions=companions)
     print(f"report: {md_path}")
     print(f"report: {html_path}")
     return 0

@@ -1,14 +1,21 @@
 """One recipe per reference experiment. :func:`recipes` maps a recipe name to its config class, its runner
 (``difflab run``: train, sample, score, report), its trainer (``difflab train``: the training stages and the
-exported weights only) and its report styles."""
+exported weights only) and its report styles.
+
+``difflab report RUN --style S`` rebuilds a report from the run folder: style ``default`` writes
+``report.md`` + ``report.html`` (what the recipe wrote), any other style ``report-S.md`` + ``report-S.html``
+beside them. A style's builder may take other runs by keyword (``mnist-ddpm``'s ``ddpm-vs-ddim`` takes
+``ablation`` and ``forward``, given as ``--with RUN`` and ``--forward RUN``)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_STYLE = "default"
+COMPANION_FLAGS = {"ablation": "--with", "forward": "--forward"}  # a builder's keyword -> its CLI flag
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,7 @@ class Recipe:
 
 def recipes() -> dict[str, Recipe]:
     """All recipes (imported lazily so ``difflab --help`` stays fast)."""
-    from difflab.experiments import autoencoder, ldm, mnist, ncsn, ncsn2d, states, toy2d
+    from difflab.experiments import autoencoder, ldm, mnist, mnist_reports, ncsn, ncsn2d, states, toy2d
 
     found = [
         Recipe(
@@ -56,6 +63,10 @@ def recipes() -> dict[str, Recipe]:
             mnist.run_mnist_ddpm,
             "MNIST Micro-UNet: DDPM-1000 vs DDIM-50 grids, timings, FID/IS",
             mnist.train_mnist_ddpm,
+            {
+                DEFAULT_STYLE: mnist_reports.build_ddpm_report,
+                "ddpm-vs-ddim": mnist_reports.build_ddpm_vs_ddim_report,
+            },
         ),
         Recipe(
             "mnist-cfg",
@@ -63,6 +74,7 @@ def recipes() -> dict[str, Recipe]:
             mnist.run_mnist_cfg,
             "MNIST class-conditional U-Net with classifier-free guidance, guidance sweep",
             mnist.train_mnist_cfg,
+            {DEFAULT_STYLE: mnist_reports.build_cfg_report},
         ),
         Recipe(
             "mnist-ncsn",
@@ -95,9 +107,21 @@ def recipes() -> dict[str, Recipe]:
     return {r.name: r for r in found}
 
 
-def report_run(path: Any, style: str = DEFAULT_STYLE, require_complete: bool = True) -> tuple[Any, Any]:
-    """Rebuild ``report.md`` and ``report.html`` of the run folder ``path`` in report ``style``, from the
-    folder alone; returns both paths. Refuses (one-line ConfigError) a folder that is not a completed run."""
+def report_name(style: str) -> str:
+    """The file stem a report style writes: ``report`` for the default, ``report-STYLE`` otherwise."""
+    return "report" if style == DEFAULT_STYLE else f"report-{style}"
+
+
+def report_run(
+    path: Any,
+    style: str = DEFAULT_STYLE,
+    require_complete: bool = True,
+    companions: Mapping[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    """Rebuild the report of the run folder ``path`` in report ``style``, from the folder alone (and the
+    ``companions``: other run folders by the builder's keyword, e.g. ``{"ablation": "runs/mnist-ddpm-no-t"}``);
+    writes ``report_name(style)`` ``.md`` and ``.html`` and returns both paths. Refuses (one-line ConfigError) a
+    folder that is not a completed run, an unknown style, and companions the style does not take."""
     from difflab.errors import ConfigError
     from difflab.report.render import write_report
     from difflab.report.rundata import load_run
@@ -112,4 +136,13 @@ def report_run(path: Any, style: str = DEFAULT_STYLE, require_complete: bool = T
         raise ConfigError(
             f"recipe {recipe.name} has no report style {style!r}; choose one of {', '.join(recipe.reports) or 'none'}"
         )
-    return write_report(builder(contents), contents.path)
+    accepted = set(list(inspect.signature(builder).parameters)[1:])
+    extra = {}
+    for role, other in (companions or {}).items():
+        if other is None:
+            continue
+        if role not in accepted:
+            flag = COMPANION_FLAGS.get(role, role)
+            raise ConfigError(f"report style {style!r} of recipe {recipe.name} takes no {flag} run")
+        extra[role] = load_run(other)
+    return write_report(builder(contents, **extra), contents.path, report_name(style))

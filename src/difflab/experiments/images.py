@@ -3,6 +3,7 @@ the denoising panel and the built-in evaluation."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -171,8 +172,17 @@ def train_image_denoiser(
     def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         images, labels = batch
         if learned_variance:
-            return hybrid_loss(net, schedule, images, generator, labels if conditional else None, label_dropout,
-                               null_label if conditional else None, vlb_weight, decoder)
+            return hybrid_loss(
+                net,
+                schedule,
+                images,
+                generator,
+                labels if conditional else None,
+                label_dropout,
+                null_label if conditional else None,
+                vlb_weight,
+                decoder,
+            )
         if not conditional:
             return epsilon_loss(net, schedule, images, generator)
         return epsilon_loss(net, schedule, images, generator, labels, label_dropout, null_label)
@@ -277,10 +287,19 @@ def sample_images(
             full_shape = (size, *shape)
             first = callback if shard == 0 and offset == 0 else None
             if sampler == "ddpm":  # ancestral sampling over all T steps, or respaced ones
-                model_fn, chain = (eps_model, schedule) if respacing is None else (respacing.wrap(eps_model),
-                                                                                   respacing.schedule)
-                x = ddpm_sample(model_fn, chain, full_shape, generator=generator, device=device, variance=variance,
-                                callback=first, show_progress=show_progress)
+                model_fn, chain = (
+                    (eps_model, schedule) if respacing is None else (respacing.wrap(eps_model), respacing.schedule)
+                )
+                x = ddpm_sample(
+                    model_fn,
+                    chain,
+                    full_shape,
+                    generator=generator,
+                    device=device,
+                    variance=variance,
+                    callback=first,
+                    show_progress=show_progress,
+                )
             elif sampler == "ddim":
                 x = ddim_sample(
                     eps_model,
@@ -369,3 +388,145 @@ def save_samples(path: Path, result: SampleResult) -> None:
     if result.labels is not None:
         payload["labels"] = result.labels.contiguous()
     torch.save(payload, path)
+
+
+# ---------------------------------------------------------------- measurements for the DDPM vs DDIM report
+
+
+def diagnostic_timesteps(num_timesteps: int) -> list[int]:
+    """Seven timesteps spread over the chain: 0, 10%, 25%, 50%, 75%, 90% of T, and T - 1."""
+    fractions = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+    return sorted({min(round(f * num_timesteps), num_timesteps - 1) for f in fractions})
+
+
+def forward_statistics(schedule: NoiseSchedule, images: torch.Tensor, seed: int, count: int = 512) -> dict[str, Any]:
+    """The forward process measured on ``count`` images (N, C, H, W) at :func:`diagnostic_timesteps`.
+
+    Each row has ``alpha_bar`` and ``log10_snr`` (``SNR = alpha_bar / (1 - alpha_bar)``), the measured pixel
+    mean and std of ``x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps``, the closed-form std
+    ``sqrt(alpha_bar Var(x_0) + 1 - alpha_bar)`` and the correlation of ``x_t`` with ``x_0``.
+    """
+    x0 = images[:count].float().cpu()
+    variance = float(x0.var())
+    generator = seeded_generator(mix_seed(seed, 0, 96))
+    rows = []
+    for t in diagnostic_timesteps(schedule.num_timesteps):
+        alpha_bar = float(schedule.alpha_bar[t])
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = math.sqrt(alpha_bar) * x0 + math.sqrt(1 - alpha_bar) * noise  # q(x_t | x_0) in closed form
+        correlation = torch.corrcoef(torch.stack([x_t.flatten(), x0.flatten()]))[0, 1]
+        rows.append(
+            {
+                "t": t,
+                "alpha_bar": alpha_bar,
+                "log10_snr": math.log10(alpha_bar / (1 - alpha_bar)),
+                "x_t_mean": float(x_t.mean()),
+                "x_t_std": float(x_t.std()),
+                "closed_form_std": math.sqrt(alpha_bar * variance + 1 - alpha_bar),
+                "correlation_with_x0": float(correlation),
+            }
+        )
+    stds = [r["x_t_std"] for r in rows]
+    return {
+        "n": len(x0),
+        "num_timesteps": schedule.num_timesteps,
+        "x0_mean": float(x0.mean()),
+        "x0_std": math.sqrt(variance),
+        "x_t_std_min": min(stds),
+        "x_t_std_max": max(stds),
+        "rows": rows,
+    }
+
+
+@torch.no_grad()
+def loss_by_timestep(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    images: torch.Tensor,
+    seed: int,
+    device: torch.device,
+    count: int = 256,
+) -> dict[str, Any]:
+    """The trained eps-model's losses on ``count`` held-out images (N, C, H, W) at :func:`diagnostic_timesteps`.
+
+    Per row: ``beta``, ``log10_snr``, Ho et al.'s ELBO weight of the eps-MSE,
+    ``beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t))`` with ``sigma_t^2 = beta_t``, the eps-MSE, the MSE
+    of the implied ``x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t)``, and
+    ``eps_mse / SNR``, which equals the x_0 MSE since ``x_0 - x0_hat = (eps_hat - eps) / sqrt(SNR)``.
+    """
+    model.eval()
+    x0 = images[:count].float().to(device)
+    generator = seeded_generator(mix_seed(seed, 0, 98))
+    rows = []
+    for t in diagnostic_timesteps(schedule.num_timesteps):
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        index = torch.full((len(x0),), t, device=device, dtype=torch.long)
+        x_t = schedule.q_sample(x0, index, noise)
+        eps_hat = torch.cat([model(x_t[s : s + 256], index[s : s + 256]) for s in range(0, len(x0), 256)])
+        x0_hat = schedule.predict_x0(x_t, index, eps_hat)
+        beta, alpha, alpha_bar = (float(v[t]) for v in (schedule.betas, schedule.alphas, schedule.alpha_bar))
+        snr = alpha_bar / (1 - alpha_bar)
+        eps_mse = float(torch.mean((eps_hat - noise) ** 2))
+        rows.append(
+            {
+                "t": t,
+                "beta": beta,
+                "log10_snr": math.log10(snr),
+                "elbo_weight": beta**2 / (2 * beta * alpha * (1 - alpha_bar)),  # Ho et al. eq. 12, sigma_t^2 = beta_t
+                "eps_mse": eps_mse,
+                "x0_mse": float(torch.mean((x0_hat - x0) ** 2)),
+                "eps_mse_over_snr": eps_mse / snr,
+            }
+        )
+    weights = [r["elbo_weight"] for r in rows]
+    return {"n": len(x0), "elbo_weight_max_over_min": max(weights) / min(weights), "rows": rows}
+
+
+@torch.no_grad()
+def sampler_determinism(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    shape: tuple[int, int, int],
+    n: int,
+    ddim_steps: int,
+    seed: int,
+    device: torch.device,
+    clip_x0: float | None = 1.0,
+) -> dict[str, Any]:
+    """Is the sampler a deterministic map of x_T? ``n`` starting points x_T (n, *shape), each sampled twice
+    with different generators for every draw after x_T: DDIM (eta = 0, ``ddim_steps``) in two separate calls,
+    DDPM (all T steps) in one call of the 2n duplicated x_T. Differences are of the final images in [-1, 1];
+    ``different_x_T`` is the scale of unrelated images (DDIM images of neighbouring x_T). ``clip_x0`` clips the
+    x_0 predictions as :func:`sample_images` does."""
+    x_T = torch.randn((n, *shape), generator=seeded_generator(mix_seed(seed, 0, 97))).to(device)
+    if clip_x0 is not None:
+        model = DiffusionModel(model, schedule, "eps", clip_x0=clip_x0)
+
+    def generator(k: int) -> torch.Generator:
+        return seeded_generator(mix_seed(seed, k, 99), device)
+
+    def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+        difference = (a - b).abs()
+        return {
+            "identical": bool(torch.equal(a, b)),
+            "max_abs_diff": float(difference.max()),
+            "mean_abs_diff": float(difference.mean()),
+        }
+
+    ddim = [
+        ddim_sample(
+            model, schedule, x_T.shape, steps=ddim_steps, eta=0.0, generator=generator(k), device=device, x_T=x_T
+        ).clamp(-1, 1)
+        for k in (1, 2)
+    ]
+    pair = ddpm_sample(
+        model, schedule, (2 * n, *shape), generator=generator(3), device=device, x_T=torch.cat([x_T, x_T])
+    ).clamp(-1, 1)
+    return {
+        "n": n,
+        "ddim_steps": ddim_steps,
+        "ddpm_steps": schedule.num_timesteps,
+        "ddim": compare(ddim[0], ddim[1]),
+        "ddpm": compare(pair[:n], pair[n:]),
+        "different_x_T": {"mean_abs_diff": float((ddim[0] - ddim[0].roll(1, dims=0)).abs().mean())},
+    }

@@ -8,7 +8,11 @@
   progress grid after every epoch, a step-by-step denoising panel, a 10 x N grid per digit, and a
   guidance sweep (FID, IS, accuracy of the intended class).
 
-Both end with the built-in evaluation (``metrics.image_eval``) and its calibration rows.
+Both end with the built-in evaluation (``metrics.image_eval``) and its calibration rows, keep a denoising
+trajectory of a few samples (``samples/trajectory.safetensors``, for ``difflab serve``) and write their report
+(``report.md`` + ``report.html``, built by :mod:`difflab.experiments.mnist_reports`). ``mnist-ddpm`` also
+measures what its "DDPM vs DDIM" report needs: whether each sampler is a deterministic map of x_T, the
+forward process on the training images, and the loss by timestep.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
+from difflab.experiments.points2d import trajectory_recorder
 from difflab.experiments.runs import RunFolder, resolve_device, setup_device
 from difflab.models.unet import UNetConfig, count_parameters, describe
-from difflab.report.markdown import environment_table, figure, table
+from difflab.report.render import write_report
+from difflab.report.rundata import TRAJECTORY_FILE, load_run
 from difflab.seeding import seed_everything
 from difflab.training import distributed
 from difflab.training.checkpoint import load_weights
@@ -36,6 +42,10 @@ from difflab.training.logging import RunLogger, read_series
 from difflab.training.trainer import TrainConfig, Trainer
 from difflab.viz import plots2d
 from difflab.viz.images import image_rows_figure, save_grid
+
+TRAJECTORY_FRAMES = 20  # timesteps of the trajectory file
+TRAJECTORY_IMAGES = 8  # samples in it
+DETERMINISM_IMAGES = 8  # starting points x_T of the determinism measurement
 
 
 @dataclass(frozen=True)
@@ -235,30 +245,6 @@ def _loss_figure(run: RunFolder, logger: RunLogger) -> Path:
     return plots2d.curves(series, run.sub("figures", "loss.png"), "eps-prediction MSE")
 
 
-def _metric_rows(rows: list[tuple[str, dict[str, Any]]], accuracy: bool = False) -> list[list[Any]]:
-    out = []
-    for name, values in rows:
-        row = [name, values.get("n"), values.get("fid"), values.get("inception_score")]
-        if accuracy:
-            row.append(values.get("accuracy"))
-        out.append(row)
-    return out
-
-
-def _calibration_table(calibration: dict[str, list[dict[str, Any]]]) -> list[str]:
-    lines = []
-    for n, rows in calibration.items():
-        lines += [
-            f"Calibration rows at n = {int(n):,} (same evaluator, same count):",
-            "",
-            table(
-                ["reference row", "n", "FID", "IS"], [[r["name"], r["n"], r["fid"], r["inception_score"]] for r in rows]
-            ),
-            "",
-        ]
-    return lines
-
-
 # --------------------------------------------------------------------------------------------------------------
 def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> RunFolder:
     """The Micro-UNet walkthrough into ``config.run_dir``."""
@@ -295,14 +281,30 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
         ev = config.metrics
         common = dict(eta=0.0, batch_size=ev.batch_size, device=device, show_progress=config.progress)
         grids: dict[str, Any] = {}
+        recorder = trajectory_recorder(schedule, "ddim", ev.ddim_steps, TRAJECTORY_FRAMES, TRAJECTORY_IMAGES)
         with run.stage("grids"):
             for name, sampler, steps in (("ddpm", "ddpm", schedule.num_timesteps), ("ddim", "ddim", ev.ddim_steps)):
                 grid = stages.sample_images(
-                    model, schedule, 16, shape, sampler=sampler, steps=steps, seed=ev.seed, **common
+                    model,
+                    schedule,
+                    16,
+                    shape,
+                    sampler=sampler,
+                    steps=steps,
+                    seed=ev.seed,
+                    callback=recorder if name == "ddim" else None,
+                    **common,
                 )
                 if run.main:
                     save_grid(grid.images, run.sub("figures", f"grid_{name}.png"), nrow=4)
-                grids[name] = {"steps": steps, "seconds": grid.seconds, "network_evaluations": grid.network_evaluations}
+                grids[name] = {
+                    "images": 16,
+                    "steps": steps,
+                    "seconds": grid.seconds,
+                    "network_evaluations": grid.network_evaluations,
+                }
+            if run.main and recorder is not None:
+                recorder.trajectory().save(run.sub(TRAJECTORY_FILE))
         with run.stage("sample ddim"):
             ddim = stages.sample_images(
                 model, schedule, ev.n_samples, shape, sampler="ddim", steps=ev.ddim_steps, seed=ev.seed, **common
@@ -328,10 +330,19 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
                 equal = stages.SampleResult(ddim.images[: ev.n_ddpm], None, 0.0, 0)
                 metrics["ddim_at_ddpm_count"] = _evaluate(evaluator, equal)
             metrics["calibration"] = _calibration(evaluator, [ev.n_samples, ev.n_ddpm])
+        with run.stage("diagnostics"):  # for the "DDPM vs DDIM" report
+            metrics["determinism"] = stages.sampler_determinism(
+                model, schedule, shape, DETERMINISM_IMAGES, ev.ddim_steps, ev.seed, device
+            )
+            metrics["forward"] = stages.forward_statistics(schedule, train.images, config.seed)
+            metrics["objective"] = stages.loss_by_timestep(model, schedule, heldout.images, config.seed, device)
         with run.stage("figures"):
-            loss = _loss_figure(run, logger)
+            _loss_figure(run, logger)
         logger.close()
         metrics["grids"] = grids
+        metrics["comparison"] = ddpm_ddim_comparison(metrics)
+        metrics["data"] = _data_summary(config.data, train, heldout)
+        metrics["device"] = str(device)
         metrics["model"] = {"parameters": count_parameters(model), "description": describe(config.unet, train.size)}
         metrics["training"] = {
             "step": result.step,
@@ -344,7 +355,9 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = ddpm_targets(metrics)
         run.write_metrics(metrics)
-        _ddpm_report(run, config, metrics, loss)
+        from difflab.experiments.mnist_reports import build_ddpm_report
+
+        write_report(build_ddpm_report(load_run(run.path, require_complete=False)), run.path)
         run.complete()
     echo(
         f"[mnist-ddpm] done in {metrics['timings_seconds']['total']:.0f} s: DDIM-{ev.ddim_steps} FID "
@@ -356,6 +369,37 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
 def _images_per_second(result: Any, train: TrainConfig) -> float | None:
     trained = result.step - result.resumed_from
     return round(trained * train.batch_size / result.seconds, 1) if trained and result.seconds else None
+
+
+def _data_summary(data: ImageDataConfig, train: Any, heldout: Any) -> dict[str, Any]:
+    return {
+        "source": data.source,
+        "training_images": len(train),
+        "heldout_images": len(heldout),
+        "image_shape": list(train.images.shape[1:]),
+    }
+
+
+def ddpm_ddim_comparison(metrics: dict[str, Any]) -> dict[str, Any]:
+    """DDPM against DDIM in ratios: time per image (of the scored samples, else of the grids), steps, FID."""
+    grids = metrics["grids"]
+    scored = "ddpm" in metrics
+
+    def ms_per_image(name: str) -> float:
+        if scored:
+            return metrics[name]["seconds_per_1000"]
+        return grids[name]["seconds"] / grids[name]["images"] * 1000
+
+    out: dict[str, Any] = {
+        "timed_on": "scored samples" if scored else "grids",
+        "ddpm_ms_per_image": ms_per_image("ddpm"),
+        "ddim_ms_per_image": ms_per_image("ddim"),
+        "ddim_speedup": ms_per_image("ddpm") / ms_per_image("ddim"),
+        "step_ratio": grids["ddpm"]["steps"] / grids["ddim"]["steps"],
+    }
+    if scored and "fid" in metrics["ddpm"]:
+        out["fid_ddim_over_ddpm"] = metrics["ddim_at_ddpm_count"]["fid"] / metrics["ddpm"]["fid"]
+    return out
 
 
 def ddpm_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -372,63 +416,6 @@ def ddpm_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         },
         {"target": "DDIM-50 time per image <= 1/20 of DDPM-1000 (+10%)", "value": ratio, "met": ratio <= 0.055},
     ]
-
-
-def _ddpm_report(run: RunFolder, config: MnistDDPMConfig, metrics: dict[str, Any], loss: Path) -> None:
-    ev = config.metrics
-    rows = [(f"DDIM-{ev.ddim_steps} (eta 0)", metrics["ddim"])]
-    if "ddpm" in metrics:
-        rows += [
-            (f"DDIM-{ev.ddim_steps}, first {ev.n_ddpm}", metrics["ddim_at_ddpm_count"]),
-            ("DDPM-1000", metrics["ddpm"]),
-        ]
-    grid_rows = [
-        [name.upper(), g["steps"], g["network_evaluations"], g["seconds"]] for name, g in metrics["grids"].items()
-    ]
-    lines = [
-        "# MNIST: DDPM vs DDIM with a time-conditioned U-Net",
-        "",
-        f"{metrics['model']['description']}; time embedding added inside each residual block; "
-        f"{config.schedule.kind} schedule, T = {config.schedule.num_timesteps}; eps-prediction. "
-        f"Trained {metrics['training']['step']:,} steps of batch {config.train.batch_size} in "
-        f"{metrics['training']['seconds']:.0f} s ({metrics['training']['images_per_second']} images/s).",
-        "",
-        "## Sample grids",
-        "",
-        figure(run.sub("figures", "grid_ddpm.png"), run.path, "4 x 4 grid, DDPM with all 1,000 steps"),
-        "",
-        figure(run.sub("figures", "grid_ddim.png"), run.path, f"4 x 4 grid, DDIM (eta = 0) with {ev.ddim_steps} steps"),
-        "",
-        table(["grid", "steps", "network evaluations", "wall time (s)"], grid_rows, digits=2),
-        "",
-        "## Quality (project MNIST evaluator: FID and IS in the reference CNN's feature space, vs the 10k test digits)",
-        "",
-        table(["sampler", "n", "FID", "IS"], _metric_rows(rows)),
-        "",
-        *_calibration_table(metrics.get("calibration", {})),
-    ]
-    if metrics["targets"]:
-        lines += [
-            "## Targets",
-            "",
-            table(["target", "measured", "met"], [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]),
-            "",
-        ]
-    lines += [
-        "## Training",
-        "",
-        figure(loss, run.path, "Training and validation loss"),
-        "",
-        "## Where the time goes",
-        "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
-        "",
-        "## Environment",
-        "",
-        environment_table(),
-        "",
-    ]
-    run.sub("report.md").write_text("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -557,6 +544,22 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
             panel = run.sub("figures", "denoising_panel.png")
             if run.main:
                 image_rows_figure(panel_rows, panel, "DDIM denoising, t = " + ", ".join(map(str, timesteps)))
+            recorder = trajectory_recorder(schedule, "ddim", ev.ddim_steps, TRAJECTORY_FRAMES, TRAJECTORY_IMAGES)
+            if recorder is not None:  # one digit of each class, guided, for the run browser's trajectory viewer
+                labels = torch.arange(TRAJECTORY_IMAGES) % classes
+                stages.sample_images(
+                    model,
+                    schedule,
+                    len(labels),
+                    shape,
+                    seed=ev.seed + 3,
+                    labels=labels,
+                    guidance=guidance.w,
+                    callback=recorder,
+                    **common,
+                )
+                if run.main:
+                    recorder.trajectory().save(run.sub(TRAJECTORY_FILE))
         with run.stage("sample"):
             main_labels = stages.balanced_labels(ev.n_samples, classes)
             scored = dict(common, sampler=guidance.sampler, steps=guidance.steps)
@@ -597,8 +600,8 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
         with run.stage("evaluate"):
             metrics["calibration"] = _calibration(evaluator, [ev.n_samples, guidance.n_sweep])
         with run.stage("figures"):
-            loss = _loss_figure(run, logger)
-            progress_figure = progress.figure(run.sub("figures", "progress.png"))
+            _loss_figure(run, logger)
+            progress.figure(run.sub("figures", "progress.png"))
         logger.close()
         metrics["model"] = {"parameters": count_parameters(model), "description": describe(config.unet, train.size)}
         metrics["training"] = {
@@ -611,8 +614,12 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
         metrics["timings_seconds"] = {k: round(v, 1) for k, v in run.timings.items()}
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = cfg_targets(metrics)
+        metrics["data"] = _data_summary(config.data, train, heldout)
+        metrics["device"] = str(device)
         run.write_metrics(metrics)
-        _cfg_report(run, config, metrics, loss, panel, progress_figure)
+        from difflab.experiments.mnist_reports import build_cfg_report
+
+        write_report(build_cfg_report(load_run(run.path, require_complete=False)), run.path)
         run.complete()
     echo(
         f"[mnist-cfg] done in {metrics['timings_seconds']['total']:.0f} s: w={guidance.w:g} FID "
@@ -653,83 +660,6 @@ def cfg_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return targets
-
-
-def _cfg_report(
-    run: RunFolder,
-    config: MnistCFGConfig,
-    metrics: dict[str, Any],
-    loss: Path,
-    panel: Path,
-    progress_figure: Path | None,
-) -> None:
-    ev, guidance = config.metrics, config.guidance
-    sweep_rows = [
-        [f"{r['w']:g}", r["n"], r.get("fid"), r.get("inception_score"), r.get("accuracy"), r["seconds_per_1000"]]
-        for r in metrics["sweep"]
-    ]
-    main = metrics["main"]
-    lines = [
-        "# MNIST: class-conditional diffusion with classifier-free guidance",
-        "",
-        f"{metrics['model']['description']}; FiLM time embedding, class embedding of {config.unet.num_classes} "
-        f"digits + a learned null label, label dropout {guidance.label_dropout}; {config.schedule.kind} schedule, "
-        f"T = {config.schedule.num_timesteps}; AdamW lr {config.train.lr}, weight decay {config.train.weight_decay}, "
-        f"clip {config.train.grad_clip}, batch {config.train.batch_size}, EMA {config.train.ema_decay}. "
-        f"Trained {metrics['training']['step']:,} steps in {metrics['training']['seconds']:.0f} s "
-        f"({metrics['training']['images_per_second']} images/s). Guidance convention: "
-        "`eps_hat = eps_u + w (eps_c - eps_u)` (w = 0 unconditional, w = 1 conditional).",
-        "",
-        f"## Samples at w = {guidance.w:g} (EMA weights)",
-        "",
-        figure(
-            run.sub("figures", "digits_grid.png"),
-            run.path,
-            f"One row per digit, w = {guidance.w:g}, DDIM {ev.ddim_steps} steps",
-        ),
-        "",
-        f"Scored samples: {guidance.sampler}, {guidance.steps} steps, balanced labels, fixed seeds.",
-        "",
-        table(
-            ["n", "FID", "IS", "accuracy of the intended digit", "s per 1,000 images"],
-            [[main["n"], main.get("fid"), main.get("inception_score"), main.get("accuracy"), main["seconds_per_1000"]]],
-        ),
-        "",
-        "Class histogram (share classified as each digit): "
-        + ", ".join(f"{k}: {v:.1%}" for k, v in enumerate(main.get("class_histogram", [])))
-        + ".",
-        "",
-        "## Guidance sweep",
-        "",
-        table(["w", "n", "FID", "IS", "accuracy", "s per 1,000 images"], sweep_rows),
-        "",
-        *_calibration_table(metrics.get("calibration", {})),
-    ]
-    if metrics["targets"]:
-        lines += [
-            "## Targets",
-            "",
-            table(["target", "measured", "met"], [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]),
-            "",
-        ]
-    lines += ["## How the samples form", "", figure(panel, run.path, "x_t and the predicted x_0 along DDIM"), ""]
-    if progress_figure is not None:
-        lines += [figure(progress_figure, run.path, "Progress: fixed-noise samples after every epoch"), ""]
-    lines += [
-        "## Training",
-        "",
-        figure(loss, run.path, "Training and validation loss"),
-        "",
-        "## Where the time goes",
-        "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
-        "",
-        "## Environment",
-        "",
-        environment_table(),
-        "",
-    ]
-    run.sub("report.md").write_text("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Layout::
     RUN/metrics.json       final metrics (written only when the run completes)
     RUN/report.md          the report (written only when the run completes; ``difflab report RUN`` rebuilds it)
     RUN/report.html        the same report as one self-contained HTML file (figures embedded)
+    RUN/report-STYLE.md    another report style, written by ``difflab report RUN --style STYLE`` (and .html)
 
 Re-running the same command resumes in the same folder; a folder made with a different config is
 refused (use another ``run_dir`` or ``--fresh``).
@@ -40,7 +41,13 @@ from difflab.report.markdown import environment
 from difflab.training import distributed
 from difflab.training.checkpoint import atomic_write_bytes
 
-FINAL_OUTPUTS = ("metrics.json", "report.md", "report.html")
+FINAL_OUTPUTS = (
+    "metrics.json",
+    "report.md",
+    "report.html",
+    "report-ddpm-vs-ddim.md",  # `difflab report RUN --style ddpm-vs-ddim`
+    "report-ddpm-vs-ddim.html",
+)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -5,8 +5,11 @@ optional attention, res), and a decoder that concatenates the encoder's skip act
 timestep enters through a sinusoidal embedding and an MLP; each residual block maps it to its own
 channels and either *adds* it to the features (``time_conditioning="add"``, the "Micro-UNet" of the
 DDPM walkthrough) or uses it as a per-channel scale and shift after the normalisation
-(``"film"``, improved DDPM's scale-shift norm / FiLM). With ``num_classes = K`` a learned embedding of
-K + 1 labels (label K is the null label of classifier-free guidance) is added to the time embedding.
+(``"film"``, improved DDPM's scale-shift norm / FiLM). ``"none"`` is the ablation without any time input:
+no time embedding at all, so the network must infer the noise level from ``x_t`` alone (t is accepted and
+ignored). With ``num_classes = K`` a learned embedding of K + 1 labels (label K is the null label of
+classifier-free guidance) is added to the time embedding (with ``"none"``: it is the embedding, added to
+the features of every block).
 
 Cross-attention (Rombach et al. 2022, the LDM U-Net) is optional: at the levels in ``cross_attention_levels`` (and
 in the bottleneck with ``mid_cross_attention``) each stage ends with a block whose queries are the pixels and whose
@@ -34,7 +37,7 @@ from torch import nn
 from difflab.errors import ConfigError
 from difflab.models.mlp import sinusoidal_embedding
 
-TIME_CONDITIONINGS = ("add", "film")
+TIME_CONDITIONINGS = ("add", "film", "none")
 CLASS_CONDITIONINGS = ("add", "cross", "both")
 
 
@@ -45,10 +48,11 @@ class UNetConfig:
     ``channel_mults[i] * base_channels`` channels at level i (resolution ``size / 2**i``);
     ``attention_levels`` lists the levels with self-attention (the bottleneck has it when
     ``mid_attention``); ``time_scale`` multiplies t before the sinusoidal embedding (1 for integer
-    timesteps, e.g. 1000 for continuous t in [0, 1]). ``cross_attention_levels`` / ``mid_cross_attention``
-    add cross-attention to a context of width ``context_dim`` (0 = the time-embedding width);
-    ``class_conditioning`` says how labels enter: ``add`` (to the time embedding), ``cross`` (as a context of
-    ``context_tokens`` learned tokens) or ``both``.
+    timesteps, e.g. 1000 for continuous t in [0, 1]); ``time_conditioning="none"`` removes the time
+    embedding (the ablation of an unconditioned-on-t denoiser). ``cross_attention_levels`` /
+    ``mid_cross_attention`` add cross-attention to a context of width ``context_dim`` (0 = the time-embedding
+    width); ``class_conditioning`` says how labels enter: ``add`` (to the time embedding), ``cross`` (as a
+    context of ``context_tokens`` learned tokens) or ``both``.
     """
 
     in_channels: int = 1
@@ -113,14 +117,17 @@ class UNetConfig:
 
 
 class ResBlock(nn.Module):
-    """``GN -> SiLU -> conv -> (+t | GN * (1 + scale) + shift) -> SiLU -> dropout -> conv`` plus a skip."""
+    """``GN -> SiLU -> conv -> (+t | GN * (1 + scale) + shift) -> SiLU -> dropout -> conv`` plus a skip.
+
+    ``emb_dim = 0``: no embedding enters the block (a U-Net with neither time nor class input).
+    """
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float, film: bool) -> None:
         super().__init__()
         self.film = film
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch * 2 if film else out_ch)
+        self.emb = nn.Linear(emb_dim, out_ch * 2 if film else out_ch) if emb_dim else None
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -128,14 +135,16 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        e = self.emb(emb)[:, :, None, None]
-        if self.film:
+        if self.emb is None or emb is None:
+            h = self.norm2(h)
+        elif self.film:
+            e = self.emb(emb)[:, :, None, None]
             scale, shift = e.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + e)
+            h = self.norm2(h + self.emb(emb)[:, :, None, None])
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -197,7 +206,10 @@ class UNet(nn.Module):
         self.config = config
         base = config.base_channels
         emb_dim = config.time_embedding_dim or 4 * base
-        self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        timed = config.time_conditioning != "none"
+        self.time_mlp = (
+            nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if timed else None
+        )
         additive = config.num_classes and config.class_conditioning in ("add", "both")
         self.class_embedding = nn.Embedding(config.num_classes + 1, emb_dim) if additive else None
         context_dim = config.context_dim or emb_dim
@@ -207,6 +219,8 @@ class UNet(nn.Module):
             if config.class_conditioning in ("cross", "both")
             else None
         )
+        if not timed and self.class_embedding is None:
+            emb_dim = 0  # nothing to embed: the residual blocks get no embedding input
         film = config.time_conditioning == "film"
         groups = config.norm_groups
 
@@ -261,13 +275,16 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
 
-    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """Time (and class) embedding, (B, emb_dim)."""
-        emb = self.time_mlp(sinusoidal_embedding(t.float() * self.config.time_scale, self.config.base_channels))
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
+        """Time (and class) embedding, (B, emb_dim); ``None`` for a U-Net with neither (``"none"``, no classes)."""
+        emb = None
+        if self.time_mlp is not None:
+            emb = self.time_mlp(sinusoidal_embedding(t.float() * self.config.time_scale, self.config.base_channels))
         if self.class_embedding is not None:
             if y is None:
                 y = torch.full((t.shape[0],), self.config.num_classes, device=t.device, dtype=torch.long)
-            emb = emb + self.class_embedding(y)
+            label = self.class_embedding(y)
+            emb = label if emb is None else emb + label
         return emb
 
     def label_context(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
@@ -333,11 +350,14 @@ def describe(config: UNetConfig, size: int) -> str:
     resolutions = [math.ceil(size / 2**i) for i in range(len(config.channel_mults))]
     levels = ", ".join(f"{r}x{r}:{m * config.base_channels}" for r, m in zip(resolutions, config.channel_mults))
     extras = ""
+    if config.time_conditioning == "none":
+        extras += ", no time input"
     if config.attention_levels:
-        extras += ", self-attention at " + ", ".join(f"{resolutions[i]}x{resolutions[i]}" for i in
-                                                     sorted(config.attention_levels))
+        extras += ", self-attention at " + ", ".join(
+            f"{resolutions[i]}x{resolutions[i]}" for i in sorted(config.attention_levels)
+        )
     if config.cross_attention_levels:
-        extras += ", cross-attention at " + ", ".join(f"{resolutions[i]}x{resolutions[i]}" for i in
-                                                      sorted(config.cross_attention_levels))
-    return (f"U-Net [{levels}], {config.num_res_blocks} res blocks/level{extras}, "
-            f"{count_parameters(model):,} parameters")
+        extras += ", cross-attention at " + ", ".join(
+            f"{resolutions[i]}x{resolutions[i]}" for i in sorted(config.cross_attention_levels)
+        )
+    return f"U-Net [{levels}], {config.num_res_blocks} res blocks/level{extras}, {count_parameters(model):,} parameters"

@@ -4,7 +4,8 @@ sections); :mod:`difflab.report.render` writes one report as Markdown and as sel
 Recipes build a :class:`Report` from a run folder (see :mod:`difflab.report.rundata`); numbers taken from
 ``metrics.json`` are :class:`Value` objects that remember their dotted key, so every printed number can
 be traced back (the HTML carries it as ``data-source``). Inline text may use two bits of Markdown,
-```code``` and ``**bold**``; nothing else is interpreted.
+```code``` and ``**bold**``; nothing else is interpreted. A paragraph or a bullet may also be a sequence of
+strings and :class:`Value` objects (:func:`prose`), so numbers in running text keep their source too.
 """
 
 from __future__ import annotations
@@ -56,14 +57,36 @@ def metric(metrics: dict[str, Any], key: str, digits: int = 3, percent: bool = F
     return Value(lookup(metrics, key), key, digits, percent)
 
 
+Inline = str | Value
+Text = str | tuple[Inline, ...]  # plain text, or strings and values in order
+
+
+def parts_of(text: Text) -> tuple[Inline, ...]:
+    """The pieces of a text: a string alone, or the strings and :class:`Value` objects in order."""
+    return (text,) if isinstance(text, str) else tuple(text)
+
+
+def plain_text(text: Text) -> str:
+    """A text with each :class:`Value` printed (as the Markdown shows it)."""
+    return "".join(part.text() if isinstance(part, Value) else part for part in parts_of(text))
+
+
 @dataclass(frozen=True)
 class Paragraph:
-    text: str
+    """Text; a tuple of strings and values prints each value with its own digits (and the HTML marks its
+    source). Each string piece must close its own ```code``` and ``**bold**`` spans."""
+
+    text: Text
+
+
+def prose(*parts: Inline) -> Paragraph:
+    """``prose("DDIM took ", metric(m, "ddim.seconds", 1), " s.")``: a paragraph whose numbers are values."""
+    return Paragraph(tuple(parts))
 
 
 @dataclass(frozen=True)
 class BulletList:
-    items: tuple[str, ...]
+    items: tuple[Text, ...]
 
 
 @dataclass(frozen=True)
@@ -164,7 +187,7 @@ class Report:
         return [b for b in self.blocks if isinstance(b, Section)]
 
     def values(self) -> list[Value]:
-        """Every :class:`Value` in the report's tables (for tests and tracing)."""
+        """Every :class:`Value` in the report's tables and text (for tests and tracing)."""
         found: list[Value] = []
 
         def visit(blocks: Sequence[Block]) -> None:

@@ -55,6 +55,20 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "swissroll": ("samples.nll_course", "samples.nll_reverse", "real.nll_course", "timings_seconds.total"),
     "spiral": ("samples.nll_course", "samples.nll_reverse", "real.nll_course", "timings_seconds.total"),
     "moons": ("samples.nll_course", "samples.nll_reverse", "real.nll_course", "timings_seconds.total"),
+    "mnist-ddpm": (
+        "ddim.fid",
+        "ddpm.fid",
+        "comparison.ddim_speedup",
+        "training.validation.loss",
+        "timings_seconds.total",
+    ),
+    "mnist-cfg": (
+        "main.fid",
+        "main.accuracy",
+        "main.inception_score",
+        "training.validation.loss",
+        "timings_seconds.total",
+    ),
 }
 
 

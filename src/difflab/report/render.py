@@ -20,7 +20,10 @@ from difflab.report.document import (
     Report,
     Section,
     Table,
+    Text,
     Value,
+    parts_of,
+    plain_text,
 )
 from difflab.report.markdown import fmt
 from difflab.training.checkpoint import atomic_write_bytes
@@ -57,9 +60,9 @@ def _md_blocks(blocks: Sequence[Block], out: list[str]) -> None:
             _md_blocks(block.blocks, out)
             continue
         if isinstance(block, Paragraph):
-            out.append(block.text)
+            out.append(plain_text(block.text))
         elif isinstance(block, BulletList):
-            out += [f"- {item}" for item in block.items]
+            out += [f"- {plain_text(item)}" for item in block.items]
         elif isinstance(block, MetricTable):
             out += _md_table(block.as_table())
         elif isinstance(block, Table):
@@ -125,6 +128,27 @@ def inline_html(text: str) -> str:
     return "".join(out)
 
 
+def _value_span(value: Value) -> str:
+    source = f' data-source="{html.escape(value.source)}"' if value.source else ""
+    return f'<span class="value"{source}>{html.escape(value.text())}</span>'
+
+
+def text_html(text: Text) -> str:
+    """A text as HTML: its strings through :func:`inline_html`, each value a ``<span data-source=...>`` (a
+    ```code``` or ``**bold**`` span may enclose values)."""
+    values: list[Value] = []
+    pieces = []
+    for part in parts_of(text):
+        if isinstance(part, Value):
+            pieces.append(f"\x00{len(values)}\x00")  # a marker that escaping leaves alone
+            values.append(part)
+        else:
+            pieces.append(part.replace("\x00", ""))
+    return re.sub(
+        "\x00(\\d+)\x00", lambda match: _value_span(values[int(match.group(1))]), inline_html("".join(pieces))
+    )
+
+
 def _html_cell(cell: object, digits: int) -> str:
     if isinstance(cell, Value):
         source = f' data-source="{html.escape(cell.source)}"' if cell.source else ""
@@ -161,9 +185,9 @@ def _html_blocks(blocks: Sequence[Block], run_dir: Path, out: list[str]) -> None
             _html_blocks(block.blocks, run_dir, out)
             out.append("</section>")
         elif isinstance(block, Paragraph):
-            out.append(f"<p>{inline_html(block.text)}</p>")
+            out.append(f"<p>{text_html(block.text)}</p>")
         elif isinstance(block, BulletList):
-            out.append("<ul>" + "".join(f"<li>{inline_html(item)}</li>" for item in block.items) + "</ul>")
+            out.append("<ul>" + "".join(f"<li>{text_html(item)}</li>" for item in block.items) + "</ul>")
         elif isinstance(block, MetricTable):
             out += _html_table(block.as_table())
         elif isinstance(block, Table):
@@ -209,10 +233,11 @@ def to_html(report: Report, run_dir: str | Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(report: Report, run_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into ``run_dir``; returns both paths."""
+def write_report(report: Report, run_dir: str | Path, name: str = "report") -> tuple[Path, Path]:
+    """Write ``{name}.md`` and ``{name}.html`` (``report.md``, ``report.html``) into ``run_dir``; returns both
+    paths."""
     run_dir = Path(run_dir)
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path, html_path = run_dir / f"{name}.md", run_dir / f"{name}.html"
     atomic_write_bytes(md_path, to_markdown(report).encode())
     atomic_write_bytes(html_path, to_html(report, run_dir).encode())
     return md_path, html_path

@@ -263,9 +263,10 @@ class RunBrowser:
         ):
             if value:
                 body.append(f"<tr><th>{label}</th><td>{esc(str(value))}</td></tr>")
+        styled = sorted(p.name for p in view.path.glob("report-*.html"))  # other report styles
         links = [
-            f'<a href="{_file_url(view.id, name)}">{name}</a>'
-            for name in ("report.html", "report.md", "metrics.json", "config.yaml")
+            f'<a href="{_file_url(view.id, name)}">{esc(name)}</a>'
+            for name in ("report.html", "report.md", *styled, "metrics.json", "config.yaml")
             if (view.path / name).is_file()
         ]
         if links:
