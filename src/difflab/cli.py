@@ -292,6 +292,8 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
         f"rtol {model['rtol']:g} atol {model['atol']:g}, {model['nfe']} ODE evaluations, {model['seconds']:.0f} s; "
         f"density of the data convolved with N(0, {model['noise_floor_sigma_vp']:.3g}^2), t_min {model['t_min']:g})"
     )
+    if "bits_per_dim" in model:
+        print(f"  {model['bits_per_dim']:.3f} bits/dim ({model['dequantization']})")
     for name, value in record.get("kde", {}).items():
         if value is not None:
             print(f"  KDE, {name.replace('_', ' ')}: {value:.3f} nats")

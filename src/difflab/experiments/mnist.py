@@ -768,3 +768,94 @@ def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str =
     results["calibration"] = _calibration(evaluator, counts)
     (run_dir / "evaluation.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     return results
+
+
+# -------------------------------------------------------------------------------------- sampler comparison, likelihood
+# Width of one quantisation bin in [-1, 1] units: MNIST's pixels are k / 256, sklearn's digits v / 16 and image
+# folders k / 255 (k integer), each mapped to [-1, 1] by 2 x - 1.
+BIN_WIDTHS = {"mnist": 2.0 / 256.0, "digits": 2.0 / 16.0, "imagefolder": 2.0 / 255.0}
+
+
+class _BalancedGuidance(torch.nn.Module):
+    """An unconditional view of a class-conditional U-Net for the sampler comparison: a batch of B samples gets
+    the labels ``arange(B) % K`` (every digit equally often) combined by classifier-free guidance at ``w``."""
+
+    def __init__(self, network: torch.nn.Module, num_classes: int, w: float) -> None:
+        super().__init__()
+        from difflab.sampling.guidance import ClassifierFreeGuidance
+
+        self.network, self.num_classes = network, num_classes
+        self.guided = ClassifierFreeGuidance(network, 0, null_label=num_classes, w=w)
+
+    def labels_for(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(batch, device=device) % self.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.guided.labels = self.labels_for(x.shape[0], x.device)
+        return self.guided(x, t)
+
+
+class _NullLabel(torch.nn.Module):
+    """``network(x, t, null label)``: the unconditional model a classifier-free-guidance network also is."""
+
+    def __init__(self, network: torch.nn.Module, null_label: int) -> None:
+        super().__init__()
+        self.network, self.null_label = network, null_label
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.network(x, t, torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long))
+
+
+def load_sampling_target(path: Path, config: Any, device: torch.device) -> Any:
+    """The :class:`~difflab.experiments.samplers.SamplingTarget` of a finished mnist-ddpm / mnist-cfg run, for
+    ``difflab compare-samplers`` and ``difflab likelihood``.
+
+    Quality is FID by the built-in evaluator (MNIST data only; real held-out digits at the same n are the
+    reference row). Samplers see the model with x_0 predictions clipped to [-1, 1], as the recipe samples; a
+    class-conditional run is sampled at its ``guidance.w`` with every digit equally often. The likelihood uses
+    the unclipped model (the probability-flow ODE needs a smooth eps; a class-conditional run: its null label,
+    i.e. log p(x)) on the held-out images, dequantised uniformly within their 8-bit (or 17-level) bins.
+    """
+    from difflab.experiments.samplers import SamplingTarget
+    from difflab.sampling.wrappers import DiffusionModel
+
+    weights = path / "checkpoints" / "denoiser.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{path} has no trained denoiser ({weights} is missing); finish the run first")
+    config, network, schedule = load_run_model(path, device)
+    classes = config.unet.num_classes
+    sampled = _BalancedGuidance(network, classes, config.guidance.w) if classes else network
+    unconditional = _NullLabel(network, classes) if classes else network
+    _, heldout = stages.load_image_data(config.data, config.seed)
+    evaluator = stages.evaluator_for(config.data, device, lambda _: None, config.metrics.inception_weights)
+    metrics: dict[str, Any] = {}
+    reference_rows: dict[int, dict[str, float]] = {}
+    if evaluator is not None:
+
+        def fid(samples: torch.Tensor) -> float:
+            return float(evaluator.evaluate(samples)["fid"])
+
+        def references_at(n: int) -> dict[str, float]:
+            if n not in reference_rows:
+                real = evaluator.calibration(min(max(n, 2), len(evaluator.heldout)))[0]
+                reference_rows[n] = {"fid": float(real["fid"])}
+            return reference_rows[n]
+
+        metrics["fid"] = fid
+    guidance = f", guidance w = {config.guidance.w:g} (labels 0-9 in turn)" if classes else ""
+    return SamplingTarget(
+        path=path,
+        recipe=config.recipe,
+        model=DiffusionModel(sampled, schedule, "eps", clip_x0=1.0),
+        schedule=schedule,
+        sample_shape=(config.unet.in_channels, *(_image_size(config),) * 2),
+        device=device,
+        metrics=metrics,
+        plot=lambda samples, out, title: save_grid(samples[:64], out, nrow=8),
+        heldout=heldout.images,
+        batch_size=config.metrics.batch_size,
+        likelihood_model=DiffusionModel(unconditional, schedule, "eps"),
+        bin_width=BIN_WIDTHS.get(config.data.source),
+        references_at=references_at if evaluator is not None else None,
+        description=f"{describe(config.unet, _image_size(config))}{guidance}; x_0 predictions clipped to [-1, 1]",
+    )

@@ -28,7 +28,7 @@ from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments.runs import read_run, resolve_device
 from difflab.report.markdown import fmt, table
 from difflab.sampling.common import batched
-from difflab.sampling.likelihood import LikelihoodSettings, batched_likelihood
+from difflab.sampling.likelihood import LikelihoodSettings, batched_likelihood, bits_per_dim
 from difflab.sampling.solvers import SAMPLERS, get_sampler
 from difflab.sampling.wrappers import DiffusionModel
 from difflab.seeding import mix_seed, seeded_generator
@@ -56,6 +56,15 @@ class SamplingTarget:
     heldout: torch.Tensor | None = None
     references: dict[str, float] = field(default_factory=dict)  # metric values of real held-out data
     batch_size: int = 5000
+    # The model the likelihood integrates (default ``model``; image runs sample with clipped x_0 predictions,
+    # which the probability-flow ODE must not see).
+    likelihood_model: DiffusionModel | None = None
+    # Images: width of one quantisation bin of the held-out data in model units; the likelihood then dequantises
+    # them uniformly within their bins and reports bits per dimension.
+    bin_width: float | None = None
+    # Metric values of real held-out data at a sample count n (image FIDs depend on n), else ``references``.
+    references_at: Callable[[int], dict[str, float]] | None = None
+    description: str = ""
 
     def score(self, samples: torch.Tensor) -> dict[str, float]:
         return {name: float(metric(samples)) for name, metric in self.metrics.items()}
@@ -90,10 +99,11 @@ def load_target(run_dir: str | Path, device: str = "auto") -> SamplingTarget:
 
 
 def _register_builtin_loaders() -> None:
-    from difflab.experiments import toy2d
+    from difflab.experiments import mnist, toy2d
 
     register_loader(("states",), load_points_run)
     register_loader(tuple(toy2d.TOY_DATASETS), load_points_run)
+    register_loader(("mnist-ddpm", "mnist-cfg"), mnist.load_sampling_target)
 
 
 def load_points_run(path: Path, config: Any, device: torch.device) -> SamplingTarget:
@@ -269,6 +279,7 @@ def write_comparison(target: SamplingTarget, rows: list[dict[str, Any]], n: int,
     out = target.path / "compare_samplers"
     out.mkdir(parents=True, exist_ok=True)
     metrics = list(target.metrics)
+    references = target.references_at(n) if target.references_at is not None else target.references
     notes = [
         f"# Sampler comparison: {target.recipe} run {target.path}",
         "",
@@ -277,8 +288,9 @@ def write_comparison(target: SamplingTarget, rows: list[dict[str, Any]], n: int,
         "the sampler (Heun and the +pc samplers cost 2 N - 1 evaluations for N steps). – : budget not "
         f"possible (discrete-timestep samplers take at most T = {target.schedule.num_timesteps} steps).",
         "",
-        f"Real held-out data: {', '.join(f'{k} {fmt(v)}' for k, v in target.references.items())}.",
+        f"Real held-out data at the same n: {', '.join(f'{k} {fmt(v)}' for k, v in references.items())}.",
         "",
+        *([f"Model: {target.description}.", ""] if target.description else []),
         comparison_table(rows, metrics, target.schedule.num_timesteps),
         "",
         "Samplers: "
@@ -288,7 +300,7 @@ def write_comparison(target: SamplingTarget, rows: list[dict[str, Any]], n: int,
     ]
     paths = {"table": out / "table.md", "results": out / "results.json", "figure": out / "quality_vs_nfe.png"}
     atomic_write_bytes(paths["table"], "\n".join(notes).encode())
-    record = {"recipe": target.recipe, "n": n, "seed": seed, "references": target.references, "rows": rows}
+    record = {"recipe": target.recipe, "n": n, "seed": seed, "references": references, "rows": rows}
     atomic_write_bytes(paths["results"], (json.dumps(record, indent=2) + "\n").encode())
     series = {
         metric: {
@@ -297,7 +309,7 @@ def write_comparison(target: SamplingTarget, rows: list[dict[str, Any]], n: int,
         }
         for metric in metrics
     }
-    quality.quality_vs_nfe(series, paths["figure"], f"{target.recipe}: quality vs NFE (n = {n})", target.references)
+    quality.quality_vs_nfe(series, paths["figure"], f"{target.recipe}: quality vs NFE (n = {n})", references)
     return paths
 
 
@@ -317,9 +329,14 @@ def heldout_likelihood(
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
     points = target.heldout[:n].to(target.device)
+    if target.bin_width is not None:
+        # Uniform dequantisation: x + a u, u ~ U[0, 1)^D, a the bin width (Theis et al. 2016; Song et al. 2021).
+        uniform = torch.rand(points.shape, generator=seeded_generator(mix_seed(seed, 1, 81)), dtype=torch.float64)
+        points = points + target.bin_width * uniform.to(points.device, points.dtype)
+    model = target.likelihood_model or target.model
     start = time.perf_counter()
     result = batched_likelihood(
-        target.model,
+        model,
         target.schedule,
         points,
         batch_size=batch_size,
@@ -330,11 +347,17 @@ def heldout_likelihood(
     summary = result.summary()
     summary["seconds"] = round(time.perf_counter() - start, 2)
     summary["noise_floor_sigma_vp"] = float(
-        (1 - target.model.alpha_bar_at(summary["t_min"] * (target.model.num_timesteps - 1))).sqrt()
+        (1 - model.alpha_bar_at(summary["t_min"] * (model.num_timesteps - 1))).sqrt()
     )
+    if target.bin_width is not None:
+        summary["bits_per_dim"] = float(bits_per_dim(summary["nll_nats"], result.dims, target.bin_width))
+        summary["dequantization"] = (
+            f"uniform within each quantisation bin (width {target.bin_width:.6g} in model units); bits/dim "
+            "= nll / (D ln 2) - log2(bin width), an upper bound on the discrete model's"
+        )
     record: dict[str, Any] = {"recipe": target.recipe, "model": summary}
     metrics_path = target.path / "metrics.json"
-    if metrics_path.is_file():
+    if metrics_path.is_file() and target.bin_width is None:
         metrics = json.loads(metrics_path.read_text())
         real = metrics.get("real", {})
         uncond = metrics.get("uncond", metrics.get("samples", {}))
