@@ -108,9 +108,14 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
     compare = commands.add_parser("compare-samplers", help="sample quality against NFE for many samplers")
     compare.add_argument("run", help="a finished run folder")
     compare.add_argument("--samplers", help="comma-separated sampler names (default: all)")
-    compare.add_argument("--nfe", type=int, nargs="+", help="NFE budgets (default 5 10 20 50 100 1000, plus T)")
+    compare.add_argument(
+        "--nfe", type=int, nargs="+", help="NFE budgets (default 5 10 20 50 100 1000, plus T unless --no-full)"
+    )
     compare.add_argument("--n", type=int, default=5000, help="samples per sampler and budget (default 5000)")
     compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument(
+        "--no-full", action="store_true", help="leave out the budget T (every sampler at T steps: costly on images)"
+    )
     compare.add_argument("--device", default="auto")
     likelihood = commands.add_parser("likelihood", help="exact model NLL of held-out data (probability-flow ODE)")
     likelihood.add_argument("run", help="a finished run folder")
@@ -271,7 +276,9 @@ def cmd_compare_samplers(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.samplers.split(",") if n.strip()] if args.samplers else experiment.DEFAULT_COMPARED
     nfes = tuple(args.nfe) if args.nfe else experiment.DEFAULT_NFES
     print(f"[compare-samplers] {target.recipe} run {target.path}: {len(names)} samplers, NFE {list(nfes)}, n={args.n}")
-    rows = experiment.compare_samplers(target, names, nfes, args.n, args.seed, echo=print)
+    rows = experiment.compare_samplers(
+        target, names, nfes, args.n, args.seed, include_full=not args.no_full, echo=print
+    )
     paths = experiment.write_comparison(target, rows, args.n, args.seed)
     print(experiment.comparison_table(rows, list(target.metrics), target.schedule.num_timesteps))
     print(f"written: {paths['table']}, {paths['results']}, {paths['figure']}")
