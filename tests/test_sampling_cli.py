@@ -89,6 +89,14 @@ def test_compare_samplers_writes_table_json_and_plot(moons_run: Path, capsys) ->
     # two solvers of the same probability-flow ODE from the same noise agree once converged
     for metric in ("nll_course", "nll_reverse"):
         assert abs(rows[("dpmpp-2m", 20)][metric] - rows[("heun", 100)][metric]) < 0.05
+    # --no-full leaves out the T budget; the same seed gives the same samples, so the same scores
+    assert (
+        main(["compare-samplers", str(moons_run), "--samplers", "dpmpp-2m", "--nfe", "5", "--n", "300", "--no-full"])
+        == 0
+    )
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert [(row["sampler"], row["budget"]) for row in again] == [("dpmpp-2m", 5)]
+    assert again[0]["nll_course"] == rows[("dpmpp-2m", 5)]["nll_course"]
 
 
 def test_likelihood_command_scores_heldout_points_above_noise(moons_run: Path, capsys) -> None:
