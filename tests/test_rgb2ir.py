@@ -248,6 +248,35 @@ def test_rerun_reuses_the_latent_cache(quick_run: Path, capsys) -> None:
     assert after["headline"]["psnr"] == pytest.approx(before["headline"]["psnr"], abs=1e-6)
 
 
+def test_inversion_based_translation_is_scored_beside_the_others(tmp_path: Path) -> None:
+    run_dir = tmp_path / "inv"
+    overrides = [o for o in QUICK if not o.startswith(("vae.train.steps", "regressor.train.steps"))]
+    overrides += [
+        "vae.train.steps=20",
+        "regressor.train.steps=40",
+        "data.max_pairs=24",
+        "inversion.enabled=true",
+        "inversion.steps=8",
+        "inversion.train.steps=60",
+        "inversion.train.batch_size=16",
+        "inversion.train.warmup_steps=10",
+        "inversion.unet.base_channels=16",
+        "inversion.train.ema_decay=0",
+    ]
+    assert main(["run", "rgb2ir", f"run_dir={run_dir}", *overrides]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["scores"]) == {*rgb2ir.SCORINGS, "inversion"}
+    assert len(metrics["scores"]["inversion"]["per_image"]) == metrics["data"]["test_pairs"]
+    # The eps models learned (held-out eps MSE well below the 1.0 of predicting zero), and DDIM with eta = 0 is
+    # close to invertible: the round trip returns the latents far closer than their spread.
+    for name in ("eps_rgb", "eps_ir"):
+        assert metrics["inversion"]["models"][name]["final_validation"]["loss"] < 0.9
+    assert metrics["inversion"]["round_trip_latent_mse"] < 0.1
+    inverted = metrics["regressors"]["regressor_inverted"]
+    assert inverted["test_mse"] < inverted["identity_mse"]
+    assert "Inversion-based translation" in (run_dir / "report.md").read_text()
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
     vis, ir = _pairs(tmp_path / "gray", ["a", "b", "c", "d"])
     _write(vis / "c.png", (40, 24), "L", 3)
@@ -257,6 +286,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
         (["latents.noise=loud"], "latents.noise must be one of"),
         (["latents.t_start=1000"], "must be below schedule.num_timesteps"),
         (["vae.kind=diffusers"], "needs vae.path"),
+        (["evaluation.headline=inversion"], "needs inversion.enabled=true"),
     ]
     for overrides, message in cases:
         assert main(["run", "rgb2ir", f"run_dir={tmp_path / 'run'}", "progress=false", *overrides, "--fresh"]) == 2

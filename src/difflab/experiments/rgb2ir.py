@@ -73,7 +73,7 @@ from difflab.viz.images import image_rows_figure
 
 VAE_KINDS = ("train", "run", "diffusers")
 NOISE_MODES = ("shared", "independent")
-SCORINGS = ("t_start", "denoised", "t0")
+SCORINGS = ("t_start", "denoised", "t0")  # the inversion-based scoring "inversion" is added when enabled
 PSNR_TARGET, SSIM_TARGET, SECONDS_TARGET = 20.0, 0.60, 1800.0
 REFERENCE_LABEL = "reference RGB->IR"
 
@@ -199,6 +199,44 @@ class RegressorConfig:
 
 
 @dataclass(frozen=True)
+class InversionConfig:
+    """Inversion-based translation (``enabled``): an eps U-Net on the RGB latents and one on the IR latents
+    (``schedule``, all timesteps), DDIM inversion of both sides to ``t_start`` in ``steps`` steps, a regressor (the
+    ``regressor`` settings) from the inverted RGB latent to the inverted IR latent, then DDIM sampling with the IR
+    model from the regressed latent back to t = 0."""
+
+    enabled: bool = False
+    steps: int = 20
+    unet: UNetConfig = field(
+        default_factory=lambda: UNetConfig(
+            in_channels=4,
+            out_channels=4,
+            base_channels=32,
+            channel_mults=(1, 2),
+            num_res_blocks=1,
+            mid_attention=True,
+            time_conditioning="film",
+        )
+    )
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=1500,
+            batch_size=64,
+            lr=1e-3,
+            warmup_steps=100,
+            ema_decay=0.999,
+            eval_every=250,
+            log_every=50,
+            checkpoint_every=500,
+        )
+    )
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"inversion.steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
 class RGB2IREvaluationConfig:
     """``headline``: the scoring the targets and the summary use; ``figure_images`` test pairs in the figure."""
 
@@ -207,8 +245,10 @@ class RGB2IREvaluationConfig:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.headline not in SCORINGS:
-            raise ConfigError(f"evaluation.headline must be one of {', '.join(SCORINGS)}, got {self.headline!r}")
+        if self.headline not in (*SCORINGS, "inversion"):
+            raise ConfigError(
+                f"evaluation.headline must be one of {', '.join(SCORINGS)}, inversion; got {self.headline!r}"
+            )
         if self.figure_images < 1 or self.batch_size < 1:
             raise ConfigError("evaluation.figure_images and evaluation.batch_size must be >= 1")
 
@@ -229,11 +269,14 @@ class RGB2IRConfig:
     )
     latents: LatentConfig = field(default_factory=LatentConfig)
     regressor: RegressorConfig = field(default_factory=RegressorConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
     evaluation: RGB2IREvaluationConfig = field(default_factory=RGB2IREvaluationConfig)
 
     def __post_init__(self) -> None:
         if self.recipe != "rgb2ir":
             raise ConfigError(f"this config is for the 'rgb2ir' recipe, got recipe={self.recipe!r}")
+        if self.evaluation.headline == "inversion" and not self.inversion.enabled:
+            raise ConfigError("evaluation.headline=inversion needs inversion.enabled=true")
         if self.latents.t_start >= self.schedule.num_timesteps:
             raise ConfigError(
                 f"latents.t_start={self.latents.t_start} must be below schedule.num_timesteps="
@@ -634,6 +677,121 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device: to
     return torch.cat([model(x[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(x), batch_size)])
 
 
+@torch.inference_mode()
+def _batched(fn: Any, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([fn(x[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(x), batch_size)])
+
+
+def inversion_translation(
+    run: RunFolder,
+    logger: RunLogger,
+    config: RGB2IRConfig,
+    train: LatentPairs,
+    test: LatentPairs,
+    schedule: NoiseSchedule,
+    device: torch.device,
+    echo: Any = print,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Inversion-based translation (see :class:`InversionConfig`): returns the translated test IR latents
+    (N, c, h, w) at t = 0 and what to report (the eps models, the DDIM round trip of the test IR latents under the
+    IR model, the regressor on inverted latents)."""
+    from difflab.experiments.images import train_image_denoiser
+    from difflab.sampling.ddim import ddim_sample
+    from difflab.sampling.inversion import ddim_invert, inversion_timesteps
+
+    settings, t_start = config.inversion, config.latents.t_start
+    timesteps = inversion_timesteps(schedule.num_timesteps, settings.steps, t_start)
+    bs = config.evaluation.batch_size
+    unet = replace(settings.unet, in_channels=train["rgb0"].shape[1], out_channels=train["rgb0"].shape[1])
+    models, info = {}, {"steps": settings.steps, "t_end": timesteps[-1], "models": {}}
+    for side in ("rgb", "ir"):
+        name = f"eps_{side}"
+        no_labels = torch.zeros(len(train.names), dtype=torch.long)
+        latents = ImageSet(train[f"{side}0"], no_labels, ("all",))
+        held = ImageSet(test[f"{side}0"], torch.zeros(len(test.names), dtype=torch.long), ("all",))
+        echo(f"[rgb2ir] training {name} (eps-prediction on the {side.upper()} latents): {describe(unet, latents.size)}")
+        with run.stage(f"train {name}"):
+            trainer, result = train_image_denoiser(
+                run,
+                logger,
+                latents,
+                held,
+                schedule,
+                unet,
+                settings.train,
+                config.seed,
+                device,
+                config.progress,
+                name=name,
+                decoder="gaussian",
+                channels_last=device.type == "cpu",
+            )
+        models[side] = trainer.eval_model.eval()
+        info["models"][name] = {
+            "steps": result.step,
+            "train_seconds": round(result.seconds, 1),
+            "final_validation": result.final_validation,
+            "description": describe(unet, held.size),
+        }
+    with run.stage("inversion"):
+
+        def invert(side: str, z: torch.Tensor) -> torch.Tensor:
+            return _batched(lambda x: ddim_invert(models[side], schedule, x, timesteps), z, bs, device)
+
+        def generate(z: torch.Tensor) -> torch.Tensor:
+            return _batched(
+                lambda x: ddim_sample(
+                    models["ir"], schedule, tuple(x.shape), timesteps=timesteps[::-1], x_T=x, device=device
+                ),
+                z,
+                bs,
+                device,
+            )
+
+        inverted = {
+            ("rgb", "train"): invert("rgb", train["rgb0"]),
+            ("ir", "train"): invert("ir", train["ir0"]),
+            ("rgb", "test"): invert("rgb", test["rgb0"]),
+            ("ir", "test"): invert("ir", test["ir0"]),
+        }
+        round_trip = generate(inverted[("ir", "test")])
+        info["round_trip_latent_mse"] = float(((round_trip - test["ir0"]) ** 2).mean())
+        info["round_trip_latents"] = round_trip
+    echo("[rgb2ir] training regressor_inverted: inverted RGB latent -> inverted IR latent")
+    with run.stage("train regressor_inverted"):
+        model, result = train_regressor(
+            run,
+            logger,
+            "regressor_inverted",
+            inverted[("rgb", "train")],
+            inverted[("ir", "train")],
+            inverted[("rgb", "test")],
+            inverted[("ir", "test")],
+            config.regressor,
+            config.seed,
+            device,
+            config.progress,
+            echo,
+        )
+    with run.stage("inversion"):
+        predicted = predict(model, inverted[("rgb", "test")], bs, device)
+        translated = generate(predicted)
+    target, source = inverted[("ir", "test")], inverted[("rgb", "test")]
+    info["regressor"] = {
+        "input": "inverted rgb0",
+        "target": "inverted ir0",
+        "steps": result.step,
+        "train_seconds": round(result.seconds, 1),
+        "parameters": count_parameters(model),
+        "description": describe(config.regressor.unet, source.shape[-1]),
+        "final_train_loss": result.final_train_loss,
+        "test_mse": float(((predicted - target) ** 2).mean()),
+        "identity_mse": float(((source - target) ** 2).mean()),
+        "mean_mse": float(((inverted[("ir", "train")].mean(0, keepdim=True) - target) ** 2).mean()),
+    }
+    return translated, info
+
+
 # ------------------------------------------------------------------------------------------------------ scoring
 def score_images(
     prediction: torch.Tensor, target: torch.Tensor, names: tuple[str, ...], per_image: bool = True
@@ -732,8 +890,21 @@ def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFold
                 "denoised": schedule.predict_x0(noisy, t_vec, test["noise_ir"]),
                 "t0": predictions["t0"],
             }
+        inversion: dict[str, Any] = {}
+        if config.inversion.enabled:
+            latents["inversion"], inversion = inversion_translation(
+                run, logger, config, train, test, schedule, device, echo
+            )
+            regressors["regressor_inverted"] = inversion.pop("regressor")
+        scorings = tuple(latents)
+        with run.stage("evaluate"):
             decoded = {k: decode_ir(vae, z, bs, device) for k, z in latents.items()}
-            scores = {k: score_images(decoded[k], truth, names) for k in SCORINGS}
+            scores = {k: score_images(decoded[k], truth, names) for k in scorings}
+            if config.inversion.enabled:
+                reconstructed = decode_ir(vae, inversion.pop("round_trip_latents"), bs, device)
+                inversion["round_trip_decoded"] = score_images(
+                    reconstructed, decode_ir(vae, test["ir0"], bs, device), names, per_image=False
+                )
             baseline_images = {
                 "autoencoder": decode_ir(vae, test["ir0"], bs, device),
                 "true_noisy_latent": decode_ir(vae, test["ir_t"], bs, device),
@@ -749,7 +920,7 @@ def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFold
                 (f"predicted IR ({config.evaluation.headline})", gray(decoded[config.evaluation.headline])),
                 ("true IR", gray(truth)),
             ]
-            rows += [(f"predicted IR ({k})", gray(decoded[k])) for k in SCORINGS if k != config.evaluation.headline]
+            rows += [(f"predicted IR ({k})", gray(decoded[k])) for k in scorings if k != config.evaluation.headline]
             rows += [("autoencoder(true IR)", gray(baseline_images["autoencoder"]))]
             image_rows_figure(
                 rows,
@@ -797,6 +968,7 @@ def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFold
             "latents": {**cache_info, "shape": list(train["rgb0"].shape[1:])},
             "regressors": regressors,
             "scores": scores,
+            "inversion": inversion,
             "baselines": baselines,
             "headline": {"method": config.evaluation.headline, "psnr": headline["psnr"], "ssim": headline["ssim"]},
             "device": str(device),
@@ -840,9 +1012,10 @@ SCORING_LABELS = {
     "t_start": "noisy prediction z_IR,t decoded as it is (the reference's)",
     "denoised": "noisy prediction taken back to t = 0 with the known noise",
     "t0": "clean-latent regressor (no diffusion)",
+    "inversion": "DDIM-inverted RGB latent -> regressor -> DDIM sampling under the IR model",
 }
 BASELINE_LABELS = {
-    "autoencoder": "autoencoder reconstruction of the true IR (ceiling of any latent method)",
+    "autoencoder": "autoencoder reconstruction of the true IR (decoding the exact IR latent)",
     "true_noisy_latent": "the true z_IR,t decoded as it is (a perfect noisy prediction)",
     "mean_training_image": "the mean training IR image, for every test pair",
     "grayscale_input": "the RGB input's gray level as the IR image",
@@ -907,7 +1080,7 @@ def build_report(contents: Any) -> Report:
             metric(m, f"scores.{k}.ssim", 3),
             metric(m, f"scores.{k}.mse", 4),
         )
-        for k in SCORINGS
+        for k in SCORING_LABELS
         if k in m.get("scores", {})
     ]
     rows += [
@@ -979,6 +1152,26 @@ def build_report(contents: Any) -> Report:
             regressor_rows,
         ),
     )
+    if lookup(m, "inversion.steps"):
+        report.section(
+            "Inversion-based translation",
+            prose(
+                "Two eps-prediction U-Nets, one on the RGB latents and one on the IR latents (",
+                str(lookup(m, "inversion.models.eps_ir.description")),
+                "), invert both sides with ",
+                metric(m, "inversion.steps", 0),
+                f" deterministic DDIM steps (eta = 0) from t = 0 to t = {t_start}; a regressor of the same size as "
+                "the others maps the inverted RGB latent to the inverted IR latent, and DDIM with the IR model takes "
+                "its prediction back to t = 0 (the `inversion` scoring above). The DDIM round trip of the true test "
+                "IR latents under the IR model (invert, then sample) has latent MSE ",
+                metric(m, "inversion.round_trip_latent_mse", 5),
+                "; decoded, it scores PSNR ",
+                metric(m, "inversion.round_trip_decoded.psnr", 2),
+                " dB and SSIM ",
+                metric(m, "inversion.round_trip_decoded.ssim", 3),
+                " against the decoded true IR latent (the inversion's own loss).",
+            ),
+        )
     cached = lookup(m, "latents.cached")
     report.section(
         "Autoencoder and latent cache",
