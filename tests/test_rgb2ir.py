@@ -231,12 +231,12 @@ def test_recipe_learns_and_writes_its_report(quick_run: Path) -> None:
         scores = metrics["scores"][key]
         assert len(scores["per_image"]) == metrics["data"]["test_pairs"]
         assert scores["psnr"] == pytest.approx(np.mean([r["psnr"] for r in scores["per_image"]]))
-    assert metrics["headline"]["method"] == "denoised" and len(metrics["targets"]) == 3
+    assert metrics["headline"]["method"] == "t0" and len(metrics["targets"]) == 3
     assert set(metrics["timings_seconds"]) >= {"data", "autoencoder", "latents", "evaluate", "total"}
     report = (quick_run / "report.md").read_text()
     assert "11.5" in report and "0.07" in report  # the reference's figures beside ours
     assert f"{metrics['headline']['psnr']:.2f}" in report
-    assert 'data-source="scores.denoised.psnr"' in (quick_run / "report.html").read_text()
+    assert 'data-source="scores.t0.psnr"' in (quick_run / "report.html").read_text()
 
 
 def test_rerun_reuses_the_latent_cache(quick_run: Path, capsys) -> None:

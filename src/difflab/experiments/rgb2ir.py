@@ -177,22 +177,23 @@ class RegressorConfig:
             out_channels=4,
             base_channels=32,
             channel_mults=(1, 2),
-            num_res_blocks=2,
+            num_res_blocks=1,
             mid_attention=True,
             time_conditioning="none",
+            dropout=0.1,
         )
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=1500,
+            steps=500,
             batch_size=32,
             lr=1e-3,
             weight_decay=1e-4,
-            warmup_steps=100,
+            warmup_steps=50,
             grad_clip=1.0,
-            eval_every=250,
+            eval_every=100,
             log_every=50,
-            checkpoint_every=500,
+            checkpoint_every=250,
         )
     )
     residual: bool = True
@@ -240,7 +241,7 @@ class InversionConfig:
 class RGB2IREvaluationConfig:
     """``headline``: the scoring the targets and the summary use; ``figure_images`` test pairs in the figure."""
 
-    headline: str = "denoised"
+    headline: str = "t0"
     figure_images: int = 8
     batch_size: int = 64
 
