@@ -239,6 +239,11 @@ def test_recipe_learns_and_writes_its_report(quick_run: Path) -> None:
     assert 'data-source="scores.t0.psnr"' in (quick_run / "report.html").read_text()
 
 
+def test_invert_needs_the_latent_eps_models(quick_run: Path, capsys) -> None:
+    assert main(["invert", str(quick_run), "--steps", "2"]) == 2
+    assert "inversion.enabled=true" in capsys.readouterr().err
+
+
 def test_rerun_reuses_the_latent_cache(quick_run: Path, capsys) -> None:
     before = json.loads((quick_run / "metrics.json").read_text())
     assert main(["run", "rgb2ir", f"run_dir={quick_run}", *QUICK]) == 0
@@ -275,6 +280,14 @@ def test_inversion_based_translation_is_scored_beside_the_others(tmp_path: Path)
     inverted = metrics["regressors"]["regressor_inverted"]
     assert inverted["test_mse"] < inverted["identity_mse"]
     assert "Inversion-based translation" in (run_dir / "report.md").read_text()
+    # difflab invert on the latent eps models: round trips of the cached test latents against the step count.
+    assert main(["invert", str(run_dir), "--steps", "2", "10", "--n", "4", "--t-end", "400"]) == 0
+    rows = json.loads((run_dir / "inversion.json").read_text())["rows"]
+    assert [(r["side"], r["steps"]) for r in rows] == [("rgb", 2), ("rgb", 10), ("ir", 2), ("ir", 10)]
+    for side in ("rgb", "ir"):
+        coarse, fine = (r for r in rows if r["side"] == side)
+        assert fine["latent_mse"] < coarse["latent_mse"] and fine["psnr_db"] > 25
+    assert (run_dir / "figures" / "inversion.png").is_file()
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:

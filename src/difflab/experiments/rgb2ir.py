@@ -48,7 +48,7 @@ from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments.autoencoder import build_autoencoder, load_autoencoder_run
 from difflab.experiments.runs import RunFolder, resolve_device
 from difflab.metrics.image_quality import psnr, ssim
-from difflab.models.autoencoder import AutoencoderConfig, load_diffusers_autoencoder
+from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
 from difflab.report.document import (
     Figure,
@@ -1237,3 +1237,109 @@ def build_report(contents: Any) -> Report:
     for title, blocks in sections.closing_sections(contents):
         report.section(title, *blocks)
     return report
+
+
+# ------------------------------------------------------------------------------------------- difflab invert RUN
+def load_run_autoencoder(config: RGB2IRConfig, run_dir: Path, device: torch.device) -> Any:
+    """The autoencoder a finished ``rgb2ir`` run used (its exported weights for ``vae.kind=train``)."""
+    shape = (3, config.data.size, config.data.size)
+    if config.vae.kind == "train":
+        path = run_dir / "checkpoints" / "autoencoder.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist: the rgb2ir run has not trained its autoencoder")
+        vae = KLAutoencoder(config.vae.model)
+        ckpt.load_weights(vae, path)
+    elif config.vae.kind == "run":
+        vae = load_autoencoder_run(config.vae.path, device)
+    else:
+        vae = load_diffusers_autoencoder(config.vae.path, shape, config.vae.scaling_factor)
+    if config.vae.scaling_factor > 0:
+        vae.scaling_factor = config.vae.scaling_factor
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def invert_latent_run(
+    run_dir: str | Path,
+    steps: tuple[int, ...] = (10, 20, 50, 100),
+    n: int = 64,
+    t_end: int | None = None,
+    device: str = "auto",
+    echo: Any = print,
+) -> dict[str, Any]:
+    """``difflab invert`` on an ``rgb2ir`` run made with ``inversion.enabled=true``: DDIM round trips (invert to
+    ``t_end``, default the last t with alpha_bar >= 1e-3, then DDIM back with the same steps) of the first ``n``
+    cached test latents of each side under that side's eps model. Per side and step count: latent MSE, and PSNR /
+    SSIM of the decoded round trip against the decoded original latent (the inversion's own error, without the
+    autoencoder's). Writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``."""
+    from difflab.config import config_from
+    from difflab.sampling.inversion import ddim_round_trip, default_inversion_end
+
+    run_dir = Path(run_dir)
+    resolved = resolve_device(device)
+    config = config_from(RGB2IRConfig(), run_dir / "config.yaml")
+    if n < 1 or not steps or min(steps) < 1:
+        raise ConfigError("invert needs n >= 1 and step counts >= 1")
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    cache = lookup(metrics, "latents.path")
+    splits = _read_cache(Path(cache), str(lookup(metrics, "latents.key"))) if cache else None
+    if splits is None:
+        raise ConfigError(f"{run_dir} has no complete rgb2ir latent cache to invert (finish the run first)")
+    vae = load_run_autoencoder(config, run_dir, resolved)
+    schedule = NoiseSchedule.from_config(config.schedule).to(resolved)
+    t_end = default_inversion_end(schedule) if t_end is None else t_end
+    if not 0 <= t_end < schedule.num_timesteps:
+        raise ConfigError(f"--t-end must be in [0, {schedule.num_timesteps - 1}], got {t_end}")
+    test = splits["test"]
+    rows: list[dict[str, Any]] = []
+    figure_rows: list[tuple[str, torch.Tensor]] = []
+    for side in ("rgb", "ir"):
+        path = run_dir / "checkpoints" / f"eps_{side}.safetensors"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir} has no latent eps models: run rgb2ir with inversion.enabled=true")
+        x0 = test[f"{side}0"][:n].to(resolved)
+        model = UNet(replace(config.inversion.unet, in_channels=x0.shape[1], out_channels=x0.shape[1]))
+        ckpt.load_weights(model, path)
+        model = model.to(resolved).eval()
+        with torch.no_grad():
+            original = vae.decode(x0).float().clamp(-1, 1).cpu()
+        if side == "ir":
+            figure_rows.append(("decoded IR latent", original[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
+        for count in steps:
+            start = time.perf_counter()
+            with torch.no_grad():
+                latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end)
+                decoded = vae.decode(reconstruction).float().clamp(-1, 1).cpu()
+            seconds = time.perf_counter() - start
+            rows.append(
+                {
+                    "side": side,
+                    "steps": count,
+                    "n": len(x0),
+                    "latent_mse": float(((reconstruction - x0) ** 2).mean()),
+                    "psnr_db": psnr(decoded, original),
+                    "ssim": ssim(decoded, original),
+                    "latent_std": float(latent.std()),
+                    "seconds": seconds,
+                }
+            )
+            if side == "ir":
+                figure_rows.append((f"{count} steps", decoded[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
+            echo(
+                f"[invert] {side.upper()} latents, {count:4d} steps: latent MSE {rows[-1]['latent_mse']:.2e}, "
+                f"decoded PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, {seconds:.1f} s"
+            )
+    result = {
+        "t_end": t_end,
+        "alpha_bar_t_end": float(schedule.alpha_bar[t_end]),
+        "rows": rows,
+        "images": "cached test latents of the rgb2ir run; PSNR/SSIM of the decoded round trip against the decoded "
+        "original latent, [-1, 1] mapped to [0, 1]",
+    }
+    (run_dir / "inversion.json").write_text(json.dumps(result, indent=2) + "\n")
+    image_rows_figure(
+        figure_rows,
+        run_dir / "figures" / "inversion.png",
+        f"DDIM inversion of IR latents to t = {t_end} and back (decoded)",
+    )
+    return result
