@@ -221,7 +221,7 @@ class InversionConfig:
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=1500,
+            steps=1000,
             batch_size=64,
             lr=1e-3,
             warmup_steps=100,
@@ -823,7 +823,11 @@ def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFold
     """Translate RGB to IR in latent space into ``config.run_dir`` (see the module docstring)."""
     wall = time.perf_counter()
     device = resolve_device(config.device)
-    run = RunFolder.open(config.run_dir, "rgb2ir", config, fresh=fresh)
+    # Enabling the inversion or changing what is scored reuses the folder: the autoencoder, the latent cache and the
+    # regressors are resumed as they are (their checkpoints check their own settings).
+    run = RunFolder.open(
+        config.run_dir, "rgb2ir", config, fresh=fresh, ignore_keys=("run_dir", "inversion", "evaluation")
+    )
     with run.guard():
         seed_everything(config.seed)
         with run.stage("data"):
