@@ -46,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="config overrides, e.g. denoiser_train.precision=bf16")
     train.add_argument("--config", help="a YAML file whose values replace the recipe's defaults")
     train.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
-    invert = commands.add_parser("invert", help="DDIM inversion round trips of real images with an image run's model")
-    invert.add_argument("run_dir", help="a finished mnist-ddpm run folder")
+    invert = commands.add_parser(
+        "invert", help="DDIM inversion round trips of real images (or latents) with a run's eps model"
+    )
+    invert.add_argument("run_dir", help="a finished mnist-ddpm run, or an rgb2ir run with inversion.enabled=true")
     invert.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100], help="DDIM step counts")
     invert.add_argument("--n", type=int, default=64, help="held-out images to invert (default 64)")
     invert.add_argument(
@@ -211,8 +213,19 @@ def cmd_invert(args: argparse.Namespace) -> int:
     result = invert_run(args.run_dir, tuple(args.steps), args.n, args.t_end, args.seed, args.device)
     print(
         table(
-            ["steps", "n", "MSE", "PSNR (dB)", "SSIM", "seconds"],
-            [[r["steps"], r["n"], r["mse"], r["psnr_db"], r["ssim"], r["seconds"]] for r in result["rows"]],
+            ["images", "steps", "n", "MSE", "PSNR (dB)", "SSIM", "seconds"],
+            [
+                [
+                    r.get("side", "pixels"),
+                    r["steps"],
+                    r["n"],
+                    r.get("mse", r.get("latent_mse")),
+                    r["psnr_db"],
+                    r["ssim"],
+                    r["seconds"],
+                ]
+                for r in result["rows"]
+            ],
             digits=4,
         )
     )

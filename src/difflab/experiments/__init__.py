@@ -33,7 +33,7 @@ class Recipe:
 
 def recipes() -> dict[str, Recipe]:
     """All recipes (imported lazily so ``difflab --help`` stays fast)."""
-    from difflab.experiments import autoencoder, ldm, mnist, mnist_reports, ncsn, ncsn2d, states, toy2d
+    from difflab.experiments import autoencoder, ldm, mnist, mnist_reports, ncsn, ncsn2d, rgb2ir, states, toy2d
 
     found = [
         Recipe(
@@ -93,6 +93,13 @@ def recipes() -> dict[str, Recipe]:
             ldm.MnistLDMConfig,
             ldm.run_mnist_ldm,
             "Latent diffusion + CFG, cosine schedule, learned variance, respacing; --table for the comparison",
+        ),
+        Recipe(
+            "rgb2ir",
+            rgb2ir.RGB2IRConfig,
+            rgb2ir.run_rgb2ir,
+            "RGB to infrared translation in VAE latents (noisy, denoised and clean latent regression), PSNR/SSIM",
+            reports={DEFAULT_STYLE: rgb2ir.build_report},
         ),
     ]
     for name, data in ncsn2d.POINT_RECIPES.items():

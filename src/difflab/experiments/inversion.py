@@ -27,12 +27,18 @@ def invert_run(
     device: str = "auto",
     echo=print,
 ) -> dict[str, Any]:
-    """Invert ``n`` held-out images of the run's data to ``t_end`` (default: the last t with
-    alpha_bar >= 1e-3) and back with each number of
-    DDIM ``steps``; writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``; returns the results."""
+    """Invert ``n`` held-out images of the run's data to ``t_end`` (default: the last t with alpha_bar >= 1e-3)
+    and back with each number of DDIM ``steps``; writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``;
+    returns the results. An ``rgb2ir`` run (with latent eps models) is inverted in latent space instead, by
+    :func:`difflab.experiments.rgb2ir.invert_latent_run`."""
+    from difflab.config import read_yaml
     from difflab.experiments.mnist import load_run_model
 
     run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").is_file() and read_yaml(run_dir / "config.yaml").get("recipe") == "rgb2ir":
+        from difflab.experiments.rgb2ir import invert_latent_run
+
+        return invert_latent_run(run_dir, steps, n, t_end, device, echo)
     resolved = resolve_device(device)
     config, model, schedule = load_run_model(run_dir, resolved)
     if config.unet.num_classes:

@@ -62,6 +62,13 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
         "training.validation.loss",
         "timings_seconds.total",
     ),
+    "rgb2ir": (
+        "headline.psnr",
+        "headline.ssim",
+        "scores.denoised.psnr",
+        "scores.t_start.psnr",
+        "timings_seconds.total",
+    ),
     "mnist-cfg": (
         "main.fid",
         "main.accuracy",
