@@ -46,16 +46,23 @@ def main() -> None:
     for name, unet in unets.items():
         start = time.process_time()
         measured = measure_throughput(unet, (4, 7, 7), (1, 28, 28), vae.decode, args.batch, device, args.repeats)
-        measured.update(name=name, unet=describe(replace(unet, in_channels=1, out_channels=1), 28),
-                        cpu_seconds=time.process_time() - start)
+        measured.update(
+            name=name,
+            unet=describe(replace(unet, in_channels=1, out_channels=1), 28),
+            cpu_seconds=time.process_time() - start,
+        )
         rows.append(measured)
-        print(f"{name}: {measured['unet']}\n  latent {measured['latent_step_seconds']:.4f} s/step, pixel "
-              f"{measured['pixel_step_seconds']:.4f} s/step, decode {measured['decode_seconds']:.4f} s per batch of "
-              f"{args.batch}: {measured['speedup_per_step']:.1f}x per step, {measured['speedup_1000_steps']:.1f}x "
-              "over 1,000 steps + decoding", flush=True)
+        print(
+            f"{name}: {measured['unet']}\n  latent {measured['latent_step_seconds']:.4f} s/step, pixel "
+            f"{measured['pixel_step_seconds']:.4f} s/step, decode {measured['decode_seconds']:.4f} s per batch of "
+            f"{args.batch}: {measured['speedup_per_step']:.1f}x per step, {measured['speedup_1000_steps']:.1f}x "
+            "over 1,000 steps + decoding",
+            flush=True,
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"batch": args.batch, "threads": torch.get_num_threads(),
-                                               "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"batch": args.batch, "threads": torch.get_num_threads(), "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ def load_lucidrains_unet() -> type:
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["denoising_diffusion_pytorch"] = package
     module_path = Path(package.__path__[0]) / "denoising_diffusion_pytorch.py"
-    module_spec = importlib.util.spec_from_file_location("denoising_diffusion_pytorch.denoising_diffusion_pytorch",
-                                                         module_path)
+    module_spec = importlib.util.spec_from_file_location(
+        "denoising_diffusion_pytorch.denoising_diffusion_pytorch", module_path
+    )
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = module
     module_spec.loader.exec_module(module)
@@ -61,10 +62,16 @@ def load_lucidrains_unet() -> type:
 def diffusers_unet(base: int) -> torch.nn.Module:
     from diffusers import UNet2DModel
 
-    return UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(base, 2 * base, 2 * base),
-                       layers_per_block=1, norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+    return UNet2DModel(
+        sample_size=28,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(base, 2 * base, 2 * base),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    )
 
 
 def lucidrains_unet(dim: int) -> torch.nn.Module:
@@ -155,8 +162,10 @@ def main() -> None:
         return m(x, t)
 
     contenders = [Contender("difflab UNet (channels-last)", ours, call_ours, args.batch, True)]
-    for name, model, call in (("diffusers UNet2DModel", diffusers_model, call_diffusers),
-                              ("denoising-diffusion-pytorch Unet", lucid_model, call_lucid)):
+    for name, model, call in (
+        ("diffusers UNet2DModel", diffusers_model, call_diffusers),
+        ("denoising-diffusion-pytorch Unet", lucid_model, call_lucid),
+    ):
         import copy
 
         contenders.append(Contender(f"{name} (NCHW)", copy.deepcopy(model), call, args.batch, False))
@@ -179,34 +188,52 @@ def main() -> None:
         train_flops = flops(lambda c=contender: c.forward(c.model, c.x, c.t), backward=True)
         with torch.inference_mode():
             sample_flops = flops(lambda c=contender: c.forward(c.model, c.x, c.t), backward=False)
-        rows.append({
-            "name": contender.name,
-            "parameters": count_parameters(contender.model),
-            "train_images_per_s": contender.batch / train_s,
-            "sample_images_per_s": contender.batch / sample_s,
-            "train_gflops": train_flops / train_s / 1e9,
-            "sample_gflops": sample_flops / sample_s / 1e9,
-            "gflop_per_image_forward": sample_flops / contender.batch / 1e9,
-        })
+        rows.append(
+            {
+                "name": contender.name,
+                "parameters": count_parameters(contender.model),
+                "train_images_per_s": contender.batch / train_s,
+                "sample_images_per_s": contender.batch / sample_s,
+                "train_gflops": train_flops / train_s / 1e9,
+                "sample_gflops": sample_flops / sample_s / 1e9,
+                "gflop_per_image_forward": sample_flops / contender.batch / 1e9,
+            }
+        )
     ours_row = rows[0]
     best_train = max(r["train_images_per_s"] for r in rows[1:])
     best_sample = max(r["sample_images_per_s"] for r in rows[1:])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"peers sized to {target:,} parameters (diffusers base {base}, denoising-diffusion-pytorch dim {dim}); "
-          f"machine fp32 matmul {peak:.0f} GFLOP/s")
-    print("| model | parameters | train images/s | sampling images/s (NFE/s) | train GFLOP/s | sampling GFLOP/s "
-          "| GFLOP per image (fwd) |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+        f"peers sized to {target:,} parameters (diffusers base {base}, denoising-diffusion-pytorch dim {dim}); "
+        f"machine fp32 matmul {peak:.0f} GFLOP/s"
+    )
+    print(
+        "| model | parameters | train images/s | sampling images/s (NFE/s) | train GFLOP/s | sampling GFLOP/s "
+        "| GFLOP per image (fwd) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['parameters']:,} | {r['train_images_per_s']:.1f} | {r['sample_images_per_s']:.1f} "
-              f"| {r['train_gflops']:.1f} | {r['sample_gflops']:.1f} | {r['gflop_per_image_forward']:.3f} |")
-    print(f"\ndifflab / faster peer: training {ours_row['train_images_per_s'] / best_train:.2f}x, "
-          f"sampling {ours_row['sample_images_per_s'] / best_sample:.2f}x")
+        print(
+            f"| {r['name']} | {r['parameters']:,} | {r['train_images_per_s']:.1f} | {r['sample_images_per_s']:.1f} "
+            f"| {r['train_gflops']:.1f} | {r['sample_gflops']:.1f} | {r['gflop_per_image_forward']:.3f} |"
+        )
+    print(
+        f"\ndifflab / faster peer: training {ours_row['train_images_per_s'] / best_train:.2f}x, "
+        f"sampling {ours_row['sample_images_per_s'] / best_sample:.2f}x"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "matmul_gflops": peak, "batch": args.batch,
-                                               "train_ratio": ours_row["train_images_per_s"] / best_train,
-                                               "sample_ratio": ours_row["sample_images_per_s"] / best_sample},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "matmul_gflops": peak,
+                    "batch": args.batch,
+                    "train_ratio": ours_row["train_images_per_s"] / best_train,
+                    "sample_ratio": ours_row["sample_images_per_s"] / best_sample,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

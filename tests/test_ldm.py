@@ -12,17 +12,36 @@ import torch
 from difflab.cli import main
 
 TINY = [
-    "data.source=digits", "progress=false", "vae.training.model.base_channels=8",
+    "data.source=digits",
+    "progress=false",
+    "vae.training.model.base_channels=8",
     "vae.training.model.channel_mults=[1,2]",
-    "vae.training.train.steps=60", "vae.training.train.warmup_steps=10", "vae.training.train.lr=3e-3",
+    "vae.training.train.steps=60",
+    "vae.training.train.warmup_steps=10",
+    "vae.training.train.lr=3e-3",
     "vae.training.train.eval_every=20",
-    "vae.eval_images=100", "schedule.num_timesteps=20", "unet.base_channels=16", "unet.num_res_blocks=1",
-    "unet.attention_head_channels=16", "train.steps=40", "train.batch_size=32", "train.warmup_steps=5",
-    "train.eval_every=20", "train.lr=3e-3", "evaluation.n_samples=20", "evaluation.batch_size=20",
-    "evaluation.vlb_images=16", "evaluation.ddim_steps=[5]", "evaluation.respaced_steps=5",
-    "evaluation.throughput_batch=8", "guidance.sweep=[2]", "guidance.grid_per_digit=2",
-    "table_config.pixel.schedule.num_timesteps=20", "table_config.pixel.train.steps=20",
-    "table_config.pixel.train.warmup_steps=5", "table_config.pixel.unet.base_channels=8",
+    "vae.eval_images=100",
+    "schedule.num_timesteps=20",
+    "unet.base_channels=16",
+    "unet.num_res_blocks=1",
+    "unet.attention_head_channels=16",
+    "train.steps=40",
+    "train.batch_size=32",
+    "train.warmup_steps=5",
+    "train.eval_every=20",
+    "train.lr=3e-3",
+    "evaluation.n_samples=20",
+    "evaluation.batch_size=20",
+    "evaluation.vlb_images=16",
+    "evaluation.ddim_steps=[5]",
+    "evaluation.respaced_steps=5",
+    "evaluation.throughput_batch=8",
+    "guidance.sweep=[2]",
+    "guidance.grid_per_digit=2",
+    "table_config.pixel.schedule.num_timesteps=20",
+    "table_config.pixel.train.steps=20",
+    "table_config.pixel.train.warmup_steps=5",
+    "table_config.pixel.unet.base_channels=8",
 ]
 
 
@@ -41,8 +60,11 @@ def test_one_latent_model_end_to_end(ldm_run: Path) -> None:
     metrics = json.loads((ldm_run / "metrics.json").read_text())
     assert metrics["latents"]["shape"] == [4, 4, 4] and not metrics["latents"]["cached"]
     assert list(metrics["models"]) == ["latent-cfg-learned"]
-    assert [r["label"] for r in metrics["rows"]] == ["latent DDPM, w = 2", "latent DDIM-5, w = 2",
-                                                     "latent DDPM-5 respaced, w = 2"]
+    assert [r["label"] for r in metrics["rows"]] == [
+        "latent DDPM, w = 2",
+        "latent DDIM-5, w = 2",
+        "latent DDPM-5 respaced, w = 2",
+    ]
     assert [r["network_evaluations"] for r in metrics["rows"]] == [20 * 20 * 2, 20 * 5 * 2, 20 * 5 * 2]
     assert metrics["vlb"]["latent-cfg-learned"]["variance"] == "learned"
     val = [r["value"] for r in records(ldm_run) if r["tag"] == "latent-cfg-learned/val_loss"]
@@ -54,8 +76,14 @@ def test_one_latent_model_end_to_end(ldm_run: Path) -> None:
     assert samples["labels"].tolist()[:3] == [0, 1, 2]
     cache = list((ldm_run / "latents").glob("latents-*.safetensors"))
     assert len(cache) == 1 and metrics["latents"]["key"] in cache[0].name
-    for name in ["report.md", "figures/reconstructions.png", "figures/grid_latent-cfg-learned.png",
-                 "figures/loss.png", "checkpoints/autoencoder.safetensors", "checkpoints/latent-cfg-learned.json"]:
+    for name in [
+        "report.md",
+        "figures/reconstructions.png",
+        "figures/grid_latent-cfg-learned.png",
+        "figures/loss.png",
+        "checkpoints/autoencoder.safetensors",
+        "checkpoints/latent-cfg-learned.json",
+    ]:
         assert (ldm_run / name).is_file(), name
     assert metrics["throughput"][0]["latent_step_seconds"] > 0
     assert metrics["throughput"][0]["model"] == "latent-cfg-learned"
@@ -68,8 +96,14 @@ def test_the_table_reuses_the_folder(ldm_run: Path, capsys) -> None:
     assert "[latent-cfg-learned] resumed from step 40 of 40 (training already complete)" in out
     metrics = json.loads((ldm_run / "metrics.json").read_text())
     assert metrics["latents"]["cached"]
-    assert set(metrics["models"]) == {"pixel", "latent", "latent-cfg", "latent-cfg-cosine", "latent-cfg-learned",
-                                      "latent-cfg-cosine-learned-attn"}
+    assert set(metrics["models"]) == {
+        "pixel",
+        "latent",
+        "latent-cfg",
+        "latent-cfg-cosine",
+        "latent-cfg-learned",
+        "latent-cfg-cosine-learned-attn",
+    }
     labels = [r["label"] for r in metrics["rows"]]
     assert labels[:3] == ["pixel DDPM", "pixel DDIM-5", "latent DDPM"]
     assert "+ learned variance, w = 2, DDPM-5 respaced" in labels and "combined, w = 2" in labels
@@ -88,22 +122,56 @@ def test_autoencoders_from_a_run_and_from_diffusers(tmp_path: Path) -> None:
     from diffusers import AutoencoderKL
 
     ae_dir = tmp_path / "ae"
-    assert main(["run", "autoencoder", f"run_dir={ae_dir}", "data.source=digits", "progress=false",
-                 "autoencoder.model.base_channels=8", "autoencoder.model.channel_mults=[1,2]",
-                 "autoencoder.train.steps=10"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "autoencoder",
+                f"run_dir={ae_dir}",
+                "data.source=digits",
+                "progress=false",
+                "autoencoder.model.base_channels=8",
+                "autoencoder.model.channel_mults=[1,2]",
+                "autoencoder.train.steps=10",
+            ]
+        )
+        == 0
+    )
     quick = [*TINY, "train.steps=5", "evaluation.vlb_images=0"]
-    assert main(["run", "mnist-ldm", f"run_dir={tmp_path / 'from-run'}", *quick, "vae.kind=run",
-                 f"vae.path={ae_dir}"]) == 0
+    assert (
+        main(["run", "mnist-ldm", f"run_dir={tmp_path / 'from-run'}", *quick, "vae.kind=run", f"vae.path={ae_dir}"])
+        == 0
+    )
     metrics = json.loads((tmp_path / "from-run" / "metrics.json").read_text())
     assert metrics["autoencoder"]["kind"] == "run" and metrics["latents"]["shape"] == [4, 4, 4]
     assert not (tmp_path / "from-run" / "checkpoints" / "autoencoder.safetensors").exists()
 
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  layers_per_block=1, norm_num_groups=4, sample_size=8).save_pretrained(tmp_path / "sd")
-    assert main(["run", "mnist-ldm", f"run_dir={tmp_path / 'from-diffusers'}", *quick, "vae.kind=diffusers",
-                 f"vae.path={tmp_path / 'sd'}", "vae.scaling_factor=0.5"]) == 0
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=8,
+    ).save_pretrained(tmp_path / "sd")
+    assert (
+        main(
+            [
+                "run",
+                "mnist-ldm",
+                f"run_dir={tmp_path / 'from-diffusers'}",
+                *quick,
+                "vae.kind=diffusers",
+                f"vae.path={tmp_path / 'sd'}",
+                "vae.scaling_factor=0.5",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "from-diffusers" / "metrics.json").read_text())
     assert metrics["autoencoder"]["scaling_factor"] == 0.5 and "diffusers" in metrics["autoencoder"]["description"]
     assert metrics["latents"]["shape"] == [4, 4, 4]
@@ -112,11 +180,33 @@ def test_autoencoders_from_a_run_and_from_diffusers(tmp_path: Path) -> None:
 def test_bad_ldm_input(tmp_path: Path, capsys) -> None:
     assert main(["run", "mnist-ldm", "vae.kind=diffusers", f"run_dir={tmp_path / 'r'}"]) == 2
     assert "needs vae.path" in capsys.readouterr().err
-    assert main(["run", "mnist-ldm", "data.source=digits", "vae.kind=diffusers", f"vae.path={tmp_path / 'none'}",
-                 f"run_dir={tmp_path / 'r'}"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "mnist-ldm",
+                "data.source=digits",
+                "vae.kind=diffusers",
+                f"vae.path={tmp_path / 'none'}",
+                f"run_dir={tmp_path / 'r'}",
+            ]
+        )
+        == 2
+    )
     assert "local folder" in capsys.readouterr().err
-    assert main(["run", "mnist-ldm", "data.source=digits", "vae.kind=run", f"vae.path={tmp_path}",
-                 f"run_dir={tmp_path / 'r2'}"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "mnist-ldm",
+                "data.source=digits",
+                "vae.kind=run",
+                f"vae.path={tmp_path}",
+                f"run_dir={tmp_path / 'r2'}",
+            ]
+        )
+        == 2
+    )
     assert "not an autoencoder run" in capsys.readouterr().err
     assert main(["run", "states", "--table"]) == 2
     assert "--table" in capsys.readouterr().err

@@ -48,8 +48,16 @@ class AutoencoderTrainingConfig:
 
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup_steps=100, grad_clip=1.0,
-                                            eval_every=250, log_every=50, checkpoint_every=250)
+        default_factory=lambda: TrainConfig(
+            steps=2000,
+            batch_size=64,
+            lr=2e-3,
+            warmup_steps=100,
+            grad_clip=1.0,
+            eval_every=250,
+            log_every=50,
+            checkpoint_every=250,
+        )
     )
     kl_weight: float = 1e-6
     reconstruction: str = "l1"
@@ -97,16 +105,26 @@ class AutoencoderRecipeConfig:
 def build_autoencoder(config: AutoencoderConfig, data: ImageSet) -> KLAutoencoder:
     """A VAE for ``data``'s channels; its sides must be multiples of the downsampling factor."""
     if config.in_channels != data.channels:
-        raise ConfigError(f"autoencoder.model.in_channels={config.in_channels} but the images have {data.channels} "
-                          f"channels; set autoencoder.model.in_channels={data.channels}")
+        raise ConfigError(
+            f"autoencoder.model.in_channels={config.in_channels} but the images have {data.channels} "
+            f"channels; set autoencoder.model.in_channels={data.channels}"
+        )
     model = KLAutoencoder(config)
     model.latent_shape(tuple(data.images.shape[1:]))  # raises a ConfigError for sizes it cannot halve
     return model
 
 
 def train_autoencoder(
-    run: RunFolder, logger: RunLogger, train: ImageSet, heldout: ImageSet, config: AutoencoderTrainingConfig,
-    seed: int, device: torch.device, show_progress: bool, echo: Any = print, name: str = "autoencoder",
+    run: RunFolder,
+    logger: RunLogger,
+    train: ImageSet,
+    heldout: ImageSet,
+    config: AutoencoderTrainingConfig,
+    seed: int,
+    device: torch.device,
+    show_progress: bool,
+    echo: Any = print,
+    name: str = "autoencoder",
 ) -> tuple[KLAutoencoder, TrainResult]:
     """Train (or resume) the VAE in ``run``, set its scaling factor from the training latents and export
     ``checkpoints/<name>.safetensors`` (weights + ``scaling_factor_buffer``) and ``<name>.json``."""
@@ -124,19 +142,41 @@ def train_autoencoder(
         kl = 0.5 * (mean**2 + torch.exp(log_variance) - 1.0 - log_variance).flatten(1).sum(dim=1).mean()
         return {"l1": float((recon - check).abs().mean()), "kl": float(kl)}
 
-    signature = {"model": "KLAutoencoder", "config": repr(config.model), "kl_weight": config.kl_weight,
-                 "reconstruction": config.reconstruction}
-    trainer = Trainer(name, model, loss_fn, batches, config.train, run.path, logger, validate=validate,
-                      signature=signature, seed=mix_seed(seed, 0, 73), device=device, show_progress=show_progress,
-                      echo=echo)
+    signature = {
+        "model": "KLAutoencoder",
+        "config": repr(config.model),
+        "kl_weight": config.kl_weight,
+        "reconstruction": config.reconstruction,
+    }
+    trainer = Trainer(
+        name,
+        model,
+        loss_fn,
+        batches,
+        config.train,
+        run.path,
+        logger,
+        validate=validate,
+        signature=signature,
+        seed=mix_seed(seed, 0, 73),
+        device=device,
+        show_progress=show_progress,
+        echo=echo,
+    )
     result = trainer.fit()
     vae = trainer.eval_model.eval()
     count = config.scaling_images or len(train)
     vae.scaling_factor = latent_scaling_factor(vae, train.images[:count])
-    info = {"name": name, "step": trainer.step, "signature": signature, "config": repr(config.model),
-            "scaling_factor": vae.scaling_factor, "scaling_images": min(count, len(train)),
-            "image_shape": list(train.images.shape[1:]),
-            "latent_shape": list(vae.latent_shape(tuple(train.images.shape[1:])))}
+    info = {
+        "name": name,
+        "step": trainer.step,
+        "signature": signature,
+        "config": repr(config.model),
+        "scaling_factor": vae.scaling_factor,
+        "scaling_images": min(count, len(train)),
+        "image_shape": list(train.images.shape[1:]),
+        "latent_shape": list(vae.latent_shape(tuple(train.images.shape[1:]))),
+    }
     ckpt.export_weights(trainer.weights_path, vae.state_dict(), info)
     return vae, result
 
@@ -162,16 +202,23 @@ def compression(vae: Any, image_shape: tuple[int, int, int]) -> dict[str, Any]:
     """Latent shape, values per image before / after and the compression factors."""
     latent = vae.latent_shape(tuple(image_shape))
     pixels, values = image_shape[0] * image_shape[1] * image_shape[2], latent[0] * latent[1] * latent[2]
-    return {"image_shape": list(image_shape), "latent_shape": list(latent), "values_factor": pixels / values,
-            "spatial_factor": image_shape[1] / latent[1]}
+    return {
+        "image_shape": list(image_shape),
+        "latent_shape": list(latent),
+        "values_factor": pixels / values,
+        "spatial_factor": image_shape[1] / latent[1],
+    }
 
 
 @torch.no_grad()
 def latent_statistics(vae: Any, images: torch.Tensor, batch_size: int = 500) -> dict[str, Any]:
     """Mean and std of the scaled latents, overall and per channel."""
     latents = torch.cat([vae.encode(images[s : s + batch_size]).cpu() for s in range(0, len(images), batch_size)])
-    return {"mean": float(latents.mean()), "std": float(latents.std()),
-            "channel_std": [round(float(v), 4) for v in latents.transpose(0, 1).flatten(1).std(dim=1)]}
+    return {
+        "mean": float(latents.mean()),
+        "std": float(latents.std()),
+        "channel_std": [round(float(v), 4) for v in latents.transpose(0, 1).flatten(1).std(dim=1)],
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,8 +234,9 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
         shape = tuple(train.images.shape[1:])
         echo(f"[autoencoder] run folder {run.path} | {len(train):,} training images {shape} | device {device}")
         with run.stage("train"):
-            vae, result = train_autoencoder(run, logger, train, heldout, config.autoencoder, config.seed, device,
-                                            config.progress, echo)
+            vae, result = train_autoencoder(
+                run, logger, train, heldout, config.autoencoder, config.seed, device, config.progress, echo
+            )
         ev = config.evaluation
         scored = heldout.images[: ev.n_heldout] if ev.n_heldout else heldout.images
         with run.stage("evaluate"):
@@ -199,15 +247,26 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
             with torch.no_grad():
                 recon = vae.decode(vae.encode(shown)).clamp(-1, 1).cpu()
                 latent = vae.latent_shape(shape)
-                prior = vae.decode(torch.randn((ev.figure_images, *latent),
-                                               generator=torch.Generator().manual_seed(config.seed)).to(device))
-            rows = [("held-out", shown.cpu()), ("reconstruction", recon),
-                    ("|difference|", (recon - shown.cpu()).abs() * 2 - 1),
-                    ("decoded N(0, I)", prior.clamp(-1, 1).cpu())]
-            recon_figure = image_rows_figure(rows, run.sub("figures", "reconstructions.png"),
-                                             "Held-out images, their reconstructions, and decoded random latents")
-            series = {"train loss": read_series(logger.path, "autoencoder/train_loss"),
-                      "held-out L1": read_series(logger.path, "autoencoder/val_l1")}
+                prior = vae.decode(
+                    torch.randn((ev.figure_images, *latent), generator=torch.Generator().manual_seed(config.seed)).to(
+                        device
+                    )
+                )
+            rows = [
+                ("held-out", shown.cpu()),
+                ("reconstruction", recon),
+                ("|difference|", (recon - shown.cpu()).abs() * 2 - 1),
+                ("decoded N(0, I)", prior.clamp(-1, 1).cpu()),
+            ]
+            recon_figure = image_rows_figure(
+                rows,
+                run.sub("figures", "reconstructions.png"),
+                "Held-out images, their reconstructions, and decoded random latents",
+            )
+            series = {
+                "train loss": read_series(logger.path, "autoencoder/train_loss"),
+                "held-out L1": read_series(logger.path, "autoencoder/val_l1"),
+            }
             loss_figure = plots2d.curves(series, run.sub("figures", "loss.png"), "autoencoder loss")
         logger.close()
         metrics: dict[str, Any] = {
@@ -216,8 +275,12 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
             "scaling_factor": vae.scaling_factor,
             "latents": stats,
             "model": {"parameters": count_parameters(vae), "description": vae.description},
-            "training": {"step": result.step, "seconds": round(result.seconds, 1),
-                         "final_train_loss": result.final_train_loss, "validation": result.final_validation},
+            "training": {
+                "step": result.step,
+                "seconds": round(result.seconds, 1),
+                "final_train_loss": result.final_train_loss,
+                "validation": result.final_validation,
+            },
             "timings_seconds": {k: round(v, 1) for k, v in run.timings.items()},
         }
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
@@ -225,23 +288,32 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
         run.write_metrics(metrics)
         _report(run, config, metrics, recon_figure, loss_figure)
         run.complete()
-    echo(f"[autoencoder] done in {metrics['timings_seconds']['total']:.0f} s: held-out PSNR {quality['psnr']:.2f} dB, "
-         f"SSIM {quality['ssim']:.4f}, latent {metrics['compression']['latent_shape']} | report {run.sub('report.md')}")
+    echo(
+        f"[autoencoder] done in {metrics['timings_seconds']['total']:.0f} s: held-out PSNR {quality['psnr']:.2f} dB, "
+        f"SSIM {quality['ssim']:.4f}, latent {metrics['compression']['latent_shape']} | report {run.sub('report.md')}"
+    )
     return run
 
 
 def autoencoder_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     quality = metrics["reconstruction"]
     return [
-        {"target": f"held-out PSNR >= {PSNR_TARGET:g} dB", "value": quality["psnr"],
-         "met": quality["psnr"] >= PSNR_TARGET},
-        {"target": f"held-out SSIM >= {SSIM_TARGET:g}", "value": quality["ssim"],
-         "met": quality["ssim"] >= SSIM_TARGET},
+        {
+            "target": f"held-out PSNR >= {PSNR_TARGET:g} dB",
+            "value": quality["psnr"],
+            "met": quality["psnr"] >= PSNR_TARGET,
+        },
+        {
+            "target": f"held-out SSIM >= {SSIM_TARGET:g}",
+            "value": quality["ssim"],
+            "met": quality["ssim"] >= SSIM_TARGET,
+        },
     ]
 
 
-def _report(run: RunFolder, config: AutoencoderRecipeConfig, metrics: dict[str, Any], recon_figure: Path,
-            loss_figure: Path) -> None:
+def _report(
+    run: RunFolder, config: AutoencoderRecipeConfig, metrics: dict[str, Any], recon_figure: Path, loss_figure: Path
+) -> None:
     ae, quality, comp = config.autoencoder, metrics["reconstruction"], metrics["compression"]
     lines = [
         "# Autoencoder for latent diffusion (KL-regularised VAE)",
@@ -260,8 +332,11 @@ def _report(run: RunFolder, config: AutoencoderRecipeConfig, metrics: dict[str, 
         "",
         f"## Reconstruction of {quality['n']:,} held-out images",
         "",
-        table(["PSNR (dB)", "SSIM", "MSE", "L1"], [[quality["psnr"], quality["ssim"], quality["mse"], quality["l1"]]],
-              digits=4),
+        table(
+            ["PSNR (dB)", "SSIM", "MSE", "L1"],
+            [[quality["psnr"], quality["ssim"], quality["mse"], quality["l1"]]],
+            digits=4,
+        ),
         "",
         "PSNR: mean over images of 10 log10(1 / MSE) on [0, 1] pixels; SSIM: torchmetrics' (11 x 11 Gaussian window, "
         "sigma 1.5), reconstructions clipped to [0, 1].",
@@ -270,12 +345,24 @@ def _report(run: RunFolder, config: AutoencoderRecipeConfig, metrics: dict[str, 
         "",
     ]
     if metrics["targets"]:
-        lines += ["## Targets", "", table(["target", "measured", "met"],
-                                          [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]), ""]
+        lines += [
+            "## Targets",
+            "",
+            table(["target", "measured", "met"], [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]),
+            "",
+        ]
     lines += [
-        "## Training", "", figure(loss_figure, run.path, "Training loss and held-out L1"), "",
-        "## Where the time goes", "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1), "",
-        "## Environment", "", environment_table(), "",
+        "## Training",
+        "",
+        figure(loss_figure, run.path, "Training loss and held-out L1"),
+        "",
+        "## Where the time goes",
+        "",
+        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
+        "",
+        "## Environment",
+        "",
+        environment_table(),
+        "",
     ]
     run.sub("report.md").write_text("\n".join(lines))

@@ -144,12 +144,21 @@ class PixelBaselineConfig:
 
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("linear", 1000))
     unet: UNetConfig = field(
-        default_factory=lambda: UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
-                                           time_conditioning="film", mid_attention=True)
+        default_factory=lambda: UNetConfig(
+            base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, time_conditioning="film", mid_attention=True
+        )
     )
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=4000, batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999,
-                                            eval_every=500, log_every=50, checkpoint_every=500)
+        default_factory=lambda: TrainConfig(
+            steps=4000,
+            batch_size=128,
+            lr=1e-3,
+            warmup_steps=200,
+            ema_decay=0.999,
+            eval_every=500,
+            log_every=50,
+            checkpoint_every=500,
+        )
     )
     vlb: bool = True
 
@@ -181,15 +190,34 @@ class MnistLDMConfig:
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("linear", 1000))
     unet: UNetConfig = field(
         default_factory=lambda: UNetConfig(
-            in_channels=4, out_channels=4, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
-            attention_levels=(1,), mid_attention=True, time_conditioning="film", num_classes=10,
-            cross_attention_levels=(0, 1), mid_cross_attention=True, context_tokens=4, class_conditioning="both",
+            in_channels=4,
+            out_channels=4,
+            base_channels=32,
+            channel_mults=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            mid_attention=True,
+            time_conditioning="film",
+            num_classes=10,
+            cross_attention_levels=(0, 1),
+            mid_cross_attention=True,
+            context_tokens=4,
+            class_conditioning="both",
         )
     )
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=4000, batch_size=128, lr=1e-3, weight_decay=1e-4, warmup_steps=200,
-                                            ema_decay=0.999, eval_every=500, log_every=50, checkpoint_every=500)
+        default_factory=lambda: TrainConfig(
+            steps=4000,
+            batch_size=128,
+            lr=1e-3,
+            weight_decay=1e-4,
+            warmup_steps=200,
+            ema_decay=0.999,
+            eval_every=500,
+            log_every=50,
+            checkpoint_every=500,
+        )
     )
     guidance: LDMGuidanceConfig = field(default_factory=LDMGuidanceConfig)
     evaluation: LDMEvaluationConfig = field(default_factory=LDMEvaluationConfig)
@@ -198,8 +226,11 @@ class MnistLDMConfig:
     def __post_init__(self) -> None:
         if self.recipe != "mnist-ldm":
             raise ConfigError(f"this config is for the 'mnist-ldm' recipe, got recipe={self.recipe!r}")
-        bad = [level for level in self.table_config.combined_attention_levels
-               if not 0 <= level < len(self.unet.channel_mults)]
+        bad = [
+            level
+            for level in self.table_config.combined_attention_levels
+            if not 0 <= level < len(self.unet.channel_mults)
+        ]
         if bad:
             raise ConfigError(f"table_config.combined_attention_levels {bad} outside the U-Net's levels")
 
@@ -234,9 +265,16 @@ class Row:
     w: float | None = None
 
 
-def latent_variant(config: MnistLDMConfig, latent_channels: int, *, conditional: bool = True,
-                   schedule_kind: str | None = None, learned_variance: bool | None = None,
-                   attention_levels: tuple[int, ...] | None = None, label: str = "") -> Variant:
+def latent_variant(
+    config: MnistLDMConfig,
+    latent_channels: int,
+    *,
+    conditional: bool = True,
+    schedule_kind: str | None = None,
+    learned_variance: bool | None = None,
+    attention_levels: tuple[int, ...] | None = None,
+    label: str = "",
+) -> Variant:
     """The latent model of ``config`` with some switches changed (None keeps the config's)."""
     schedule = replace(config.schedule, kind=schedule_kind or config.schedule.kind)
     learned = config.diffusion.learned_variance if learned_variance is None else learned_variance
@@ -245,42 +283,60 @@ def latent_variant(config: MnistLDMConfig, latent_channels: int, *, conditional:
     if attention_levels is not None:
         unet = replace(unet, attention_levels=tuple(attention_levels))
     if not conditional:
-        unet = replace(unet, num_classes=0, class_conditioning="add", cross_attention_levels=(),
-                       mid_cross_attention=False)
+        unet = replace(
+            unet, num_classes=0, class_conditioning="add", cross_attention_levels=(), mid_cross_attention=False
+        )
     name = "latent" + ("-cfg" if unet.num_classes else "")
     name += f"-{schedule.kind}" if schedule.kind != "linear" else ""
     name += "-learned" if learned else ""
     name += "-attn" if extended else ""
-    return Variant(name, label or name, "latent", schedule, unet, config.train, learned,
-                   config.guidance.label_dropout if unet.num_classes else 0.0)
+    return Variant(
+        name,
+        label or name,
+        "latent",
+        schedule,
+        unet,
+        config.train,
+        learned,
+        config.guidance.label_dropout if unet.num_classes else 0.0,
+    )
 
 
 def table_plan(config: MnistLDMConfig, latent_channels: int) -> tuple[list[Variant], list[Row]]:
     """The models and rows of ``table=true``."""
     pixel_config = config.table_config.pixel
     pixel = Variant("pixel", "pixel DDPM", "pixel", pixel_config.schedule, pixel_config.unet, pixel_config.train)
-    latent = latent_variant(config, latent_channels, conditional=False, schedule_kind="linear",
-                            learned_variance=False, label="latent DDPM")
-    cfg = latent_variant(config, latent_channels, schedule_kind="linear", learned_variance=False,
-                         label="latent + CFG")
-    cosine = latent_variant(config, latent_channels, schedule_kind="cosine", learned_variance=False,
-                            label="+ cosine schedule")
-    learned = latent_variant(config, latent_channels, schedule_kind="linear", learned_variance=True,
-                             label="+ learned variance")
-    combined = latent_variant(config, latent_channels, schedule_kind="cosine", learned_variance=True,
-                              attention_levels=config.table_config.combined_attention_levels,
-                              label="combined (cosine + learned variance + attention at every level)")
+    latent = latent_variant(
+        config, latent_channels, conditional=False, schedule_kind="linear", learned_variance=False, label="latent DDPM"
+    )
+    cfg = latent_variant(config, latent_channels, schedule_kind="linear", learned_variance=False, label="latent + CFG")
+    cosine = latent_variant(
+        config, latent_channels, schedule_kind="cosine", learned_variance=False, label="+ cosine schedule"
+    )
+    learned = latent_variant(
+        config, latent_channels, schedule_kind="linear", learned_variance=True, label="+ learned variance"
+    )
+    combined = latent_variant(
+        config,
+        latent_channels,
+        schedule_kind="cosine",
+        learned_variance=True,
+        attention_levels=config.table_config.combined_attention_levels,
+        label="combined (cosine + learned variance + attention at every level)",
+    )
     w, respaced = config.guidance.w, config.evaluation.respaced_steps
     rows = [Row("pixel", "pixel DDPM", "ddpm")]
     rows += [Row("pixel", f"pixel DDIM-{steps}", "ddim", steps) for steps in config.evaluation.ddim_steps]
     rows += [Row(latent.name, "latent DDPM", "ddpm")]
     rows += [Row(cfg.name, f"latent + CFG, w = {scale:g}", "ddpm", 0, scale) for scale in config.guidance.sweep]
-    rows += [Row(cfg.name, f"latent + CFG, w = {w:g}, DDPM-{respaced} respaced (fixed variance)", "ddpm", respaced, w),
-             Row(cosine.name, f"+ cosine schedule, w = {w:g}", "ddpm", 0, w),
-             Row(learned.name, f"+ learned variance, w = {w:g}", "ddpm", 0, w),
-             Row(learned.name, f"+ learned variance, w = {w:g}, DDPM-{respaced} respaced", "ddpm", respaced, w),
-             Row(combined.name, f"combined, w = {w:g}", "ddpm", 0, w),
-             Row(combined.name, f"combined, w = {w:g}, DDPM-{respaced} respaced", "ddpm", respaced, w)]
+    rows += [
+        Row(cfg.name, f"latent + CFG, w = {w:g}, DDPM-{respaced} respaced (fixed variance)", "ddpm", respaced, w),
+        Row(cosine.name, f"+ cosine schedule, w = {w:g}", "ddpm", 0, w),
+        Row(learned.name, f"+ learned variance, w = {w:g}", "ddpm", 0, w),
+        Row(learned.name, f"+ learned variance, w = {w:g}, DDPM-{respaced} respaced", "ddpm", respaced, w),
+        Row(combined.name, f"combined, w = {w:g}", "ddpm", 0, w),
+        Row(combined.name, f"combined, w = {w:g}, DDPM-{respaced} respaced", "ddpm", respaced, w),
+    ]
     return [pixel, latent, cfg, cosine, learned, combined], rows
 
 
@@ -289,26 +345,38 @@ def single_plan(config: MnistLDMConfig, latent_channels: int) -> tuple[list[Vari
     variant = latent_variant(config, latent_channels)
     ev, w = config.evaluation, config.guidance.w
     if not variant.conditional:
-        return [variant], [Row(variant.name, "latent DDPM", "ddpm"),
-                           Row(variant.name, f"latent DDIM-{ev.ddim_steps[0]}", "ddim", ev.ddim_steps[0]),
-                           Row(variant.name, f"latent DDPM-{ev.respaced_steps} respaced", "ddpm", ev.respaced_steps)]
+        return [variant], [
+            Row(variant.name, "latent DDPM", "ddpm"),
+            Row(variant.name, f"latent DDIM-{ev.ddim_steps[0]}", "ddim", ev.ddim_steps[0]),
+            Row(variant.name, f"latent DDPM-{ev.respaced_steps} respaced", "ddpm", ev.respaced_steps),
+        ]
     rows = [Row(variant.name, f"latent DDPM, w = {scale:g}", "ddpm", 0, scale) for scale in config.guidance.sweep]
-    rows += [Row(variant.name, f"latent DDIM-{ev.ddim_steps[0]}, w = {w:g}", "ddim", ev.ddim_steps[0], w),
-             Row(variant.name, f"latent DDPM-{ev.respaced_steps} respaced, w = {w:g}", "ddpm", ev.respaced_steps, w)]
+    rows += [
+        Row(variant.name, f"latent DDIM-{ev.ddim_steps[0]}, w = {w:g}", "ddim", ev.ddim_steps[0], w),
+        Row(variant.name, f"latent DDPM-{ev.respaced_steps} respaced, w = {w:g}", "ddpm", ev.respaced_steps, w),
+    ]
     return [variant], rows
 
 
 # --------------------------------------------------------------------------------------------------------------
-def prepare_autoencoder(config: MnistLDMConfig, run: RunFolder, logger: RunLogger, train: ImageSet,
-                        heldout: ImageSet, device: torch.device, echo: Any) -> tuple[Any, dict[str, Any]]:
+def prepare_autoencoder(
+    config: MnistLDMConfig,
+    run: RunFolder,
+    logger: RunLogger,
+    train: ImageSet,
+    heldout: ImageSet,
+    device: torch.device,
+    echo: Any,
+) -> tuple[Any, dict[str, Any]]:
     """The autoencoder of ``config.vae`` (trained here, loaded from a run, or a pretrained diffusers VAE) in eval
     mode, and what to report about it."""
     vae_config = config.vae
     info: dict[str, Any] = {"kind": vae_config.kind, "path": vae_config.path}
     shape = tuple(train.images.shape[1:])
     if vae_config.kind == "train":
-        vae, result = train_autoencoder(run, logger, train, heldout, vae_config.training, config.seed, device,
-                                        config.progress, echo)
+        vae, result = train_autoencoder(
+            run, logger, train, heldout, vae_config.training, config.seed, device, config.progress, echo
+        )
         info["train_seconds"] = training_seconds(run, "autoencoder", result)
     elif vae_config.kind == "run":
         vae = load_autoencoder_run(vae_config.path, device)
@@ -325,19 +393,33 @@ def prepare_autoencoder(config: MnistLDMConfig, run: RunFolder, logger: RunLogge
 
 
 def data_digest(train: ImageSet, heldout: ImageSet) -> str:
-    return ckpt.tensor_digest({"train": train.images, "train_labels": train.labels, "heldout": heldout.images,
-                               "heldout_labels": heldout.labels})
+    return ckpt.tensor_digest(
+        {
+            "train": train.images,
+            "train_labels": train.labels,
+            "heldout": heldout.images,
+            "heldout_labels": heldout.labels,
+        }
+    )
 
 
 @torch.inference_mode()
 def encode_all(vae: Any, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     """Scaled latents of images (N, C, H, W), encoded in batches; (N, c, h, w) float32 on the CPU."""
-    return torch.cat([vae.encode(images[s : s + batch_size].to(device)).float().cpu()
-                      for s in range(0, len(images), batch_size)])
+    return torch.cat(
+        [vae.encode(images[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(images), batch_size)]
+    )
 
 
-def cached_latents(run: RunFolder, vae: Any, train: ImageSet, heldout: ImageSet, batch_size: int,
-                   device: torch.device, echo: Any = print) -> tuple[ImageSet, ImageSet, dict[str, Any]]:
+def cached_latents(
+    run: RunFolder,
+    vae: Any,
+    train: ImageSet,
+    heldout: ImageSet,
+    batch_size: int,
+    device: torch.device,
+    echo: Any = print,
+) -> tuple[ImageSet, ImageSet, dict[str, Any]]:
     """``(train latents, held-out latents, info)``: read from ``RUN/latents/latents-<key>.safetensors`` when the key
     (a hash of the autoencoder's weights and scaling factor and of the images) matches, else encoded and saved."""
     weights = ckpt.tensor_digest({k: v for k, v in vae.state_dict().items()})
@@ -348,18 +430,32 @@ def cached_latents(run: RunFolder, vae: Any, train: ImageSet, heldout: ImageSet,
         tensors, metadata = ckpt.verified_tensors(path)
         if metadata.get("key") == key:
             info["cached"] = True
-            return (ImageSet(tensors["train"], tensors["train_labels"], train.class_names),
-                    ImageSet(tensors["heldout"], tensors["heldout_labels"], heldout.class_names), info)
+            return (
+                ImageSet(tensors["train"], tensors["train_labels"], train.class_names),
+                ImageSet(tensors["heldout"], tensors["heldout_labels"], heldout.class_names),
+                info,
+            )
     echo(f"[mnist-ldm] encoding {len(train) + len(heldout):,} images into latents -> {path}")
     start = time.perf_counter()
-    tensors = {"train": encode_all(vae, train.images, batch_size, device), "train_labels": train.labels.clone(),
-               "heldout": encode_all(vae, heldout.images, batch_size, device), "heldout_labels": heldout.labels.clone()}
+    tensors = {
+        "train": encode_all(vae, train.images, batch_size, device),
+        "train_labels": train.labels.clone(),
+        "heldout": encode_all(vae, heldout.images, batch_size, device),
+        "heldout_labels": heldout.labels.clone(),
+    }
     info.update(cached=False, encode_seconds=round(time.perf_counter() - start, 1))
-    metadata = {"key": key, "sha256": ckpt.tensor_digest(tensors), "scaling_factor": repr(vae.scaling_factor),
-                "autoencoder": vae.description}
+    metadata = {
+        "key": key,
+        "sha256": ckpt.tensor_digest(tensors),
+        "scaling_factor": repr(vae.scaling_factor),
+        "autoencoder": vae.description,
+    }
     ckpt.atomic_save_tensors(tensors, path, metadata)
-    return (ImageSet(tensors["train"], tensors["train_labels"], train.class_names),
-            ImageSet(tensors["heldout"], tensors["heldout_labels"], heldout.class_names), info)
+    return (
+        ImageSet(tensors["train"], tensors["train_labels"], train.class_names),
+        ImageSet(tensors["heldout"], tensors["heldout_labels"], heldout.class_names),
+        info,
+    )
 
 
 def training_seconds(run: RunFolder, name: str, result: Any) -> float:
@@ -384,8 +480,15 @@ def sampling_variance(variant: Variant, config: MnistLDMConfig) -> str:
 
 
 @torch.inference_mode()
-def measure_throughput(unet: UNetConfig, latent_shape: tuple[int, int, int], image_shape: tuple[int, int, int],
-                       decode: Any, batch: int, device: torch.device, repeats: int = 3) -> dict[str, Any]:
+def measure_throughput(
+    unet: UNetConfig,
+    latent_shape: tuple[int, int, int],
+    image_shape: tuple[int, int, int],
+    decode: Any,
+    batch: int,
+    device: torch.device,
+    repeats: int = 3,
+) -> dict[str, Any]:
     """Seconds of one sampling step (a U-Net forward on ``batch`` inputs) in latent and in pixel space with the
     same U-Net width (``unet`` with the in/out channels changed), the decoder's seconds per batch, and the
     throughput ratio of sampling ``T`` steps: ``(T t_pixel) / (T t_latent + t_decode)`` at T = 1000.
@@ -427,27 +530,34 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
     device = resolve_device(config.device)
     train, heldout = stages.load_image_data(config.data, config.seed)
     # The plain run and the table share a folder: the autoencoder, the latents and equal models are reused.
-    run = RunFolder.open(config.run_dir, "mnist-ldm", config, fresh=fresh,
-                         ignore_keys=("run_dir", "table", "table_config"))
+    run = RunFolder.open(
+        config.run_dir, "mnist-ldm", config, fresh=fresh, ignore_keys=("run_dir", "table", "table_config")
+    )
     with run.guard():
         seed_everything(config.seed)
         logger = RunLogger(run.path)
         image_shape = tuple(train.images.shape[1:])
-        echo(f"[mnist-ldm] run folder {run.path} | {len(train):,} training images {image_shape} | device {device}"
-             f"{' | the full table' if config.table else ''}")
+        echo(
+            f"[mnist-ldm] run folder {run.path} | {len(train):,} training images {image_shape} | device {device}"
+            f"{' | the full table' if config.table else ''}"
+        )
         with run.stage("evaluator"):
             evaluator = stages.evaluator_for(config.data, device, echo)
         with run.stage("autoencoder"):
             vae, vae_info = prepare_autoencoder(config, run, logger, train, heldout, device, echo)
             scored = heldout.images[: config.vae.eval_images]
-            vae_info["reconstruction"] = reconstruction_metrics(lambda x: vae.decode(vae.encode(x)), scored,
-                                                                config.vae.batch_size, device)
+            vae_info["reconstruction"] = reconstruction_metrics(
+                lambda x: vae.decode(vae.encode(x)), scored, config.vae.batch_size, device
+            )
         with run.stage("latents"):
-            train_latents, heldout_latents, cache_info = cached_latents(run, vae, train, heldout,
-                                                                        config.vae.batch_size, device, echo)
+            train_latents, heldout_latents, cache_info = cached_latents(
+                run, vae, train, heldout, config.vae.batch_size, device, echo
+            )
         latent_shape = tuple(train_latents.images.shape[1:])
-        echo(f"[mnist-ldm] {vae.description}; latents {latent_shape}, "
-             f"PSNR {vae_info['reconstruction']['psnr']:.2f} dB, SSIM {vae_info['reconstruction']['ssim']:.4f}")
+        echo(
+            f"[mnist-ldm] {vae.description}; latents {latent_shape}, "
+            f"PSNR {vae_info['reconstruction']['psnr']:.2f} dB, SSIM {vae_info['reconstruction']['ssim']:.4f}"
+        )
         plan = table_plan if config.table else single_plan
         variants, rows = plan(config, latent_shape[0])
         models: dict[str, dict[str, Any]] = {}
@@ -455,21 +565,41 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
         for variant in variants:
             data, held = (train, heldout) if variant.space == "pixel" else (train_latents, heldout_latents)
             schedule = NoiseSchedule.from_config(variant.schedule).to(device)
-            echo(f"[mnist-ldm] training '{variant.name}': {describe(variant.unet, data.size)}, "
-                 f"{variant.schedule.kind} schedule{', learned variance' if variant.learned_variance else ''}")
+            echo(
+                f"[mnist-ldm] training '{variant.name}': {describe(variant.unet, data.size)}, "
+                f"{variant.schedule.kind} schedule{', learned variance' if variant.learned_variance else ''}"
+            )
             with run.stage(f"train {variant.name}"):
                 trainer, result = stages.train_image_denoiser(
-                    run, logger, data, held, schedule, variant.unet, variant.train, config.seed, device,
-                    config.progress, label_dropout=variant.label_dropout, name=variant.name,
-                    learned_variance=variant.learned_variance, vlb_weight=config.diffusion.vlb_weight,
-                    decoder=decoder_of(variant), channels_last=device.type == "cpu")
+                    run,
+                    logger,
+                    data,
+                    held,
+                    schedule,
+                    variant.unet,
+                    variant.train,
+                    config.seed,
+                    device,
+                    config.progress,
+                    label_dropout=variant.label_dropout,
+                    name=variant.name,
+                    learned_variance=variant.learned_variance,
+                    vlb_weight=config.diffusion.vlb_weight,
+                    decoder=decoder_of(variant),
+                    channels_last=device.type == "cpu",
+                )
             model = trainer.eval_model.eval()
             trained[variant.name] = (model, schedule)
             models[variant.name] = {
-                "label": variant.label, "space": variant.space, "schedule": variant.schedule.kind,
-                "learned_variance": variant.learned_variance, "description": describe(variant.unet, data.size),
-                "parameters": count_parameters(model), "train_seconds": training_seconds(run, variant.name, result),
-                "steps": result.step, "batch_size": variant.train.batch_size,
+                "label": variant.label,
+                "space": variant.space,
+                "schedule": variant.schedule.kind,
+                "learned_variance": variant.learned_variance,
+                "description": describe(variant.unet, data.size),
+                "parameters": count_parameters(model),
+                "train_seconds": training_seconds(run, variant.name, result),
+                "steps": result.step,
+                "batch_size": variant.train.batch_size,
                 "final_validation": result.final_validation,
                 "weights_sha256": ckpt.tensor_digest(model.state_dict()),
             }
@@ -479,37 +609,67 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
             variant = next(v for v in variants if v.name == row.variant)
             model, schedule = trained[variant.name]
             shape = image_shape if variant.space == "pixel" else latent_shape
-            labels = stages.balanced_labels(config.evaluation.n_samples, variant.unet.num_classes) \
-                if variant.conditional else None
+            labels = (
+                stages.balanced_labels(config.evaluation.n_samples, variant.unet.num_classes)
+                if variant.conditional
+                else None
+            )
             slug = _slug(row)
             # A rerun reuses the samples of a row when they came from the same weights (and latents).
-            identity = {"weights_sha256": models[variant.name]["weights_sha256"], "latents": cache_info["key"],
-                        "n": config.evaluation.n_samples, "seed": config.evaluation.seed,
-                        "variance": sampling_variance(variant, config)}
+            identity = {
+                "weights_sha256": models[variant.name]["weights_sha256"],
+                "latents": cache_info["key"],
+                "n": config.evaluation.n_samples,
+                "seed": config.evaluation.seed,
+                "variance": sampling_variance(variant, config),
+            }
             sampled = _reuse_samples(run, slug, identity)
             reused = sampled is not None
             if sampled is None:
                 with run.stage(f"sample {variant.name}"):
                     sampled = stages.sample_images(
-                        model, schedule, config.evaluation.n_samples, shape, sampler=row.sampler, steps=row.steps,
-                        eta=0.0, batch_size=config.evaluation.batch_size, seed=config.evaluation.seed, device=device,
-                        labels=labels, guidance=1.0 if row.w is None else row.w,
-                        num_classes=variant.unet.num_classes, show_progress=config.progress,
+                        model,
+                        schedule,
+                        config.evaluation.n_samples,
+                        shape,
+                        sampler=row.sampler,
+                        steps=row.steps,
+                        eta=0.0,
+                        batch_size=config.evaluation.batch_size,
+                        seed=config.evaluation.seed,
+                        device=device,
+                        labels=labels,
+                        guidance=1.0 if row.w is None else row.w,
+                        num_classes=variant.unet.num_classes,
+                        show_progress=config.progress,
                         variance=sampling_variance(variant, config),
-                        decode=decode if variant.space == "latent" else None)
+                        decode=decode if variant.space == "latent" else None,
+                    )
                 stages.save_samples(run.sub("samples", f"{slug}.pt"), sampled)
                 record = {**identity, "seconds": sampled.seconds, "network_evaluations": sampled.network_evaluations}
                 ckpt.atomic_write_bytes(run.sub("samples", f"{slug}.json"), json.dumps(record).encode())
             with run.stage("evaluate"):
                 scores = {"n": len(sampled.images)} if evaluator is None else evaluator.evaluate(sampled.images, labels)
             steps = row.steps or schedule.num_timesteps
-            results.append({"label": row.label, "variant": variant.name, "sampler": row.sampler, "steps": steps,
-                            "w": row.w, "slug": slug, **scores,
-                            "seconds_per_1000": sampled.seconds / len(sampled.images) * 1000,
-                            "network_evaluations": sampled.network_evaluations, "reused_samples": reused,
-                            "train_seconds": models[variant.name]["train_seconds"]})
-            echo(f"[mnist-ldm] {row.label}: FID {scores.get('fid', float('nan')):.2f}, "
-                 f"{results[-1]['seconds_per_1000']:.1f} s per 1,000 images")
+            results.append(
+                {
+                    "label": row.label,
+                    "variant": variant.name,
+                    "sampler": row.sampler,
+                    "steps": steps,
+                    "w": row.w,
+                    "slug": slug,
+                    **scores,
+                    "seconds_per_1000": sampled.seconds / len(sampled.images) * 1000,
+                    "network_evaluations": sampled.network_evaluations,
+                    "reused_samples": reused,
+                    "train_seconds": models[variant.name]["train_seconds"],
+                }
+            )
+            echo(
+                f"[mnist-ldm] {row.label}: FID {scores.get('fid', float('nan')):.2f}, "
+                f"{results[-1]['seconds_per_1000']:.1f} s per 1,000 images"
+            )
         vlb: dict[str, Any] = {}
         with run.stage("vlb"):
             count = config.evaluation.vlb_images
@@ -519,20 +679,34 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                 model, schedule = trained[variant.name]
                 held = heldout if variant.space == "pixel" else heldout_latents
                 x0, y = held.images[:count].to(device), held.labels[:count].to(device)
-                result = full_vlb(model, schedule, x0, labels=y if variant.conditional else None,
-                                  generator=seeded_generator(mix_seed(config.seed, 0, 97), device),
-                                  decoder=decoder_of(variant), batch_size=count)
-                vlb[variant.name] = {"bits_per_dim": result.total, "variance": result.variance,
-                                     "by_variance": result.by_variance, "prior": result.prior,
-                                     "terms": result.terms, "decoder_nll": result.decoder, "n": count,
-                                     "decoder": decoder_of(variant), "space": variant.space}
+                result = full_vlb(
+                    model,
+                    schedule,
+                    x0,
+                    labels=y if variant.conditional else None,
+                    generator=seeded_generator(mix_seed(config.seed, 0, 97), device),
+                    decoder=decoder_of(variant),
+                    batch_size=count,
+                )
+                vlb[variant.name] = {
+                    "bits_per_dim": result.total,
+                    "variance": result.variance,
+                    "by_variance": result.by_variance,
+                    "prior": result.prior,
+                    "terms": result.terms,
+                    "decoder_nll": result.decoder,
+                    "n": count,
+                    "decoder": decoder_of(variant),
+                    "space": variant.space,
+                }
         with run.stage("throughput"):
             # The same U-Net (each model's own width) run on latents and on pixels: the latent model's, and in the
             # table also the pixel baseline's.
             throughput = []
-            for variant in ([variants[2], variants[0]] if config.table else variants[:1]):
-                measured = measure_throughput(variant.unet, latent_shape, image_shape, decode,
-                                              config.evaluation.throughput_batch, device)
+            for variant in [variants[2], variants[0]] if config.table else variants[:1]:
+                measured = measure_throughput(
+                    variant.unet, latent_shape, image_shape, decode, config.evaluation.throughput_batch, device
+                )
                 measured["unet"] = describe(replace(variant.unet, in_channels=1, out_channels=1), image_shape[1])
                 measured["model"] = variant.name
                 throughput.append(measured)
@@ -540,16 +714,24 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
             figures = _figures(run, logger, results, variants, vae, heldout, config, device)
         logger.close()
         metrics: dict[str, Any] = {
-            "autoencoder": vae_info, "latents": {**cache_info, "shape": list(latent_shape)}, "models": models,
-            "rows": results, "vlb": vlb, "throughput": throughput,
-            "evaluation": {"n": config.evaluation.n_samples,
-                           "reference": "project MNIST evaluator (reference CNN features), MNIST test 10k"
-                           if evaluator is not None else "none (not MNIST)"},
+            "autoencoder": vae_info,
+            "latents": {**cache_info, "shape": list(latent_shape)},
+            "models": models,
+            "rows": results,
+            "vlb": vlb,
+            "throughput": throughput,
+            "evaluation": {
+                "n": config.evaluation.n_samples,
+                "reference": "project MNIST evaluator (reference CNN features), MNIST test 10k"
+                if evaluator is not None
+                else "none (not MNIST)",
+            },
         }
         if evaluator is not None:
             with run.stage("evaluate"):
-                metrics["calibration"] = {str(config.evaluation.n_samples):
-                                          evaluator.calibration(config.evaluation.n_samples)}
+                metrics["calibration"] = {
+                    str(config.evaluation.n_samples): evaluator.calibration(config.evaluation.n_samples)
+                }
         metrics["timings_seconds"] = {k: round(v, 1) for k, v in run.timings.items()}
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = ldm_targets(metrics, config)
@@ -572,8 +754,9 @@ def _reuse_samples(run: RunFolder, slug: str, identity: dict[str, Any]) -> stage
         return None
     if any(record.get(key) != value for key, value in identity.items()):
         return None
-    return stages.SampleResult(content["images"], content.get("labels"), float(record["seconds"]),
-                               int(record["network_evaluations"]))
+    return stages.SampleResult(
+        content["images"], content.get("labels"), float(record["seconds"]), int(record["network_evaluations"])
+    )
 
 
 def _slug(row: Row) -> str:
@@ -581,22 +764,33 @@ def _slug(row: Row) -> str:
     return f"{row.variant}_{row.sampler}{row.steps or 'T'}{guidance}"
 
 
-def _figures(run: RunFolder, logger: RunLogger, results: list[dict[str, Any]], variants: list[Variant], vae: Any,
-             heldout: ImageSet, config: MnistLDMConfig, device: torch.device) -> dict[str, Path]:
+def _figures(
+    run: RunFolder,
+    logger: RunLogger,
+    results: list[dict[str, Any]],
+    variants: list[Variant],
+    vae: Any,
+    heldout: ImageSet,
+    config: MnistLDMConfig,
+    device: torch.device,
+) -> dict[str, Path]:
     figures: dict[str, Path] = {}
     shown = heldout.images[:16].to(device)
     with torch.no_grad():
         recon = vae.decode(vae.encode(shown)).clamp(-1, 1).cpu()
-    figures["reconstructions"] = image_rows_figure([("held-out", shown.cpu()), ("reconstruction", recon)],
-                                                   run.sub("figures", "reconstructions.png"),
-                                                   "Autoencoder reconstructions of held-out digits")
+    figures["reconstructions"] = image_rows_figure(
+        [("held-out", shown.cpu()), ("reconstruction", recon)],
+        run.sub("figures", "reconstructions.png"),
+        "Autoencoder reconstructions of held-out digits",
+    )
     per = config.guidance.grid_per_digit
     for variant in variants:
         candidates = [r for r in results if r["variant"] == variant.name and r["sampler"] == "ddpm"]
         if not candidates:
             continue
-        preferred = [r for r in candidates if r["w"] == config.guidance.w and r["steps"] == max(
-            c["steps"] for c in candidates)]
+        preferred = [
+            r for r in candidates if r["w"] == config.guidance.w and r["steps"] == max(c["steps"] for c in candidates)
+        ]
         row = (preferred or candidates)[0]
         row_samples = run.sub("samples", f"{row['slug']}.pt")
         content = torch.load(row_samples, weights_only=True)
@@ -624,25 +818,45 @@ def ldm_targets(metrics: dict[str, Any], config: MnistLDMConfig) -> list[dict[st
     rows = {r["label"]: r for r in metrics["rows"]}
     quality = metrics["autoencoder"].get("reconstruction", {})
     if config.data.source == "mnist" and quality:
-        targets.append({"target": "VAE reconstruction PSNR >= 22 dB", "value": quality["psnr"],
-                        "met": quality["psnr"] >= 22})
-        targets.append({"target": "VAE reconstruction SSIM >= 0.90", "value": quality["ssim"],
-                        "met": quality["ssim"] >= 0.90})
+        targets.append(
+            {"target": "VAE reconstruction PSNR >= 22 dB", "value": quality["psnr"], "met": quality["psnr"] >= 22}
+        )
+        targets.append(
+            {"target": "VAE reconstruction SSIM >= 0.90", "value": quality["ssim"], "met": quality["ssim"] >= 0.90}
+        )
     w = config.guidance.w
     scored = "fid" in next(iter(rows.values()), {})
-    main = next((r for r in metrics["rows"] if r["w"] == w and r["sampler"] == "ddpm"
-                 and r["variant"].startswith("latent-cfg") and r["steps"] == max(
-                     x["steps"] for x in metrics["rows"] if x["variant"] == r["variant"])), None)
+    main = next(
+        (
+            r
+            for r in metrics["rows"]
+            if r["w"] == w
+            and r["sampler"] == "ddpm"
+            and r["variant"].startswith("latent-cfg")
+            and r["steps"] == max(x["steps"] for x in metrics["rows"] if x["variant"] == r["variant"])
+        ),
+        None,
+    )
     pixel = rows.get("pixel DDPM")
     if not scored:
         main = pixel = None
     if main is not None and "accuracy" in main:
-        targets.append({"target": f"latent + CFG (w = {w:g}) class accuracy >= 97%", "value": main["accuracy"],
-                        "met": main["accuracy"] >= 0.97})
+        targets.append(
+            {
+                "target": f"latent + CFG (w = {w:g}) class accuracy >= 97%",
+                "value": main["accuracy"],
+                "met": main["accuracy"] >= 0.97,
+            }
+        )
     if main is not None and pixel is not None:
-        targets.append({"target": f"latent + CFG (w = {w:g}) FID below pixel DDPM's ({pixel['fid']:.2f}); training "
-                                  f"{main['train_seconds']:.0f} s vs {pixel['train_seconds']:.0f} s",
-                        "value": main["fid"], "met": main["fid"] < pixel["fid"]})
+        targets.append(
+            {
+                "target": f"latent + CFG (w = {w:g}) FID below pixel DDPM's ({pixel['fid']:.2f}); training "
+                f"{main['train_seconds']:.0f} s vs {pixel['train_seconds']:.0f} s",
+                "value": main["fid"],
+                "met": main["fid"] < pixel["fid"],
+            }
+        )
     for name in metrics["models"]:
         if not metrics["models"][name]["learned_variance"]:
             continue
@@ -651,17 +865,33 @@ def ldm_targets(metrics: dict[str, Any], config: MnistLDMConfig) -> list[dict[st
             longest, shortest = max(full, key=lambda r: r["steps"]), min(full, key=lambda r: r["steps"])
             if longest["steps"] != shortest["steps"]:
                 ratio = shortest["fid"] / longest["fid"] - 1
-                targets.append({"target": f"{name}: DDPM-{shortest['steps']} respaced FID within 10% of "
-                                          f"DDPM-{longest['steps']} ({longest['fid']:.2f})",
-                                "value": ratio, "met": ratio <= 0.10})
+                targets.append(
+                    {
+                        "target": f"{name}: DDPM-{shortest['steps']} respaced FID within 10% of "
+                        f"DDPM-{longest['steps']} ({longest['fid']:.2f})",
+                        "value": ratio,
+                        "met": ratio <= 0.10,
+                    }
+                )
         fixed = name.replace("-learned", "")
         if name in metrics["vlb"] and fixed in metrics["vlb"]:
             ours, theirs = metrics["vlb"][name]["bits_per_dim"], metrics["vlb"][fixed]["bits_per_dim"]
-            targets.append({"target": f"{name}: VLB below the fixed-variance {fixed}'s ({theirs:.3f} bits/dim)",
-                            "value": ours, "met": ours < theirs})
+            targets.append(
+                {
+                    "target": f"{name}: VLB below the fixed-variance {fixed}'s ({theirs:.3f} bits/dim)",
+                    "value": ours,
+                    "met": ours < theirs,
+                }
+            )
     speed = min(measured["speedup_1000_steps"] for measured in metrics["throughput"])
-    targets.append({"target": "latent sampling throughput >= 4x pixel sampling at equal U-Net width (the lower of "
-                              "the measured U-Nets)", "value": speed, "met": speed >= 4})
+    targets.append(
+        {
+            "target": "latent sampling throughput >= 4x pixel sampling at equal U-Net width (the lower of "
+            "the measured U-Nets)",
+            "value": speed,
+            "met": speed >= 4,
+        }
+    )
     return targets
 
 
@@ -674,7 +904,8 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
         "",
         f"Autoencoder: {vae['description']} ({vae['kind']}"
         + (f", {vae['path']}" if vae["path"] else "")
-        + (f", trained in {vae['train_seconds']:.0f} s" if vae.get("train_seconds") else "") + "). "
+        + (f", trained in {vae['train_seconds']:.0f} s" if vae.get("train_seconds") else "")
+        + "). "
         f"Images {tuple(comp['image_shape'])} -> latents {tuple(comp['latent_shape'])} "
         f"({comp['values_factor']:g}x fewer values, {comp['spatial_factor']:g}x per side); held-out reconstruction "
         f"PSNR {quality['psnr']:.2f} dB, SSIM {quality['ssim']:.4f} (n = {quality['n']:,}). Latents cached in "
@@ -688,19 +919,44 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
         "",
         "## Results",
         "",
-        table(["model", "sampler", "steps", "w", "n", "FID", "IS", "accuracy", "s per 1,000 images",
-               "training s"],
-              [[r["label"], r["sampler"].upper(), r["steps"], "-" if r["w"] is None else f"{r['w']:g}", r["n"],
-                r.get("fid"), r.get("inception_score"), r.get("accuracy"), r["seconds_per_1000"],
-                r["train_seconds"]] for r in metrics["rows"]], digits=2),
+        table(
+            ["model", "sampler", "steps", "w", "n", "FID", "IS", "accuracy", "s per 1,000 images", "training s"],
+            [
+                [
+                    r["label"],
+                    r["sampler"].upper(),
+                    r["steps"],
+                    "-" if r["w"] is None else f"{r['w']:g}",
+                    r["n"],
+                    r.get("fid"),
+                    r.get("inception_score"),
+                    r.get("accuracy"),
+                    r["seconds_per_1000"],
+                    r["train_seconds"],
+                ]
+                for r in metrics["rows"]
+            ],
+            digits=2,
+        ),
         "",
         "## Models",
         "",
-        table(["model", "space", "schedule", "variance", "network", "steps x batch", "training s"],
-              [[name, m["space"], m["schedule"],
-                "learned" if m["learned_variance"] else config.diffusion.fixed_variance,
-                m["description"], f"{m['steps']:,} x {m['batch_size']}", m["train_seconds"]]
-               for name, m in metrics["models"].items()], digits=1),
+        table(
+            ["model", "space", "schedule", "variance", "network", "steps x batch", "training s"],
+            [
+                [
+                    name,
+                    m["space"],
+                    m["schedule"],
+                    "learned" if m["learned_variance"] else config.diffusion.fixed_variance,
+                    m["description"],
+                    f"{m['steps']:,} x {m['batch_size']}",
+                    m["train_seconds"],
+                ]
+                for name, m in metrics["models"].items()
+            ],
+            digits=1,
+        ),
         "",
     ]
     if metrics["vlb"]:
@@ -713,10 +969,22 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
             "between latent models with the same autoencoder). Fixed-variance models are scored with both "
             "sigma^2 = beta and sigma^2 = beta_tilde and the lower is reported.",
             "",
-            table(["model", "n", "bits/dim", "variance", "all variances", "L_T", "sum L_t", "L_0"],
-                  [[name, v["n"], v["bits_per_dim"], v["variance"],
-                    ", ".join(f"{k}: {x:.3f}" for k, x in v["by_variance"].items()), v["prior"], v["terms"],
-                    v["decoder_nll"]] for name, v in metrics["vlb"].items()]),
+            table(
+                ["model", "n", "bits/dim", "variance", "all variances", "L_T", "sum L_t", "L_0"],
+                [
+                    [
+                        name,
+                        v["n"],
+                        v["bits_per_dim"],
+                        v["variance"],
+                        ", ".join(f"{k}: {x:.3f}" for k, x in v["by_variance"].items()),
+                        v["prior"],
+                        v["terms"],
+                        v["decoder_nll"],
+                    ]
+                    for name, v in metrics["vlb"].items()
+                ],
+            ),
             "",
         ]
     lines += [
@@ -727,19 +995,41 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
         "weights: the cost does not depend on them), the autoencoder's decoding per batch, and the speed-up of "
         "sampling 1,000 steps + decoding over 1,000 pixel steps.",
         "",
-        table(["U-Net (of model)", "batch", "latent s/step", "pixel s/step", "decode s", "per step", "1,000 steps"],
-              [[f"{tp['unet']} ({tp['model']})", tp["batch"], tp["latent_step_seconds"], tp["pixel_step_seconds"],
-                tp["decode_seconds"], f"{tp['speedup_per_step']:.1f}x", f"{tp['speedup_1000_steps']:.1f}x"]
-               for tp in metrics["throughput"]], digits=4),
+        table(
+            ["U-Net (of model)", "batch", "latent s/step", "pixel s/step", "decode s", "per step", "1,000 steps"],
+            [
+                [
+                    f"{tp['unet']} ({tp['model']})",
+                    tp["batch"],
+                    tp["latent_step_seconds"],
+                    tp["pixel_step_seconds"],
+                    tp["decode_seconds"],
+                    f"{tp['speedup_per_step']:.1f}x",
+                    f"{tp['speedup_1000_steps']:.1f}x",
+                ]
+                for tp in metrics["throughput"]
+            ],
+            digits=4,
+        ),
         "",
     ]
     if metrics["targets"]:
-        lines += ["## Targets", "", table(["target", "measured", "met"],
-                                          [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]), ""]
+        lines += [
+            "## Targets",
+            "",
+            table(["target", "measured", "met"], [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]),
+            "",
+        ]
     for n_key, cal_rows in metrics.get("calibration", {}).items():
-        lines += [f"Calibration rows at n = {int(n_key):,} (same evaluator, same count):", "",
-                  table(["reference row", "n", "FID", "IS"],
-                        [[r["name"], r["n"], r["fid"], r["inception_score"]] for r in cal_rows]), ""]
+        lines += [
+            f"Calibration rows at n = {int(n_key):,} (same evaluator, same count):",
+            "",
+            table(
+                ["reference row", "n", "FID", "IS"],
+                [[r["name"], r["n"], r["fid"], r["inception_score"]] for r in cal_rows],
+            ),
+            "",
+        ]
     lines += ["## Figures", "", figure(figures["reconstructions"], run.path, "Autoencoder reconstructions"), ""]
     for key, path in figures.items():
         if key.startswith("grid "):
@@ -747,8 +1037,13 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
     if "loss" in figures:
         lines += [figure(figures["loss"], run.path, "Held-out eps MSE during training"), ""]
     lines += [
-        "## Where the time goes", "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1), "",
-        "## Environment", "", environment_table(), "",
+        "## Where the time goes",
+        "",
+        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
+        "",
+        "## Environment",
+        "",
+        environment_table(),
+        "",
     ]
     run.sub("report.md").write_text("\n".join(lines))
