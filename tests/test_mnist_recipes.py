@@ -180,8 +180,11 @@ def test_mnist_run_is_evaluated_against_its_calibration_rows(tmp_path: Path, cap
     assert [t["target"] for t in metrics["targets"]][0].startswith("DDIM-50 FID within 15%")
     capsys.readouterr()
     assert main(["evaluate", str(run_dir)]) == 0
-    assert "(calibration) real held-out" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(calibration) real held-out" in printed and "(floor) real train vs" in printed
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    floor = evaluation["real_vs_real"]  # 10,000 real training digits vs the test digits: far below any sample set
+    assert floor["n"] == 10_000 and floor["fid"] < rows["real held-out"]["fid"] and floor["inception_score"] > 9
     assert set(evaluation["samples"]) == {"ddim.pt", "ddpm.pt"}
     assert evaluation["samples"]["ddim.pt"]["fid"] == pytest.approx(metrics["ddim"]["fid"], rel=1e-6)
     # The reports, with FID/IS beside the calibration floors: the default one and the five-section write-up.

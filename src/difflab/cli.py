@@ -201,6 +201,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             [f"(calibration) {c['name']}", c["n"], c["fid"], c["inception_score"], c.get("accuracy")]
             for c in calibration
         ]
+    floor = results["real_vs_real"]
+    rows.append([f"(floor) {floor['name']}", floor["n"], floor["fid"], floor["inception_score"], floor.get("accuracy")])
     print(table(["samples", "n", "FID", "IS", "accuracy"], rows))
     print(f"written: {args.run_dir}/evaluation.json")
     return 0

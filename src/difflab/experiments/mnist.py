@@ -766,6 +766,8 @@ def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str =
         results["samples"][file.name] = evaluator.evaluate(content["images"], content.get("labels"))
     counts = sorted({r["n"] for r in results["samples"].values() if r["n"] > 1})
     results["calibration"] = _calibration(evaluator, counts)
+    # The floor of the metric itself: 10,000 real training digits against the 10,000 test digits.
+    results["real_vs_real"] = evaluator.real_vs_real_floor(min(10_000, len(evaluator.train)))
     (run_dir / "evaluation.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     return results
 
