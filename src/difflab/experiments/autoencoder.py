@@ -28,7 +28,7 @@ from difflab.experiments.runs import RunFolder, resolve_device
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from difflab.models.unet import count_parameters
-from difflab.report.markdown import environment_table, figure, table
+from difflab.report.markdown import figure, table, timings_and_environment
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
 from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
@@ -356,13 +356,5 @@ def _report(
         "",
         figure(loss_figure, run.path, "Training loss and held-out L1"),
         "",
-        "## Where the time goes",
-        "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
-        "",
-        "## Environment",
-        "",
-        environment_table(),
-        "",
-    ]
+    ] + timings_and_environment(metrics["timings_seconds"])
     run.sub("report.md").write_text("\n".join(lines))

@@ -50,7 +50,7 @@ from difflab.experiments.runs import RunFolder, resolve_device
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
-from difflab.report.markdown import environment_table, figure, table
+from difflab.report.markdown import figure, table, timings_and_environment
 from difflab.seeding import mix_seed, seed_everything, seeded_generator
 from difflab.training import checkpoint as ckpt
 from difflab.training.logging import RunLogger, read_series
@@ -1036,14 +1036,5 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
             lines += [figure(path, run.path, f"Samples of {key[5:]} (one row per digit when conditional)"), ""]
     if "loss" in figures:
         lines += [figure(figures["loss"], run.path, "Held-out eps MSE during training"), ""]
-    lines += [
-        "## Where the time goes",
-        "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
-        "",
-        "## Environment",
-        "",
-        environment_table(),
-        "",
-    ]
+    lines += timings_and_environment(metrics["timings_seconds"])
     run.sub("report.md").write_text("\n".join(lines))

@@ -34,7 +34,7 @@ from difflab.experiments.ncsn_common import LangevinConfig, LangevinSamples
 from difflab.experiments.runs import RunFolder, resolve_device
 from difflab.models.score import SCORE_OUTPUTS, NoiseConditionalUNet
 from difflab.models.unet import UNetConfig, count_parameters, describe
-from difflab.report.markdown import environment_table, figure, table
+from difflab.report.markdown import figure, table, timings_and_environment
 from difflab.sampling.langevin import network_evaluations
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training.logging import RunLogger
@@ -590,13 +590,5 @@ def _report(run: RunFolder, config: MnistNCSNConfig, metrics: dict[str, Any], fi
         "",
         figure(figures["loss"], run.path, "Training and validation loss"),
         "",
-        "## Where the time goes",
-        "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
-        "",
-        "## Environment",
-        "",
-        environment_table(),
-        "",
-    ]
+    ] + timings_and_environment(metrics["timings_seconds"])
     run.sub("report.md").write_text("\n".join(lines))

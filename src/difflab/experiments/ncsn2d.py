@@ -25,7 +25,7 @@ from difflab.experiments.ncsn_common import LangevinConfig
 from difflab.experiments.runs import RunFolder, resolve_device
 from difflab.metrics import points as point_metrics
 from difflab.models.score import ScoreMLP
-from difflab.report.markdown import environment_table, figure, table
+from difflab.report.markdown import figure, table, timings_and_environment
 from difflab.sampling.langevin import network_evaluations
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training.logging import RunLogger
@@ -401,15 +401,7 @@ def write_report(run: RunFolder, config: PointsNCSNConfig, metrics: dict[str, An
         "",
         figure(figures["loss"], run.path, "Training and validation loss"),
         "",
-        "## Where the time goes",
-        "",
-        table(["stage", "seconds"], [[k, v] for k, v in metrics["timings_seconds"].items()], digits=1),
-        "",
-        "## Environment",
-        "",
-        environment_table(),
-        "",
-    ]
+    ] + timings_and_environment(metrics["timings_seconds"])
     path = run.sub("report.md")
     path.write_text("\n".join(lines))
     return path

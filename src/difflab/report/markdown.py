@@ -67,3 +67,17 @@ def environment() -> dict[str, str]:
 
 def environment_table() -> str:
     return table(["item", "value"], sorted(environment().items()))
+
+
+def timings_and_environment(timings_seconds: dict[str, float]) -> list[str]:
+    """The closing Markdown lines of a plain report: the seconds per stage, then the environment table."""
+    return [
+        "## Where the time goes",
+        "",
+        table(["stage", "seconds"], [[k, v] for k, v in timings_seconds.items()], digits=1),
+        "",
+        "## Environment",
+        "",
+        environment_table(),
+        "",
+    ]
