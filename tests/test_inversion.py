@@ -36,6 +36,18 @@ def test_inversion_maps_data_to_the_prior_and_back() -> None:
     assert errors[0] > 2.5 * errors[1] > 6 * errors[2] and errors[2] < 0.01, errors
 
 
+def test_fixed_point_iterations_make_each_step_the_exact_inverse_of_ddim() -> None:
+    """With eps evaluated where the DDIM step down starts, the round trip is exact up to the fixed-point error,
+    which falls geometrically with the iterations (10 steps to the default t_end here)."""
+    x0 = MEAN + STD * torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
+    errors = [
+        float((ddim_round_trip(exact_eps, SCHEDULE, x0, 10, fixed_point_iterations=k)[1] - x0).abs().mean())
+        for k in (0, 1, 2, 4, 16)
+    ]
+    assert all(a > 3 * b for a, b in zip(errors[:3], errors[1:4])), errors
+    assert errors[0] > 0.05 and errors[4] < 1e-5, errors
+
+
 def test_inversion_timesteps() -> None:
     steps = inversion_timesteps(1000, 50)
     assert len(steps) == 50 and steps[0] == 20 and steps[-1] == 999 and steps == sorted(set(steps))
@@ -70,8 +82,12 @@ def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
         )
         == 0
     )
-    assert main(["invert", str(run_dir), "--steps", "5", "50", "--n", "32"]) == 0  # to the default t_end
+    assert main(["invert", str(run_dir), "--steps", "5", "50", "--n", "32", "--fixed-point", "1"]) == 0
     assert "PSNR" in capsys.readouterr().out
     rows = json.loads((run_dir / "inversion.json").read_text())["rows"]
-    assert rows[1]["psnr_db"] > rows[0]["psnr_db"] and rows[1]["psnr_db"] > 20
+    plain, refined = rows[:2], rows[2:]
+    assert [r["fixed_point_iterations"] for r in rows] == [0, 0, 1, 1]
+    assert [r["nfe"] for r in rows] == [10, 100, 15, 150]
+    assert plain[1]["psnr_db"] > plain[0]["psnr_db"] and plain[1]["psnr_db"] > 20
+    assert all(r["psnr_db"] > p["psnr_db"] for r, p in zip(refined, plain))
     assert (run_dir / "figures" / "inversion.png").is_file()

@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     invert.add_argument(
         "--t-end", type=int, default=None, help="timestep to invert to (default: the last with alpha_bar >= 1e-3)"
     )
+    invert.add_argument(
+        "--fixed-point",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also refine every inversion step by K fixed-point iterations (K more network calls per step)",
+    )
     invert.add_argument("--seed", type=int, default=0)
     invert.add_argument("--device", default="auto")
     run.add_argument(
@@ -212,14 +219,18 @@ def cmd_invert(args: argparse.Namespace) -> int:
     from difflab.experiments.inversion import invert_run
     from difflab.report.markdown import table
 
-    result = invert_run(args.run_dir, tuple(args.steps), args.n, args.t_end, args.seed, args.device)
+    result = invert_run(
+        args.run_dir, tuple(args.steps), args.n, args.t_end, args.seed, args.device, fixed_point=args.fixed_point
+    )
     print(
         table(
-            ["images", "steps", "n", "MSE", "PSNR (dB)", "SSIM", "seconds"],
+            ["images", "steps", "fixed-point iterations", "NFE", "n", "MSE", "PSNR (dB)", "SSIM", "seconds"],
             [
                 [
                     r.get("side", "pixels"),
                     r["steps"],
+                    r["fixed_point_iterations"],
+                    r["nfe"],
                     r["n"],
                     r.get("mse", r.get("latent_mse")),
                     r["psnr_db"],

@@ -26,10 +26,13 @@ def invert_run(
     seed: int = 0,
     device: str = "auto",
     echo=print,
+    fixed_point: int = 0,
 ) -> dict[str, Any]:
     """Invert ``n`` held-out images of the run's data to ``t_end`` (default: the last t with alpha_bar >= 1e-3)
     and back with each number of DDIM ``steps``; writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``;
-    returns the results. An ``rgb2ir`` run (with latent eps models) is inverted in latent space instead, by
+    returns the results. ``fixed_point`` K > 0 adds, for every step count, the round trip whose inversion steps
+    are refined by K fixed-point iterations (:func:`~difflab.sampling.inversion.ddim_invert`). An ``rgb2ir`` run
+    (with latent eps models) is inverted in latent space instead, by
     :func:`difflab.experiments.rgb2ir.invert_latent_run`."""
     from difflab.config import read_yaml
     from difflab.experiments.mnist import load_run_model
@@ -38,40 +41,44 @@ def invert_run(
     if (run_dir / "config.yaml").is_file() and read_yaml(run_dir / "config.yaml").get("recipe") == "rgb2ir":
         from difflab.experiments.rgb2ir import invert_latent_run
 
-        return invert_latent_run(run_dir, steps, n, t_end, device, echo)
+        return invert_latent_run(run_dir, steps, n, t_end, device, echo, fixed_point)
     resolved = resolve_device(device)
     config, model, schedule = load_run_model(run_dir, resolved)
     if config.unet.num_classes:
         raise ConfigError("inversion here uses an unconditional model; give a mnist-ddpm run")
-    if n < 1 or not steps or min(steps) < 1:
-        raise ConfigError("invert needs n >= 1 and step counts >= 1")
+    if n < 1 or not steps or min(steps) < 1 or fixed_point < 0:
+        raise ConfigError("invert needs n >= 1, step counts >= 1 and --fixed-point >= 0")
     _, heldout = stages.load_image_data(config.data, config.seed)
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(heldout), generator=generator)[: min(n, len(heldout))]
     x0 = heldout.images[index].to(resolved)
     rows: list[dict[str, Any]] = []
     figure_rows = [("original", x0[:8].cpu())]
-    for count in steps:
-        start = time.perf_counter()
-        latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end)
-        seconds = time.perf_counter() - start
-        reconstruction = reconstruction.clamp(-1, 1)
-        rows.append(
-            {
-                "steps": count,
-                "n": len(x0),
-                "mse": float(((reconstruction - x0) ** 2).mean()),
-                "psnr_db": psnr(reconstruction, x0),
-                "ssim": ssim(reconstruction, x0),
-                "latent_std": float(latent.std()),
-                "seconds": seconds,
-            }
-        )
-        figure_rows.append((f"{count} steps", reconstruction[:8].cpu()))
-        echo(
-            f"[invert] {count:4d} steps: PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, "
-            f"latent std {rows[-1]['latent_std']:.3f}, {seconds:.1f} s"
-        )
+    for iterations in sorted({0, fixed_point}):
+        for count in steps:
+            start = time.perf_counter()
+            latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations)
+            seconds = time.perf_counter() - start
+            reconstruction = reconstruction.clamp(-1, 1)
+            rows.append(
+                {
+                    "steps": count,
+                    "fixed_point_iterations": iterations,
+                    "nfe": count * (2 + iterations),  # inversion (1 + K per step) and reconstruction (1 per step)
+                    "n": len(x0),
+                    "mse": float(((reconstruction - x0) ** 2).mean()),
+                    "psnr_db": psnr(reconstruction, x0),
+                    "ssim": ssim(reconstruction, x0),
+                    "latent_std": float(latent.std()),
+                    "seconds": seconds,
+                }
+            )
+            label = f"{count} steps" + (f", {iterations} fixed-point" if iterations else "")
+            figure_rows.append((label, reconstruction[:8].cpu()))
+            echo(
+                f"[invert] {label}: PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, "
+                f"latent std {rows[-1]['latent_std']:.3f}, {seconds:.1f} s"
+            )
     if t_end is None:
         t_end = default_inversion_end(schedule)
     result = {

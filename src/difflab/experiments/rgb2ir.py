@@ -1188,11 +1188,12 @@ def build_report(contents: Any) -> Report:
                 "latent (from `inversion.json`)."
             ),
             Table(
-                ("latents", "steps", "n", "latent MSE", "PSNR (dB)", "SSIM", "seconds"),
+                ("latents", "steps", "fixed-point iterations", "n", "latent MSE", "PSNR (dB)", "SSIM", "seconds"),
                 tuple(
                     (
                         r["side"].upper(),
                         r["steps"],
+                        r.get("fixed_point_iterations", 0),
                         r["n"],
                         Value(r["latent_mse"], "inversion.json", 5),
                         Value(r["psnr_db"], "inversion.json", 2),
@@ -1305,20 +1306,22 @@ def invert_latent_run(
     t_end: int | None = None,
     device: str = "auto",
     echo: Any = print,
+    fixed_point: int = 0,
 ) -> dict[str, Any]:
     """``difflab invert`` on an ``rgb2ir`` run made with ``inversion.enabled=true``: DDIM round trips (invert to
     ``t_end``, default the last t with alpha_bar >= 1e-3, then DDIM back with the same steps) of the first ``n``
     cached test latents of each side under that side's eps model. Per side and step count: latent MSE, and PSNR /
     SSIM of the decoded round trip against the decoded original latent (the inversion's own error, without the
-    autoencoder's). Writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``."""
+    autoencoder's); with ``fixed_point`` K > 0 also the round trips refined by K fixed-point iterations per
+    inversion step. Writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``."""
     from difflab.config import config_from
     from difflab.sampling.inversion import ddim_round_trip, default_inversion_end
 
     run_dir = Path(run_dir)
     resolved = resolve_device(device)
     config = config_from(RGB2IRConfig(), run_dir / "config.yaml")
-    if n < 1 or not steps or min(steps) < 1:
-        raise ConfigError("invert needs n >= 1 and step counts >= 1")
+    if n < 1 or not steps or min(steps) < 1 or fixed_point < 0:
+        raise ConfigError("invert needs n >= 1, step counts >= 1 and --fixed-point >= 0")
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     cache = lookup(metrics, "latents.path")
@@ -1345,16 +1348,18 @@ def invert_latent_run(
             original = vae.decode(x0).float().clamp(-1, 1).cpu()
         if side == "ir":
             figure_rows.append(("decoded IR latent", original[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
-        for count in steps:
+        for iterations, count in [(k, c) for k in sorted({0, fixed_point}) for c in steps]:
             start = time.perf_counter()
             with torch.no_grad():
-                latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end)
+                latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations)
                 decoded = vae.decode(reconstruction).float().clamp(-1, 1).cpu()
             seconds = time.perf_counter() - start
             rows.append(
                 {
                     "side": side,
                     "steps": count,
+                    "fixed_point_iterations": iterations,
+                    "nfe": count * (2 + iterations),
                     "n": len(x0),
                     "latent_mse": float(((reconstruction - x0) ** 2).mean()),
                     "psnr_db": psnr(decoded, original),
@@ -1363,10 +1368,11 @@ def invert_latent_run(
                     "seconds": seconds,
                 }
             )
+            label = f"{count} steps" + (f", {iterations} fixed-point" if iterations else "")
             if side == "ir":
-                figure_rows.append((f"{count} steps", decoded[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
+                figure_rows.append((label, decoded[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
             echo(
-                f"[invert] {side.upper()} latents, {count:4d} steps: latent MSE {rows[-1]['latent_mse']:.2e}, "
+                f"[invert] {side.upper()} latents, {label}: latent MSE {rows[-1]['latent_mse']:.2e}, "
                 f"decoded PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, {seconds:.1f} s"
             )
     result = {

@@ -10,6 +10,12 @@ DDIM with eta = 0 is an Euler step of the probability-flow ODE in the variables
 encodes an image into the noise that DDIM maps back onto it. The only approximation is that each step uses
 eps at its start (at x_0 itself, where no noise level exists, eps is taken at the first timestep), so the
 round trip becomes exact as the number of steps grows.
+
+``fixed_point_iterations = K`` removes that approximation step by step: the DDIM step down from ``x_next``
+lands exactly on ``x_cur`` when the update above uses ``eps_theta(x_next, t_next)`` instead, an implicit
+equation solved by K fixed-point iterations ``x_next <- update(eps_theta(x_next, t_next))`` started from the
+explicit step (Pan et al. 2023, "Effective real image editing with accelerated iterative diffusion inversion";
+Garibi et al. 2024, "ReNoise"). Each iteration costs one more network evaluation per step.
 """
 
 from __future__ import annotations
@@ -43,42 +49,69 @@ def inversion_timesteps(num_timesteps: int, steps: int, t_end: int | None = None
     return sorted({round(end * (i + 1) / steps) for i in range(steps)})
 
 
+def _inversion_step(
+    x: torch.Tensor, eps: torch.Tensor, alpha_bar_cur: torch.Tensor, alpha_bar_next: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_next, x0_pred)``: ``x0_pred = (x - sqrt(1 - a_cur) eps) / sqrt(a_cur)``,
+    ``x_next = sqrt(a_next) x0_pred + sqrt(1 - a_next) eps``."""
+    x0_pred = (x - (1 - alpha_bar_cur).sqrt() * eps) / alpha_bar_cur.sqrt()
+    return alpha_bar_next.sqrt() * x0_pred + (1 - alpha_bar_next).sqrt() * eps, x0_pred
+
+
 def ddim_invert(
     model: EpsModel,
     schedule: NoiseSchedule,
     x0: torch.Tensor,
     timesteps: list[int],
     callback: StepCallback | None = None,
+    fixed_point_iterations: int = 0,
 ) -> torch.Tensor:
-    """Map ``x0`` (B, ...) to ``x_t`` at ``timesteps[-1]`` along the increasing ``timesteps``."""
+    """Map ``x0`` (B, ...) to ``x_t`` at ``timesteps[-1]`` along the increasing ``timesteps``; with
+    ``fixed_point_iterations`` K > 0 each step is refined K times towards the exact inverse of the DDIM step
+    (module docstring), at K extra network evaluations per step."""
+    if fixed_point_iterations < 0:
+        raise ValueError(f"fixed_point_iterations must be >= 0, got {fixed_point_iterations}")
     device = x0.device
+
+    def at(t: int) -> torch.Tensor:
+        return torch.full((x0.shape[0],), t, device=device, dtype=torch.long)
+
     with sampling_mode(model):
         x = x0
         previous: int | None = None
         for k, t in enumerate(timesteps):
             t_eval = previous if previous is not None else t
-            eps = model(x, torch.full((x.shape[0],), t_eval, device=device, dtype=torch.long))
+            eps = model(x, at(t_eval))
             alpha_bar_cur = (
                 schedule.alpha_bar[previous].to(device) if previous is not None else torch.ones((), device=device)
             )
             alpha_bar_next = schedule.alpha_bar[t].to(device)
-            x0_pred = (x - (1 - alpha_bar_cur).sqrt() * eps) / alpha_bar_cur.sqrt()
+            x_next, x0_pred = _inversion_step(x, eps, alpha_bar_cur, alpha_bar_next)
+            for _ in range(fixed_point_iterations):
+                # x_next = step(x, eps_theta(x_next, t_next)) makes the DDIM step down from x_next land on x
+                x_next, x0_pred = _inversion_step(x, model(x_next, at(t)), alpha_bar_cur, alpha_bar_next)
             if callback is not None:
                 callback(k, t, x, x0_pred)
-            x = alpha_bar_next.sqrt() * x0_pred + (1 - alpha_bar_next).sqrt() * eps
+            x = x_next
             previous = t
     return x
 
 
 def ddim_round_trip(
-    model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor, steps: int, t_end: int | None = None
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    steps: int,
+    t_end: int | None = None,
+    fixed_point_iterations: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert ``x0`` with ``steps`` DDIM steps to ``t_end`` (default :func:`default_inversion_end`) and
-    reconstruct it with the same steps; returns ``(x_t, reconstruction)``, both shaped like ``x0``."""
+    """Invert ``x0`` with ``steps`` DDIM steps to ``t_end`` (default :func:`default_inversion_end`), each refined by
+    ``fixed_point_iterations``, and reconstruct it with the same steps of plain DDIM; returns
+    ``(x_t, reconstruction)``, both shaped like ``x0``."""
     if t_end is None:
         t_end = default_inversion_end(schedule)
     timesteps = inversion_timesteps(schedule.num_timesteps, steps, t_end)
-    latent = ddim_invert(model, schedule, x0, timesteps)
+    latent = ddim_invert(model, schedule, x0, timesteps, fixed_point_iterations=fixed_point_iterations)
     reconstruction = ddim_sample(
         model, schedule, tuple(x0.shape), timesteps=timesteps[::-1], x_T=latent, device=x0.device
     )
