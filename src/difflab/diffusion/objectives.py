@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,47 @@ def _noised(
     return t, noise, x_t, labels
 
 
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Options of the eps-prediction objective (the defaults are Ho et al.'s ``L_simple``).
+
+    ``weighting``: ``none`` (every timestep weighs 1) or ``min_snr``, Hang et al. 2023's Min-SNR-gamma weighting
+    of the eps loss, ``w_t = min(SNR_t, gamma) / SNR_t`` with ``SNR_t = alpha_bar_t / (1 - alpha_bar_t)``
+    (``min_snr_gamma``; 5 in the paper): low-noise timesteps, whose eps loss is large but easy, are weighed down.
+    ``input_perturbation``: Ning et al. 2023's DDPM-IP; the network sees
+    ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) (eps + gamma xi)`` with a fresh ``xi ~ N(0, I)`` and still predicts eps,
+    which simulates the error of the sampler's own x_t (exposure bias); ``gamma`` 0.1 in the paper, 0 = off.
+    """
+
+    weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    input_perturbation: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.weighting not in LOSS_WEIGHTINGS:
+            choices = ", ".join(LOSS_WEIGHTINGS)
+            raise ConfigError(f"objective.weighting must be one of {choices}, got {self.weighting!r}")
+        if self.min_snr_gamma <= 0:
+            raise ConfigError("objective.min_snr_gamma must be > 0")
+        if not 0 <= self.input_perturbation < 1:
+            raise ConfigError("objective.input_perturbation must be in [0, 1)")
+
+
+def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights of the eps loss, ``min(SNR_t, gamma) / SNR_t`` = ``min(1, gamma / SNR_t)``, shape of t.
+
+    ``1 / SNR_t = (1 - alpha_bar_t) / alpha_bar_t``, computed in float64 from the betas (float32 ``alpha_bar``
+    keeps only a few digits of ``1 - alpha_bar`` near t = 0).
+    """
+    alpha_bar = torch.cumprod(1 - schedule.betas.double(), dim=0)
+    inverse_snr = (1 - alpha_bar) / alpha_bar
+    weights = (gamma * inverse_snr).clamp(max=1.0)
+    return weights.to(t.device)[t].float()
+
+
 def epsilon_loss(
     model: nn.Module,
     schedule: NoiseSchedule,
@@ -48,16 +91,27 @@ def epsilon_loss(
     labels: torch.Tensor | None = None,
     label_dropout: float = 0.0,
     null_label: int | None = None,
+    objective: ObjectiveConfig | None = None,
 ) -> torch.Tensor:
     """Ho et al.'s ``L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(a_t) x_0 + sqrt(1 - a_t) eps, t) ||^2``.
 
     x0: (B, ...); the mean squared error over all elements. ``labels`` (B,) is passed to conditional
     models as ``model(x_t, t, labels)``; with ``label_dropout = p`` each label is replaced by
     ``null_label`` with probability p (classifier-free guidance training, Ho & Salimans 2022).
+    ``objective`` adds the Min-SNR weighting and/or the input perturbation (:class:`ObjectiveConfig`); the
+    weighted loss is ``mean_b(w_{t_b} mean_pixels (eps_b - eps_theta_b)^2)``.
     """
+    objective = objective or ObjectiveConfig()
     t, noise, x_t, labels = _noised(schedule, x0, generator, labels, label_dropout, null_label)
+    if objective.input_perturbation > 0:
+        # DDPM-IP: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) (eps + gamma xi); the target stays eps
+        extra = batch_randn(tuple(x0.shape), generator, x0.device)
+        x_t = schedule.q_sample(x0, t, noise + objective.input_perturbation * extra)
     prediction = model(x_t, t) if labels is None else model(x_t, t, labels)
-    return F.mse_loss(prediction, noise)
+    if objective.weighting == "none":
+        return F.mse_loss(prediction, noise)
+    per_example = (prediction.float() - noise).pow(2).flatten(1).mean(dim=1)
+    return (min_snr_weights(schedule, t, objective.min_snr_gamma) * per_example).mean()
 
 
 def hybrid_loss(

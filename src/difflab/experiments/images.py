@@ -14,7 +14,7 @@ import torch
 
 from difflab.data.batches import ShuffledBatches
 from difflab.data.images import ImageSet, load_digits_8x8, load_image_folder
-from difflab.diffusion.objectives import epsilon_loss, hybrid_loss
+from difflab.diffusion.objectives import ObjectiveConfig, epsilon_loss, hybrid_loss
 from difflab.diffusion.respacing import respaced
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.diffusion.vlb import split_output
@@ -152,14 +152,19 @@ def train_image_denoiser(
     vlb_weight: float = 0.001,
     decoder: str = "discretized",
     channels_last: bool = False,
+    objective: ObjectiveConfig | None = None,
 ) -> tuple[Trainer, TrainResult]:
     """Train (or resume) the eps U-Net; conditional when ``unet_config.num_classes`` > 0.
 
     ``learned_variance``: the U-Net outputs ``[eps, v]`` and is trained with the hybrid loss
     ``L_simple + vlb_weight L_vlb`` (``decoder``: ``discretized`` for 8-bit images, ``gaussian`` for latents).
     ``name`` names the checkpoints (several models can share a run folder). ``channels_last`` stores the weights
-    NHWC (faster convolutions on CPU).
+    NHWC (faster convolutions on CPU). ``objective``: Min-SNR weighting / input perturbation of the eps loss
+    (:class:`~difflab.diffusion.objectives.ObjectiveConfig`; not with ``learned_variance``).
     """
+    objective = objective or ObjectiveConfig()
+    if learned_variance and objective != ObjectiveConfig():
+        raise ConfigError("objective.weighting / input_perturbation apply to the eps loss, not the hybrid loss")
     torch.manual_seed(mix_seed(seed, 0, 92))
     model = build_unet(unet_config, train, learned_variance).to(device)
     if channels_last:
@@ -184,12 +189,14 @@ def train_image_denoiser(
                 decoder,
             )
         if not conditional:
-            return epsilon_loss(net, schedule, images, generator)
-        return epsilon_loss(net, schedule, images, generator, labels, label_dropout, null_label)
+            return epsilon_loss(net, schedule, images, generator, objective=objective)
+        return epsilon_loss(net, schedule, images, generator, labels, label_dropout, null_label, objective)
 
     signature = {"model": "UNet", "config": repr(unet_config), "num_timesteps": schedule.num_timesteps}
     if learned_variance:
         signature.update(objective="hybrid", vlb_weight=vlb_weight, decoder=decoder)
+    elif objective != ObjectiveConfig():
+        signature.update(objective=repr(objective))
     trainer = Trainer(
         name,
         model,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from difflab.config import config_from, read_yaml
+from difflab.diffusion.objectives import ObjectiveConfig
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import images as stages
@@ -96,6 +97,7 @@ class MnistDDPMConfig:
             checkpoint_every=500,
         )
     )
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     metrics: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
@@ -163,6 +165,7 @@ class MnistCFGConfig:
         )
     )
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     metrics: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
@@ -209,6 +212,7 @@ def _train_only(config: Any, recipe: str, fresh: bool, echo, **extra: Any) -> Ru
                 device,
                 config.progress and run.main,
                 channels_last=device.type == "cpu",
+                objective=config.objective,
                 **extra,
             )
         logger.close()
@@ -275,6 +279,7 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
                 device,
                 config.progress,
                 channels_last=device.type == "cpu",
+                objective=config.objective,
             )
         model = trainer.eval_model
         shape = tuple(train.images.shape[1:])
@@ -511,6 +516,7 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
                 label_dropout=config.guidance.label_dropout,
                 hooks=[progress] if config.guidance.progress_every_epoch else None,
                 channels_last=device.type == "cpu",
+                objective=config.objective,
             )
         model = trainer.eval_model
         ev, guidance = config.metrics, config.guidance

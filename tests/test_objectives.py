@@ -1,0 +1,92 @@
+"""The eps objective's options: Min-SNR-gamma weighting (Hang et al. 2023) and input perturbation (DDPM-IP,
+Ning et al. 2023), against closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from difflab.diffusion.objectives import ObjectiveConfig, epsilon_loss, min_snr_weights
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.errors import ConfigError
+from difflab.seeding import batch_randint, batch_randn
+
+
+class Recorder(torch.nn.Module):
+    """Returns a fixed multiple of its input and remembers what it saw."""
+
+    def __init__(self, scale: float = 0.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return self.scale * x
+
+
+def _draws(schedule: NoiseSchedule, x0: torch.Tensor, seed: int, extra: bool):
+    """The t, eps (and xi) that epsilon_loss draws from a generator seeded ``seed``, in its order."""
+    generator = torch.Generator().manual_seed(seed)
+    t = batch_randint(schedule.num_timesteps, x0.shape[0], generator, x0.device)
+    noise = batch_randn(tuple(x0.shape), generator, x0.device)
+    xi = batch_randn(tuple(x0.shape), generator, x0.device) if extra else None
+    return t, noise, xi
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_min_snr_weights_are_min_snr_gamma_over_snr(kind: str) -> None:
+    schedule = NoiseSchedule.cosine(1000) if kind == "cosine" else NoiseSchedule.linear(1000)
+    t = torch.arange(1000)
+    alpha_bar = torch.cumprod(1 - schedule.betas.double(), 0)
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
+    weights = min_snr_weights(schedule, t, 5.0)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=0)
+    assert weights.max() <= 1 and weights[-1] == 1  # full weight where SNR < gamma (high noise)
+    assert weights[0] < 1e-3  # t = 0: SNR ~ 1e4, weighed down
+
+
+def test_default_objective_is_l_simple_bit_for_bit() -> None:
+    schedule = NoiseSchedule.linear(100)
+    x0 = torch.randn(16, 1, 4, 4)
+    model = Recorder(0.3)
+    plain = epsilon_loss(model, schedule, x0, torch.Generator().manual_seed(3))
+    same = epsilon_loss(model, schedule, x0, torch.Generator().manual_seed(3), objective=ObjectiveConfig())
+    t, noise, _ = _draws(schedule, x0, 3, extra=False)
+    x_t = schedule.q_sample(x0, t, noise)
+    assert torch.equal(plain, same)
+    torch.testing.assert_close(plain, F.mse_loss(0.3 * x_t, noise))
+
+
+def test_min_snr_loss_is_the_weighted_mean_of_per_example_errors() -> None:
+    schedule = NoiseSchedule.cosine(1000)
+    x0 = torch.rand(64, 1, 4, 4) * 2 - 1
+    objective = ObjectiveConfig(weighting="min_snr", min_snr_gamma=5.0)
+    loss = epsilon_loss(Recorder(0.5), schedule, x0, torch.Generator().manual_seed(7), objective=objective)
+    t, noise, _ = _draws(schedule, x0, 7, extra=False)
+    x_t = schedule.q_sample(x0, t, noise)
+    per_example = ((0.5 * x_t - noise) ** 2).mean(dim=(1, 2, 3))
+    alpha_bar = torch.cumprod(1 - schedule.betas.double(), 0)[t]
+    weight = torch.clamp(5.0 * (1 - alpha_bar) / alpha_bar, max=1.0).float()
+    torch.testing.assert_close(loss, (weight * per_example).mean())
+
+
+def test_input_perturbation_noises_the_input_but_not_the_target() -> None:
+    schedule = NoiseSchedule.linear(100)
+    x0 = torch.randn(32, 1, 4, 4)
+    model = Recorder(0.0)  # predicts 0, so the loss is the mean square of the target
+    objective = ObjectiveConfig(input_perturbation=0.1)
+    loss = epsilon_loss(model, schedule, x0, torch.Generator().manual_seed(11), objective=objective)
+    t, noise, xi = _draws(schedule, x0, 11, extra=True)
+    torch.testing.assert_close(model.seen[0], schedule.q_sample(x0, t, noise + 0.1 * xi))
+    torch.testing.assert_close(loss, noise.pow(2).mean())  # the target is eps, not eps + gamma xi
+
+
+@pytest.mark.parametrize(
+    "options", [{"weighting": "p2"}, {"min_snr_gamma": 0.0}, {"input_perturbation": -0.1}, {"input_perturbation": 1.0}]
+)
+def test_bad_objective_options_are_config_errors(options: dict) -> None:
+    with pytest.raises(ConfigError):
+        ObjectiveConfig(**options)
