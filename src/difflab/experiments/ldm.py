@@ -140,7 +140,12 @@ class LDMEvaluationConfig:
 
 @dataclass(frozen=True)
 class PixelBaselineConfig:
-    """The pixel-space DDPM of the table (unconditional, fixed variance; trained by the image recipes' stages)."""
+    """The pixel-space DDPM of the table (unconditional, fixed variance; trained by the image recipes' stages).
+
+    Its training budget is the latent + CFG model's plus the autoencoder's ("comparable training compute"): on
+    the CPU, 1,000 steps of this U-Net on 28 x 28 pixels cost about what 4,000 latent steps and 2,000 autoencoder
+    steps do; the report prints the measured seconds of each.
+    """
 
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("linear", 1000))
     unet: UNetConfig = field(
@@ -150,14 +155,14 @@ class PixelBaselineConfig:
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=4000,
+            steps=1000,
             batch_size=128,
             lr=1e-3,
-            warmup_steps=200,
-            ema_decay=0.999,
-            eval_every=500,
+            warmup_steps=100,
+            ema_decay=0.995,
+            eval_every=250,
             log_every=50,
-            checkpoint_every=500,
+            checkpoint_every=250,
         )
     )
     vlb: bool = True
@@ -849,10 +854,12 @@ def ldm_targets(metrics: dict[str, Any], config: MnistLDMConfig) -> list[dict[st
             }
         )
     if main is not None and pixel is not None:
+        autoencoder_seconds = metrics["autoencoder"].get("train_seconds") or 0.0
         targets.append(
             {
                 "target": f"latent + CFG (w = {w:g}) FID below pixel DDPM's ({pixel['fid']:.2f}); training "
-                f"{main['train_seconds']:.0f} s vs {pixel['train_seconds']:.0f} s",
+                f"{main['train_seconds']:.0f} s + autoencoder {autoencoder_seconds:.0f} s vs "
+                f"{pixel['train_seconds']:.0f} s",
                 "value": main["fid"],
                 "met": main["fid"] < pixel["fid"],
             }
