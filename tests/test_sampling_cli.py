@@ -97,6 +97,12 @@ def test_compare_samplers_writes_table_json_and_plot(moons_run: Path, capsys) ->
     again = json.loads((out / "results.json").read_text())["rows"]
     assert [(row["sampler"], row["budget"]) for row in again] == [("dpmpp-2m", 5)]
     assert again[0]["nll_course"] == rows[("dpmpp-2m", 5)]["nll_course"]
+    # --full ddpm: the T-step budget for DDPM only, the fast sampler at its own budgets
+    argv = ["compare-samplers", str(moons_run), "--samplers", "ddpm,dpmpp-2m", "--nfe", "5", "--n", "300"]
+    assert main([*argv, "--full", "ddpm"]) == 0
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert [(row["sampler"], row["budget"]) for row in again] == [("ddpm", 5), ("ddpm", 100), ("dpmpp-2m", 5)]
+    assert again[1]["nll_course"] == rows[("ddpm", 100)]["nll_course"]
 
 
 def test_likelihood_command_scores_heldout_points_above_noise(moons_run: Path, capsys) -> None:

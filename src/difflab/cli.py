@@ -6,7 +6,7 @@
     difflab config RECIPE            print a recipe's default config as YAML
     difflab recipes                  list the recipes
     difflab sample RUN --sampler NAME --steps N [--n 5000] [--seed S] [--out FILE]
-    difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S]
+    difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S] [--full ddpm | --no-full]
     difflab likelihood RUN [--n 1000]  exact model NLL of held-out points (probability-flow ODE)
     difflab report RUN [--style S]   rebuild RUN/report.md and RUN/report.html from the run folder
     difflab report RUN --style ddpm-vs-ddim [--with RUN_NO_T] [--forward RUN_2D]   the five-section write-up
@@ -124,6 +124,9 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument(
         "--no-full", action="store_true", help="leave out the budget T (every sampler at T steps: costly on images)"
+    )
+    compare.add_argument(
+        "--full", metavar="SAMPLERS", help="comma-separated samplers that get the budget T (default: every sampler)"
     )
     compare.add_argument("--device", default="auto")
     likelihood = commands.add_parser("likelihood", help="exact model NLL of held-out data (probability-flow ODE)")
@@ -302,8 +305,9 @@ def cmd_compare_samplers(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.samplers.split(",") if n.strip()] if args.samplers else experiment.DEFAULT_COMPARED
     nfes = tuple(args.nfe) if args.nfe else experiment.DEFAULT_NFES
     print(f"[compare-samplers] {target.recipe} run {target.path}: {len(names)} samplers, NFE {list(nfes)}, n={args.n}")
+    full_for = [n.strip() for n in args.full.split(",") if n.strip()] if args.full else None
     rows = experiment.compare_samplers(
-        target, names, nfes, args.n, args.seed, include_full=not args.no_full, echo=print
+        target, names, nfes, args.n, args.seed, include_full=not args.no_full, echo=print, full_for=full_for
     )
     paths = experiment.write_comparison(target, rows, args.n, args.seed)
     print(experiment.comparison_table(rows, list(target.metrics), target.schedule.num_timesteps))

@@ -230,17 +230,24 @@ def compare_samplers(
     seed: int = 0,
     include_full: bool = True,
     echo: Callable[[str], None] | None = None,
+    full_for: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every sampler at every NFE budget (same seeds, so the same starting noise).
 
     Each budget is spent on the most steps that fit (``SamplerSpec.steps_for_nfe``; Heun's ``2 N - 1``
     evaluations make its NFE odd); budgets a sampler cannot take (more than T discrete steps) are skipped.
-    ``include_full`` adds the budget ``T`` (DDPM's own). Returns one row per (sampler, budget).
+    ``include_full`` adds the budget ``T`` (DDPM's own), for every sampler or only those named in ``full_for``
+    (e.g. ``["ddpm"]``: the T-step reference without T-step runs of the fast samplers). Returns one row per
+    (sampler, budget).
     """
-    budgets = sorted(set(nfes) | ({target.schedule.num_timesteps} if include_full else set()))
+    full = target.schedule.num_timesteps
+    for name in full_for or ():
+        get_sampler(name)  # an unknown name fails before any sampling
     rows = []
     for name in samplers:
         spec = get_sampler(name)
+        gets_full = include_full and (full_for is None or name in full_for)
+        budgets = sorted(set(nfes) | ({full} if gets_full else set()))
         for budget in budgets:
             steps = spec.steps_for_nfe(budget, target.schedule.num_timesteps)
             if steps is None:
