@@ -82,17 +82,19 @@ class MnistDDPMConfig:
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("cosine", 1000))
     unet: UNetConfig = field(
         default_factory=lambda: UNetConfig(
-            base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=1, time_conditioning="add", mid_attention=True
+            base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=1, time_conditioning="add", mid_attention=True
         )
     )
+    # Width 16 trained 5,000 steps beats width 32 trained 2,400 steps (DDIM-50 FID 41.1 vs 45.7, DDPM-100
+    # 24.5 vs 30.4 at n=300) in 3/4 of the training time: on two cores, steps buy more than width.
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=2400,
+            steps=5000,
             batch_size=128,
             lr=1e-3,
-            warmup_steps=100,
-            ema_decay=0.995,
-            eval_every=500,
+            warmup_steps=200,
+            ema_decay=0.999,
+            eval_every=1000,
             log_every=50,
             checkpoint_every=500,
         )
@@ -142,7 +144,7 @@ class MnistCFGConfig:
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("cosine", 1000))
     unet: UNetConfig = field(
         default_factory=lambda: UNetConfig(
-            base_channels=32,
+            base_channels=16,
             channel_mults=(1, 2, 4),
             num_res_blocks=1,
             time_conditioning="film",
@@ -150,16 +152,17 @@ class MnistCFGConfig:
             mid_attention=True,
         )
     )
+    # Sized like mnist-ddpm's CPU config: width 16, 5,000 steps (12.8 epochs), EMA 0.999.
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=2800,
+            steps=5000,
             batch_size=128,
             lr=1e-3,
             weight_decay=1e-4,
-            warmup_steps=100,
+            warmup_steps=200,
             grad_clip=1.0,
-            ema_decay=0.995,
-            eval_every=500,
+            ema_decay=0.999,
+            eval_every=1000,
             log_every=50,
             checkpoint_every=500,
         )
