@@ -18,6 +18,24 @@ from difflab.sampling.inversion import ddim_round_trip, default_inversion_end
 from difflab.viz.images import image_rows_figure
 
 
+def round_trip_cases(steps: tuple[int, ...], n: int, fixed_point: int = 0) -> list[tuple[int, int, int, str]]:
+    """The round trips ``difflab invert`` runs: ``(fixed-point iterations, steps, NFE, label)`` for every step
+    count, plain and (when ``fixed_point`` K > 0) refined by K iterations; checks the arguments first."""
+    if n < 1 or not steps or min(steps) < 1 or fixed_point < 0:
+        raise ConfigError("invert needs n >= 1, step counts >= 1 and --fixed-point >= 0")
+    return [
+        # NFE: inversion (1 + K per step) and reconstruction (1 per step)
+        (
+            iterations,
+            count,
+            count * (2 + iterations),
+            f"{count} steps" + (f", {iterations} fixed-point" if iterations else ""),
+        )
+        for iterations in sorted({0, fixed_point})
+        for count in steps
+    ]
+
+
 def invert_run(
     run_dir: str | Path,
     steps: tuple[int, ...] = (10, 20, 50, 100),
@@ -46,39 +64,36 @@ def invert_run(
     config, model, schedule = load_run_model(run_dir, resolved)
     if config.unet.num_classes:
         raise ConfigError("inversion here uses an unconditional model; give a mnist-ddpm run")
-    if n < 1 or not steps or min(steps) < 1 or fixed_point < 0:
-        raise ConfigError("invert needs n >= 1, step counts >= 1 and --fixed-point >= 0")
+    cases = round_trip_cases(steps, n, fixed_point)
     _, heldout = stages.load_image_data(config.data, config.seed)
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(heldout), generator=generator)[: min(n, len(heldout))]
     x0 = heldout.images[index].to(resolved)
     rows: list[dict[str, Any]] = []
     figure_rows = [("original", x0[:8].cpu())]
-    for iterations in sorted({0, fixed_point}):
-        for count in steps:
-            start = time.perf_counter()
-            latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations)
-            seconds = time.perf_counter() - start
-            reconstruction = reconstruction.clamp(-1, 1)
-            rows.append(
-                {
-                    "steps": count,
-                    "fixed_point_iterations": iterations,
-                    "nfe": count * (2 + iterations),  # inversion (1 + K per step) and reconstruction (1 per step)
-                    "n": len(x0),
-                    "mse": float(((reconstruction - x0) ** 2).mean()),
-                    "psnr_db": psnr(reconstruction, x0),
-                    "ssim": ssim(reconstruction, x0),
-                    "latent_std": float(latent.std()),
-                    "seconds": seconds,
-                }
-            )
-            label = f"{count} steps" + (f", {iterations} fixed-point" if iterations else "")
-            figure_rows.append((label, reconstruction[:8].cpu()))
-            echo(
-                f"[invert] {label}: PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, "
-                f"latent std {rows[-1]['latent_std']:.3f}, {seconds:.1f} s"
-            )
+    for iterations, count, nfe, label in cases:
+        start = time.perf_counter()
+        latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations)
+        seconds = time.perf_counter() - start
+        reconstruction = reconstruction.clamp(-1, 1)
+        rows.append(
+            {
+                "steps": count,
+                "fixed_point_iterations": iterations,
+                "nfe": nfe,
+                "n": len(x0),
+                "mse": float(((reconstruction - x0) ** 2).mean()),
+                "psnr_db": psnr(reconstruction, x0),
+                "ssim": ssim(reconstruction, x0),
+                "latent_std": float(latent.std()),
+                "seconds": seconds,
+            }
+        )
+        figure_rows.append((label, reconstruction[:8].cpu()))
+        echo(
+            f"[invert] {label}: PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, "
+            f"latent std {rows[-1]['latent_std']:.3f}, {seconds:.1f} s"
+        )
     if t_end is None:
         t_end = default_inversion_end(schedule)
     result = {

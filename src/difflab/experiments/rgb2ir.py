@@ -1315,13 +1315,13 @@ def invert_latent_run(
     autoencoder's); with ``fixed_point`` K > 0 also the round trips refined by K fixed-point iterations per
     inversion step. Writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``."""
     from difflab.config import config_from
+    from difflab.experiments.inversion import round_trip_cases
     from difflab.sampling.inversion import ddim_round_trip, default_inversion_end
 
     run_dir = Path(run_dir)
     resolved = resolve_device(device)
     config = config_from(RGB2IRConfig(), run_dir / "config.yaml")
-    if n < 1 or not steps or min(steps) < 1 or fixed_point < 0:
-        raise ConfigError("invert needs n >= 1, step counts >= 1 and --fixed-point >= 0")
+    cases = round_trip_cases(steps, n, fixed_point)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     cache = lookup(metrics, "latents.path")
@@ -1348,7 +1348,7 @@ def invert_latent_run(
             original = vae.decode(x0).float().clamp(-1, 1).cpu()
         if side == "ir":
             figure_rows.append(("decoded IR latent", original[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
-        for iterations, count in [(k, c) for k in sorted({0, fixed_point}) for c in steps]:
+        for iterations, count, nfe, label in cases:
             start = time.perf_counter()
             with torch.no_grad():
                 latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations)
@@ -1359,7 +1359,7 @@ def invert_latent_run(
                     "side": side,
                     "steps": count,
                     "fixed_point_iterations": iterations,
-                    "nfe": count * (2 + iterations),
+                    "nfe": nfe,
                     "n": len(x0),
                     "latent_mse": float(((reconstruction - x0) ** 2).mean()),
                     "psnr_db": psnr(decoded, original),
@@ -1368,7 +1368,6 @@ def invert_latent_run(
                     "seconds": seconds,
                 }
             )
-            label = f"{count} steps" + (f", {iterations} fixed-point" if iterations else "")
             if side == "ir":
                 figure_rows.append((label, decoded[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
             echo(

@@ -249,7 +249,7 @@ def compare_samplers(
         gets_full = include_full and (full_for is None or name in full_for)
         budgets = sorted(set(nfes) | ({full} if gets_full else set()))
         for budget in budgets:
-            steps = spec.steps_for_nfe(budget, target.schedule.num_timesteps)
+            steps = spec.steps_for_nfe(budget, full)
             if steps is None:
                 continue
             samples, info = draw_samples(target, name, steps, n, seed)
