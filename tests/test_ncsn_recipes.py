@@ -97,9 +97,11 @@ def test_mnist_ncsn_recipe_on_digits(tmp_path: Path) -> None:
     assert losses[-1] < 0.85 * losses[0] and losses[-1] < 0.8 * 32
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [(r["c"], r["steps_per_level"]) for r in metrics["sweep"]] == [(0.1, 2), (0.1, 3), (0.2, 2), (0.2, 3)]
-    assert [r["network_evaluations_per_sample"] for r in metrics["sweep"]] == [21, 31, 21, 31]
+    # K = 20 levels by default: K T + 1 network calls per sample
+    assert [r["network_evaluations_per_sample"] for r in metrics["sweep"]] == [41, 61, 41, 61]
+    assert metrics["noise_levels"][0] == 10.0 and len(metrics["noise_levels"]) == 20
     # no evaluator for 8 x 8 digits: the final samples use the langevin config's (c, T)
-    assert metrics["best"] == {"c": 0.1, "steps_per_level": 4, "chosen_by": "langevin config"}
+    assert metrics["best"] == {"c": 0.2, "steps_per_level": 4, "chosen_by": "langevin config"}
     assert metrics["comparison"]["missing"] is True
     samples = torch.load(run_dir / "samples" / "langevin.pt", weights_only=True)["images"]
     assert samples.shape == (24, 1, 8, 8) and samples.abs().max() <= 1
