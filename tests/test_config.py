@@ -213,6 +213,28 @@ def test_fuzzed_overrides_of_every_recipe(data) -> None:
         assert type(config) is type(recipes()[name].config_class())
 
 
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_every_integer_key_set_to_zero_or_negative_gives_a_config_or_one_clear_error(name: str) -> None:
+    """The exhaustive version of the fuzz tests for the values that divide: every integer leaf of every recipe's
+    config set to 0 and to -1 (a norm_groups of 0 once reached a modulo by zero)."""
+    defaults = to_dict(recipes()[name].config_class())
+
+    def leaf(key: str) -> object:
+        node = defaults
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    integer_keys = [k for k in _flat_keys(defaults) if type(leaf(k)) is int]
+    assert integer_keys
+    for key in integer_keys:
+        for value in (0, -1):
+            try:
+                config_from(recipes()[name].config_class(), None, [f"{key}={value}"])
+            except ConfigError as exc:
+                assert str(exc) and "\n" not in str(exc), key
+
+
 def _nest(pairs: list[tuple[str, object]]) -> dict:
     document: dict = {}
     for key, value in pairs:

@@ -59,6 +59,8 @@ class AutoencoderConfig:
             raise ConfigError("autoencoder in_channels, latent_channels, base_channels, num_res_blocks must be >= 1")
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ConfigError(f"autoencoder channel_mults must be positive integers, got {list(self.channel_mults)}")
+        if self.norm_groups < 1:
+            raise ConfigError(f"autoencoder norm_groups must be >= 1, got {self.norm_groups}")
         for mult in self.channel_mults:
             if (mult * self.base_channels) % self.norm_groups:
                 raise ConfigError(

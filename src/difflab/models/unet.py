@@ -82,6 +82,11 @@ class UNetConfig:
             raise ConfigError(f"unet.channel_mults must be positive integers, got {list(self.channel_mults)}")
         if self.base_channels < 1 or self.num_res_blocks < 1:
             raise ConfigError("unet.base_channels and unet.num_res_blocks must be >= 1")
+        if self.norm_groups < 1 or self.attention_head_channels < 1:
+            raise ConfigError(
+                f"unet.norm_groups and unet.attention_head_channels must be >= 1, got {self.norm_groups} and "
+                f"{self.attention_head_channels}"
+            )
         for mult in self.channel_mults:
             if (mult * self.base_channels) % self.norm_groups:
                 raise ConfigError(
