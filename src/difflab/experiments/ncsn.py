@@ -98,7 +98,7 @@ class MnistNCSNConfig:
     CPU sizes: base width 16 (0.27 M parameters), 2,500 steps, K = 20 levels from sigma_max = 10 (NCSNv2's
     technique 1; the reference's sigma_max = 1 over 10 levels misses every MNIST figure, see the README), chains
     from N(0, sigma_max^2), the sweep c in {0.05, 0.1, 0.2} x T in {25, 35, 50} with 64 samples per cell, and
-    2,000 final samples: about 42 minutes on two quiet cores (measured, see the README).
+    2,000 final samples: 34.5 minutes measured alone on two cores (see the README).
     """
 
     recipe: str = "mnist-ncsn"
