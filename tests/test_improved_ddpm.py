@@ -256,3 +256,53 @@ def test_hybrid_loss_trains_the_variance_only_through_the_vlb() -> None:
     assert grad_v.abs() > 0
     with pytest.raises(ConfigError, match="learned-variance"):
         hybrid_loss(lambda x, t: x, schedule, x0, torch.Generator().manual_seed(0))
+
+
+class _GaussianEpsWithError(torch.nn.Module):
+    """The exact eps of N(0, I) data, ``sqrt(1 - alpha_bar_t) x_t``, plus a fixed error of RMS ``error`` per t;
+    with ``learned`` it also outputs v = 0 (the [eps, v] layout)."""
+
+    def __init__(self, schedule: NoiseSchedule, error: float, learned: bool = False) -> None:
+        super().__init__()
+        self.schedule, self.error, self.learned = schedule, error, learned
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha_bar = self.schedule.alpha_bar.to(x.device)[t].view(-1, *([1] * (x.ndim - 1)))
+        generator = torch.Generator().manual_seed(int(t[0]))
+        eps = (1 - alpha_bar).sqrt() * x + self.error * torch.randn(x.shape[1:], generator=generator)
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1) if self.learned else eps
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_clipping_x0_keeps_the_cosine_schedules_first_step_in_distribution(learned: bool) -> None:
+    """At the cosine schedule's last step alpha_bar_T ~ 2e-9, so an eps error of 0.05 becomes an x_0 error of ~1,000
+    and the first DDPM step leaves x_{T-1} far wider than N(0, I) (what broke unclipped latent sampling); clipping
+    x_0 to the data's range keeps it at std 1 (x_{T-1} of N(0, I) data is N(0, I) under any schedule)."""
+    from difflab.experiments.images import sample_images
+
+    schedule = NoiseSchedule.cosine(1000)
+    model = _GaussianEpsWithError(schedule, 0.05, learned)
+    first_steps: dict[str, float] = {}
+    for clip in (None, 4.0):
+
+        def record(step: int, t: int, x: torch.Tensor, x0: torch.Tensor, clip: float | None = clip) -> None:
+            if step == 1:
+                first_steps[str(clip)] = float(x.std())
+
+        sample_images(
+            model,
+            schedule,
+            256,
+            (4, 7, 7),
+            sampler="ddpm",
+            steps=0,
+            eta=0.0,
+            batch_size=256,
+            seed=0,
+            device=torch.device("cpu"),
+            callback=record,
+            clip_x0=clip,
+            variance="learned" if learned else "beta",
+        )
+    assert first_steps["None"] > 1.5
+    assert abs(first_steps["4.0"] - 1) < 0.02

@@ -217,6 +217,16 @@ def train_image_denoiser(
     return trainer, result
 
 
+class EpsPart:
+    """The eps half of a model that may output ``[eps, v]`` (learned variance, (B, 2C, ...)): (B, C, ...)."""
+
+    def __init__(self, model: EpsModel) -> None:
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return split_output(self.model(x, t), x)[0]
+
+
 def guided_model(model: torch.nn.Module, labels: torch.Tensor | None, w: float, num_classes: int) -> EpsModel:
     """The eps model to sample with: unconditional, or classifier-free guided towards ``labels``."""
     if labels is None or not num_classes:
@@ -258,16 +268,15 @@ def sample_images(
 
     ``sampler`` is any name of ``sampling.solvers.SAMPLERS``; ``ddpm`` runs all T steps when ``steps`` is 0 or T,
     else ``steps`` respaced steps (Nichol & Dhariwal sec. 4), with ``variance`` its reverse variance (``learned``
-    for a model that outputs ``[eps, v]``). ``clip_x0`` clips the x_0 predictions of pixel images in [-1, 1]
-    (not done for latents, i.e. when ``decode`` is given, nor for learned-variance outputs). ``decode`` maps
+    for a model that outputs ``[eps, v]``). ``clip_x0 = c`` clips every x_0 prediction to [-c, c] (Ho et al.'s
+    ``clip_denoised``): 1 for pixel images in [-1, 1], the largest absolute value of the training latents for
+    latent diffusion, None for no clipping. ``decode`` maps
     each sampled batch to images (latent diffusion: the autoencoder's decoder), inside the timed region.
     Images are clipped to [-1, 1]."""
     from difflab.sampling.solvers import get_sampler, sample
 
     get_sampler(sampler)  # an unknown name fails here, before any work
     respacing = respaced(schedule, steps) if sampler == "ddpm" and 0 < steps < schedule.num_timesteps else None
-    if decode is not None or variance == "learned":
-        clip_x0 = None
     context = distributed.current()
     start, calls = time.perf_counter(), 0
 
@@ -289,8 +298,10 @@ def sample_images(
             rows = slice(first_row + offset, first_row + offset + size)
             batch_labels = None if labels is None else labels[rows].to(device)
             eps_model = Counting(guided_model(model, batch_labels, guidance, num_classes))
-            if clip_x0 is not None:  # images live in [-1, 1]: clip the x_0 predictions (Ho et al.'s clip_denoised)
-                eps_model = DiffusionModel(eps_model, schedule, "eps", clip_x0=clip_x0)
+            # The data lie in [-clip_x0, clip_x0]: clip the x_0 predictions. DDPM clips inside its step, which also
+            # keeps a learned variance's v; the other samplers see a wrapper that re-derives eps from the clipped x_0.
+            if clip_x0 is not None and sampler != "ddpm":
+                eps_model = DiffusionModel(EpsPart(eps_model), schedule, "eps", clip_x0=clip_x0)
             full_shape = (size, *shape)
             first = callback if shard == 0 and offset == 0 else None
             if sampler == "ddpm":  # ancestral sampling over all T steps, or respaced ones
@@ -304,6 +315,7 @@ def sample_images(
                     generator=generator,
                     device=device,
                     variance=variance,
+                    clip_x0=clip_x0,
                     callback=first,
                     show_progress=show_progress,
                 )

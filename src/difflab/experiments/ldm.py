@@ -121,7 +121,13 @@ class LDMGuidanceConfig:
 @dataclass(frozen=True)
 class LDMEvaluationConfig:
     """Samples scored per row (FID / IS by the project's MNIST evaluator against the 10k test digits), samplers,
-    and the held-out images of the full VLB (``vlb_images``, 0 = skip; T network evaluations each)."""
+    and the held-out images of the full VLB (``vlb_images``, 0 = skip; T network evaluations each).
+
+    ``clip_latents`` clips every x_0 prediction of the latent samplers to ``[-m, m]`` with ``m`` the largest absolute
+    value of the (scaled) training latents, as pixel samplers clip to [-1, 1] (Ho et al.'s ``clip_denoised``).
+    Without it the cosine schedule fails: its last step has ``alpha_bar_T`` ~ 2e-9 (beta clipped to 0.999), so
+    ``x0 = (x_T - sqrt(1 - alpha_bar_T) eps) / sqrt(alpha_bar_T)`` turns an eps error of 0.09 (measured) into an
+    x_0 error of ~1,800, which the first posterior mean carries into x_{T-1} at ~3x its standard deviation."""
 
     n_samples: int = 500
     batch_size: int = 500
@@ -130,6 +136,7 @@ class LDMEvaluationConfig:
     vlb_images: int = 64
     throughput_batch: int = 256
     seed: int = 4321
+    clip_latents: bool = True
 
     def __post_init__(self) -> None:
         if self.n_samples < 2 or self.batch_size < 1 or not self.ddim_steps or min(self.ddim_steps) < 1:
@@ -559,6 +566,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                 run, vae, train, heldout, config.vae.batch_size, device, echo
             )
         latent_shape = tuple(train_latents.images.shape[1:])
+        latent_bound = float(train_latents.images.abs().max()) if config.evaluation.clip_latents else None
         echo(
             f"[mnist-ldm] {vae.description}; latents {latent_shape}, "
             f"PSNR {vae_info['reconstruction']['psnr']:.2f} dB, SSIM {vae_info['reconstruction']['ssim']:.4f}"
@@ -620,6 +628,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                 else None
             )
             slug = _slug(row)
+            clip_x0 = 1.0 if variant.space == "pixel" else latent_bound
             # A rerun reuses the samples of a row when they came from the same weights (and latents).
             identity = {
                 "weights_sha256": models[variant.name]["weights_sha256"],
@@ -627,6 +636,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                 "n": config.evaluation.n_samples,
                 "seed": config.evaluation.seed,
                 "variance": sampling_variance(variant, config),
+                "clip_x0": clip_x0,
             }
             sampled = _reuse_samples(run, slug, identity)
             reused = sampled is not None
@@ -648,6 +658,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                         num_classes=variant.unet.num_classes,
                         show_progress=config.progress,
                         variance=sampling_variance(variant, config),
+                        clip_x0=clip_x0,
                         decode=decode if variant.space == "latent" else None,
                     )
                 stages.save_samples(run.sub("samples", f"{slug}.pt"), sampled)
@@ -727,6 +738,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
             "throughput": throughput,
             "evaluation": {
                 "n": config.evaluation.n_samples,
+                "latent_clip_x0": latent_bound,
                 "reference": "project MNIST evaluator (reference CNN features), MNIST test 10k"
                 if evaluator is not None
                 else "none (not MNIST)",
@@ -902,6 +914,18 @@ def ldm_targets(metrics: dict[str, Any], config: MnistLDMConfig) -> list[dict[st
     return targets
 
 
+def _clipping_sentence(bound: float | None) -> str:
+    if bound is None:
+        return (
+            "Pixel samplers clip x_0 predictions to [-1, 1]; latent samplers do not clip (`evaluation.clip_latents="
+            "false`), which breaks the cosine schedule's first steps (see `LDMEvaluationConfig`)."
+        )
+    return (
+        f"Samplers clip x_0 predictions to the data's range: [-1, 1] for pixels, [-{bound:.2f}, {bound:.2f}] "
+        "(the largest |value| of the scaled training latents) for latents."
+    )
+
+
 def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], figures: dict[str, Path]) -> None:
     vae, comp = metrics["autoencoder"], metrics["autoencoder"]["compression"]
     quality = vae["reconstruction"]
@@ -922,7 +946,7 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
         "reference CNN, FID against the 10,000 MNIST test digits; not InceptionV3 numbers); accuracy = share of "
         "conditional samples the reference CNN assigns to the intended digit (balanced labels). Time per 1,000 "
         "images includes decoding latents; training time is the diffusion model's (the autoencoder's is above). "
-        "CFG: `eps_u + w (eps_c - eps_u)`.",
+        "CFG: `eps_u + w (eps_c - eps_u)`. " + _clipping_sentence(metrics["evaluation"].get("latent_clip_x0")),
         "",
         "## Results",
         "",
