@@ -128,9 +128,19 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
-def reverse_mean(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``mu_theta(x_t, t) = mu_tilde(x0_pred, x_t)`` with ``x0_pred`` from eps (no clipping), (B, ...)."""
-    return schedule.posterior_mean(schedule.predict_x0(x_t, t, eps), x_t, t)
+def reverse_mean(
+    schedule: NoiseSchedule,
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    clip_x0: float | None = None,
+) -> torch.Tensor:
+    """``mu_theta(x_t, t) = mu_tilde(x0_pred, x_t)`` with ``x0_pred`` from eps, clipped to ``[-clip_x0, clip_x0]``
+    when given (the mean DDPM samples with), (B, ...)."""
+    x0_pred = schedule.predict_x0(x_t, t, eps)
+    if clip_x0 is not None:
+        x0_pred = x0_pred.clamp(-clip_x0, clip_x0)
+    return schedule.posterior_mean(x0_pred, x_t, t)
 
 
 def vlb_terms(
@@ -201,6 +211,7 @@ def full_vlb(
     decoder: str = "discretized",
     fixed_variances: tuple[str, ...] = FIXED_VARIANCES,
     batch_size: int = 0,
+    clip_x0: float | None = None,
 ) -> VLBResult:
     """The negative ELBO of ``x0`` (B, ...) in bits/dim: ``L_T + sum_t L_t + L_0`` over all T timesteps.
 
@@ -209,7 +220,9 @@ def full_vlb(
     timestep and sample (T of them per sample), each at ``x_t ~ q(x_t | x_0)`` with fresh noise from
     ``generator``. A learned-variance model is scored with its own variance (``variance = "learned"``); a
     fixed-variance one with every kind in ``fixed_variances`` from the same evaluations, the lowest reported as
-    the result (the fairest to the fixed model). ``batch_size`` > 0 evaluates ``x0`` in chunks.
+    the result (the fairest to the fixed model). ``batch_size`` > 0 evaluates ``x0`` in chunks. ``clip_x0``
+    scores the model that samples with x_0 predictions clipped to ``[-clip_x0, clip_x0]`` (improved-diffusion's
+    ``clip_denoised`` in its NLL evaluation); None scores the unclipped mean.
     """
     device = x0.device
     n = x0.shape[0]
@@ -224,7 +237,7 @@ def full_vlb(
             x_t = schedule.q_sample(part, t, noise)
             output = model(x_t, t) if labels is None else model(x_t, t, labels[start : start + chunk])
             eps, values = split_output(output, x_t)
-            mean = reverse_mean(schedule, eps, x_t, t)
+            mean = reverse_mean(schedule, eps, x_t, t, clip_x0)
             variants: dict[str, torch.Tensor] = {}
             if values is not None:
                 variants["learned"] = learned_log_variance(schedule, values, t)
