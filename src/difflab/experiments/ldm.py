@@ -573,6 +573,8 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
             )
         latent_shape = tuple(train_latents.images.shape[1:])
         latent_bound = float(train_latents.images.abs().max()) if config.evaluation.clip_latents else None
+        # x_0 predictions are clipped to the data's range: [-1, 1] for pixels, the training latents' for latents.
+        clip_of = {"pixel": 1.0, "latent": latent_bound}
         echo(
             f"[mnist-ldm] {vae.description}; latents {latent_shape}, "
             f"PSNR {vae_info['reconstruction']['psnr']:.2f} dB, SSIM {vae_info['reconstruction']['ssim']:.4f}"
@@ -634,7 +636,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                 else None
             )
             slug = _slug(row)
-            clip_x0 = 1.0 if variant.space == "pixel" else latent_bound
+            clip_x0 = clip_of[variant.space]
             # A rerun reuses the samples of a row when they came from the same weights (and latents).
             identity = {
                 "weights_sha256": models[variant.name]["weights_sha256"],
@@ -709,7 +711,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                     generator=seeded_generator(mix_seed(config.seed, 0, 97), device),
                     decoder=decoder_of(variant),
                     batch_size=count,
-                    clip_x0=1.0 if variant.space == "pixel" else latent_bound,
+                    clip_x0=clip_of[variant.space],
                 )
                 vlb[variant.name] = {
                     "bits_per_dim": result.total,
@@ -721,7 +723,6 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                     "n": count,
                     "decoder": decoder_of(variant),
                     "space": variant.space,
-                    "clip_x0": 1.0 if variant.space == "pixel" else latent_bound,
                 }
         with run.stage("throughput"):
             # The same U-Net (each model's own width) run on latents and on pixels: the latent model's, and in the
