@@ -212,3 +212,42 @@ def test_bad_ldm_input(tmp_path: Path, capsys) -> None:
     assert "--table" in capsys.readouterr().err
     assert main(["run", "mnist-ldm", "table_config.combined_attention_levels=[4]"]) == 2
     assert "combined_attention_levels" in capsys.readouterr().err
+
+
+def _learned_variance_metrics(full: tuple[float, float], respaced: tuple[float, float], n: int) -> dict:
+    def row(steps: int, fid: float, std: float) -> dict:
+        return {
+            "label": f"DDPM-{steps}",
+            "variant": "latent-cfg-learned",
+            "sampler": "ddpm",
+            "steps": steps,
+            "w": 2.0,
+            "n": n,
+            "fid": fid,
+            "fid_std": std,
+            "train_seconds": 1.0,
+        }
+
+    return {
+        "rows": [row(1000, *full), row(100, *respaced)],
+        "models": {"latent-cfg-learned": {"learned_variance": True}},
+        "autoencoder": {},
+        "vlb": {},
+        "throughput": [{"speedup_1000_steps": 12.0}],
+    }
+
+
+def test_the_respaced_target_prints_the_ratios_sampling_noise_and_says_when_n_cannot_tell():
+    from difflab.experiments.ldm import MnistLDMConfig, ldm_targets
+
+    def respaced_target(metrics: dict) -> dict:
+        return next(t for t in ldm_targets(metrics, MnistLDMConfig()) if "respaced" in t["target"])
+
+    # The n = 300 table: +13% with FID deviations of ~2.2 each -> ratio noise ~0.13, which cannot resolve 10%.
+    small = respaced_target(_learned_variance_metrics((22.6, 2.2), (25.6, 2.3), 300))
+    assert not small["met"] and small["value"] == pytest.approx(25.6 / 22.6 - 1)
+    assert small["noise"] == pytest.approx((25.6 / 22.6) * ((2.2 / 22.6) ** 2 + (2.3 / 25.6) ** 2) ** 0.5)
+    assert "cannot tell" in small["target"] and "n = 300" in small["target"]
+    # More samples: -3.5% with deviations of 0.6 -> ratio noise 0.05, resolved, met.
+    large = respaced_target(_learned_variance_metrics((17.03, 0.6), (16.44, 0.6), 4000))
+    assert large["met"] and "cannot tell" not in large["target"] and large["noise"] < 0.06

@@ -15,6 +15,8 @@ Inception score (Salimans et al. 2016): ``IS = exp(E_x KL(p(y|x) || p(y)))`` wit
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from difflab.errors import DataError
@@ -71,6 +73,49 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
 def frechet_distance_of_features(features1: torch.Tensor, features2: torch.Tensor) -> float:
     """:func:`frechet_distance` of the Gaussian fits of two feature sets (N1, D) and (N2, D)."""
     return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+
+
+def bootstrap_fid_std(
+    features: torch.Tensor,
+    reference_mean: torch.Tensor,
+    reference_cov: torch.Tensor,
+    strata: torch.Tensor | None = None,
+    rounds: int = 50,
+    seed: int = 0,
+) -> float:
+    """Sampling noise of an FID measured on N samples: the standard deviation of the FID of ``features`` (N, D)
+    over ``rounds`` bootstrap resamples (N draws with replacement), the reference statistics held fixed.
+
+    ``strata`` (N,) resamples within each group (e.g. the intended classes of class-balanced conditional samples,
+    whose FID does not vary with class proportions): without it, the multinomial class counts of an unstratified
+    resample add noise that balanced sample sets do not have (measured on MNIST latent-diffusion samples at
+    N = 300: 4.8 unstratified vs 2.2 stratified vs 1.7 over six disjoint balanced sets). The estimate is
+    slightly conservative: duplicated rows make each resample's FID noisier than that of N fresh samples.
+    """
+    features = _check_features(features, "features")
+    if rounds < 2:
+        raise DataError(f"bootstrap rounds must be >= 2, got {rounds}")
+    if strata is None:
+        groups = [torch.arange(len(features))]
+    else:
+        strata = torch.as_tensor(strata).reshape(-1).cpu()
+        if len(strata) != len(features):
+            raise DataError(f"{len(strata)} strata labels for {len(features)} feature rows")
+        groups = [torch.nonzero(strata == value).flatten() for value in strata.unique()]
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(rounds):
+        rows = torch.cat([group[torch.randint(len(group), (len(group),), generator=generator)] for group in groups])
+        values.append(frechet_distance(*feature_statistics(features[rows]), reference_mean, reference_cov))
+    return float(torch.tensor(values, dtype=torch.float64).std())
+
+
+def fid_ratio_std(fid: float, fid_std: float, other_fid: float, other_std: float) -> float:
+    """Standard deviation of ``other_fid / fid`` for two FIDs of independent sample sets with the sampling
+    deviations ``fid_std`` / ``other_std`` (delta method: ``r sqrt((s / f)^2 + (s' / f')^2)``)."""
+    if fid <= 0 or other_fid <= 0:
+        return float("inf")
+    return (other_fid / fid) * math.hypot(fid_std / fid, other_std / other_fid)
 
 
 def inception_score(probs: torch.Tensor, splits: int = 1) -> float:

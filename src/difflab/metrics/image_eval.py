@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from difflab.data.images import ImageSet, from_unit, to_unit
 from difflab.data.mnist import MNIST_SHA256, load_mnist
 from difflab.errors import CheckpointError, DataError, DifflabError
-from difflab.metrics.frechet import feature_statistics, frechet_distance, inception_score
+from difflab.metrics.frechet import bootstrap_fid_std, feature_statistics, frechet_distance, inception_score
 from difflab.models.classifiers import ReferenceCNN
 from difflab.progress import progress_bar
 from difflab.training import checkpoint as ckpt
@@ -217,6 +217,8 @@ class ImageEvaluator:
     inception_weights: optional local InceptionV3 (FID) weights; then :meth:`evaluate` adds the standard
     ``fid_inception`` / ``inception_score_inception`` (torchmetrics conventions; ``inception_resize="tf1"``
     for torch-fidelity's resize), see :mod:`difflab.metrics.inception_fid`.
+    fid_bootstrap_rounds: resamples of :func:`~difflab.metrics.frechet.bootstrap_fid_std` behind each result's
+    ``fid_std`` (the FID's sampling noise at that n; 0 = not computed).
     """
 
     def __init__(
@@ -233,6 +235,7 @@ class ImageEvaluator:
         inception_resize: str = "torchmetrics",
         cache_dir: Path | str | None = None,
         echo: Callable[[str], object] = print,
+        fid_bootstrap_rounds: int = 50,
     ) -> None:
         self.model = model.to(device).eval()
         self.reference = reference
@@ -242,6 +245,9 @@ class ImageEvaluator:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.echo = echo
+        if fid_bootstrap_rounds == 1 or fid_bootstrap_rounds < 0:
+            raise DataError(f"fid_bootstrap_rounds must be 0 or >= 2, got {fid_bootstrap_rounds}")
+        self.fid_bootstrap_rounds = fid_bootstrap_rounds
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self._reference_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self.inception = None
@@ -340,7 +346,9 @@ class ImageEvaluator:
         Returns ``n``; ``fid`` (Frechet distance of the classifier features to the reference set's);
         ``inception_score`` (classifier IS, 1 .. K); ``class_histogram`` (fraction predicted per class);
         ``mean_confidence`` (mean max softmax); ``clipped_fraction`` (pixels outside [-1, 1]);
-        ``accuracy`` (fraction classified as ``intended_labels`` (N,), when given); ``reference``
+        ``accuracy`` (fraction classified as ``intended_labels`` (N,), when given); ``fid_std`` (the FID's sampling
+        noise at this n: bootstrap standard deviation, resampled within each intended class when labels are given,
+        as balanced conditional sample sets have fixed class counts); ``reference``
         (name and size); plus ``fid_inception`` / ``inception_score_inception`` when InceptionV3 weights were given.
         """
         self._check(samples)
@@ -358,11 +366,16 @@ class ImageEvaluator:
             "clipped_fraction": clipped,
             "reference": {"name": self.reference_name, "n": len(self.reference)},
         }
+        intended = None
         if intended_labels is not None:
             intended = torch.as_tensor(intended_labels).reshape(-1).cpu().long()
             if len(intended) != len(samples):
                 raise DataError(f"{len(intended)} intended labels for {len(samples)} samples")
             result["accuracy"] = float((probs.argmax(dim=1) == intended).double().mean())
+        if self.fid_bootstrap_rounds:
+            result["fid_std"] = bootstrap_fid_std(
+                features, *self.reference_statistics, strata=intended, rounds=self.fid_bootstrap_rounds
+            )
         if self.inception is not None:
             result.update(self.inception.evaluate(images, self.reference.images, self.reference_name))
         return result
