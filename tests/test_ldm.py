@@ -4,6 +4,7 @@ autoencoder, the cached latents and the model), autoencoders from a run and from
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,48 @@ def test_the_respaced_target_prints_the_ratios_sampling_noise_and_says_when_n_ca
     # More samples: -3.5% with deviations of 0.6 -> ratio noise 0.05, resolved, met.
     large = respaced_target(_learned_variance_metrics((17.03, 0.6), (16.44, 0.6), 4000))
     assert large["met"] and "cannot tell" not in large["target"] and large["noise"] < 0.06
+
+
+def test_sampling_commands_load_a_latent_run_and_reproduce_its_samples(ldm_run: Path) -> None:
+    # compare-samplers / sample / likelihood see the run's latent model through its loader: the same weights,
+    # guidance (digits in turn, w = 2), x_0 bound and decoder reproduce the recipe's own DDIM-5 samples.
+    from difflab.config import config_from
+    from difflab.experiments.images import load_image_data
+    from difflab.experiments.ldm import MnistLDMConfig, _finished_autoencoder
+    from difflab.experiments.samplers import load_target
+    from difflab.sampling.solvers import sample_ddim
+    from difflab.seeding import mix_seed, seeded_generator
+    from difflab.training.distributed import shard_seed
+
+    target = load_target(ldm_run, "cpu")
+    metrics = json.loads((ldm_run / "metrics.json").read_text())
+    assert target.recipe == "mnist-ldm" and target.sample_shape == (4, 4, 4)
+    assert target.model.clip_x0 == pytest.approx(metrics["evaluation"]["latent_clip_x0"])
+    assert target.heldout is not None and target.heldout.shape[1:] == (4, 4, 4) and target.bin_width is None
+    generator = seeded_generator(mix_seed(shard_seed(4321, 0), 0, 95), torch.device("cpu"))
+    with torch.inference_mode():
+        latents = sample_ddim(
+            target.model, target.schedule, (20, 4, 4, 4), steps=5, spacing="leading", generator=generator
+        )
+    config = config_from(MnistLDMConfig(), ldm_run / "config.yaml")
+    vae = _finished_autoencoder(config, ldm_run, load_image_data(config.data, config.seed)[0], torch.device("cpu"))
+    with torch.inference_mode():
+        decoded = vae.decode(latents).clamp(-1, 1)
+    recorded = torch.load(ldm_run / "samples" / "latent-cfg-learned_ddim5_w2.pt", weights_only=True)["images"]
+    assert torch.allclose(decoded, recorded, atol=1e-5)
+    assert torch.allclose(target.decode(latents), recorded, atol=1e-5)
+    # `difflab sample` on the run: latents and decoded images in the .pt, a decoded grid beside it.
+    out = ldm_run / "sampled" / "dpmpp.pt"
+    assert main(["sample", str(ldm_run), "--sampler", "dpmpp-2m", "--steps", "4", "--n", "6", "--out", str(out)]) == 0
+    saved = torch.load(out, weights_only=True)
+    assert saved["latents"].shape == (6, 4, 4, 4) and saved["images"].shape == (6, 1, 8, 8)
+    assert saved["images"].abs().max() <= 1 and out.with_suffix(".png").is_file()
+
+
+def test_likelihood_of_a_latent_run_is_a_continuous_density_in_bits_per_latent_dimension(ldm_run: Path, capsys) -> None:
+    assert main(["likelihood", str(ldm_run), "--n", "4", "--device", "cpu"]) == 0
+    record = json.loads((ldm_run / "likelihood.json").read_text())["model"]
+    assert record["dims"] == 4 * 4 * 4 and "continuous" in record["dequantization"]
+    assert record["bits_per_dim"] == pytest.approx(record["nll_nats"] / (64 * math.log(2)))
+    assert "kde" not in json.loads((ldm_run / "likelihood.json").read_text())
+    assert "bits/dim" in capsys.readouterr().out

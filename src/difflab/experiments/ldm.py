@@ -37,10 +37,11 @@ import torch
 from difflab.data.images import ImageSet
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.diffusion.vlb import full_vlb
-from difflab.errors import ConfigError
+from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.autoencoder import (
     AutoencoderTrainingConfig,
+    build_autoencoder,
     compression,
     load_autoencoder_run,
     train_autoencoder,
@@ -1102,3 +1103,91 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
         lines += [figure(figures["loss"], run.path, "Held-out eps MSE during training"), ""]
     lines += timings_and_environment(metrics["timings_seconds"])
     run.sub("report.md").write_text("\n".join(lines))
+
+
+# -------------------------------------------------------------------------------------------- sampling commands
+def _finished_autoencoder(config: MnistLDMConfig, path: Path, train: ImageSet, device: torch.device) -> Any:
+    """The autoencoder a finished run used, loaded (never trained): its own, an autoencoder run's or diffusers'."""
+    if config.vae.kind == "train":
+        weights = path / "checkpoints" / "autoencoder.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{path} has no trained autoencoder ({weights} is missing); finish the run")
+        vae = build_autoencoder(config.vae.training.model, train)
+        ckpt.load_weights(vae, weights)
+    elif config.vae.kind == "run":
+        vae = load_autoencoder_run(config.vae.path, device)
+    else:
+        vae = load_diffusers_autoencoder(config.vae.path, tuple(train.images.shape[1:]), config.vae.scaling_factor)
+    if config.vae.scaling_factor > 0:
+        vae.scaling_factor = config.vae.scaling_factor
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.device) -> Any:
+    """The :class:`~difflab.experiments.samplers.SamplingTarget` of a finished mnist-ldm run (the config's own
+    latent model, also in a ``--table`` run), for ``difflab compare-samplers`` / ``sample`` / ``likelihood``.
+
+    Samplers work on latents (C, h, w) with x_0 predictions clipped to the run's latent bound; a conditional model
+    is sampled at ``guidance.w`` with the digits in turn, a learned-variance model through its eps channels.
+    Quality is FID of the *decoded* samples by the built-in evaluator (MNIST only). The likelihood integrates the
+    unclipped (null-label) model on held-out latents: bits per latent dimension of a continuous density, no
+    dequantisation."""
+    from difflab.experiments.mnist import BalancedGuidance, NullLabel
+    from difflab.experiments.samplers import SamplingTarget
+    from difflab.sampling.wrappers import DiffusionModel
+
+    train, heldout = stages.load_image_data(config.data, config.seed)
+    vae = _finished_autoencoder(config, path, train, device)
+    image_shape = tuple(train.images.shape[1:])
+    latent_shape = tuple(vae.latent_shape(image_shape))
+    variant = latent_variant(config, latent_shape[0])
+    weights = path / "checkpoints" / f"{variant.name}.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no trained '{variant.name}' ({weights} is missing); finish the run")
+    network = UNet(variant.unet)
+    ckpt.load_weights(network, weights)
+    network = network.to(device).eval()
+    schedule = NoiseSchedule.from_config(variant.schedule).to(device)
+    record = path / "metrics.json"
+    bound = json.loads(record.read_text()).get("evaluation", {}).get("latent_clip_x0") if record.is_file() else None
+    classes = variant.unet.num_classes
+    guided = BalancedGuidance(network, classes, config.guidance.w) if classes else network
+    unconditional = NullLabel(network, classes) if classes else network
+
+    @torch.inference_mode()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        parts = [vae.decode(part.to(device)).clamp(-1, 1).cpu() for part in latents.split(config.vae.batch_size)]
+        return torch.cat(parts)
+
+    heldout_latents = encode_all(vae, heldout.images, config.vae.batch_size, device)
+    evaluator = stages.evaluator_for(config.data, device, lambda _: None)
+    metrics: dict[str, Any] = {}
+    reference_rows: dict[int, dict[str, float]] = {}
+
+    def references_at(n: int) -> dict[str, float]:
+        if n not in reference_rows:
+            real = evaluator.calibration(min(max(n, 2), len(evaluator.heldout)))[0]
+            reference_rows[n] = {"fid": float(real["fid"])}
+        return reference_rows[n]
+
+    if evaluator is not None:
+        metrics["fid"] = lambda samples: float(evaluator.evaluate(decode(samples))["fid"])
+    guidance = f", guidance w = {config.guidance.w:g} (labels 0-9 in turn)" if classes else ""
+    clipping = f"x_0 predictions clipped to [-{bound:.2f}, {bound:.2f}]" if bound else "x_0 predictions not clipped"
+    return SamplingTarget(
+        path=path,
+        recipe=config.recipe,
+        model=DiffusionModel(stages.EpsPart(guided), schedule, "eps", clip_x0=bound),
+        schedule=schedule,
+        sample_shape=latent_shape,
+        device=device,
+        metrics=metrics,
+        plot=lambda samples, out, title: save_grid(decode(samples[:64]), out, nrow=8),
+        heldout=heldout_latents,
+        batch_size=config.evaluation.batch_size,
+        likelihood_model=DiffusionModel(stages.EpsPart(unconditional), schedule, "eps"),
+        references_at=references_at if evaluator is not None else None,
+        decode=decode,
+        description=f"{variant.name}: {describe(variant.unet, latent_shape[1])}{guidance}; {clipping}; "
+        f"samples decoded by {vae.description}",
+    )

@@ -793,7 +793,7 @@ def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str =
 BIN_WIDTHS = {"mnist": 2.0 / 256.0, "digits": 2.0 / 16.0, "imagefolder": 2.0 / 255.0}
 
 
-class _BalancedGuidance(torch.nn.Module):
+class BalancedGuidance(torch.nn.Module):
     """An unconditional view of a class-conditional U-Net for the sampler comparison: a batch of B samples gets
     the labels ``arange(B) % K`` (every digit equally often) combined by classifier-free guidance at ``w``."""
 
@@ -812,7 +812,7 @@ class _BalancedGuidance(torch.nn.Module):
         return self.guided(x, t)
 
 
-class _NullLabel(torch.nn.Module):
+class NullLabel(torch.nn.Module):
     """``network(x, t, null label)``: the unconditional model a classifier-free-guidance network also is."""
 
     def __init__(self, network: torch.nn.Module, null_label: int) -> None:
@@ -841,8 +841,8 @@ def load_sampling_target(path: Path, config: Any, device: torch.device) -> Any:
         raise ConfigError(f"{path} has no trained denoiser ({weights} is missing); finish the run first")
     config, network, schedule = load_run_model(path, device)
     classes = config.unet.num_classes
-    sampled = _BalancedGuidance(network, classes, config.guidance.w) if classes else network
-    unconditional = _NullLabel(network, classes) if classes else network
+    sampled = BalancedGuidance(network, classes, config.guidance.w) if classes else network
+    unconditional = NullLabel(network, classes) if classes else network
     _, heldout = stages.load_image_data(config.data, config.seed)
     evaluator = stages.evaluator_for(config.data, device, lambda _: None, config.metrics.inception_weights)
     metrics: dict[str, Any] = {}

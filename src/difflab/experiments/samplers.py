@@ -14,6 +14,7 @@ here, and an image recipe adds its own (with FID as the metric) by calling :func
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class SamplingTarget:
     # Metric values of real held-out data at a sample count n (image FIDs depend on n), else ``references``.
     references_at: Callable[[int], dict[str, float]] | None = None
     description: str = ""
+    # Latent diffusion: maps samples (latents) to images; ``difflab sample`` then saves both.
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def score(self, samples: torch.Tensor) -> dict[str, float]:
         return {name: float(metric(samples)) for name, metric in self.metrics.items()}
@@ -99,11 +102,12 @@ def load_target(run_dir: str | Path, device: str = "auto") -> SamplingTarget:
 
 
 def _register_builtin_loaders() -> None:
-    from difflab.experiments import mnist, toy2d
+    from difflab.experiments import ldm, mnist, toy2d
 
     register_loader(("states",), load_points_run)
     register_loader(tuple(toy2d.TOY_DATASETS), load_points_run)
     register_loader(("mnist-ddpm", "mnist-cfg"), mnist.load_sampling_target)
+    register_loader(("mnist-ldm",), ldm.load_sampling_target)
 
 
 def load_points_run(path: Path, config: Any, device: torch.device) -> SamplingTarget:
@@ -204,13 +208,18 @@ def sample_run(
     device: str = "auto",
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """``difflab sample``: draw, save ``.pt`` + scatter PNG (RUN/samples/ or ``out``), score; returns the record."""
+    """``difflab sample``: draw, save ``.pt`` + scatter PNG (RUN/samples/ or ``out``), score; returns the record.
+
+    The ``.pt`` holds the samples tensor, or for a latent target ``{"latents": ..., "images": decoded}``."""
     target = load_target(run_dir, device)
     samples, info = draw_samples(target, sampler, steps, n, seed, show_progress=show_progress)
     stem = f"{sampler}-{steps}steps-seed{seed}"
     pt_path = Path(out) if out else target.path / "samples" / f"{stem}.pt"
     pt_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(samples, pt_path)
+    if target.decode is None:
+        torch.save(samples, pt_path)
+    else:
+        torch.save({"latents": samples, "images": target.decode(samples)}, pt_path)
     record: dict[str, Any] = {**info, "n": n, "seed": seed, "samples": str(pt_path)}
     record.update(target.score(samples))
     if target.plot is not None:
@@ -362,9 +371,13 @@ def heldout_likelihood(
             f"uniform within each quantisation bin (width {target.bin_width:.6g} in model units); bits/dim "
             "= nll / (D ln 2) - log2(bin width), an upper bound on the discrete model's"
         )
+    elif points.ndim > 2:
+        # Continuous data such as VAE latents: a density, no bins to dequantise.
+        summary["bits_per_dim"] = float(summary["nll_nats"] / (result.dims * math.log(2)))
+        summary["dequantization"] = "none: the density of continuous data (latents); bits/dim = nll / (D ln 2)"
     record: dict[str, Any] = {"recipe": target.recipe, "model": summary}
     metrics_path = target.path / "metrics.json"
-    if metrics_path.is_file() and target.bin_width is None:
+    if metrics_path.is_file() and target.bin_width is None and points.ndim == 2:
         metrics = json.loads(metrics_path.read_text())
         real = metrics.get("real", {})
         uncond = metrics.get("uncond", metrics.get("samples", {}))
