@@ -331,6 +331,9 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     )
     if "bits_per_dim" in model:
         print(f"  {model['bits_per_dim']:.3f} bits/dim ({model['dequantization']})")
+    if "vlb" in record:
+        bound = record["vlb"]
+        print(f"  variational bound of the same points: {bound['bits_per_dim']:.3f} bits/dim ({bound['description']})")
     for name, value in record.get("kde", {}).items():
         if value is not None:
             print(f"  KDE, {name.replace('_', ' ')}: {value:.3f} nats")
