@@ -20,6 +20,7 @@ from difflab.diffusion.schedule import NoiseSchedule
 from difflab.diffusion.vlb import split_output
 from difflab.errors import ConfigError
 from difflab.experiments.runs import RunFolder
+from difflab.metrics.frechet import fid_ratio_std
 from difflab.models.unet import UNet, UNetConfig
 from difflab.sampling.common import EpsModel, batched
 from difflab.sampling.ddim import ddim_sample
@@ -399,6 +400,45 @@ def evaluator_for(
     from difflab.metrics.image_eval import ImageEvaluator
 
     return ImageEvaluator.for_mnist(device=device, echo=echo, inception_weights=inception_weights or None)
+
+
+def fid_scoring(
+    evaluator: Any, to_images: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[dict[str, Callable[[torch.Tensor], float]], Callable[[int], dict[str, float]] | None]:
+    """The sampling commands' quality metric: ``({"fid": samples -> FID}, n -> {"fid": real held-out FID at n})``
+    by ``evaluator`` (``({}, None)`` without one). ``to_images`` maps samples to images first (latents: decode)."""
+    if evaluator is None:
+        return {}, None
+    reference_rows: dict[int, dict[str, float]] = {}
+
+    def fid(samples: torch.Tensor) -> float:
+        return float(evaluator.evaluate(samples if to_images is None else to_images(samples))["fid"])
+
+    def references_at(n: int) -> dict[str, float]:
+        if n not in reference_rows:
+            real = evaluator.calibration(min(max(n, 2), len(evaluator.heldout)))[0]
+            reference_rows[n] = {"fid": float(real["fid"])}
+        return reference_rows[n]
+
+    return {"fid": fid}, references_at
+
+
+def with_ratio_noise(
+    target: dict[str, Any], base: dict[str, Any], other: dict[str, Any], limit: float
+) -> dict[str, Any]:
+    """A target on ``other["fid"] / base["fid"] - 1 <= limit`` with the ratio's sampling noise added (``noise``, 1 sd
+    from the two results' bootstrap ``fid_std``, independent sample sets) and, in its text, whether this n can tell
+    (``|ratio - limit| > 2 sd``). Unchanged when either result has no ``fid_std``."""
+    if "fid_std" not in base or "fid_std" not in other:
+        return target
+    noise = fid_ratio_std(base["fid"], base["fid_std"], other["fid"], other["fid_std"])
+    resolved = abs(other["fid"] / base["fid"] - 1 - limit) > 2 * noise
+    return {
+        **target,
+        "noise": noise,
+        "target": f"{target['target']}; sampling noise of the ratio at n = {base['n']:,}: {noise:.3f} (1 sd, "
+        f"bootstrap){'' if resolved else ', so this n cannot tell'}",
+    }
 
 
 def save_samples(path: Path, result: SampleResult) -> None:

@@ -48,7 +48,6 @@ from difflab.experiments.autoencoder import (
 )
 from difflab.experiments.images import ImageDataConfig
 from difflab.experiments.runs import RunFolder, resolve_device
-from difflab.metrics.frechet import fid_ratio_std
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
@@ -398,18 +397,34 @@ def prepare_autoencoder(
             run, logger, train, heldout, vae_config.training, config.seed, device, config.progress, echo
         )
         info["train_seconds"] = training_seconds(run, "autoencoder", result)
-    elif vae_config.kind == "run":
-        vae = load_autoencoder_run(vae_config.path, device)
-        record = Path(vae_config.path) / "metrics.json"
-        if record.is_file():
-            info["train_seconds"] = json.loads(record.read_text()).get("training", {}).get("seconds")
     else:
-        vae = load_diffusers_autoencoder(vae_config.path, shape, vae_config.scaling_factor).to(device)
-    if vae_config.scaling_factor > 0:
-        vae.scaling_factor = vae_config.scaling_factor
-    vae.eval().requires_grad_(False)
+        vae = _given_autoencoder(vae_config, shape, device)
+        record = Path(vae_config.path) / "metrics.json"
+        if vae_config.kind == "run" and record.is_file():
+            info["train_seconds"] = json.loads(record.read_text()).get("training", {}).get("seconds")
+    vae = _ready(vae, vae_config, device)
     info.update(description=vae.description, scaling_factor=vae.scaling_factor, compression=compression(vae, shape))
     return vae, info
+
+
+def _given_autoencoder(vae_config: VAEConfig, image_shape: tuple[int, ...], device: torch.device) -> Any:
+    """The autoencoder of ``vae.kind=run`` (an autoencoder run's) or ``vae.kind=diffusers`` (a local AutoencoderKL)."""
+    if vae_config.kind == "run":
+        return load_autoencoder_run(vae_config.path, device)
+    return load_diffusers_autoencoder(vae_config.path, image_shape, vae_config.scaling_factor)
+
+
+def _ready(vae: Any, vae_config: VAEConfig, device: torch.device) -> Any:
+    """``vae`` on ``device`` in eval mode without gradients, with ``vae.scaling_factor`` overriding its own if set."""
+    if vae_config.scaling_factor > 0:
+        vae.scaling_factor = vae_config.scaling_factor
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def latent_clip_bound(config: MnistLDMConfig, train_latents: ImageSet) -> float | None:
+    """The bound latent samplers clip x_0 predictions to: the largest |value| of the scaled training latents
+    (``evaluation.clip_latents``), else None."""
+    return float(train_latents.images.abs().max()) if config.evaluation.clip_latents else None
 
 
 def data_digest(train: ImageSet, heldout: ImageSet) -> str:
@@ -432,7 +447,7 @@ def encode_all(vae: Any, images: torch.Tensor, batch_size: int, device: torch.de
 
 
 def cached_latents(
-    run: RunFolder,
+    run_dir: Path,
     vae: Any,
     train: ImageSet,
     heldout: ImageSet,
@@ -444,7 +459,7 @@ def cached_latents(
     (a hash of the autoencoder's weights and scaling factor and of the images) matches, else encoded and saved."""
     weights = ckpt.tensor_digest({k: v for k, v in vae.state_dict().items()})
     key = hashlib.sha256(f"{weights}|{vae.scaling_factor!r}|{data_digest(train, heldout)}".encode()).hexdigest()[:16]
-    path = run.sub("latents", f"latents-{key}.safetensors")
+    path = Path(run_dir) / "latents" / f"latents-{key}.safetensors"
     info = {"path": str(path), "key": key}
     if path.is_file():
         tensors, metadata = ckpt.verified_tensors(path)
@@ -571,10 +586,10 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
             )
         with run.stage("latents"):
             train_latents, heldout_latents, cache_info = cached_latents(
-                run, vae, train, heldout, config.vae.batch_size, device, echo
+                run.path, vae, train, heldout, config.vae.batch_size, device, echo
             )
         latent_shape = tuple(train_latents.images.shape[1:])
-        latent_bound = float(train_latents.images.abs().max()) if config.evaluation.clip_latents else None
+        latent_bound = latent_clip_bound(config, train_latents)
         # x_0 predictions are clipped to the data's range: [-1, 1] for pixels, the training latents' for latents.
         clip_of = {"pixel": 1.0, "latent": latent_bound}
         echo(
@@ -901,16 +916,7 @@ def ldm_targets(metrics: dict[str, Any], config: MnistLDMConfig) -> list[dict[st
                     "value": ratio,
                     "met": ratio <= 0.10,
                 }
-                if "fid_std" in longest and "fid_std" in shortest:
-                    # The ratio's sampling noise from the two FIDs' bootstrap deviations (independent sample sets).
-                    noise = fid_ratio_std(longest["fid"], longest["fid_std"], shortest["fid"], shortest["fid_std"])
-                    resolved = abs(ratio - 0.10) > 2 * noise
-                    target["noise"] = noise
-                    target["target"] += (
-                        f"; sampling noise of the ratio at n = {longest['n']:,}: {noise:.3f} (1 sd, bootstrap)"
-                        + ("" if resolved else ", so this n cannot tell")
-                    )
-                targets.append(target)
+                targets.append(stages.with_ratio_noise(target, longest, shortest, limit=0.10))
         fixed = name.replace("-learned", "")
         if name in metrics["vlb"] and fixed in metrics["vlb"]:
             ours, theirs = metrics["vlb"][name]["bits_per_dim"], metrics["vlb"][fixed]["bits_per_dim"]
@@ -1108,19 +1114,14 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
 # -------------------------------------------------------------------------------------------- sampling commands
 def _finished_autoencoder(config: MnistLDMConfig, path: Path, train: ImageSet, device: torch.device) -> Any:
     """The autoencoder a finished run used, loaded (never trained): its own, an autoencoder run's or diffusers'."""
-    if config.vae.kind == "train":
-        weights = path / "checkpoints" / "autoencoder.safetensors"
-        if not weights.is_file():
-            raise CheckpointError(f"{path} has no trained autoencoder ({weights} is missing); finish the run")
-        vae = build_autoencoder(config.vae.training.model, train)
-        ckpt.load_weights(vae, weights)
-    elif config.vae.kind == "run":
-        vae = load_autoencoder_run(config.vae.path, device)
-    else:
-        vae = load_diffusers_autoencoder(config.vae.path, tuple(train.images.shape[1:]), config.vae.scaling_factor)
-    if config.vae.scaling_factor > 0:
-        vae.scaling_factor = config.vae.scaling_factor
-    return vae.to(device).eval().requires_grad_(False)
+    if config.vae.kind != "train":
+        return _ready(_given_autoencoder(config.vae, tuple(train.images.shape[1:]), device), config.vae, device)
+    weights = path / "checkpoints" / "autoencoder.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no trained autoencoder ({weights} is missing); finish the run")
+    vae = build_autoencoder(config.vae.training.model, train)
+    ckpt.load_weights(vae, weights)
+    return _ready(vae, config.vae, device)
 
 
 def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.device) -> Any:
@@ -1148,8 +1149,9 @@ def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.devic
     ckpt.load_weights(network, weights)
     network = network.to(device).eval()
     schedule = NoiseSchedule.from_config(variant.schedule).to(device)
-    record = path / "metrics.json"
-    bound = json.loads(record.read_text()).get("evaluation", {}).get("latent_clip_x0") if record.is_file() else None
+    # The run's latent cache (encoded again only if it is gone): the clipping bound and the held-out latents.
+    train_latents, heldout_latents, _ = cached_latents(path, vae, train, heldout, config.vae.batch_size, device)
+    bound = latent_clip_bound(config, train_latents)
     classes = variant.unet.num_classes
     guided = BalancedGuidance(network, classes, config.guidance.w) if classes else network
     unconditional = NullLabel(network, classes) if classes else network
@@ -1159,19 +1161,7 @@ def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.devic
         parts = [vae.decode(part.to(device)).clamp(-1, 1).cpu() for part in latents.split(config.vae.batch_size)]
         return torch.cat(parts)
 
-    heldout_latents = encode_all(vae, heldout.images, config.vae.batch_size, device)
-    evaluator = stages.evaluator_for(config.data, device, lambda _: None)
-    metrics: dict[str, Any] = {}
-    reference_rows: dict[int, dict[str, float]] = {}
-
-    def references_at(n: int) -> dict[str, float]:
-        if n not in reference_rows:
-            real = evaluator.calibration(min(max(n, 2), len(evaluator.heldout)))[0]
-            reference_rows[n] = {"fid": float(real["fid"])}
-        return reference_rows[n]
-
-    if evaluator is not None:
-        metrics["fid"] = lambda samples: float(evaluator.evaluate(decode(samples))["fid"])
+    metrics, references_at = stages.fid_scoring(stages.evaluator_for(config.data, device, lambda _: None), decode)
 
     def variational_bound(x0: torch.Tensor) -> dict[str, Any]:
         # The full bound L_T + sum_t L_t + L_0 (T network evaluations per point) of the model the ODE integrates
@@ -1205,10 +1195,10 @@ def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.devic
         device=device,
         metrics=metrics,
         plot=lambda samples, out, title: save_grid(decode(samples[:64]), out, nrow=8),
-        heldout=heldout_latents,
+        heldout=heldout_latents.images,
         batch_size=config.evaluation.batch_size,
         likelihood_model=DiffusionModel(stages.EpsPart(unconditional), schedule, "eps"),
-        references_at=references_at if evaluator is not None else None,
+        references_at=references_at,
         decode=decode,
         variational_bound=variational_bound,
         description=f"{variant.name}: {describe(variant.unet, latent_shape[1])}{guidance}; {clipping}; "

@@ -33,7 +33,6 @@ from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
 from difflab.experiments.points2d import trajectory_recorder
 from difflab.experiments.runs import RunFolder, resolve_device, setup_device
-from difflab.metrics.frechet import fid_ratio_std
 from difflab.models.unet import UNetConfig, count_parameters, describe
 from difflab.report.render import write_report
 from difflab.report.rundata import TRAJECTORY_FILE, load_run
@@ -422,12 +421,8 @@ def ddpm_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         "value": fid_ddim / fid_ddpm - 1,
         "met": fid_ddim <= 1.15 * fid_ddpm,
     }
-    if "fid_std" in metrics["ddpm"] and "fid_std" in metrics["ddim_at_ddpm_count"]:
-        noise = fid_ratio_std(fid_ddpm, metrics["ddpm"]["fid_std"], fid_ddim, metrics["ddim_at_ddpm_count"]["fid_std"])
-        fid_target["noise"] = noise
-        fid_target["target"] += f"; sampling noise of the ratio: {noise:.3f} (1 sd, bootstrap)"
     return [
-        fid_target,
+        stages.with_ratio_noise(fid_target, metrics["ddpm"], metrics["ddim_at_ddpm_count"], limit=0.15),
         {"target": "DDIM-50 time per image <= 1/20 of DDPM-1000 (+10%)", "value": ratio, "met": ratio <= 0.055},
     ]
 
@@ -845,20 +840,7 @@ def load_sampling_target(path: Path, config: Any, device: torch.device) -> Any:
     unconditional = NullLabel(network, classes) if classes else network
     _, heldout = stages.load_image_data(config.data, config.seed)
     evaluator = stages.evaluator_for(config.data, device, lambda _: None, config.metrics.inception_weights)
-    metrics: dict[str, Any] = {}
-    reference_rows: dict[int, dict[str, float]] = {}
-    if evaluator is not None:
-
-        def fid(samples: torch.Tensor) -> float:
-            return float(evaluator.evaluate(samples)["fid"])
-
-        def references_at(n: int) -> dict[str, float]:
-            if n not in reference_rows:
-                real = evaluator.calibration(min(max(n, 2), len(evaluator.heldout)))[0]
-                reference_rows[n] = {"fid": float(real["fid"])}
-            return reference_rows[n]
-
-        metrics["fid"] = fid
+    metrics, references_at = stages.fid_scoring(evaluator)
     guidance = f", guidance w = {config.guidance.w:g} (labels 0-9 in turn)" if classes else ""
     return SamplingTarget(
         path=path,
@@ -873,6 +855,6 @@ def load_sampling_target(path: Path, config: Any, device: torch.device) -> Any:
         batch_size=config.metrics.batch_size,
         likelihood_model=DiffusionModel(unconditional, schedule, "eps"),
         bin_width=BIN_WIDTHS.get(config.data.source),
-        references_at=references_at if evaluator is not None else None,
+        references_at=references_at,
         description=f"{describe(config.unet, _image_size(config))}{guidance}; x_0 predictions clipped to [-1, 1]",
     )
