@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.data.batches import ShuffledBatches
+from difflab.diffusion.prediction import PREDICTIONS, v_target
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.diffusion.vlb import learned_log_variance, reverse_mean, split_output, vlb_terms
 from difflab.errors import ConfigError
@@ -47,11 +48,17 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Options of the eps-prediction objective (the defaults are Ho et al.'s ``L_simple``).
+    """Options of the denoising objective (the defaults are Ho et al.'s eps-prediction ``L_simple``).
+
+    ``prediction``: what the network predicts, ``eps`` or ``v`` (Salimans & Ho 2022,
+    ``v = sqrt(a_t) eps - sqrt(1 - a_t) x_0``; the network is wrapped in
+    :class:`~difflab.diffusion.prediction.VPrediction` and the loss is ``|| v - v_theta ||^2``, which is the eps
+    loss weighted by ``1 / a_t = 1 + 1 / SNR_t``: the high-noise timesteps count more).
 
     ``weighting``: ``none`` (every timestep weighs 1) or ``min_snr``, Hang et al. 2023's Min-SNR-gamma weighting
     of the eps loss, ``w_t = min(SNR_t, gamma) / SNR_t`` with ``SNR_t = alpha_bar_t / (1 - alpha_bar_t)``
-    (``min_snr_gamma``; 5 in the paper): low-noise timesteps, whose eps loss is large but easy, are weighed down.
+    (``min_snr_gamma``; 5 in the paper): low-noise timesteps, whose eps loss is large but easy, are weighed down
+    (the v loss is weighed by ``min(SNR_t, gamma) / (SNR_t + 1)``, the same weight in x_0 terms).
     ``input_perturbation``: Ning et al. 2023's DDPM-IP; the network sees
     ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) (eps + gamma xi)`` with a fresh ``xi ~ N(0, I)`` and still predicts eps,
     which simulates the error of the sampler's own x_t (exposure bias); ``gamma`` 0.1 in the paper, 0 = off.
@@ -60,8 +67,11 @@ class ObjectiveConfig:
     weighting: str = "none"
     min_snr_gamma: float = 5.0
     input_perturbation: float = 0.0
+    prediction: str = "eps"
 
     def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"objective.prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if self.weighting not in LOSS_WEIGHTINGS:
             choices = ", ".join(LOSS_WEIGHTINGS)
             raise ConfigError(f"objective.weighting must be one of {choices}, got {self.weighting!r}")
@@ -71,15 +81,18 @@ class ObjectiveConfig:
             raise ConfigError("objective.input_perturbation must be in [0, 1)")
 
 
-def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights of the eps loss, ``min(SNR_t, gamma) / SNR_t`` = ``min(1, gamma / SNR_t)``, shape of t.
+def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, prediction: str = "eps") -> torch.Tensor:
+    """Min-SNR-gamma weights, shape of t: of the eps loss ``min(SNR_t, gamma) / SNR_t`` = ``min(1, gamma / SNR_t)``;
+    of the v loss ``min(SNR_t, gamma) / (SNR_t + 1)`` (Hang et al. 2023, sec. 3.4).
 
-    ``1 / SNR_t = (1 - alpha_bar_t) / alpha_bar_t``, computed in float64 from the betas (float32 ``alpha_bar``
+    ``SNR_t = alpha_bar_t / (1 - alpha_bar_t)``, computed in float64 from the betas (float32 ``alpha_bar``
     keeps only a few digits of ``1 - alpha_bar`` near t = 0).
     """
     alpha_bar = torch.cumprod(1 - schedule.betas.double(), dim=0)
     inverse_snr = (1 - alpha_bar) / alpha_bar
     weights = (gamma * inverse_snr).clamp(max=1.0)
+    if prediction == "v":
+        weights = weights / (1 + inverse_snr)  # min(SNR, gamma) / SNR * SNR / (SNR + 1)
     return weights.to(t.device)[t].float()
 
 
@@ -99,7 +112,8 @@ def epsilon_loss(
     models as ``model(x_t, t, labels)``; with ``label_dropout = p`` each label is replaced by
     ``null_label`` with probability p (classifier-free guidance training, Ho & Salimans 2022).
     ``objective`` adds the Min-SNR weighting and/or the input perturbation (:class:`ObjectiveConfig`); the
-    weighted loss is ``mean_b(w_{t_b} mean_pixels (eps_b - eps_theta_b)^2)``.
+    weighted loss is ``mean_b(w_{t_b} mean_pixels (eps_b - eps_theta_b)^2)``. With ``objective.prediction = "v"``
+    the model is a :class:`~difflab.diffusion.prediction.VPrediction` and the target is v of its raw output.
     """
     objective = objective or ObjectiveConfig()
     t, noise, x_t, labels = _noised(schedule, x0, generator, labels, label_dropout, null_label)
@@ -107,11 +121,18 @@ def epsilon_loss(
         # DDPM-IP: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) (eps + gamma xi); the target stays eps
         extra = batch_randn(tuple(x0.shape), generator, x0.device)
         x_t = schedule.q_sample(x0, t, noise + objective.input_perturbation * extra)
-    prediction = model(x_t, t) if labels is None else model(x_t, t, labels)
+    inputs = (x_t, t) if labels is None else (x_t, t, labels)
+    if objective.prediction == "v":
+        prediction = model(*inputs, raw=True)
+        alpha_bar = schedule.alpha_bar.to(x0.device)[t].reshape((-1,) + (1,) * (x0.ndim - 1))
+        target = v_target(x0, noise, alpha_bar)
+    else:
+        prediction, target = model(*inputs), noise
     if objective.weighting == "none":
-        return F.mse_loss(prediction, noise)
-    per_example = (prediction.float() - noise).pow(2).flatten(1).mean(dim=1)
-    return (min_snr_weights(schedule, t, objective.min_snr_gamma) * per_example).mean()
+        return F.mse_loss(prediction, target)
+    per_example = (prediction.float() - target).pow(2).flatten(1).mean(dim=1)
+    weights = min_snr_weights(schedule, t, objective.min_snr_gamma, objective.prediction)
+    return (weights * per_example).mean()
 
 
 def hybrid_loss(

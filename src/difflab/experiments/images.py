@@ -15,6 +15,7 @@ import torch
 from difflab.data.batches import ShuffledBatches
 from difflab.data.images import ImageSet, load_digits_8x8, load_image_folder
 from difflab.diffusion.objectives import ObjectiveConfig, epsilon_loss, hybrid_loss
+from difflab.diffusion.prediction import wrap_prediction
 from difflab.diffusion.respacing import respaced
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.diffusion.vlb import split_output
@@ -160,14 +161,18 @@ def train_image_denoiser(
     ``learned_variance``: the U-Net outputs ``[eps, v]`` and is trained with the hybrid loss
     ``L_simple + vlb_weight L_vlb`` (``decoder``: ``discretized`` for 8-bit images, ``gaussian`` for latents).
     ``name`` names the checkpoints (several models can share a run folder). ``channels_last`` stores the weights
-    NHWC (faster convolutions on CPU). ``objective``: Min-SNR weighting / input perturbation of the eps loss
-    (:class:`~difflab.diffusion.objectives.ObjectiveConfig`; not with ``learned_variance``).
+    NHWC (faster convolutions on CPU). ``objective``: Min-SNR weighting / input perturbation of the eps loss, or
+    v-prediction (:class:`~difflab.diffusion.objectives.ObjectiveConfig`; not with ``learned_variance``); a
+    v-network is returned wrapped in :class:`~difflab.diffusion.prediction.VPrediction`, an eps model.
     """
     objective = objective or ObjectiveConfig()
     if learned_variance and objective != ObjectiveConfig():
-        raise ConfigError("objective.weighting / input_perturbation apply to the eps loss, not the hybrid loss")
+        raise ConfigError(
+            "objective.weighting / input_perturbation / prediction apply to the eps loss, not the hybrid loss"
+        )
     torch.manual_seed(mix_seed(seed, 0, 92))
-    model = build_unet(unet_config, train, learned_variance).to(device)
+    model = wrap_prediction(build_unet(unet_config, train, learned_variance), objective.prediction, schedule)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     conditional = unet_config.num_classes > 0

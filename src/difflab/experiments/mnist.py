@@ -27,6 +27,7 @@ import torch
 
 from difflab.config import config_from, read_yaml
 from difflab.diffusion.objectives import ObjectiveConfig
+from difflab.diffusion.prediction import wrap_prediction
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import images as stages
@@ -244,9 +245,16 @@ def _calibration(evaluator: Any, counts: list[int]) -> dict[str, list[dict[str, 
     return {str(n): evaluator.calibration(n) for n in sorted(set(c for c in counts if c > 1))}
 
 
-def _loss_figure(run: RunFolder, logger: RunLogger) -> Path:
+def _description(config: Any, size: int) -> str:
+    """The U-Net's description, with what it predicts when that is not eps."""
+    text = describe(config.unet, size)
+    return text if config.objective.prediction == "eps" else f"{text}, {config.objective.prediction}-prediction"
+
+
+def _loss_figure(run: RunFolder, logger: RunLogger, objective: ObjectiveConfig) -> Path:
+    train = "train" if objective.prediction == "eps" else f"train ({objective.prediction}-MSE)"
     series = {
-        "train": read_series(logger.path, "denoiser/train_loss"),
+        train: read_series(logger.path, "denoiser/train_loss"),
         "validation": read_series(logger.path, "denoiser/val_loss"),
     }
     return plots2d.curves(series, run.sub("figures", "loss.png"), "eps-prediction MSE")
@@ -345,13 +353,13 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
             metrics["forward"] = stages.forward_statistics(schedule, train.images, config.seed)
             metrics["objective"] = stages.loss_by_timestep(model, schedule, heldout.images, config.seed, device)
         with run.stage("figures"):
-            _loss_figure(run, logger)
+            _loss_figure(run, logger, config.objective)
         logger.close()
         metrics["grids"] = grids
         metrics["comparison"] = ddpm_ddim_comparison(metrics)
         metrics["data"] = _data_summary(config.data, train, heldout)
         metrics["device"] = str(device)
-        metrics["model"] = {"parameters": count_parameters(model), "description": describe(config.unet, train.size)}
+        metrics["model"] = {"parameters": count_parameters(model), "description": _description(config, train.size)}
         metrics["training"] = {
             "step": result.step,
             "seconds": round(result.seconds, 1),
@@ -610,10 +618,10 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
         with run.stage("evaluate"):
             metrics["calibration"] = _calibration(evaluator, [ev.n_samples, guidance.n_sweep])
         with run.stage("figures"):
-            _loss_figure(run, logger)
+            _loss_figure(run, logger, config.objective)
             progress.figure(run.sub("figures", "progress.png"))
         logger.close()
-        metrics["model"] = {"parameters": count_parameters(model), "description": describe(config.unet, train.size)}
+        metrics["model"] = {"parameters": count_parameters(model), "description": _description(config, train.size)}
         metrics["training"] = {
             "step": result.step,
             "seconds": round(result.seconds, 1),
@@ -686,9 +694,10 @@ def load_run_model(
     config = config_from(classes[recipe](), run_dir / "config.yaml")
     from difflab.models.unet import UNet
 
-    model = UNet(config.unet)
+    schedule = NoiseSchedule.from_config(config.schedule)
+    model = wrap_prediction(UNet(config.unet), config.objective.prediction, schedule)
     load_weights(model, run_dir / "checkpoints" / "denoiser.safetensors")
-    schedule = NoiseSchedule.from_config(config.schedule).to(device)
+    schedule = schedule.to(device)
     model = model.to(device).eval()
     if torch.device(device).type == "cpu":
         model = model.to(memory_format=torch.channels_last)

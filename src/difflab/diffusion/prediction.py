@@ -1,0 +1,76 @@
+"""What the denoising network predicts: eps (Ho et al. 2020) or v (Salimans & Ho 2022).
+
+With ``x_t = sqrt(a) x_0 + sqrt(1 - a) eps`` (``a = alpha_bar_t``) the velocity is
+``v = sqrt(a) eps - sqrt(1 - a) x_0``, and ``eps = sqrt(1 - a) x_t + sqrt(a) v``. A v-network is wrapped in
+:class:`VPrediction`, which answers as an eps model, so every sampler, guidance wrapper, inversion and the
+likelihood use it unchanged; the training loss asks it for its raw v (``raw=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from difflab.diffusion.schedule import NoiseSchedule
+
+PREDICTIONS = ("eps", "v")
+
+
+def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``v = sqrt(a) eps - sqrt(1 - a) x_0``; ``alpha_bar`` broadcasts against x0 (B, ...)."""
+    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+
+
+class VPrediction(nn.Module):
+    """A network that predicts v, seen from outside as an eps model.
+
+    net: called as ``net(x_t, t, *conditioning)``, returns v of the shape of x_t (B, C, ...).
+    ``forward(x_t, t, *conditioning)`` returns ``eps = sqrt(1 - a_t) x_t + sqrt(a_t) v``; with ``raw=True`` the
+    network's v itself. Integer t index the schedule; fractional t (the sigma-space solvers) take
+    ``log sigma_t = log sqrt((1 - a_t) / a_t)`` linear between the neighbouring steps, as
+    :class:`~difflab.sampling.wrappers.DiffusionModel` does. The schedule lives in non-persistent buffers, so
+    the state dict holds only the network's weights (under ``net.``).
+    """
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule) -> None:
+        super().__init__()
+        self.net = net
+        log_alpha_bar = torch.cumsum(torch.log1p(-schedule.betas.double().cpu()), 0)
+        alpha_bar = log_alpha_bar.exp()
+        # float64 1 - alpha_bar without cancellation near t = 0
+        log_sigmas = 0.5 * (torch.log(-torch.expm1(log_alpha_bar)) - log_alpha_bar)
+        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        self.register_buffer("log_sigmas", log_sigmas, persistent=False)
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=like.device)
+        if t.ndim == 0:
+            t = t.expand(like.shape[0])
+        if t.is_floating_point():
+            steps = len(self.log_sigmas)
+            clamped = t.double().clamp(0, steps - 1)
+            low = clamped.floor().long().clamp(max=max(steps - 2, 0))
+            high = (low + 1).clamp(max=steps - 1)
+            weight = clamped - low
+            log_sigma = (1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[high]
+            values = torch.sigmoid(-2 * log_sigma).to(like.dtype)  # 1 / (1 + sigma^2)
+        else:
+            values = self.alpha_bar[t].to(like.dtype)
+        return values.reshape(values.shape + (1,) * (like.ndim - 1))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *conditioning: torch.Tensor, raw: bool = False):
+        """x_t: (B, C, ...), t: (B,) or scalar -> eps (B, C, ...), or v with ``raw=True``."""
+        v = self.net(x_t, t, *conditioning)
+        if raw:
+            return v
+        alpha_bar = self._alpha_bar(t, x_t)
+        return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
+
+
+def wrap_prediction(net: nn.Module, prediction: str, schedule: NoiseSchedule) -> nn.Module:
+    """``net`` as an eps model: itself for ``eps``, :class:`VPrediction` for ``v``."""
+    if prediction == "eps":
+        return net
+    if prediction == "v":
+        return VPrediction(net, schedule)
+    raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
