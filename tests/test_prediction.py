@@ -52,8 +52,8 @@ def test_fractional_timesteps_use_the_samplers_alpha_bar() -> None:
     model = VPrediction(Scaled(0.7), schedule)
     x = torch.randn(3, 2, 4, 4)
     t = torch.tensor([0.0, 41.3, 99.0], dtype=torch.float64)
-    alpha_bar = DiffusionModel(Scaled(0.7), schedule, "v").alpha_bar_at(t).float().reshape(-1, 1, 1, 1)
-    expected = (1 - alpha_bar).sqrt() * x + alpha_bar.sqrt() * 0.7 * x
+    alpha_bar = DiffusionModel(Scaled(0.7), schedule, "v").alpha_bar_at(t).reshape(-1, 1, 1, 1)  # float64
+    expected = ((1 - alpha_bar).sqrt() * x.double() + alpha_bar.sqrt() * 0.7 * x.double()).float()
     torch.testing.assert_close(model(x, t), expected, atol=1e-6, rtol=0)
     integers = torch.tensor([0, 57, 99])  # whole float timesteps agree with the indexed schedule
     torch.testing.assert_close(model(x, integers), model(x, integers.double()), atol=1e-6, rtol=0)

@@ -36,13 +36,12 @@ class VPrediction(nn.Module):
         super().__init__()
         self.net = net
         log_alpha_bar = torch.cumsum(torch.log1p(-schedule.betas.double().cpu()), 0)
-        alpha_bar = log_alpha_bar.exp()
-        # float64 1 - alpha_bar without cancellation near t = 0
+        # float64 log sigma_t = log sqrt((1 - a_t) / a_t), with 1 - a_t free of cancellation near t = 0
         log_sigmas = 0.5 * (torch.log(-torch.expm1(log_alpha_bar)) - log_alpha_bar)
-        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         self.register_buffer("log_sigmas", log_sigmas, persistent=False)
 
-    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sqrt(1 - a_t), sqrt(a_t))`` at t, shaped to broadcast over ``like`` (B, ...)."""
         t = torch.as_tensor(t, device=like.device)
         if t.ndim == 0:
             t = t.expand(like.shape[0])
@@ -53,18 +52,21 @@ class VPrediction(nn.Module):
             high = (low + 1).clamp(max=steps - 1)
             weight = clamped - low
             log_sigma = (1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[high]
-            values = torch.sigmoid(-2 * log_sigma).to(like.dtype)  # 1 / (1 + sigma^2)
         else:
-            values = self.alpha_bar[t].to(like.dtype)
-        return values.reshape(values.shape + (1,) * (like.ndim - 1))
+            log_sigma = self.log_sigmas[t]
+        # a = 1 / (1 + sigma^2) = sigmoid(-2 log sigma), 1 - a = sigmoid(2 log sigma)
+        shape = log_sigma.shape + (1,) * (like.ndim - 1)
+        noise_scale = torch.sigmoid(2 * log_sigma).sqrt().to(like.dtype).reshape(shape)
+        signal_scale = torch.sigmoid(-2 * log_sigma).sqrt().to(like.dtype).reshape(shape)
+        return noise_scale, signal_scale
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *conditioning: torch.Tensor, raw: bool = False):
         """x_t: (B, C, ...), t: (B,) or scalar -> eps (B, C, ...), or v with ``raw=True``."""
         v = self.net(x_t, t, *conditioning)
         if raw:
             return v
-        alpha_bar = self._alpha_bar(t, x_t)
-        return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
+        noise_scale, signal_scale = self._coefficients(t, x_t)
+        return noise_scale * x_t + signal_scale * v
 
 
 def wrap_prediction(net: nn.Module, prediction: str, schedule: NoiseSchedule) -> nn.Module:
