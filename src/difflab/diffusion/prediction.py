@@ -21,6 +21,17 @@ def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> 
     return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
 
 
+def interpolated_log_sigma(log_sigmas: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``log sigma`` at fractional timesteps t, linear in t between the discrete steps' ``log_sigmas`` (T,);
+    t is clamped to [0, T-1]. float64, on ``log_sigmas``' device."""
+    steps = len(log_sigmas)
+    t = torch.as_tensor(t, dtype=torch.float64, device=log_sigmas.device).clamp(0, steps - 1)
+    low = t.floor().long().clamp(max=max(steps - 2, 0))
+    high = (low + 1).clamp(max=steps - 1)
+    weight = t - low
+    return (1 - weight) * log_sigmas[low] + weight * log_sigmas[high]
+
+
 class VPrediction(nn.Module):
     """A network that predicts v, seen from outside as an eps model.
 
@@ -45,15 +56,7 @@ class VPrediction(nn.Module):
         t = torch.as_tensor(t, device=like.device)
         if t.ndim == 0:
             t = t.expand(like.shape[0])
-        if t.is_floating_point():
-            steps = len(self.log_sigmas)
-            clamped = t.double().clamp(0, steps - 1)
-            low = clamped.floor().long().clamp(max=max(steps - 2, 0))
-            high = (low + 1).clamp(max=steps - 1)
-            weight = clamped - low
-            log_sigma = (1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[high]
-        else:
-            log_sigma = self.log_sigmas[t]
+        log_sigma = interpolated_log_sigma(self.log_sigmas, t) if t.is_floating_point() else self.log_sigmas[t]
         # a = 1 / (1 + sigma^2) = sigmoid(-2 log sigma), 1 - a = sigmoid(2 log sigma)
         shape = log_sigma.shape + (1,) * (like.ndim - 1)
         noise_scale = torch.sigmoid(2 * log_sigma).sqrt().to(like.dtype).reshape(shape)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from difflab.diffusion.prediction import interpolated_log_sigma
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
 
@@ -137,13 +138,7 @@ class DiffusionModel:
     # -- the continuous schedule -----------------------------------------------------------------------
     def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
         """VE sigma at (fractional) timestep ``t`` in [0, T-1]: ``log sigma`` linear between the steps. float64."""
-        t = torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0, self.num_timesteps - 1)
-        if self.num_timesteps == 1:
-            return self.sigmas[0].expand(t.shape).clone()
-        low = t.floor().long().clamp(max=self.num_timesteps - 2)
-        weight = t - low
-        log_sigma = (1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[low + 1]
-        return log_sigma.exp()
+        return interpolated_log_sigma(self.log_sigmas, torch.as_tensor(t).cpu()).exp()
 
     def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """The inverse of :meth:`t_to_sigma`; sigmas outside [sigma_min, sigma_max] clamp to 0 or T-1. float64."""
