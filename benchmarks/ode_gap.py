@@ -19,28 +19,27 @@ import time
 
 import torch
 
-from difflab.experiments.mnist import NullLabel, load_run_model
+from difflab.experiments.mnist import NullLabel, image_shape, load_run_model
 from difflab.metrics.image_eval import ImageEvaluator
 from difflab.sampling.common import timestep_list
-from difflab.sampling.ddim import ddim_step
+from difflab.sampling.ddim import ddim_sample
 
 
-def hybrid_sample(model, schedule, n: int, steps: int, eta_above: float, eta_below: float, tau: int, seed: int):
-    """(n, 1, 28, 28) samples of DDIM with ``eta_above`` at t > tau and ``eta_below`` at t <= tau, x_0 clipped."""
+def hybrid_sample(
+    model, schedule, shape: tuple[int, ...], n: int, steps: int, eta_above: float, eta_below: float, tau: int, seed: int
+) -> torch.Tensor:
+    """(n, *shape) samples of DDIM with ``eta_above`` at t > tau and ``eta_below`` at t <= tau, x_0 clipped.
+
+    Batches of 500 from one generator: each batch draws its x_T, then its noise step by step."""
     generator = torch.Generator().manual_seed(seed)
     timesteps = timestep_list(schedule.num_timesteps, steps, "leading")
+    etas = [eta_above if t > tau else eta_below for t in timesteps]
     parts = []
-    with torch.inference_mode():
-        for start in range(0, n, 500):
-            batch = min(500, n - start)
-            x = torch.randn((batch, 1, 28, 28), generator=generator)
-            for k, t in enumerate(timesteps):
-                t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else None
-                eps = model(x, torch.full((batch,), t, dtype=torch.long))
-                eta = eta_above if t > tau else eta_below
-                noise = torch.randn(x.shape, generator=generator) if eta > 0 and t_prev is not None else None
-                x, _ = ddim_step(schedule, eps, t, t_prev, x, eta, noise, clip_x0=1.0)
-            parts.append(x)
+    for start in range(0, n, 500):
+        batch = (min(500, n - start), *shape)
+        parts.append(
+            ddim_sample(model, schedule, batch, timesteps=timesteps, eta=etas, generator=generator, clip_x0=1.0)
+        )
     return torch.cat(parts)
 
 
@@ -68,7 +67,7 @@ def main() -> None:
     rows = []
     for name, above, below, tau in variants:
         start = time.perf_counter()
-        samples = hybrid_sample(model, schedule, args.n, args.steps, above, below, tau, args.seed)
+        samples = hybrid_sample(model, schedule, image_shape(config), args.n, args.steps, above, below, tau, args.seed)
         result = evaluator.evaluate(samples)
         seconds = time.perf_counter() - start
         rows.append({"variant": name, "fid": result["fid"], "fid_std": result.get("fid_std"), "seconds": seconds})

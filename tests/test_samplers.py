@@ -173,6 +173,30 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_stochastic(fixed_eps) -> None:
     assert not torch.allclose(a, c)
 
 
+def test_ddim_takes_one_eta_per_step(fixed_eps) -> None:
+    """A constant eta list is the scalar eta, draw for draw; a hybrid (ancestral at the first 5 of 20 steps, the ODE
+    below) equals the DDIM update (Song et al. eq. 12) applied by hand with noise drawn only where eta > 0."""
+    schedule = NoiseSchedule.linear(100, 1e-3, 0.2)
+    timesteps = timestep_list(100, 20, "leading")
+    scalar = ddim_sample(fixed_eps, schedule, (16, 2), steps=20, eta=1.0, generator=torch.Generator().manual_seed(3))
+    listed = ddim_sample(
+        fixed_eps, schedule, (16, 2), steps=20, eta=[1.0] * 20, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(scalar, listed)
+    etas = [1.0] * 5 + [0.0] * 15
+    hybrid = ddim_sample(fixed_eps, schedule, (16, 2), steps=20, eta=etas, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn((16, 2), generator=generator)
+    for k, t in enumerate(timesteps):
+        t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else None
+        noise = torch.randn((16, 2), generator=generator) if etas[k] > 0 and t_prev is not None else None
+        x, _ = ddim_step(schedule, fixed_eps(x, torch.full((16,), t)), t, t_prev, x, etas[k], noise)
+    assert torch.equal(hybrid, x)
+    assert not torch.allclose(hybrid, scalar)
+    with pytest.raises(ValueError, match="3 eta values for 20 steps"):
+        ddim_sample(fixed_eps, schedule, (16, 2), steps=20, eta=[0.0] * 3)
+
+
 def test_samplers_are_reproducible_with_a_seed(fixed_eps) -> None:
     schedule = NoiseSchedule.linear(50, 1e-3, 0.3)
     runs = [ddpm_sample(fixed_eps, schedule, (32, 2), generator=torch.Generator().manual_seed(9)) for _ in range(2)]

@@ -88,8 +88,8 @@ def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, pred
     ``SNR_t = alpha_bar_t / (1 - alpha_bar_t)``, computed in float64 from the betas (float32 ``alpha_bar``
     keeps only a few digits of ``1 - alpha_bar`` near t = 0).
     """
-    alpha_bar = torch.cumprod(1 - schedule.betas.double(), dim=0)
-    inverse_snr = (1 - alpha_bar) / alpha_bar
+    alpha_bar, one_minus_alpha_bar = schedule.precise_alpha_bar()
+    inverse_snr = one_minus_alpha_bar / alpha_bar
     weights = (gamma * inverse_snr).clamp(max=1.0)
     if prediction == "v":
         weights = weights / (1 + inverse_snr)  # min(SNR, gamma) / SNR * SNR / (SNR + 1)
@@ -124,6 +124,7 @@ def epsilon_loss(
     inputs = (x_t, t) if labels is None else (x_t, t, labels)
     if objective.prediction == "v":
         prediction = model(*inputs, raw=True)
+        # The float32 alpha_bar that q_sample used for x_t, so that (x_t, v) is an exact pair of the same process.
         alpha_bar = schedule.alpha_bar.to(x0.device)[t].reshape((-1,) + (1,) * (x0.ndim - 1))
         target = v_target(x0, noise, alpha_bar)
     else:

@@ -16,6 +16,38 @@ from difflab.diffusion.schedule import NoiseSchedule
 PREDICTIONS = ("eps", "v")
 
 
+# Conversions between the four targets. ``alpha_bar`` broadcasts against ``x_t`` (a tensor of shape
+# (B, 1, ..., 1) or a scalar); every identity follows from x_t = sqrt(a) x_0 + sqrt(1 - a) eps.
+def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``."""
+    return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``eps = (x_t - sqrt(a) x_0) / sqrt(1 - a)``."""
+    return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+
+def v_to_eps(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``eps = sqrt(1 - a) x_t + sqrt(a) v`` (Salimans & Ho 2022, appendix D)."""
+    return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
+
+
+def eps_to_v(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``v = sqrt(a) eps - sqrt(1 - a) x_0 = (eps - sqrt(1 - a) x_t) / sqrt(a)``."""
+    return (eps - (1 - alpha_bar).sqrt() * x_t) / alpha_bar.sqrt()
+
+
+def score_to_eps(score: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``eps = -sqrt(1 - a) score``."""
+    return -(1 - alpha_bar).sqrt() * score
+
+
+def eps_to_score(eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``score = -eps / sigma_t`` with ``sigma_t = sqrt(1 - a)`` (the VP marginal's std)."""
+    return -eps / (1 - alpha_bar).sqrt()
+
+
 def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """``v = sqrt(a) eps - sqrt(1 - a) x_0``; ``alpha_bar`` broadcasts against x0 (B, ...)."""
     return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
@@ -46,30 +78,27 @@ class VPrediction(nn.Module):
     def __init__(self, net: nn.Module, schedule: NoiseSchedule) -> None:
         super().__init__()
         self.net = net
-        log_alpha_bar = torch.cumsum(torch.log1p(-schedule.betas.double().cpu()), 0)
         # float64 log sigma_t = log sqrt((1 - a_t) / a_t), with 1 - a_t free of cancellation near t = 0
-        log_sigmas = 0.5 * (torch.log(-torch.expm1(log_alpha_bar)) - log_alpha_bar)
+        alpha_bar, one_minus_alpha_bar = schedule.precise_alpha_bar()
+        log_sigmas = 0.5 * (one_minus_alpha_bar.log() - alpha_bar.log())
         self.register_buffer("log_sigmas", log_sigmas, persistent=False)
 
-    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sqrt(1 - a_t), sqrt(a_t))`` at t, shaped to broadcast over ``like`` (B, ...)."""
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """float64 ``alpha_bar`` at t, shaped (B, 1, ..., 1) to broadcast over ``like`` (B, ...)."""
         t = torch.as_tensor(t, device=like.device)
         if t.ndim == 0:
             t = t.expand(like.shape[0])
         log_sigma = interpolated_log_sigma(self.log_sigmas, t) if t.is_floating_point() else self.log_sigmas[t]
-        # a = 1 / (1 + sigma^2) = sigmoid(-2 log sigma), 1 - a = sigmoid(2 log sigma)
-        shape = log_sigma.shape + (1,) * (like.ndim - 1)
-        noise_scale = torch.sigmoid(2 * log_sigma).sqrt().to(like.dtype).reshape(shape)
-        signal_scale = torch.sigmoid(-2 * log_sigma).sqrt().to(like.dtype).reshape(shape)
-        return noise_scale, signal_scale
+        # a = 1 / (1 + sigma^2) = sigmoid(-2 log sigma)
+        return torch.sigmoid(-2 * log_sigma).reshape(log_sigma.shape + (1,) * (like.ndim - 1))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *conditioning: torch.Tensor, raw: bool = False):
         """x_t: (B, C, ...), t: (B,) or scalar -> eps (B, C, ...), or v with ``raw=True``."""
         v = self.net(x_t, t, *conditioning)
         if raw:
             return v
-        noise_scale, signal_scale = self._coefficients(t, x_t)
-        return noise_scale * x_t + signal_scale * v
+        # the conversion in float64 (1 - a_t near t = 0 keeps its digits), returned in x_t's dtype
+        return v_to_eps(x_t, v, self._alpha_bar(t, x_t)).to(x_t.dtype)
 
 
 def wrap_prediction(net: nn.Module, prediction: str, schedule: NoiseSchedule) -> nn.Module:

@@ -67,7 +67,7 @@ def respace(schedule: NoiseSchedule, timesteps: Sequence[int]) -> RespacedSchedu
     kept = sorted(set(int(t) for t in timesteps))
     if not kept or kept[0] < 0 or kept[-1] >= schedule.num_timesteps:
         raise ConfigError(f"respaced timesteps must lie in 0..{schedule.num_timesteps - 1}")
-    alpha_bar = torch.cumprod(1 - schedule.betas.double().cpu(), dim=0)[kept]
+    alpha_bar = schedule.precise_alpha_bar()[0][kept]
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
     betas = 1 - alpha_bar / previous
     device = schedule.betas.device

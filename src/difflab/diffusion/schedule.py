@@ -114,6 +114,15 @@ class NoiseSchedule:
     def __len__(self) -> int:
         return self.num_timesteps
 
+    def precise_alpha_bar(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_bar, 1 - alpha_bar)`` in float64 from the betas, (T,) each, on the CPU.
+
+        The stored float32 ``alpha_bar`` keeps only ~3 significant digits of ``1 - alpha_bar`` near t = 0
+        (about 1e-4); ``1 - alpha_bar = -expm1(sum_s log(1 - beta_s))`` keeps them all.
+        """
+        log_alpha_bar = torch.cumsum(torch.log1p(-self.betas.double().cpu()), 0)
+        return log_alpha_bar.exp(), -torch.expm1(log_alpha_bar)
+
     def to(self, device: torch.device | str) -> NoiseSchedule:
         """Move every buffer to ``device`` (in place); returns ``self``."""
         for name, value in vars(self).items():

@@ -727,7 +727,7 @@ def sample_from_run(
         if not 0 <= digit < classes:
             raise ConfigError(f"--digit must be between 0 and {classes - 1}, got {digit}")
         labels = torch.full((n,), digit, dtype=torch.long)
-    shape = (config.unet.in_channels, *(_image_size(config),) * 2)
+    shape = image_shape(config)
     result = stages.sample_images(
         model,
         schedule,
@@ -749,6 +749,11 @@ def sample_from_run(
     save_grid(result.images, path, nrow=max(1, int(n**0.5)))
     stages.save_samples(path.with_suffix(".pt"), result)
     return path
+
+
+def image_shape(config: Any) -> tuple[int, int, int]:
+    """(C, H, W) of one image of an image run's config."""
+    return (config.unet.in_channels, *(_image_size(config),) * 2)
 
 
 def _image_size(config: Any) -> int:
@@ -856,7 +861,7 @@ def load_sampling_target(path: Path, config: Any, device: torch.device) -> Any:
         recipe=config.recipe,
         model=DiffusionModel(sampled, schedule, "eps", clip_x0=1.0),
         schedule=schedule,
-        sample_shape=(config.unet.in_channels, *(_image_size(config),) * 2),
+        sample_shape=image_shape(config),
         device=device,
         metrics=metrics,
         plot=lambda samples, out, title: save_grid(samples[:64], out, nrow=8),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from difflab.diffusion.schedule import NoiseSchedule
@@ -48,7 +50,7 @@ def ddim_sample(
     shape: tuple[int, ...],
     *,
     steps: int = 50,
-    eta: float = 0.0,
+    eta: float | Sequence[float] = 0.0,
     spacing: str = "leading",
     timesteps: list[int] | None = None,
     generator: torch.Generator | None = None,
@@ -63,10 +65,15 @@ def ddim_sample(
     Each step's previous timestep is the next entry of the list (the chain ends at ``alpha_bar = 1``),
     never recomputed by formula, so any spacing works. ``eta = 0`` is deterministic given ``x_T``;
     ``eta = 1`` matches DDPM's posterior variance. A model returning ``[eps, v]`` (learned variance) is used for
-    its eps only. Returns x_0 of ``shape``.
+    its eps only. ``eta`` may also be one value per step (``eta[k]`` for the update from ``timesteps[k]``), e.g.
+    the probability-flow ODE at high noise and ancestral steps below (``benchmarks/ode_gap.py``); noise is drawn
+    only at steps with ``eta > 0``, so a constant list draws exactly what the scalar does. Returns x_0 of ``shape``.
     """
     if timesteps is None:
         timesteps = timestep_list(schedule.num_timesteps, steps, spacing)
+    etas = [float(value) for value in eta] if isinstance(eta, Sequence) else [float(eta)] * len(timesteps)
+    if len(etas) != len(timesteps):
+        raise ValueError(f"ddim_sample got {len(etas)} eta values for {len(timesteps)} steps")
     with sampling_mode(model):
         x = randn(shape, generator, device) if x_T is None else x_T.to(device)
         for k in progress(list(range(len(timesteps))), show_progress, "DDIM"):
@@ -74,8 +81,8 @@ def ddim_sample(
             t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else None
             # A learned-variance model's extra channels are ignored: DDIM's sigma comes from eta.
             eps, _ = split_output(model(x, torch.full((shape[0],), t, device=device, dtype=torch.long)), x)
-            noise = randn(shape, generator, device) if eta > 0 and t_prev is not None else None
-            x_next, x0_pred = ddim_step(schedule, eps, t, t_prev, x, eta, noise, clip_x0)
+            noise = randn(shape, generator, device) if etas[k] > 0 and t_prev is not None else None
+            x_next, x0_pred = ddim_step(schedule, eps, t, t_prev, x, etas[k], noise, clip_x0)
             if callback is not None:
                 callback(k, t, x, x0_pred)
             x = x_next

@@ -37,7 +37,7 @@ from difflab.errors import ConfigError
 from difflab.sampling.common import StepCallback, progress, randn, sampling_mode, timestep_list
 from difflab.sampling.ddim import ddim_step
 from difflab.sampling.ddpm import VARIANCES
-from difflab.sampling.wrappers import DiffusionModel, as_diffusion_model, precise_alpha_bar
+from difflab.sampling.wrappers import DiffusionModel, as_diffusion_model
 
 SIGMA_SCHEDULES = ("karras", "uniform")
 FINAL_SIGMAS = ("zero", "sigma_min")
@@ -174,7 +174,7 @@ def sample_ddpm(
     _check_corrector(corrector_steps, snr)
     net = as_diffusion_model(model, schedule)
     timesteps = timestep_list(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
-    alpha_bar, one_minus = precise_alpha_bar(schedule)
+    alpha_bar, one_minus = schedule.precise_alpha_bar()
     log_alpha_bar = alpha_bar.log()
     with sampling_mode(net):
         x = _start(shape, x_T, generator, device)
@@ -289,7 +289,7 @@ def sample_dpmpp_2m(
         raise ConfigError(f"final_sigma must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
     net = as_diffusion_model(model, schedule)
     timesteps = dpm_solver_timesteps(schedule.num_timesteps, steps, spacing)
-    alpha_bar, one_minus = precise_alpha_bar(schedule)
+    alpha_bar, one_minus = schedule.precise_alpha_bar()
     # (alpha_bar, 1 - alpha_bar) at each visited timestep, then at the final level
     levels = [(float(alpha_bar[t]), float(one_minus[t])) for t in timesteps]
     levels.append((1.0, 0.0) if final_sigma == "zero" else (float(alpha_bar[0]), float(one_minus[0])))

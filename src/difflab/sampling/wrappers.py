@@ -24,53 +24,19 @@ from typing import Any
 
 import torch
 
-from difflab.diffusion.prediction import interpolated_log_sigma
+from difflab.diffusion.prediction import (
+    eps_to_score,
+    eps_to_v,
+    eps_to_x0,
+    interpolated_log_sigma,
+    score_to_eps,
+    v_to_eps,
+    x0_to_eps,
+)
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "score")
-
-
-# Conversions between the four targets. ``alpha_bar`` broadcasts against ``x_t`` (a tensor of shape
-# (B, 1, ..., 1) or a scalar); every identity follows from x_t = sqrt(a) x_0 + sqrt(1 - a) eps.
-def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``."""
-    return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-
-
-def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``eps = (x_t - sqrt(a) x_0) / sqrt(1 - a)``."""
-    return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
-
-
-def v_to_eps(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``eps = sqrt(1 - a) x_t + sqrt(a) v`` (Salimans & Ho 2022, appendix D)."""
-    return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
-
-
-def eps_to_v(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``v = sqrt(a) eps - sqrt(1 - a) x_0 = (eps - sqrt(1 - a) x_t) / sqrt(a)``."""
-    return (eps - (1 - alpha_bar).sqrt() * x_t) / alpha_bar.sqrt()
-
-
-def score_to_eps(score: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``eps = -sqrt(1 - a) score``."""
-    return -(1 - alpha_bar).sqrt() * score
-
-
-def eps_to_score(eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``score = -eps / sigma_t`` with ``sigma_t = sqrt(1 - a)`` (the VP marginal's std)."""
-    return -eps / (1 - alpha_bar).sqrt()
-
-
-def precise_alpha_bar(schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(alpha_bar, 1 - alpha_bar)`` in float64 from the schedule's betas, (T,) each.
-
-    The schedule stores ``alpha_bar`` in float32, where ``1 - alpha_bar`` near t = 0 (about 1e-4) keeps only
-    ~3 significant digits; ``1 - alpha_bar = -expm1(sum log(1 - beta))`` keeps them all.
-    """
-    log_alpha_bar = torch.cumsum(torch.log1p(-schedule.betas.double().cpu()), 0)
-    return log_alpha_bar.exp(), -torch.expm1(log_alpha_bar)
 
 
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -112,7 +78,7 @@ class DiffusionModel:
         self.round_timesteps = round_timesteps
         self.clip_x0 = clip_x0
         self.nfe = 0
-        alpha_bar, one_minus_alpha_bar = precise_alpha_bar(schedule)
+        alpha_bar, one_minus_alpha_bar = schedule.precise_alpha_bar()
         self.alpha_bar64 = alpha_bar
         self.num_timesteps = schedule.num_timesteps
         # VE noise levels of the discrete steps, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), increasing in t.
