@@ -78,10 +78,7 @@ class VPrediction(nn.Module):
     def __init__(self, net: nn.Module, schedule: NoiseSchedule) -> None:
         super().__init__()
         self.net = net
-        # float64 log sigma_t = log sqrt((1 - a_t) / a_t), with 1 - a_t free of cancellation near t = 0
-        alpha_bar, one_minus_alpha_bar = schedule.precise_alpha_bar()
-        log_sigmas = 0.5 * (one_minus_alpha_bar.log() - alpha_bar.log())
-        self.register_buffer("log_sigmas", log_sigmas, persistent=False)
+        self.register_buffer("log_sigmas", schedule.precise_log_sigmas(), persistent=False)
 
     def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """float64 ``alpha_bar`` at t, shaped (B, 1, ..., 1) to broadcast over ``like`` (B, ...)."""

@@ -123,6 +123,12 @@ class NoiseSchedule:
         log_alpha_bar = torch.cumsum(torch.log1p(-self.betas.double().cpu()), 0)
         return log_alpha_bar.exp(), -torch.expm1(log_alpha_bar)
 
+    def precise_log_sigmas(self) -> torch.Tensor:
+        """float64 VE noise levels ``log sigma_t = log sqrt((1 - alpha_bar_t) / alpha_bar_t)``, (T,), increasing in t,
+        on the CPU (from :meth:`precise_alpha_bar`)."""
+        alpha_bar, one_minus_alpha_bar = self.precise_alpha_bar()
+        return 0.5 * (one_minus_alpha_bar.log() - alpha_bar.log())
+
     def to(self, device: torch.device | str) -> NoiseSchedule:
         """Move every buffer to ``device`` (in place); returns ``self``."""
         for name, value in vars(self).items():

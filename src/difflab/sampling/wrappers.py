@@ -78,12 +78,11 @@ class DiffusionModel:
         self.round_timesteps = round_timesteps
         self.clip_x0 = clip_x0
         self.nfe = 0
-        alpha_bar, one_minus_alpha_bar = schedule.precise_alpha_bar()
-        self.alpha_bar64 = alpha_bar
+        self.alpha_bar64 = schedule.precise_alpha_bar()[0]
         self.num_timesteps = schedule.num_timesteps
         # VE noise levels of the discrete steps, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), increasing in t.
-        self.sigmas = (one_minus_alpha_bar / alpha_bar).sqrt()
-        self.log_sigmas = self.sigmas.log()
+        self.log_sigmas = schedule.precise_log_sigmas()
+        self.sigmas = self.log_sigmas.exp()
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     @property
