@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from difflab.diffusion.schedule import NoiseSchedule, linear_betas
 from difflab.errors import ConfigError
 from difflab.sampling.common import timestep_list
+from difflab.sampling.ddim import ddim_sample
 from difflab.sampling.ddpm import ddpm_sample
 from difflab.sampling.solvers import (
     SAMPLERS,
@@ -20,6 +21,7 @@ from difflab.sampling.solvers import (
     get_sampler,
     karras_sigmas,
     langevin_correct,
+    ode_ancestral_etas,
     sample,
     sample_ddim,
     sample_ddpm,
@@ -27,6 +29,7 @@ from difflab.sampling.solvers import (
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_ode_ancestral,
 )
 from difflab.sampling.wrappers import (
     DiffusionModel,
@@ -389,6 +392,40 @@ def test_heun_churn_stays_on_the_distribution() -> None:
     )
     torch.testing.assert_close(x.mean(0).double(), MEAN, atol=0.03, rtol=0)
     torch.testing.assert_close(x.std(0).double(), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
+
+
+def test_ode_then_ancestral_switches_eta_at_the_chosen_timestep(fixed_eps) -> None:
+    """eta 0 while t > switch T, 1 below; switch 0 is DDIM, switch 1 DDIM with eta 1; the same samples as
+    ``ddim_sample`` with that eta per step (what ``benchmarks/ode_gap.py`` runs)."""
+    schedule = NoiseSchedule.linear(100, 1e-3, 0.2)
+    timesteps = timestep_list(100, 10, "trailing")  # 99, 89, ..., 9
+    etas = ode_ancestral_etas(timesteps, 100, 0.8)
+    assert etas == [0.0, 0.0] + [1.0] * 8  # 99 and 89 lie above 80
+    assert ode_ancestral_etas([999, 801, 800, 0], 1000) == [0.0, 0.0, 1.0, 1.0]
+    x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(1))
+
+    def run(function, **options) -> torch.Tensor:
+        return function(fixed_eps, schedule, (32, 2), x_T=x_T, generator=torch.Generator().manual_seed(2), **options)
+
+    hybrid = run(sample_ode_ancestral, steps=10)
+    torch.testing.assert_close(hybrid, run(ddim_sample, timesteps=timesteps, eta=etas), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hybrid, run(sample_ddim, steps=10, eta=etas), rtol=0, atol=0)
+    assert not torch.allclose(hybrid, run(sample_ddim, steps=10))  # the ancestral steps drew noise
+    torch.testing.assert_close(run(sample_ode_ancestral, steps=10, switch=0.0), run(sample_ddim, steps=10))
+    torch.testing.assert_close(run(sample_ode_ancestral, steps=10, switch=1.0), run(sample_ddim, steps=10, eta=1.0))
+    # with the exact eps of Gaussian data both halves are exact samplers, so is their join
+    linear = NoiseSchedule.linear(1000)
+    x = sample_ode_ancestral(
+        gaussian_eps(linear), linear, (20_000, 2), steps=250, generator=torch.Generator().manual_seed(5)
+    ).double()
+    torch.testing.assert_close(x.mean(0), MEAN, atol=0.03, rtol=0)
+    torch.testing.assert_close(x.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.03, rtol=0)
+    with pytest.raises(ConfigError, match="switch"):
+        sample_ode_ancestral(fixed_eps, schedule, (2, 2), steps=3, switch=1.5)
+    with pytest.raises(ConfigError, match="eta values"):
+        sample_ddim(fixed_eps, schedule, (2, 2), steps=3, eta=[0.0, 1.0])
+    with pytest.raises(ConfigError, match="eta"):
+        sample_ddim(fixed_eps, schedule, (2, 2), steps=3, eta=-0.5)
 
 
 # ------------------------------------------------------------------------------------------------------

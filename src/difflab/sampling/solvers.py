@@ -1,5 +1,6 @@
 """Fast samplers: DPM-Solver++(2M), Heun/Euler on the probability-flow ODE, Euler ancestral,
-respaced DDPM and DDIM, each optionally followed by Langevin corrector steps; and a registry by name.
+respaced DDPM and DDIM, each optionally followed by Langevin corrector steps, DDIM switching from the ODE to
+ancestral steps; and a registry by name.
 
 Every sampler has one signature::
 
@@ -13,7 +14,7 @@ same seed gives every sampler the same starting noise.
 
 Two families:
 
-- *discrete-timestep* samplers (``ddpm``, ``ddim``, ``dpmpp-2m`` and their ``+pc`` forms) visit integer
+- *discrete-timestep* samplers (``ddpm``, ``ddim``, ``ode-ancestral``, ``dpmpp-2m`` and the ``+pc`` forms) visit integer
   timesteps of the training schedule, at most T of them; their ``callback(k, t, x, x0_pred)`` gets the
   integer timestep t;
 - *sigma-space* samplers (``euler``, ``heun``, ``euler-a``) integrate in the VE variable
@@ -25,7 +26,7 @@ Two families:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,7 +220,7 @@ def sample_ddim(
     *,
     steps: int = 50,
     spacing: str = "trailing",
-    eta: float = 0.0,
+    eta: float | Sequence[float] = 0.0,
     corrector_steps: int = 0,
     snr: float = 0.16,
     generator: torch.Generator | None = None,
@@ -230,18 +231,20 @@ def sample_ddim(
 ) -> torch.Tensor:
     """DDIM (:func:`~difflab.sampling.ddim.ddim_step`) over ``steps`` timesteps, optionally with Langevin
     corrector steps after every predictor step but the last. Defaults to ``trailing`` spacing, which starts
-    at T-1 (unlike :func:`ddim_sample`'s ``leading`` default)."""
+    at T-1 (unlike :func:`ddim_sample`'s ``leading`` default). ``eta`` may be one value per step (``eta[k]`` for
+    the update from the k-th visited timestep); noise is drawn only at steps with ``eta > 0``."""
     _check_corrector(corrector_steps, snr)
     net = as_diffusion_model(model, schedule)
     timesteps = timestep_list(schedule.num_timesteps, steps, spacing)
+    etas = _per_step(eta, len(timesteps))
     with sampling_mode(net):
         x = _start(shape, x_T, generator, device)
         for k in progress(list(range(len(timesteps))), show_progress, "DDIM"):
             t = timesteps[k]
             t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else None
             eps = net.eps(x, _index(t, shape[0], device))
-            noise = randn(shape, generator, device) if eta > 0 and t_prev is not None else None
-            x_next, x0_pred = ddim_step(schedule, eps, t, t_prev, x, eta, noise)
+            noise = randn(shape, generator, device) if etas[k] > 0 and t_prev is not None else None
+            x_next, x0_pred = ddim_step(schedule, eps, t, t_prev, x, etas[k], noise)
             if callback is not None:
                 callback(k, t, x, x0_pred)
             x = x_next
@@ -256,6 +259,62 @@ def sample_ddim(
                     generator=generator,
                 )
     return x
+
+
+def _per_step(eta: float | Sequence[float], steps: int) -> list[float]:
+    etas = [float(value) for value in eta] if isinstance(eta, Sequence) else [float(eta)] * steps
+    if len(etas) != steps:
+        raise ConfigError(f"DDIM got {len(etas)} eta values for {steps} steps")
+    if any(not math.isfinite(value) or value < 0 for value in etas):
+        raise ConfigError(f"DDIM's eta must be finite and >= 0, got {eta}")
+    return etas
+
+
+def ode_ancestral_etas(timesteps: Sequence[int], num_timesteps: int, switch: float = 0.8) -> list[float]:
+    """DDIM's eta per visited timestep for :func:`sample_ode_ancestral`: 0 (the probability-flow ODE) while
+    ``t > switch * T``, 1 (DDPM's ancestral step, posterior variance) from there on."""
+    if not 0 <= switch <= 1:
+        raise ConfigError(f"switch must lie in [0, 1] (a fraction of T), got {switch}")
+    tau = switch * num_timesteps
+    return [0.0 if t > tau else 1.0 for t in timesteps]
+
+
+def sample_ode_ancestral(
+    model: Any,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 50,
+    switch: float = 0.8,
+    spacing: str = "trailing",
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    x_T: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """DDIM with eta = 0 while ``t > switch * T`` and eta = 1 below: the deterministic probability-flow ODE
+    carries x_T through the high noise levels and ancestral steps finish the chain.
+
+    Ancestral noise corrects errors of the network that the ODE carries to the end (Karras et al. 2022,
+    sec. 4); at high noise the ODE's errors matter little and its determinism keeps x_T's content. On the
+    v-prediction MNIST model this beats both pure forms at 50 steps (``benchmarks/ode_gap.py``, README).
+    ``switch = 0`` is DDIM (eta 0), ``switch = 1`` DDIM with eta 1 everywhere."""
+    timesteps = timestep_list(schedule.num_timesteps, steps, spacing)
+    etas = ode_ancestral_etas(timesteps, schedule.num_timesteps, switch)
+    return sample_ddim(
+        model,
+        schedule,
+        shape,
+        steps=steps,
+        spacing=spacing,
+        eta=etas,
+        generator=generator,
+        device=device,
+        x_T=x_T,
+        callback=callback,
+        show_progress=show_progress,
+    )
 
 
 def sample_dpmpp_2m(
@@ -540,6 +599,13 @@ SAMPLERS: dict[str, SamplerSpec] = {
     for spec in [
         SamplerSpec("ddpm", sample_ddpm, "DDPM ancestral, respaced (trailing) when steps < T", True, True),
         SamplerSpec("ddim", sample_ddim, "DDIM, eta = 0 (trailing)", True, False),
+        SamplerSpec(
+            "ode-ancestral",
+            sample_ode_ancestral,
+            "DDIM, eta = 0 above t = 0.8 T and 1 below (trailing)",
+            True,
+            True,
+        ),
         SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "DPM-Solver++(2M), data prediction (trailing)", True, False),
         SamplerSpec("euler", sample_euler, "Euler on the probability-flow ODE, Karras sigmas", False, False),
         SamplerSpec("heun", sample_heun, "Heun (EDM Algorithm 1), Karras sigmas", False, False, 2, 1),
