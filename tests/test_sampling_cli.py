@@ -59,6 +59,13 @@ def test_sample_command_writes_samples_and_scores(moons_run: Path, capsys) -> No
     out = moons_run / "elsewhere" / "heun.pt"
     assert main(["sample", str(moons_run), "--sampler", "heun", "--steps", "8", "--n", "50", "--out", str(out)]) == 0
     assert torch.load(out, weights_only=True).shape == (50, 2) and out.with_suffix(".png").is_file()
+    # DDIM with eta 1 (ancestral) draws other samples, still on the moons, under its own name
+    assert main(["sample", str(moons_run), "--sampler", "ddim", "--eta", "1", "--steps", "10", "--n", "400"]) == 0
+    stochastic = torch.load(moons_run / "samples" / "ddim-eta1-10steps-seed0.pt", weights_only=True)
+    assert main(["sample", str(moons_run), "--sampler", "ddim", "--steps", "10", "--n", "400"]) == 0
+    deterministic = torch.load(moons_run / "samples" / "ddim-10steps-seed0.pt", weights_only=True)
+    assert not torch.allclose(stochastic, deterministic)
+    assert target.metrics["nll_course"](stochastic) < noise_score(moons_run) - 1.0
 
 
 def test_compare_samplers_writes_table_json_and_plot(moons_run: Path, capsys) -> None:
@@ -125,3 +132,7 @@ def test_sampling_commands_reject_bad_input(moons_run: Path, tmp_path: Path, cap
     assert main(["likelihood", str(tmp_path)]) == 2
     errors = capsys.readouterr().err
     assert "unknown sampler" in errors and "steps" in errors and "not a difflab run folder" in errors
+    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--eta", "0.5"]) == 2
+    assert "--eta is DDIM's" in capsys.readouterr().err
+    assert main(["sample", str(moons_run), "--sampler", "ddim", "--eta", "-1"]) == 2
+    assert "eta" in capsys.readouterr().err

@@ -5,7 +5,7 @@
     difflab train RECIPE|CONFIG.yaml [key=value ...]   only the training stages + exported weights
     difflab config RECIPE            print a recipe's default config as YAML
     difflab recipes                  list the recipes
-    difflab sample RUN --sampler NAME --steps N [--n 5000] [--seed S] [--out FILE]
+    difflab sample RUN --sampler NAME --steps N [--eta E] [--n 5000] [--seed S] [--out FILE]
     difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S] [--full ddpm | --no-full]
     difflab likelihood RUN [--n 1000]  exact model NLL of held-out points (probability-flow ODE)
     difflab report RUN [--style S]   rebuild RUN/report.md and RUN/report.html from the run folder
@@ -19,6 +19,7 @@ writes everything). Errors a user can cause are printed as one line on stderr wi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -102,6 +103,12 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
         help=f"one of {', '.join(SAMPLERS)} (default: dpmpp-2m for 2-D runs, ddim for image runs)",
     )
     sample.add_argument("--steps", type=int, default=None, help="sampler steps (default 20 for 2-D, 50 for images)")
+    sample.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="DDIM's eta (with --sampler ddim): 0 the deterministic ODE (default), 1 DDPM's posterior variance",
+    )
     sample.add_argument("--n", type=int, default=None, help="number of samples (default 5000 for 2-D, 16 for images)")
     sample.add_argument("--digit", type=int, default=None, help="class label, for a class-conditional image run")
     sample.add_argument(
@@ -269,7 +276,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
-    if read_run(args.run).get("recipe") in IMAGE_RECIPES:
+    image_run = read_run(args.run).get("recipe") in IMAGE_RECIPES
+    if args.eta is not None:
+        if (args.sampler or ("ddim" if image_run else "dpmpp-2m")) != "ddim":
+            raise ConfigError("--eta is DDIM's: use it with --sampler ddim")
+        if not (args.eta >= 0 and math.isfinite(args.eta)):
+            raise ConfigError(f"--eta must be finite and >= 0, got {args.eta}")
+    eta = args.eta or 0.0
+    if image_run:
         from difflab.experiments.mnist import sample_from_run
 
         path = sample_from_run(
@@ -279,6 +293,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             sampler=args.sampler or "ddim",
             steps=args.steps or 50,
+            eta=eta,
             seed=args.seed,
             device=args.device,
             out=args.out,
@@ -289,8 +304,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--digit needs a class-conditional image run (mnist-cfg)")
     from difflab.experiments.samplers import sample_run
 
+    options = {"eta": eta} if args.eta is not None else None
     record = sample_run(
-        args.run, args.sampler or "dpmpp-2m", args.steps or 20, args.n or 5000, args.seed, args.out, args.device
+        args.run,
+        args.sampler or "dpmpp-2m",
+        args.steps or 20,
+        args.n or 5000,
+        args.seed,
+        args.out,
+        args.device,
+        options,
     )
     scores = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("nll") or k == "fid")
     print(f"{args.sampler}: {record['steps']} steps, {record['nfe']} NFE, {record['seconds']:.1f} s  {scores}")

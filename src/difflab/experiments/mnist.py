@@ -714,9 +714,11 @@ def sample_from_run(
     seed: int = 0,
     device: str = "auto",
     out: str | Path | None = None,
+    eta: float = 0.0,
 ) -> Path:
     """``difflab sample RUN --digit 7 --guidance 2 --n 16 --sampler ddim --steps 50``: a grid PNG (and the
-    tensors as .pt beside it). Returns the PNG path."""
+    tensors as .pt beside it). ``eta`` is DDIM's (0: the ODE, 1: DDPM's posterior variance). Returns the PNG
+    path."""
     resolved = resolve_device(device)
     config, model, schedule = load_run_model(run_dir, resolved)
     classes = config.unet.num_classes
@@ -735,7 +737,7 @@ def sample_from_run(
         shape,
         sampler=sampler,
         steps=steps,
-        eta=0.0,
+        eta=eta,
         batch_size=min(n, 500),
         seed=seed,
         device=resolved,
@@ -743,7 +745,9 @@ def sample_from_run(
         guidance=guidance,
         num_classes=classes,
     )
-    name = f"sample_{'digit' + str(digit) + '_' if digit is not None else ''}w{guidance:g}_{sampler}{steps}_seed{seed}"
+    digit_tag = f"digit{digit}_" if digit is not None else ""
+    eta_tag = f"_eta{eta:g}" if eta else ""
+    name = f"sample_{digit_tag}w{guidance:g}_{sampler}{steps}{eta_tag}_seed{seed}"
     path = Path(out) if out else Path(run_dir) / "samples" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(result.images, path, nrow=max(1, int(n**0.5)))

@@ -209,21 +209,24 @@ def sample_run(
     seed: int = 0,
     out: str | Path | None = None,
     device: str = "auto",
+    options: dict[str, Any] | None = None,
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """``difflab sample``: draw, save ``.pt`` + scatter PNG (RUN/samples/ or ``out``), score; returns the record.
 
+    ``options`` go to the sampler's function (e.g. ``{"eta": 1.0}`` for ``ddim``) and into the file name.
     The ``.pt`` holds the samples tensor, or for a latent target ``{"latents": ..., "images": decoded}``."""
     target = load_target(run_dir, device)
-    samples, info = draw_samples(target, sampler, steps, n, seed, show_progress=show_progress)
-    stem = f"{sampler}-{steps}steps-seed{seed}"
+    samples, info = draw_samples(target, sampler, steps, n, seed, options, show_progress=show_progress)
+    tags = "".join(f"-{key}{value:g}" for key, value in (options or {}).items())
+    stem = f"{sampler}{tags}-{steps}steps-seed{seed}"
     pt_path = Path(out) if out else target.path / "samples" / f"{stem}.pt"
     pt_path.parent.mkdir(parents=True, exist_ok=True)
     if target.decode is None:
         torch.save(samples, pt_path)
     else:
         torch.save({"latents": samples, "images": target.decode(samples)}, pt_path)
-    record: dict[str, Any] = {**info, "n": n, "seed": seed, "samples": str(pt_path)}
+    record: dict[str, Any] = {**info, **(options or {}), "n": n, "seed": seed, "samples": str(pt_path)}
     record.update(target.score(samples))
     if target.plot is not None:
         title = f"{sampler}, {steps} steps ({info['nfe']} NFE), n = {n}"
