@@ -193,8 +193,10 @@ def test_ddim_takes_one_eta_per_step(fixed_eps) -> None:
         x, _ = ddim_step(schedule, fixed_eps(x, torch.full((16,), t)), t, t_prev, x, etas[k], noise)
     assert torch.equal(hybrid, x)
     assert not torch.allclose(hybrid, scalar)
-    with pytest.raises(ValueError, match="3 eta values for 20 steps"):
+    with pytest.raises(ConfigError, match="3 eta values for 20 steps"):
         ddim_sample(fixed_eps, schedule, (16, 2), steps=20, eta=[0.0] * 3)
+    with pytest.raises(ConfigError, match="finite and >= 0"):
+        ddim_sample(fixed_eps, schedule, (16, 2), steps=20, eta=-0.1)
 
 
 def test_samplers_are_reproducible_with_a_seed(fixed_eps) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.diffusion.vlb import split_output
+from difflab.errors import ConfigError
 from difflab.sampling.common import EpsModel, StepCallback, progress, randn, sampling_mode, timestep_list
 
 
@@ -44,6 +46,19 @@ def ddim_step(
     return x_prev, x0_pred
 
 
+def per_step_etas(eta: float | Sequence[float], steps: int) -> list[float]:
+    """DDIM's eta as one value per step: a scalar is repeated, a sequence must hold ``steps`` values.
+
+    Raises :class:`~difflab.errors.ConfigError` for a wrong count or an eta that is negative or not finite
+    (eta scales the posterior std, Song et al. eq. 16)."""
+    etas = [float(value) for value in eta] if isinstance(eta, Sequence) else [float(eta)] * steps
+    if len(etas) != steps:
+        raise ConfigError(f"DDIM got {len(etas)} eta values for {steps} steps")
+    if any(not math.isfinite(value) or value < 0 for value in etas):
+        raise ConfigError(f"DDIM's eta must be finite and >= 0, got {eta}")
+    return etas
+
+
 def ddim_sample(
     model: EpsModel,
     schedule: NoiseSchedule,
@@ -67,13 +82,12 @@ def ddim_sample(
     ``eta = 1`` matches DDPM's posterior variance. A model returning ``[eps, v]`` (learned variance) is used for
     its eps only. ``eta`` may also be one value per step (``eta[k]`` for the update from ``timesteps[k]``), e.g.
     the probability-flow ODE at high noise and ancestral steps below (``benchmarks/ode_gap.py``); noise is drawn
-    only at steps with ``eta > 0``, so a constant list draws exactly what the scalar does. Returns x_0 of ``shape``.
+    only at steps with ``eta > 0``, so a constant list draws exactly what the scalar does. A wrong count or a
+    negative eta raises :class:`~difflab.errors.ConfigError`. Returns x_0 of ``shape``.
     """
     if timesteps is None:
         timesteps = timestep_list(schedule.num_timesteps, steps, spacing)
-    etas = [float(value) for value in eta] if isinstance(eta, Sequence) else [float(eta)] * len(timesteps)
-    if len(etas) != len(timesteps):
-        raise ValueError(f"ddim_sample got {len(etas)} eta values for {len(timesteps)} steps")
+    etas = per_step_etas(eta, len(timesteps))
     with sampling_mode(model):
         x = randn(shape, generator, device) if x_T is None else x_T.to(device)
         for k in progress(list(range(len(timesteps))), show_progress, "DDIM"):

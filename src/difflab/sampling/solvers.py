@@ -36,7 +36,7 @@ import torch
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
 from difflab.sampling.common import StepCallback, progress, randn, sampling_mode, timestep_list
-from difflab.sampling.ddim import ddim_step
+from difflab.sampling.ddim import ddim_step, per_step_etas
 from difflab.sampling.ddpm import VARIANCES
 from difflab.sampling.wrappers import DiffusionModel, as_diffusion_model
 
@@ -236,7 +236,7 @@ def sample_ddim(
     _check_corrector(corrector_steps, snr)
     net = as_diffusion_model(model, schedule)
     timesteps = timestep_list(schedule.num_timesteps, steps, spacing)
-    etas = _per_step(eta, len(timesteps))
+    etas = per_step_etas(eta, len(timesteps))
     with sampling_mode(net):
         x = _start(shape, x_T, generator, device)
         for k in progress(list(range(len(timesteps))), show_progress, "DDIM"):
@@ -259,15 +259,6 @@ def sample_ddim(
                     generator=generator,
                 )
     return x
-
-
-def _per_step(eta: float | Sequence[float], steps: int) -> list[float]:
-    etas = [float(value) for value in eta] if isinstance(eta, Sequence) else [float(eta)] * steps
-    if len(etas) != steps:
-        raise ConfigError(f"DDIM got {len(etas)} eta values for {steps} steps")
-    if any(not math.isfinite(value) or value < 0 for value in etas):
-        raise ConfigError(f"DDIM's eta must be finite and >= 0, got {eta}")
-    return etas
 
 
 def ode_ancestral_etas(timesteps: Sequence[int], num_timesteps: int, switch: float = 0.8) -> list[float]:
