@@ -193,11 +193,13 @@ class QueuedOutputs:
         return next(self.outputs)
 
 
-def dpm_oracle(steps: int, spacing: str, final: str, prediction: str) -> DPMSolverMultistepScheduler:
+def dpm_oracle(
+    steps: int, spacing: str, final: str, prediction: str, algorithm: str = "dpmsolver++"
+) -> DPMSolverMultistepScheduler:
     oracle = float64_oracle(
         DPMSolverMultistepScheduler(
             1000,
-            algorithm_type="dpmsolver++",
+            algorithm_type=algorithm,
             solver_order=2,
             lower_order_final=True,
             timestep_spacing=spacing,
@@ -214,36 +216,63 @@ def dpm_oracle(steps: int, spacing: str, final: str, prediction: str) -> DPMSolv
     return oracle
 
 
+def dpmpp_2m_path(outputs: list[torch.Tensor], x_T: torch.Tensor, **options) -> list[torch.Tensor]:
+    """Every x the sampler visits on the queued x0-predictions, then its output."""
+    visited: list[torch.Tensor] = []
+    model = DiffusionModel(QueuedOutputs(outputs), NoiseSchedule.linear(1000), "x0")
+    out = sample_dpmpp_2m(
+        model, NoiseSchedule.linear(1000), x_T.shape, x_T=x_T, callback=lambda k, t, x, x0: visited.append(x), **options
+    )
+    assert model.nfe == len(outputs)
+    return visited + [out]
+
+
+@pytest.mark.parametrize("sde", [False, True])
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("steps", [1, 2, 3, 10, 20])
-def test_dpmpp_2m_matches_diffusers_step_by_step(spacing: str, steps: int, final: str) -> None:
-    """Random x0-predictions at every step: each intermediate x and the output agree to 1e-5."""
-    oracle = dpm_oracle(steps, spacing, final, "sample")
+def test_dpmpp_2m_matches_diffusers_step_by_step(spacing: str, steps: int, final: str, sde: bool) -> None:
+    """Random x0-predictions at every step: each intermediate x and the output agree to 1e-5. The SDE form
+    against diffusers' ``sde-dpmsolver++`` (midpoint) fed the same noise, drawn at every step but a final jump
+    to 0."""
+    oracle = dpm_oracle(steps, spacing, final, "sample", "sde-dpmsolver++" if sde else "dpmsolver++")
     generator = torch.Generator().manual_seed(steps)
     outputs = [torch.randn(8, 3, generator=generator) for _ in oracle.timesteps]
     x_T = torch.randn(8, 3, generator=generator)
+    drawn = torch.Generator().manual_seed(7)
+    noises = [torch.randn(8, 3, generator=drawn) for _ in range(len(oracle.timesteps) - (final == "zero"))]
+    noises.append(torch.zeros(8, 3))
     expected, x = [], x_T.double()
     for k, t in enumerate(oracle.timesteps):
         expected.append(x)
-        x = oracle.step(outputs[k].double(), t, x).prev_sample
+        x = oracle.step(outputs[k].double(), t, x, variance_noise=noises[k].double() if sde else None).prev_sample
     expected.append(x)
-    visited: list[tuple[int, torch.Tensor]] = []
-    model = DiffusionModel(QueuedOutputs(outputs), NoiseSchedule.linear(1000), "x0")
-    ours = sample_dpmpp_2m(
-        model,
-        NoiseSchedule.linear(1000),
-        (8, 3),
-        steps=steps,
-        spacing=spacing,
-        final_sigma=final,
-        x_T=x_T,
-        callback=lambda k, t, x_t, x0: visited.append((t, x_t)),
-    )
-    assert [t for t, _ in visited] == oracle.timesteps.tolist()
-    for (_, got), want in zip(visited + [(None, ours)], expected, strict=True):
+    options = {"steps": steps, "spacing": spacing, "final_sigma": final}
+    ours = dpmpp_2m_path(outputs, x_T, sde=sde, generator=torch.Generator().manual_seed(7), **options)
+    for got, want in zip(ours, expected, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    assert model.nfe == len(oracle.timesteps)
+    if sde:  # the noise changes the path (one jump to 0 is the ODE's first-order step and draws nothing)
+        ode = dpmpp_2m_path(outputs, x_T, **options)
+        assert (steps == 1 and final == "zero") is torch.allclose(torch.stack(ode[1:]), torch.stack(ours[1:]))
+
+
+def test_registry_dpmpp_2m_sde_is_the_sde_form() -> None:
+    schedule = NoiseSchedule.linear(1000)
+    outputs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(k)) for k in range(10)]
+    x_T = torch.randn(8, 3, generator=torch.Generator().manual_seed(11))
+    by_name = sample(
+        "dpmpp-2m-sde",
+        DiffusionModel(QueuedOutputs(outputs), schedule, "x0"),
+        schedule,
+        (8, 3),
+        steps=10,
+        x_T=x_T,
+        generator=torch.Generator().manual_seed(3),
+    )
+    direct = dpmpp_2m_path(
+        outputs, x_T, steps=10, spacing="trailing", sde=True, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(by_name, direct[-1])
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "trailing"])
@@ -344,6 +373,26 @@ def test_heun_and_dpmpp_reproduce_gaussian_data() -> None:
     # linear schedule end at sigma = 0.17 (4% too small a std); 40 end at 0.09 (1%).
     coarse = sample_dpmpp_2m(gaussian_eps(linear), linear, (20_000, 2), steps=40, x_T=x_T)
     torch.testing.assert_close(coarse.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.01, rtol=0)
+
+
+def test_sde_dpmpp_2m_reproduces_gaussian_data() -> None:
+    """SDE-DPM-Solver++(2M) with the exact eps of Gaussian data: the data's mean and std (4 standard errors of
+    20,000 samples plus the solver's error); unlike the ODE, x_T's samples are not mapped one to one."""
+    schedule = NoiseSchedule.cosine(1000)
+    x_T = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = sample(
+        "dpmpp-2m-sde",
+        gaussian_eps(schedule),
+        schedule,
+        (20_000, 2),
+        steps=50,
+        x_T=x_T,
+        generator=torch.Generator().manual_seed(1),
+    )
+    torch.testing.assert_close(x.mean(0), MEAN, atol=0.03, rtol=0)
+    torch.testing.assert_close(x.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
+    ode = sample_dpmpp_2m(gaussian_eps(schedule), schedule, (20_000, 2), steps=50, x_T=x_T)
+    assert (x - ode).abs().mean() > 0.1
 
 
 def test_heun_is_second_order_and_euler_first_order() -> None:

@@ -317,6 +317,7 @@ def sample_dpmpp_2m(
     spacing: str = "trailing",
     lower_order_final: bool = True,
     final_sigma: str = "zero",
+    sde: bool = False,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     x_T: torch.Tensor | None = None,
@@ -324,7 +325,8 @@ def sample_dpmpp_2m(
     show_progress: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the multistep second-order solver of the
-    probability-flow ODE in its data-prediction form, on the discrete schedule.
+    probability-flow ODE in its data-prediction form, on the discrete schedule; with ``sde=True`` its
+    stochastic form, SDE-DPM-Solver++(2M), which solves the reverse SDE instead.
 
     With ``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``, ``lambda = log(alpha / sigma)`` and
     ``h = lambda_next - lambda_i``, one step is
@@ -334,6 +336,12 @@ def sample_dpmpp_2m(
     ``alpha_bar = 1`` (``final_sigma="zero"``, where it is first order and returns ``x0_pred``) or to the
     smallest training noise level (``"sigma_min"``). As in diffusers, the last step is also first order when
     ``lower_order_final`` and fewer than 15 steps are taken. One network evaluation per step.
+
+    SDE-DPM-Solver++(2M) (Lu et al. 2022, appendix; diffusers' ``sde-dpmsolver++``, midpoint) integrates the
+    reverse SDE exactly in its linear part: ``x_next = (sigma_next / sigma_i) e^{-h} x_i
+    + alpha_next (1 - e^{-2h}) D + sigma_next sqrt(1 - e^{-2h}) z``, z ~ N(0, I) drawn from ``generator`` at
+    every step but a final jump to ``alpha_bar = 1``. Its injected noise corrects the network's errors as
+    ancestral sampling does, where the ODE carries them to the end.
     """
     if final_sigma not in FINAL_SIGMAS:
         raise ConfigError(f"final_sigma must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
@@ -351,7 +359,7 @@ def sample_dpmpp_2m(
     with sampling_mode(net):
         x = _start(shape, x_T, generator, device)
         previous_x0: torch.Tensor | None = None
-        for k in progress(list(range(count)), show_progress, "DPM-Solver++(2M)"):
+        for k in progress(list(range(count)), show_progress, "SDE-DPM-Solver++(2M)" if sde else "DPM-Solver++(2M)"):
             t = timesteps[k]
             here, there = levels[k], levels[k + 1]
             x0_pred = net.x0(x, _index(t, shape[0], device))
@@ -368,9 +376,16 @@ def sample_dpmpp_2m(
             else:
                 r = (lam(here) - lam(levels[k - 1])) / h
                 update = x0_pred + (x0_pred - previous_x0) / (2 * r)
-            # DPM-Solver++ (data prediction): x_next = (sigma_next / sigma_i) x_i + alpha_next (1 - e^{-h}) D
             ratio = math.sqrt(there[1] / here[1])
-            x = ratio * x + (-math.sqrt(there[0]) * math.expm1(-h)) * update
+            if sde:
+                # SDE-DPM-Solver++: (sigma_next / sigma_i) e^{-h} x_i + alpha_next (1 - e^{-2h}) D + sigma_next
+                # sqrt(1 - e^{-2h}) z
+                decay = -math.expm1(-2 * h)
+                noise = math.sqrt(there[1] * decay) * randn(shape, generator, device)
+                x = ratio * math.exp(-h) * x + math.sqrt(there[0]) * decay * update + noise
+            else:
+                # DPM-Solver++ (data prediction): x_next = (sigma_next / sigma_i) x_i + alpha_next (1 - e^{-h}) D
+                x = ratio * x + (-math.sqrt(there[0]) * math.expm1(-h)) * update
             previous_x0 = x0_pred
     return x
 
@@ -598,6 +613,14 @@ SAMPLERS: dict[str, SamplerSpec] = {
             True,
         ),
         SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "DPM-Solver++(2M), data prediction (trailing)", True, False),
+        SamplerSpec(
+            "dpmpp-2m-sde",
+            sample_dpmpp_2m,
+            "SDE-DPM-Solver++(2M), midpoint, data prediction (trailing)",
+            True,
+            True,
+            options={"sde": True},
+        ),
         SamplerSpec("euler", sample_euler, "Euler on the probability-flow ODE, Karras sigmas", False, False),
         SamplerSpec("heun", sample_heun, "Heun (EDM Algorithm 1), Karras sigmas", False, False, 2, 1),
         SamplerSpec("euler-a", sample_euler_ancestral, "Euler ancestral, eta = 1, Karras sigmas", False, True),
