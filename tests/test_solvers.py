@@ -375,24 +375,41 @@ def test_heun_and_dpmpp_reproduce_gaussian_data() -> None:
     torch.testing.assert_close(coarse.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.01, rtol=0)
 
 
+def test_dpmpp_2m_sde_switch_keeps_the_ode_at_high_noise() -> None:
+    """``sde_switch``: ODE updates from t > switch * T, SDE updates below; 0 is the ODE, 1 the SDE."""
+    outputs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(k)) for k in range(10)]
+    x_T = torch.randn(8, 3, generator=torch.Generator().manual_seed(11))
+    timesteps = dpm_solver_timesteps(1000, 10, "trailing")
+    ode = dpmpp_2m_path(outputs, x_T, steps=10)
+    sde = dpmpp_2m_path(outputs, x_T, steps=10, sde=True, generator=torch.Generator().manual_seed(3))
+    hybrid = dpmpp_2m_path(outputs, x_T, steps=10, sde=True, sde_switch=0.8, generator=torch.Generator().manual_seed(3))
+    ode_steps = sum(t > 800 for t in timesteps)
+    assert ode_steps == 2
+    for k in range(ode_steps + 1):  # x_T and the states the ODE steps reach
+        assert torch.equal(hybrid[k], ode[k])
+    assert not torch.allclose(hybrid[ode_steps + 1], ode[ode_steps + 1])
+    assert not torch.allclose(hybrid[ode_steps + 1], sde[ode_steps + 1])
+    never = dpmpp_2m_path(outputs, x_T, steps=10, sde=True, sde_switch=0.0, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(never, ode, strict=True))
+    always = dpmpp_2m_path(outputs, x_T, steps=10, sde=True, sde_switch=1.0, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(always, sde, strict=True))
+    with pytest.raises(ConfigError, match="sde_switch"):
+        sample_dpmpp_2m(QueuedOutputs(outputs), NoiseSchedule.linear(1000), (8, 3), sde=True, sde_switch=1.5)
+
+
 def test_sde_dpmpp_2m_reproduces_gaussian_data() -> None:
-    """SDE-DPM-Solver++(2M) with the exact eps of Gaussian data: the data's mean and std (4 standard errors of
-    20,000 samples plus the solver's error); unlike the ODE, x_T's samples are not mapped one to one."""
+    """SDE-DPM-Solver++(2M) and its ODE-then-SDE form with the exact eps of Gaussian data: the data's mean and
+    std (4 standard errors of 20,000 samples plus the solver's error); unlike the ODE, x_T's samples are not
+    mapped one to one."""
     schedule = NoiseSchedule.cosine(1000)
     x_T = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = sample(
-        "dpmpp-2m-sde",
-        gaussian_eps(schedule),
-        schedule,
-        (20_000, 2),
-        steps=50,
-        x_T=x_T,
-        generator=torch.Generator().manual_seed(1),
-    )
-    torch.testing.assert_close(x.mean(0), MEAN, atol=0.03, rtol=0)
-    torch.testing.assert_close(x.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
     ode = sample_dpmpp_2m(gaussian_eps(schedule), schedule, (20_000, 2), steps=50, x_T=x_T)
-    assert (x - ode).abs().mean() > 0.1
+    for name in ("dpmpp-2m-sde", "dpmpp-2m-ode-sde"):
+        generator = torch.Generator().manual_seed(1)
+        x = sample(name, gaussian_eps(schedule), schedule, (20_000, 2), steps=50, x_T=x_T, generator=generator)
+        torch.testing.assert_close(x.mean(0), MEAN, atol=0.03, rtol=0)
+        torch.testing.assert_close(x.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
+        assert (x - ode).abs().mean() > 0.1, name
 
 
 def test_heun_is_second_order_and_euler_first_order() -> None:

@@ -37,7 +37,7 @@ from difflab.training.checkpoint import atomic_write_bytes, load_weights
 from difflab.viz import quality
 
 DEFAULT_NFES = (5, 10, 20, 50, 100, 1000)
-DEFAULT_COMPARED = ("ddpm", "ddim", "dpmpp-2m", "euler", "heun", "euler-a", "ddpm+pc", "ddim+pc", "euler+pc")
+DEFAULT_COMPARED = tuple(SAMPLERS)  # every registered sampler
 
 Metric = Callable[[torch.Tensor], float]
 

@@ -318,6 +318,7 @@ def sample_dpmpp_2m(
     lower_order_final: bool = True,
     final_sigma: str = "zero",
     sde: bool = False,
+    sde_switch: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     x_T: torch.Tensor | None = None,
@@ -341,10 +342,13 @@ def sample_dpmpp_2m(
     reverse SDE exactly in its linear part: ``x_next = (sigma_next / sigma_i) e^{-h} x_i
     + alpha_next (1 - e^{-2h}) D + sigma_next sqrt(1 - e^{-2h}) z``, z ~ N(0, I) drawn from ``generator`` at
     every step but a final jump to ``alpha_bar = 1``. Its injected noise corrects the network's errors as
-    ancestral sampling does, where the ODE carries them to the end.
+    ancestral sampling does, where the ODE carries them to the end. ``sde_switch < 1`` keeps the ODE's update
+    for the steps from ``t > sde_switch * T`` (both forms share ``D``), as :func:`sample_ode_ancestral` does.
     """
     if final_sigma not in FINAL_SIGMAS:
         raise ConfigError(f"final_sigma must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
+    if not 0 <= sde_switch <= 1:
+        raise ConfigError(f"sde_switch must lie in [0, 1] (a fraction of T), got {sde_switch}")
     net = as_diffusion_model(model, schedule)
     timesteps = dpm_solver_timesteps(schedule.num_timesteps, steps, spacing)
     alpha_bar, one_minus = schedule.precise_alpha_bar()
@@ -377,7 +381,7 @@ def sample_dpmpp_2m(
                 r = (lam(here) - lam(levels[k - 1])) / h
                 update = x0_pred + (x0_pred - previous_x0) / (2 * r)
             ratio = math.sqrt(there[1] / here[1])
-            if sde:
+            if sde and t <= sde_switch * schedule.num_timesteps:
                 # SDE-DPM-Solver++: (sigma_next / sigma_i) e^{-h} x_i + alpha_next (1 - e^{-2h}) D + sigma_next
                 # sqrt(1 - e^{-2h}) z
                 decay = -math.expm1(-2 * h)
@@ -620,6 +624,14 @@ SAMPLERS: dict[str, SamplerSpec] = {
             True,
             True,
             options={"sde": True},
+        ),
+        SamplerSpec(
+            "dpmpp-2m-ode-sde",
+            sample_dpmpp_2m,
+            "DPM-Solver++(2M), the ODE above t = 0.8 T and the SDE below (trailing)",
+            True,
+            True,
+            options={"sde": True, "sde_switch": 0.8},
         ),
         SamplerSpec("euler", sample_euler, "Euler on the probability-flow ODE, Karras sigmas", False, False),
         SamplerSpec("heun", sample_heun, "Heun (EDM Algorithm 1), Karras sigmas", False, False, 2, 1),
