@@ -338,12 +338,13 @@ def sample_dpmpp_2m(
     smallest training noise level (``"sigma_min"``). As in diffusers, the last step is also first order when
     ``lower_order_final`` and fewer than 15 steps are taken. One network evaluation per step.
 
-    SDE-DPM-Solver++(2M) (Lu et al. 2022, appendix; diffusers' ``sde-dpmsolver++``, midpoint) integrates the
-    reverse SDE exactly in its linear part: ``x_next = (sigma_next / sigma_i) e^{-h} x_i
-    + alpha_next (1 - e^{-2h}) D + sigma_next sqrt(1 - e^{-2h}) z``, z ~ N(0, I) drawn from ``generator`` at
-    every step but a final jump to ``alpha_bar = 1``. Its injected noise corrects the network's errors as
-    ancestral sampling does, where the ODE carries them to the end. ``sde_switch < 1`` keeps the ODE's update
-    for the steps from ``t > sde_switch * T`` (both forms share ``D``), as :func:`sample_ode_ancestral` does.
+    SDE-DPM-Solver++(2M) (the DPM-Solver authors' SDE variant, as diffusers' ``sde-dpmsolver++`` with the
+    midpoint rule implements it) integrates the reverse SDE exactly in its linear part:
+    ``x_next = (sigma_next / sigma_i) e^{-h} x_i + alpha_next (1 - e^{-2h}) D + sigma_next sqrt(1 - e^{-2h}) z``,
+    z ~ N(0, I) drawn from ``generator`` at every step but a final jump to ``alpha_bar = 1``. Its injected noise
+    corrects the network's errors as ancestral sampling does, where the ODE carries them to the end.
+    ``sde_switch < 1`` keeps the ODE's update for the steps from ``t > sde_switch * T`` (both forms share ``D``),
+    as :func:`sample_ode_ancestral` does.
     """
     if final_sigma not in FINAL_SIGMAS:
         raise ConfigError(f"final_sigma must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
