@@ -26,6 +26,7 @@ from difflab.sampling.solvers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_3m,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
@@ -174,6 +175,37 @@ def test_dpm_timesteps_match_diffusers(spacing: str) -> None:
             assert dpm_solver_timesteps(num_timesteps, steps, spacing) == oracle.timesteps.tolist()
 
 
+@pytest.mark.parametrize("spacing, flag", [("karras", "use_karras_sigmas"), ("logsnr", "use_lu_lambdas")])
+def test_dpm_ladder_timesteps_match_diffusers(spacing: str, flag: str) -> None:
+    """Karras and uniform-lambda ladders rounded to timesteps as diffusers rounds them (on SD's scaled-linear
+    betas, whose sigma_max 14.6 is below the ladders' cap of 80), repeated entries dropped."""
+    for steps in [*range(1, 60), 100, 200, 500]:
+        oracle = DPMSolverMultistepScheduler(1000, beta_schedule="scaled_linear", **{flag: True})
+        oracle.set_timesteps(steps)
+        alpha_bar = oracle.alphas_cumprod.double()  # diffusers' float32 table: the same rounding ties
+        expected = sorted(set(oracle.timesteps.tolist()), reverse=True)
+        assert dpm_solver_timesteps(1000, steps, spacing, alpha_bar) == expected, steps
+
+
+def test_dpm_ladders_cap_sigma_max_and_start_at_pure_noise() -> None:
+    """On the cosine schedule (sigma reaches 2e4 at t = T-1) the ladders start from T-1 and then follow a ladder
+    from sigma = 80 down. Below t = 100 uniform lambda puts more of its steps than Karras (rho = 7 is between
+    uniform sigma and uniform log sigma), which puts more than uniform t."""
+    schedule = NoiseSchedule.cosine(1000)
+    alpha_bar, _ = schedule.precise_alpha_bar()
+    log_sigma = schedule.precise_log_sigmas()
+    karras = dpm_solver_timesteps(1000, 10, "karras", alpha_bar)
+    logsnr = dpm_solver_timesteps(1000, 10, "logsnr", alpha_bar)
+    for ladder in (karras, logsnr):
+        assert len(ladder) == 10 and ladder[0] == 999 and ladder[-1] == 0
+        assert math.exp(float(log_sigma[ladder[1]])) < 80
+    trailing = dpm_solver_timesteps(1000, 10, "trailing")
+    low = [sum(t < 100 for t in ladder) for ladder in (logsnr, karras, trailing)]
+    assert low[0] > low[1] > low[2], low
+    with pytest.raises(ConfigError, match="alpha_bar"):
+        dpm_solver_timesteps(1000, 10, "karras")
+
+
 def test_ddim_timesteps_match_diffusers_for_every_step_count() -> None:
     """Rounding ties (e.g. 499.5) and float steps of arange must come out as diffusers computes them."""
     for spacing in ("linspace", "trailing"):
@@ -194,13 +226,13 @@ class QueuedOutputs:
 
 
 def dpm_oracle(
-    steps: int, spacing: str, final: str, prediction: str, algorithm: str = "dpmsolver++"
+    steps: int, spacing: str, final: str, prediction: str, algorithm: str = "dpmsolver++", order: int = 2
 ) -> DPMSolverMultistepScheduler:
     oracle = float64_oracle(
         DPMSolverMultistepScheduler(
             1000,
             algorithm_type=algorithm,
-            solver_order=2,
+            solver_order=order,
             lower_order_final=True,
             timestep_spacing=spacing,
             final_sigmas_type=final,
@@ -216,11 +248,11 @@ def dpm_oracle(
     return oracle
 
 
-def dpmpp_2m_path(outputs: list[torch.Tensor], x_T: torch.Tensor, **options) -> list[torch.Tensor]:
+def dpmpp_2m_path(outputs: list[torch.Tensor], x_T: torch.Tensor, order: int = 2, **options) -> list[torch.Tensor]:
     """Every x the sampler visits on the queued x0-predictions, then its output."""
     visited: list[torch.Tensor] = []
     model = DiffusionModel(QueuedOutputs(outputs), NoiseSchedule.linear(1000), "x0")
-    out = sample_dpmpp_2m(
+    out = (sample_dpmpp_2m if order == 2 else sample_dpmpp_3m)(
         model, NoiseSchedule.linear(1000), x_T.shape, x_T=x_T, callback=lambda k, t, x, x0: visited.append(x), **options
     )
     assert model.nfe == len(outputs)
@@ -256,23 +288,102 @@ def test_dpmpp_2m_matches_diffusers_step_by_step(spacing: str, steps: int, final
         assert (steps == 1 and final == "zero") is torch.allclose(torch.stack(ode[1:]), torch.stack(ours[1:]))
 
 
-def test_registry_dpmpp_2m_sde_is_the_sde_form() -> None:
-    schedule = NoiseSchedule.linear(1000)
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 10, 14, 15, 20])
+def test_dpmpp_3m_matches_diffusers_step_by_step(spacing: str, steps: int, final: str) -> None:
+    """DPM-Solver++(3M) against diffusers' ``solver_order=3`` on random x0-predictions, 1e-5 at every step
+    (its warm-up at orders 1 and 2, lower orders on the last two steps below 15 steps)."""
+    oracle = dpm_oracle(steps, spacing, final, "sample", order=3)
+    generator = torch.Generator().manual_seed(100 + steps)
+    outputs = [torch.randn(8, 3, generator=generator) for _ in oracle.timesteps]
+    x_T = torch.randn(8, 3, generator=generator)
+    expected, x = [], x_T.double()
+    for k, t in enumerate(oracle.timesteps):
+        expected.append(x)
+        x = oracle.step(outputs[k].double(), t, x).prev_sample
+    expected.append(x)
+    ours = dpmpp_2m_path(outputs, x_T, order=3, steps=steps, spacing=spacing, final_sigma=final)
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if steps >= 10:  # third-order steps change the path
+        second = dpmpp_2m_path(outputs, x_T, steps=steps, spacing=spacing, final_sigma=final)
+        assert not torch.allclose(torch.stack(second[3:-1]), torch.stack(ours[3:-1]))
+
+
+def test_sde_dpmpp_3m_is_the_ode_at_eta_0_and_keeps_gaussian_marginals() -> None:
+    """SDE-DPM-Solver++(3M): eta = 0 is the 3M ODE; with the exact eps of Gaussian data the samples have the
+    data's mean and std. Its third-order data term is the ODE's with h -> (1 + eta) h, as k-diffusion's
+    ``dpmpp_3m_sde`` has it; diffusers 0.42's ``sde-dpmsolver++`` at order 3 has -1/2 where the ODE's D2 coefficient
+    ``(1 - e^{-H} - H) / H^2 + 1/2`` has +1/2."""
     outputs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(k)) for k in range(10)]
     x_T = torch.randn(8, 3, generator=torch.Generator().manual_seed(11))
-    by_name = sample(
-        "dpmpp-2m-sde",
+    ode = dpmpp_2m_path(outputs, x_T, order=3, steps=10)
+    zero = dpmpp_2m_path(outputs, x_T, order=3, steps=10, sde=True, eta=0.0, generator=torch.Generator().manual_seed(3))
+    for a, b in zip(zero, ode, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # against diffusers fed the same noise: equal through the warm-up (orders 1, 2); at the first third-order step
+    # the two differ by exactly alpha_next * D2, the 1/2 - (-1/2) of that coefficient
+    oracle = dpm_oracle(10, "trailing", "zero", "sample", "sde-dpmsolver++", order=3)
+    drawn = torch.Generator().manual_seed(7)
+    noises = [torch.randn(8, 3, generator=drawn).double() for _ in range(3)]
+    expected, x = [], x_T.double()
+    for k in range(3):
+        expected.append(x)
+        x = oracle.step(outputs[k].double(), oracle.timesteps[k], x, variance_noise=noises[k]).prev_sample
+    expected.append(x)
+    sde = dpmpp_2m_path(outputs, x_T, order=3, steps=10, sde=True, generator=torch.Generator().manual_seed(7))
+    for got, want in zip(sde[:3], expected[:3], strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    alpha_bar, one_minus = NoiseSchedule.linear(1000).precise_alpha_bar()
+    lam = [0.5 * math.log(alpha_bar[t] / one_minus[t]) for t in oracle.timesteps[:4].tolist()]
+    r0, r1 = (lam[2] - lam[1]) / (lam[3] - lam[2]), (lam[1] - lam[0]) / (lam[3] - lam[2])
+    m0, m1, m2 = (outputs[k].double() for k in (2, 1, 0))
+    d2 = ((m0 - m1) / r0 - (m1 - m2) / r1) / (r0 + r1)
+    torch.testing.assert_close(
+        sde[3].double(), expected[3] + alpha_bar[oracle.timesteps[3]].sqrt() * d2, rtol=1e-5, atol=1e-5
+    )
+    schedule = NoiseSchedule.cosine(1000)
+    big_T = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for name in ("dpmpp-3m", "dpmpp-3m-sde"):
+        generator = torch.Generator().manual_seed(1)
+        x = sample(name, gaussian_eps(schedule), schedule, (20_000, 2), steps=50, x_T=big_T, generator=generator)
+        torch.testing.assert_close(x.mean(0), MEAN, atol=0.03, rtol=0)
+        torch.testing.assert_close(x.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("dpmpp-2m", {}),
+        ("dpmpp-2m-sde", {"sde": True}),
+        ("dpmpp-2m-ode-sde", {"sde": True, "sde_switch": 0.8}),
+        ("dpmpp-2m-sde-karras", {"sde": True, "spacing": "karras"}),
+        ("dpmpp-2m-ode-sde-karras", {"sde": True, "sde_switch": 0.8, "spacing": "karras"}),
+        ("dpmpp-3m", {"order": 3}),
+        ("dpmpp-3m-sde", {"order": 3, "sde": True}),
+    ],
+)
+def test_registry_dpmpp_names_are_their_options(name: str, options: dict) -> None:
+    """Each DPM-Solver++ name visits the states of ``sample_dpmpp_2m`` with its options (trailing by default)."""
+    outputs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(k)) for k in range(10)]
+    x_T = torch.randn(8, 3, generator=torch.Generator().manual_seed(11))
+    schedule = NoiseSchedule.linear(1000)
+    visited: list[torch.Tensor] = []
+    sample(
+        name,
         DiffusionModel(QueuedOutputs(outputs), schedule, "x0"),
         schedule,
         (8, 3),
         steps=10,
         x_T=x_T,
         generator=torch.Generator().manual_seed(3),
+        callback=lambda k, t, x, x0: visited.append(x),
     )
-    direct = dpmpp_2m_path(
-        outputs, x_T, steps=10, spacing="trailing", sde=True, generator=torch.Generator().manual_seed(3)
-    )
-    assert torch.equal(by_name, direct[-1])
+    direct = dpmpp_2m_path(outputs, x_T, steps=10, generator=torch.Generator().manual_seed(3), **options)
+    assert all(torch.equal(a, b) for a, b in zip(visited, direct, strict=False)) and len(visited) == len(direct) - 1
+    others = dpmpp_2m_path(outputs, x_T, steps=10, generator=torch.Generator().manual_seed(3))
+    assert (name == "dpmpp-2m") is all(torch.equal(a, b) for a, b in zip(visited, others, strict=False))
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "trailing"])
@@ -410,6 +521,39 @@ def test_sde_dpmpp_2m_reproduces_gaussian_data() -> None:
         torch.testing.assert_close(x.mean(0), MEAN, atol=0.03, rtol=0)
         torch.testing.assert_close(x.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
         assert (x - ode).abs().mean() > 0.1, name
+
+
+def test_sde_dpmpp_2m_eta_interpolates_between_the_ode_and_the_sde() -> None:
+    """``eta`` scales the SDE's noise: 0 is the ODE's path exactly, 1 the default SDE; every eta keeps an exact
+    model's marginals (Gaussian data: mean and std of 20,000 samples)."""
+    outputs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(k)) for k in range(10)]
+    x_T = torch.randn(8, 3, generator=torch.Generator().manual_seed(11))
+    ode = dpmpp_2m_path(outputs, x_T, steps=10)
+    zero = dpmpp_2m_path(outputs, x_T, steps=10, sde=True, eta=0.0, generator=torch.Generator().manual_seed(3))
+    for a, b in zip(zero, ode, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    full = dpmpp_2m_path(outputs, x_T, steps=10, sde=True, eta=1.0, generator=torch.Generator().manual_seed(3))
+    sde = dpmpp_2m_path(outputs, x_T, steps=10, sde=True, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(full, sde, strict=True))
+    half = dpmpp_2m_path(outputs, x_T, steps=10, sde=True, eta=0.5, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(half[-2], ode[-2]) and not torch.allclose(half[-2], sde[-2])  # (the last is x0_pred)
+    schedule = NoiseSchedule.cosine(1000)
+    big_T = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = sample_dpmpp_2m(
+        gaussian_eps(schedule),
+        schedule,
+        (20_000, 2),
+        steps=50,
+        sde=True,
+        eta=0.5,
+        x_T=big_T,
+        generator=torch.Generator().manual_seed(1),
+    )
+    torch.testing.assert_close(x.mean(0), MEAN, atol=0.03, rtol=0)
+    torch.testing.assert_close(x.std(0), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ConfigError, match="eta"):
+            sample_dpmpp_2m(QueuedOutputs(outputs), NoiseSchedule.linear(1000), (8, 3), sde=True, eta=bad)
 
 
 def test_heun_is_second_order_and_euler_first_order() -> None:

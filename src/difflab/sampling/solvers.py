@@ -1,6 +1,6 @@
-"""Fast samplers: DPM-Solver++(2M), Heun/Euler on the probability-flow ODE, Euler ancestral,
-respaced DDPM and DDIM, each optionally followed by Langevin corrector steps, DDIM switching from the ODE to
-ancestral steps; and a registry by name.
+"""Fast samplers: DPM-Solver++(2M) and (3M) with their SDE forms, Heun/Euler on the probability-flow ODE,
+Euler ancestral, respaced DDPM and DDIM, each optionally followed by Langevin corrector steps, DDIM switching
+from the ODE to ancestral steps; and a registry by name.
 
 Every sampler has one signature::
 
@@ -14,9 +14,9 @@ same seed gives every sampler the same starting noise.
 
 Two families:
 
-- *discrete-timestep* samplers (``ddpm``, ``ddim``, ``ode-ancestral``, ``dpmpp-2m`` and the ``+pc`` forms) visit integer
-  timesteps of the training schedule, at most T of them; their ``callback(k, t, x, x0_pred)`` gets the
-  integer timestep t;
+- *discrete-timestep* samplers (``ddpm``, ``ddim``, ``ode-ancestral``, the ``dpmpp-*`` family and the ``+pc``
+  forms) visit integer timesteps of the training schedule, at most T of them; their
+  ``callback(k, t, x, x0_pred)`` gets the integer timestep t;
 - *sigma-space* samplers (``euler``, ``heun``, ``euler-a``) integrate in the VE variable
   ``x_ve = x_vp / sqrt(alpha_bar)`` over continuous noise levels sigma (Karras et al. 2022), querying the
   network at fractional timesteps; any number of steps works. Their callback gets ``(i, sigma_i, x_vp,
@@ -25,6 +25,7 @@ Two families:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,13 +48,26 @@ FINAL_SIGMAS = ("zero", "sigma_min")
 # ----------------------------------------------------------------------------------------------------
 # Step lists
 # ----------------------------------------------------------------------------------------------------
-def dpm_solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
+DPM_SPACINGS = ("linspace", "leading", "trailing", "karras", "logsnr")
+# EDM's sigma_max: the karras and logsnr ladders start no higher (alpha_bar = 1.6e-4, pure noise to 4 digits); the
+# cosine schedule's last steps, clipped at beta = 0.999, reach sigma = 2e4 and would take most of the ladder.
+LADDER_SIGMA_MAX = 80.0
+
+
+def dpm_solver_timesteps(
+    num_timesteps: int, steps: int, spacing: str = "linspace", alpha_bar: torch.Tensor | None = None
+) -> list[int]:
     """The decreasing timesteps DPM-Solver visits before its final jump to ``alpha_bar = 1``.
 
     Spaced as diffusers' ``DPMSolverMultistepScheduler.set_timesteps`` does (which differs from DDIM's
     lists): ``linspace``: ``round(linspace(0, T-1, steps+1))`` without the 0; ``leading``:
     ``(0..steps) * (T // (steps+1))`` without the 0; ``trailing``: ``round(arange(T, 0, -T/steps)) - 1``.
-    Repeated entries (steps close to T) are dropped, so a list may be shorter than ``steps``.
+    ``karras`` and ``logsnr`` need the schedule's ``alpha_bar`` (T,): the VE noise levels
+    ``s_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` from ``s_{T-1}`` down to ``s_0`` spaced as EDM's eq. 5 with
+    rho = 7 (more steps at low noise; diffusers' ``use_karras_sigmas``), or uniformly in
+    ``lambda = -log s`` (Lu et al. 2022, sec. 3.3, their choice for low-resolution images; diffusers'
+    ``use_lu_lambdas``), each rounded to the timestep at that level, interpolating ``log s`` linearly between
+    timesteps. Repeated entries (steps close to T) are dropped, so a list may be shorter than ``steps``.
     """
     if not 1 <= steps <= num_timesteps:
         raise ConfigError(f"steps must be between 1 and the schedule's {num_timesteps} timesteps, got {steps}")
@@ -65,8 +79,22 @@ def dpm_solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspac
         grid = [i * ratio for i in range(1, steps + 1)]
     elif spacing == "trailing":
         grid = (np.arange(num_timesteps, 0, -num_timesteps / steps).round().astype(np.int64) - 1).tolist()
+    elif spacing in ("karras", "logsnr"):
+        if alpha_bar is None or len(alpha_bar) != num_timesteps:
+            raise ConfigError(f"{spacing} spacing needs the schedule's alpha_bar for its {num_timesteps} timesteps")
+        log_sigma = 0.5 * (torch.log1p(-alpha_bar.double()) - torch.log(alpha_bar.double())).numpy()
+        top = min(float(log_sigma[-1]), math.log(LADDER_SIGMA_MAX))
+        if steps == 1:
+            targets = log_sigma[-1:]
+        elif spacing == "karras":
+            targets = np.log(karras_sigmas(math.exp(log_sigma[0]), math.exp(top), steps).numpy()[:-1])
+        else:
+            targets = np.linspace(top, log_sigma[0], steps)
+        targets[0] = log_sigma[-1]  # always start at T - 1, where x_T ~ N(0, I) is the marginal
+        # the fractional timestep at each target level (log s increases with t), then rounded
+        grid = np.interp(targets, log_sigma, np.arange(num_timesteps)).round().astype(np.int64).tolist()
     else:
-        raise ConfigError(f"spacing must be one of linspace, leading, trailing, got {spacing!r}")
+        raise ConfigError(f"spacing must be one of {', '.join(DPM_SPACINGS)}, got {spacing!r}")
     return sorted(set(grid), reverse=True)
 
 
@@ -319,6 +347,8 @@ def sample_dpmpp_2m(
     final_sigma: str = "zero",
     sde: bool = False,
     sde_switch: float = 1.0,
+    eta: float = 1.0,
+    order: int = 2,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     x_T: torch.Tensor | None = None,
@@ -344,15 +374,22 @@ def sample_dpmpp_2m(
     z ~ N(0, I) drawn from ``generator`` at every step but a final jump to ``alpha_bar = 1``. Its injected noise
     corrects the network's errors as ancestral sampling does, where the ODE carries them to the end.
     ``sde_switch < 1`` keeps the ODE's update for the steps from ``t > sde_switch * T`` (both forms share ``D``),
-    as :func:`sample_ode_ancestral` does.
+    as :func:`sample_ode_ancestral` does. ``eta`` scales the SDE's noise (k-diffusion's ``dpmpp_2m_sde``
+    convention): ``x_next = (sigma_next / sigma_i) e^{-eta h} x_i + alpha_next (1 - e^{-(1 + eta) h}) D
+    + sigma_next sqrt(1 - e^{-2 eta h}) z``, so 1 is the SDE above and 0 the ODE; every eta keeps the marginals
+    of an exact model. Both options act only with ``sde=True``.
     """
     if final_sigma not in FINAL_SIGMAS:
         raise ConfigError(f"final_sigma must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
     if not 0 <= sde_switch <= 1:
         raise ConfigError(f"sde_switch must lie in [0, 1] (a fraction of T), got {sde_switch}")
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ConfigError(f"eta must be finite and >= 0, got {eta}")
+    if order not in (2, 3):
+        raise ConfigError(f"DPM-Solver++ multistep order must be 2 or 3, got {order}")
     net = as_diffusion_model(model, schedule)
-    timesteps = dpm_solver_timesteps(schedule.num_timesteps, steps, spacing)
     alpha_bar, one_minus = schedule.precise_alpha_bar()
+    timesteps = dpm_solver_timesteps(schedule.num_timesteps, steps, spacing, alpha_bar)
     # (alpha_bar, 1 - alpha_bar) at each visited timestep, then at the final level
     levels = [(float(alpha_bar[t]), float(one_minus[t])) for t in timesteps]
     levels.append((1.0, 0.0) if final_sigma == "zero" else (float(alpha_bar[0]), float(one_minus[0])))
@@ -361,38 +398,59 @@ def sample_dpmpp_2m(
     def lam(level: tuple[float, float]) -> float:  # lambda = log(alpha / sigma) = 0.5 log(a / (1 - a))
         return 0.5 * (math.log(level[0]) - math.log(level[1])) if level[1] > 0 else math.inf
 
+    name = f"{'SDE-' if sde else ''}DPM-Solver++({order}M)"
     with sampling_mode(net):
         x = _start(shape, x_T, generator, device)
-        previous_x0: torch.Tensor | None = None
-        for k in progress(list(range(count)), show_progress, "SDE-DPM-Solver++(2M)" if sde else "DPM-Solver++(2M)"):
+        history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0_pred) of the steps taken, newest last
+        for k in progress(list(range(count)), show_progress, name):
             t = timesteps[k]
             here, there = levels[k], levels[k + 1]
             x0_pred = net.x0(x, _index(t, shape[0], device))
             if callback is not None:
                 callback(k, t, x, x0_pred)
-            last = k == count - 1
             if there[1] == 0:  # the final jump to sigma = 0 lands on the data prediction itself
                 x = x0_pred
                 break
             h = lam(there) - lam(here)
-            first_order = previous_x0 is None or (last and lower_order_final and count < 15)
-            if first_order:
-                update = x0_pred
-            else:
-                r = (lam(here) - lam(levels[k - 1])) / h
-                update = x0_pred + (x0_pred - previous_x0) / (2 * r)
-            ratio = math.sqrt(there[1] / here[1])
-            if sde and t <= sde_switch * schedule.num_timesteps:
-                # SDE-DPM-Solver++: (sigma_next / sigma_i) e^{-h} x_i + alpha_next (1 - e^{-2h}) D + sigma_next
-                # sqrt(1 - e^{-2h}) z
-                decay = -math.expm1(-2 * h)
-                noise = math.sqrt(there[1] * decay) * randn(shape, generator, device)
-                x = ratio * math.exp(-h) * x + math.sqrt(there[0]) * decay * update + noise
-            else:
-                # DPM-Solver++ (data prediction): x_next = (sigma_next / sigma_i) x_i + alpha_next (1 - e^{-h}) D
-                x = ratio * x + (-math.sqrt(there[0]) * math.expm1(-h)) * update
-            previous_x0 = x0_pred
+            step_order = min(order, len(history) + 1)
+            if lower_order_final and count < 15:  # diffusers: first order on the last step, at most second before
+                step_order = 1 if k == count - 1 else min(step_order, 2) if k == count - 2 else step_order
+            stochastic = sde and eta > 0 and t <= sde_switch * schedule.num_timesteps
+            noise_eta = eta if stochastic else 0.0
+            big_h = (1 + noise_eta) * h  # the exponent of the data term: h for the ODE, 2h for the SDE (eta = 1)
+            data = -math.expm1(-big_h) * x0_pred  # (1 - e^{-H}) D0
+            if step_order == 2:  # midpoint rule: + (1 - e^{-H}) (D0 - D0_prev) / (2 r)
+                r = (lam(here) - history[-1][0]) / h
+                data = data + (-math.expm1(-big_h) / (2 * r)) * (x0_pred - history[-1][1])
+            elif step_order == 3:  # Lu et al. 2022b, the third-order multistep update in the data form
+                r0 = (lam(here) - history[-1][0]) / h
+                r1 = (history[-1][0] - history[-2][0]) / h
+                d1_0 = (x0_pred - history[-1][1]) / r0
+                d1_1 = (history[-1][1] - history[-2][1]) / r1
+                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = 1 + math.expm1(-big_h) / big_h  # 1 - (1 - e^{-H}) / H
+                phi_3 = 0.5 - (math.expm1(-big_h) + big_h) / big_h**2  # 1/2 - (e^{-H} - 1 + H) / H^2
+                data = data + phi_2 * d1 + phi_3 * d2
+            # x_next = (sigma_next / sigma_i) e^{-eta h} x_i + alpha_next * data + sigma_next sqrt(1 - e^{-2 eta h}) z
+            x = math.sqrt(there[1] / here[1]) * math.exp(-noise_eta * h) * x + math.sqrt(there[0]) * data
+            if stochastic:
+                x = x + math.sqrt(-there[1] * math.expm1(-2 * noise_eta * h)) * randn(shape, generator, device)
+            history = [*history[-1:], (lam(here), x0_pred)]
     return x
+
+
+def sample_dpmpp_3m(model: Any, schedule: NoiseSchedule, shape: tuple[int, ...], **options: Any) -> torch.Tensor:
+    """DPM-Solver++(3M) (Lu et al. 2022b): :func:`sample_dpmpp_2m` with ``order=3``, the third-order multistep
+    update once two earlier data predictions exist, and with fewer than 15 steps second order on the step before
+    the last. ``sde=True`` (and ``eta``, ``sde_switch``) give SDE-DPM-Solver++(3M). One evaluation per step."""
+    return sample_dpmpp_2m(model, schedule, shape, order=3, **options)
+
+
+_signature = inspect.signature(sample_dpmpp_2m)
+sample_dpmpp_3m.__signature__ = _signature.replace(  # type: ignore[attr-defined]
+    parameters=[p for p in _signature.parameters.values() if p.name != "order"]
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -601,8 +659,30 @@ class SamplerSpec:
             return None
         return steps
 
+    def option_names(self) -> list[str]:
+        """The keyword options its function takes beyond the common signature (e.g. ``eta``, ``spacing``)."""
+        params = inspect.signature(self.function).parameters
+        names = [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in COMMON]
+        if "sde" in names:  # DPM-Solver++: the name fixes the form; eta and sde_switch act only in the SDE form
+            dropped = {"sde", "order"} | (set() if self.options.get("sde") else {"eta", "sde_switch"})
+            names = [name for name in names if name not in dropped]
+        return names
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """A ConfigError naming the option and the ones this sampler takes, for an option it does not take."""
+        unknown = sorted(set(options) - set(self.option_names()))
+        if unknown:
+            raise ConfigError(
+                f"sampler {self.name} takes no option {', '.join(map(repr, unknown))}; "
+                f"its options: {', '.join(self.option_names())}"
+            )
+
     def __call__(self, model: Any, schedule: NoiseSchedule, shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
         return self.function(model, schedule, shape, **{**self.options, **kwargs})
+
+
+# the keywords every sampler takes; the rest of a function's keyword-only parameters are its options
+COMMON = frozenset({"steps", "generator", "device", "x_T", "callback", "show_progress"})
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -633,6 +713,31 @@ SAMPLERS: dict[str, SamplerSpec] = {
             True,
             True,
             options={"sde": True, "sde_switch": 0.8},
+        ),
+        SamplerSpec(
+            "dpmpp-2m-sde-karras",
+            sample_dpmpp_2m,
+            "SDE-DPM-Solver++(2M) on the Karras ladder of timesteps",
+            True,
+            True,
+            options={"sde": True, "spacing": "karras"},
+        ),
+        SamplerSpec(
+            "dpmpp-2m-ode-sde-karras",
+            sample_dpmpp_2m,
+            "DPM-Solver++(2M), the ODE above t = 0.8 T and the SDE below, on the Karras ladder of timesteps",
+            True,
+            True,
+            options={"sde": True, "sde_switch": 0.8, "spacing": "karras"},
+        ),
+        SamplerSpec("dpmpp-3m", sample_dpmpp_3m, "DPM-Solver++(3M), data prediction (trailing)", True, False),
+        SamplerSpec(
+            "dpmpp-3m-sde",
+            sample_dpmpp_3m,
+            "SDE-DPM-Solver++(3M), data prediction (trailing)",
+            True,
+            True,
+            options={"sde": True},
         ),
         SamplerSpec("euler", sample_euler, "Euler on the probability-flow ODE, Karras sigmas", False, False),
         SamplerSpec("heun", sample_heun, "Heun (EDM Algorithm 1), Karras sigmas", False, False, 2, 1),
