@@ -101,6 +101,17 @@ def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
     assert "samples" in capsys.readouterr().out
     assert main(["sample", str(cfg_run), "--digit", "12"]) == 2
     assert "--digit must be between 0 and 9" in capsys.readouterr().err
+    # registry samplers take their options (here the Karras ladder and half the SDE's noise) by --option / --eta
+    command = ["sample", str(cfg_run), "--digit", "3", "--n", "4", "--sampler", "dpmpp-2m-sde", "--steps", "5"]
+    assert main([*command, "--eta", "0.5", "--option", "spacing=karras"]) == 0
+    tuned = torch.load(
+        cfg_run / "samples" / "sample_digit3_w1_dpmpp-2m-sde5_eta0.5_spacingkarras_seed0.pt", weights_only=True
+    )
+    assert main(command) == 0
+    default = torch.load(cfg_run / "samples" / "sample_digit3_w1_dpmpp-2m-sde5_seed0.pt", weights_only=True)
+    assert not torch.allclose(tuned["images"], default["images"])
+    assert main(["sample", str(cfg_run), "--sampler", "ddim", "--option", "spacing=karras"]) == 2
+    assert "recipe's own sampler" in capsys.readouterr().err
 
 
 def test_ddpm_recipe_on_digits(tmp_path: Path) -> None:

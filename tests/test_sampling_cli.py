@@ -66,6 +66,14 @@ def test_sample_command_writes_samples_and_scores(moons_run: Path, capsys) -> No
     deterministic = torch.load(moons_run / "samples" / "ddim-10steps-seed0.pt", weights_only=True)
     assert not torch.allclose(stochastic, deterministic)
     assert target.metrics["nll_course"](stochastic) < noise_score(moons_run) - 1.0
+    # --option reaches the sampler's function and the file name; --eta scales an SDE sampler's noise
+    command = ["sample", str(moons_run), "--sampler", "dpmpp-3m-sde", "--steps", "10", "--n", "400"]
+    assert main([*command, "--eta", "0.5", "--option", "spacing=logsnr"]) == 0
+    tuned = torch.load(moons_run / "samples" / "dpmpp-3m-sde-eta0.5-spacinglogsnr-10steps-seed0.pt", weights_only=True)
+    assert main(command) == 0
+    default = torch.load(moons_run / "samples" / "dpmpp-3m-sde-10steps-seed0.pt", weights_only=True)
+    assert not torch.allclose(tuned, default)
+    assert target.metrics["nll_course"](tuned) < noise_score(moons_run) - 1.0
 
 
 def test_compare_samplers_writes_table_json_and_plot(moons_run: Path, capsys) -> None:
@@ -133,6 +141,14 @@ def test_sampling_commands_reject_bad_input(moons_run: Path, tmp_path: Path, cap
     errors = capsys.readouterr().err
     assert "unknown sampler" in errors and "steps" in errors and "not a difflab run folder" in errors
     assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--eta", "0.5"]) == 2
-    assert "--eta is DDIM's" in capsys.readouterr().err
+    assert "sampler dpmpp-2m takes no eta" in capsys.readouterr().err
     assert main(["sample", str(moons_run), "--sampler", "ddim", "--eta", "-1"]) == 2
     assert "eta" in capsys.readouterr().err
+    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--option", "churn=3"]) == 2
+    assert "sampler dpmpp-2m takes no option 'churn'; its options: spacing" in capsys.readouterr().err
+    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--option", "spacing"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main(["compare-samplers", str(moons_run), "--samplers", "ddim,heun", "--option", "spacing=karras"]) == 2
+    assert "sampler heun takes no option 'spacing'" in capsys.readouterr().err
+    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--option", "spacing=diagonal"]) == 2
+    assert "spacing must be one of" in capsys.readouterr().err

@@ -5,7 +5,7 @@
     difflab train RECIPE|CONFIG.yaml [key=value ...]   only the training stages + exported weights
     difflab config RECIPE            print a recipe's default config as YAML
     difflab recipes                  list the recipes
-    difflab sample RUN --sampler NAME --steps N [--eta E] [--n 5000] [--seed S] [--out FILE]
+    difflab sample RUN --sampler NAME --steps N [--eta E] [--option KEY=VALUE] [--n 5000] [--seed S] [--out FILE]
     difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S] [--full ddpm | --no-full]
     difflab likelihood RUN [--n 1000]  exact model NLL of held-out points (probability-flow ODE)
     difflab report RUN [--style S]   rebuild RUN/report.md and RUN/report.html from the run folder
@@ -22,6 +22,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from difflab.errors import ConfigError, DifflabError
 
@@ -107,7 +108,15 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
         "--eta",
         type=float,
         default=None,
-        help="DDIM's eta (with --sampler ddim): 0 the deterministic ODE (default), 1 DDPM's posterior variance",
+        help="eta of ddim (0 the deterministic ODE, the default; 1 DDPM's posterior variance) or of an SDE sampler "
+        "(dpmpp-*-sde, dpmpp-2m-ode-sde: the scale of its noise, 1 the default, 0 its ODE)",
+    )
+    sample.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword option of the sampler's function, e.g. spacing=karras or eta=0.5 (repeatable)",
     )
     sample.add_argument("--n", type=int, default=None, help="number of samples (default 5000 for 2-D, 16 for images)")
     sample.add_argument("--digit", type=int, default=None, help="class label, for a class-conditional image run")
@@ -126,6 +135,13 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--samplers", help="comma-separated sampler names (default: all)")
     compare.add_argument(
         "--nfe", type=int, nargs="+", help="NFE budgets (default 5 10 20 50 100 1000, plus T unless --no-full)"
+    )
+    compare.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword option given to every compared sampler, e.g. spacing=karras (repeatable)",
     )
     compare.add_argument("--n", type=int, default=5000, help="samples per sampler and budget (default 5000)")
     compare.add_argument("--seed", type=int, default=0)
@@ -271,17 +287,44 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["spacing=karras", "eta=0.5"]`` -> ``{"spacing": "karras", "eta": 0.5}`` (values read as YAML scalars)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option takes KEY=VALUE, got {pair!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text
+        if not isinstance(value, str | int | float | bool):
+            raise ConfigError(f"--option {key}: a number, true/false or a word, got {text!r}")
+        options[key.strip()] = value
+    return options
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.experiments.runs import read_run
 
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
+    from difflab.sampling.solvers import get_sampler
+
     image_run = read_run(args.run).get("recipe") in IMAGE_RECIPES
+    sampler = args.sampler or ("ddim" if image_run else "dpmpp-2m")
+    spec = get_sampler(sampler)
+    extra = parse_options(args.option)
+    spec.check_options(extra)
     if args.eta is not None:
-        if (args.sampler or ("ddim" if image_run else "dpmpp-2m")) != "ddim":
-            raise ConfigError("--eta is DDIM's: use it with --sampler ddim")
+        if "eta" not in spec.option_names():
+            raise ConfigError(f"--eta: sampler {sampler} takes no eta (ddim and the SDE samplers do)")
         if not (args.eta >= 0 and math.isfinite(args.eta)):
             raise ConfigError(f"--eta must be finite and >= 0, got {args.eta}")
+    if image_run and extra and sampler in ("ddpm", "ddim"):
+        raise ConfigError(f"--option: an image run's {sampler} is the recipe's own sampler (ddim takes --eta only)")
     eta = args.eta or 0.0
     if image_run:
         from difflab.experiments.mnist import sample_from_run
@@ -291,12 +334,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
             n=args.n or 16,
             digit=args.digit,
             guidance=args.guidance,
-            sampler=args.sampler or "ddim",
+            sampler=sampler,
             steps=args.steps or 50,
-            eta=eta,
+            eta=eta if sampler == "ddim" else 0.0,
             seed=args.seed,
             device=args.device,
             out=args.out,
+            options={**({"eta": args.eta} if args.eta is not None and sampler != "ddim" else {}), **extra},
         )
         print(f"samples: {path} (tensors in {path.with_suffix('.pt')})")
         return 0
@@ -304,7 +348,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--digit needs a class-conditional image run (mnist-cfg)")
     from difflab.experiments.samplers import sample_run
 
-    options = {"eta": eta} if args.eta is not None else None
+    options = {**({"eta": eta} if args.eta is not None else {}), **extra} or None
     record = sample_run(
         args.run,
         args.sampler or "dpmpp-2m",
@@ -329,8 +373,17 @@ def cmd_compare_samplers(args: argparse.Namespace) -> int:
     nfes = tuple(args.nfe) if args.nfe else experiment.DEFAULT_NFES
     print(f"[compare-samplers] {target.recipe} run {target.path}: {len(names)} samplers, NFE {list(nfes)}, n={args.n}")
     full_for = [n.strip() for n in args.full.split(",") if n.strip()] if args.full else None
+    options = parse_options(args.option)
     rows = experiment.compare_samplers(
-        target, names, nfes, args.n, args.seed, include_full=not args.no_full, echo=print, full_for=full_for
+        target,
+        names,
+        nfes,
+        args.n,
+        args.seed,
+        include_full=not args.no_full,
+        echo=print,
+        full_for=full_for,
+        options=options or None,
     )
     paths = experiment.write_comparison(target, rows, args.n, args.seed)
     print(experiment.comparison_table(rows, list(target.metrics), target.schedule.num_timesteps))

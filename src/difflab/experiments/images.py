@@ -268,6 +268,7 @@ def sample_images(
     clip_x0: float | None = 1.0,
     variance: str = "beta",
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> SampleResult:
     """``n`` images in batches from fixed seeds; labels (n,) make the samples class-conditional (CFG scale
     ``guidance``). The same ``seed`` gives the same initial noise, whatever the sampler.
@@ -278,10 +279,14 @@ def sample_images(
     ``clip_denoised``): 1 for pixel images in [-1, 1], the largest absolute value of the training latents for
     latent diffusion, None for no clipping. ``decode`` maps
     each sampled batch to images (latent diffusion: the autoencoder's decoder), inside the timed region.
-    Images are clipped to [-1, 1]."""
+    Images are clipped to [-1, 1]. ``options`` go to a registry sampler's function (not to ``ddpm`` and ``ddim``,
+    which run here as the recipes run them)."""
     from difflab.sampling.solvers import get_sampler, sample
 
-    get_sampler(sampler)  # an unknown name fails here, before any work
+    spec = get_sampler(sampler)  # an unknown name fails here, before any work
+    if options and sampler in ("ddpm", "ddim"):
+        raise ConfigError(f"sampler options are for the registry samplers, not the recipes' own {sampler}")
+    spec.check_options(options or {})
     respacing = respaced(schedule, steps) if sampler == "ddpm" and 0 < steps < schedule.num_timesteps else None
     context = distributed.current()
     start, calls = time.perf_counter(), 0
@@ -348,6 +353,7 @@ def sample_images(
                     device=device,
                     callback=first,
                     show_progress=show_progress,
+                    **(options or {}),
                 )
             if decode is not None:
                 with torch.inference_mode():

@@ -715,10 +715,11 @@ def sample_from_run(
     device: str = "auto",
     out: str | Path | None = None,
     eta: float = 0.0,
+    options: dict[str, Any] | None = None,
 ) -> Path:
     """``difflab sample RUN --digit 7 --guidance 2 --n 16 --sampler ddim --steps 50``: a grid PNG (and the
-    tensors as .pt beside it). ``eta`` is DDIM's (0: the ODE, 1: DDPM's posterior variance). Returns the PNG
-    path."""
+    tensors as .pt beside it). ``eta`` is DDIM's (0: the ODE, 1: DDPM's posterior variance); ``options`` go to
+    any other registry sampler's function (e.g. ``{"spacing": "karras", "eta": 0.5}``). Returns the PNG path."""
     resolved = resolve_device(device)
     config, model, schedule = load_run_model(run_dir, resolved)
     classes = config.unet.num_classes
@@ -744,9 +745,11 @@ def sample_from_run(
         labels=labels,
         guidance=guidance,
         num_classes=classes,
+        options=options,
     )
     digit_tag = f"digit{digit}_" if digit is not None else ""
     eta_tag = f"_eta{eta:g}" if eta else ""
+    eta_tag += "".join(f"_{key}{value}" for key, value in (options or {}).items())
     name = f"sample_{digit_tag}w{guidance:g}_{sampler}{steps}{eta_tag}_seed{seed}"
     path = Path(out) if out else Path(run_dir) / "samples" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -218,7 +218,10 @@ def sample_run(
     The ``.pt`` holds the samples tensor, or for a latent target ``{"latents": ..., "images": decoded}``."""
     target = load_target(run_dir, device)
     samples, info = draw_samples(target, sampler, steps, n, seed, options, show_progress=show_progress)
-    tags = "".join(f"-{key}{value:g}" for key, value in (options or {}).items())
+    tags = "".join(
+        f"-{key}{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else f"-{key}{value}"
+        for key, value in (options or {}).items()
+    )
     stem = f"{sampler}{tags}-{steps}steps-seed{seed}"
     pt_path = Path(out) if out else target.path / "samples" / f"{stem}.pt"
     pt_path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,18 +249,22 @@ def compare_samplers(
     include_full: bool = True,
     echo: Callable[[str], None] | None = None,
     full_for: Sequence[str] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every sampler at every NFE budget (same seeds, so the same starting noise).
 
     Each budget is spent on the most steps that fit (``SamplerSpec.steps_for_nfe``; Heun's ``2 N - 1``
     evaluations make its NFE odd); budgets a sampler cannot take (more than T discrete steps) are skipped.
     ``include_full`` adds the budget ``T`` (DDPM's own), for every sampler or only those named in ``full_for``
-    (e.g. ``["ddpm"]``: the T-step reference without T-step runs of the fast samplers). Returns one row per
+    (e.g. ``["ddpm"]``: the T-step reference without T-step runs of the fast samplers). ``options`` go to every
+    sampler's function (each must take them: checked before any sampling) and into each row. Returns one row per
     (sampler, budget).
     """
     full = target.schedule.num_timesteps
     for name in full_for or ():
         get_sampler(name)  # an unknown name fails before any sampling
+    for name in samplers:
+        get_sampler(name).check_options(options or {})
     rows = []
     for name in samplers:
         spec = get_sampler(name)
@@ -267,8 +274,8 @@ def compare_samplers(
             steps = spec.steps_for_nfe(budget, full)
             if steps is None:
                 continue
-            samples, info = draw_samples(target, name, steps, n, seed)
-            row = {"budget": budget, **info, **target.score(samples)}
+            samples, info = draw_samples(target, name, steps, n, seed, options)
+            row = {"budget": budget, **info, **({"options": options} if options else {}), **target.score(samples)}
             rows.append(row)
             if echo is not None:
                 scores = "  ".join(f"{k} {fmt(row[k])}" for k in target.metrics)
