@@ -189,8 +189,8 @@ def test_dpm_ladder_timesteps_match_diffusers(spacing: str, flag: str) -> None:
 
 def test_dpm_ladders_cap_sigma_max_and_start_at_pure_noise() -> None:
     """On the cosine schedule (sigma reaches 2e4 at t = T-1) the ladders start from T-1 and then follow a ladder
-    from sigma = 80 down. Below t = 100 uniform lambda puts more of its steps than Karras (rho = 7 is between
-    uniform sigma and uniform log sigma), which puts more than uniform t."""
+    from sigma = 40 (``ladder_sigma_max``) down. Below t = 100 uniform lambda puts more of its steps than Karras
+    (rho = 7 is between uniform sigma and uniform log sigma), which puts more than uniform t."""
     schedule = NoiseSchedule.cosine(1000)
     alpha_bar, _ = schedule.precise_alpha_bar()
     log_sigma = schedule.precise_log_sigmas()
@@ -198,12 +198,16 @@ def test_dpm_ladders_cap_sigma_max_and_start_at_pure_noise() -> None:
     logsnr = dpm_solver_timesteps(1000, 10, "logsnr", alpha_bar)
     for ladder in (karras, logsnr):
         assert len(ladder) == 10 and ladder[0] == 999 and ladder[-1] == 0
-        assert math.exp(float(log_sigma[ladder[1]])) < 80
+        assert math.exp(float(log_sigma[ladder[1]])) < 40
     trailing = dpm_solver_timesteps(1000, 10, "trailing")
     low = [sum(t < 100 for t in ladder) for ladder in (logsnr, karras, trailing)]
     assert low[0] > low[1] > low[2], low
+    higher = dpm_solver_timesteps(1000, 10, "karras", alpha_bar, ladder_sigma_max=80.0)
+    assert higher[1] > karras[1] and math.exp(float(log_sigma[higher[1]])) < 80
     with pytest.raises(ConfigError, match="alpha_bar"):
         dpm_solver_timesteps(1000, 10, "karras")
+    with pytest.raises(ConfigError, match="ladder_sigma_max"):
+        dpm_solver_timesteps(1000, 10, "logsnr", alpha_bar, ladder_sigma_max=0.001)
 
 
 def test_ddim_timesteps_match_diffusers_for_every_step_count() -> None:
