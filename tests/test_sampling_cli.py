@@ -152,3 +152,7 @@ def test_sampling_commands_reject_bad_input(moons_run: Path, tmp_path: Path, cap
     assert "sampler heun takes no option 'spacing'" in capsys.readouterr().err
     assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--option", "spacing=diagonal"]) == 2
     assert "spacing must be one of" in capsys.readouterr().err
+    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m-sde", "--option", "eta=lots"]) == 2
+    assert "option eta takes a float, got 'lots'" in capsys.readouterr().err
+    assert main(["sample", str(moons_run), "--sampler", "ddim", "--option", "spacing=3"]) == 2
+    assert "option spacing takes a str" in capsys.readouterr().err

@@ -7,6 +7,7 @@
     difflab recipes                  list the recipes
     difflab sample RUN --sampler NAME --steps N [--eta E] [--option KEY=VALUE] [--n 5000] [--seed S] [--out FILE]
     difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S] [--full ddpm | --no-full]
+                                 [--option KEY=VALUE]
     difflab likelihood RUN [--n 1000]  exact model NLL of held-out points (probability-flow ODE)
     difflab report RUN [--style S]   rebuild RUN/report.md and RUN/report.html from the run folder
     difflab report RUN --style ddpm-vs-ddim [--with RUN_NO_T] [--forward RUN_2D]   the five-section write-up
@@ -288,21 +289,25 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``["spacing=karras", "eta=0.5"]`` -> ``{"spacing": "karras", "eta": 0.5}`` (values read as YAML scalars)."""
-    import yaml
-
+    """``["spacing=karras", "eta=0.5"]`` -> ``{"spacing": "karras", "eta": 0.5}``: an integer, a float (``1e-3``
+    too), true / false, or else the word itself."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
+        key, text = key.strip(), text.strip()
+        if not sep or not key or not text:
             raise ConfigError(f"--option takes KEY=VALUE, got {pair!r}")
-        try:
-            value = yaml.safe_load(text) if text.strip() else text
-        except yaml.YAMLError:
-            value = text
-        if not isinstance(value, str | int | float | bool):
-            raise ConfigError(f"--option {key}: a number, true/false or a word, got {text!r}")
-        options[key.strip()] = value
+        value: Any = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    continue
+        options[key] = value
     return options
 
 

@@ -458,6 +458,7 @@ def sample_dpmpp_3m(model: Any, schedule: NoiseSchedule, shape: tuple[int, ...],
     return sample_dpmpp_2m(model, schedule, shape, order=3, **options)
 
 
+# sample_dpmpp_3m's options are sample_dpmpp_2m's but ``order``: what SamplerSpec.option_names reads
 _signature = inspect.signature(sample_dpmpp_2m)
 sample_dpmpp_3m.__signature__ = _signature.replace(  # type: ignore[attr-defined]
     parameters=[p for p in _signature.parameters.values() if p.name != "order"]
@@ -687,6 +688,17 @@ class SamplerSpec:
                 f"sampler {self.name} takes no option {', '.join(map(repr, unknown))}; "
                 f"its options: {', '.join(self.option_names())}"
             )
+        params = inspect.signature(self.function).parameters
+        for name, value in options.items():  # a value of its default's kind: a word where a number goes fails here
+            default = params[name].default
+            if isinstance(default, bool):
+                fits = isinstance(value, bool)
+            elif isinstance(default, int | float):
+                fits = isinstance(value, int | float) and not isinstance(value, bool)
+            else:
+                fits = not isinstance(default, str) or isinstance(value, str)
+            if not fits:
+                raise ConfigError(f"sampler {self.name}: option {name} takes a {type(default).__name__}, got {value!r}")
 
     def __call__(self, model: Any, schedule: NoiseSchedule, shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
         return self.function(model, schedule, shape, **{**self.options, **kwargs})
