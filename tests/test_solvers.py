@@ -183,8 +183,9 @@ def test_dpm_ladder_timesteps_match_diffusers(spacing: str, flag: str) -> None:
         oracle = DPMSolverMultistepScheduler(1000, beta_schedule="scaled_linear", **{flag: True})
         oracle.set_timesteps(steps)
         alpha_bar = oracle.alphas_cumprod.double()  # diffusers' float32 table: the same rounding ties
+        log_sigmas = 0.5 * (torch.log1p(-alpha_bar) - torch.log(alpha_bar))
         expected = sorted(set(oracle.timesteps.tolist()), reverse=True)
-        assert dpm_solver_timesteps(1000, steps, spacing, alpha_bar) == expected, steps
+        assert dpm_solver_timesteps(1000, steps, spacing, log_sigmas) == expected, steps
 
 
 def test_dpm_ladders_cap_sigma_max_and_start_at_pure_noise() -> None:
@@ -192,22 +193,21 @@ def test_dpm_ladders_cap_sigma_max_and_start_at_pure_noise() -> None:
     from sigma = 40 (``ladder_sigma_max``) down. Below t = 100 uniform lambda puts more of its steps than Karras
     (rho = 7 is between uniform sigma and uniform log sigma), which puts more than uniform t."""
     schedule = NoiseSchedule.cosine(1000)
-    alpha_bar, _ = schedule.precise_alpha_bar()
     log_sigma = schedule.precise_log_sigmas()
-    karras = dpm_solver_timesteps(1000, 10, "karras", alpha_bar)
-    logsnr = dpm_solver_timesteps(1000, 10, "logsnr", alpha_bar)
+    karras = dpm_solver_timesteps(1000, 10, "karras", log_sigma)
+    logsnr = dpm_solver_timesteps(1000, 10, "logsnr", log_sigma)
     for ladder in (karras, logsnr):
         assert len(ladder) == 10 and ladder[0] == 999 and ladder[-1] == 0
         assert math.exp(float(log_sigma[ladder[1]])) < 40
     trailing = dpm_solver_timesteps(1000, 10, "trailing")
     low = [sum(t < 100 for t in ladder) for ladder in (logsnr, karras, trailing)]
     assert low[0] > low[1] > low[2], low
-    higher = dpm_solver_timesteps(1000, 10, "karras", alpha_bar, ladder_sigma_max=80.0)
+    higher = dpm_solver_timesteps(1000, 10, "karras", log_sigma, ladder_sigma_max=80.0)
     assert higher[1] > karras[1] and math.exp(float(log_sigma[higher[1]])) < 80
-    with pytest.raises(ConfigError, match="alpha_bar"):
+    with pytest.raises(ConfigError, match="log sigmas"):
         dpm_solver_timesteps(1000, 10, "karras")
     with pytest.raises(ConfigError, match="ladder_sigma_max"):
-        dpm_solver_timesteps(1000, 10, "logsnr", alpha_bar, ladder_sigma_max=0.001)
+        dpm_solver_timesteps(1000, 10, "logsnr", log_sigma, ladder_sigma_max=0.001)
 
 
 def test_ddim_timesteps_match_diffusers_for_every_step_count() -> None:

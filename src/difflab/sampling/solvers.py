@@ -60,7 +60,7 @@ def dpm_solver_timesteps(
     num_timesteps: int,
     steps: int,
     spacing: str = "linspace",
-    alpha_bar: torch.Tensor | None = None,
+    log_sigmas: torch.Tensor | None = None,
     ladder_sigma_max: float = LADDER_SIGMA_MAX,
 ) -> list[int]:
     """The decreasing timesteps DPM-Solver visits before its final jump to ``alpha_bar = 1``.
@@ -68,8 +68,8 @@ def dpm_solver_timesteps(
     Spaced as diffusers' ``DPMSolverMultistepScheduler.set_timesteps`` does (which differs from DDIM's
     lists): ``linspace``: ``round(linspace(0, T-1, steps+1))`` without the 0; ``leading``:
     ``(0..steps) * (T // (steps+1))`` without the 0; ``trailing``: ``round(arange(T, 0, -T/steps)) - 1``.
-    ``karras`` and ``logsnr`` need the schedule's ``alpha_bar`` (T,): the VE noise levels
-    ``s_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` from ``min(s_{T-1}, ladder_sigma_max)`` down to ``s_0`` (the
+    ``karras`` and ``logsnr`` need the schedule's ``log_sigmas`` (T,, increasing; ``precise_log_sigmas()``): the VE
+    noise levels ``s_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` from ``min(s_{T-1}, ladder_sigma_max)`` down to ``s_0`` (the
     first step stays at T - 1, where x_T ~ N(0, I) is the marginal) spaced as EDM's eq. 5 with
     rho = 7 (more steps at low noise; diffusers' ``use_karras_sigmas``), or uniformly in
     ``lambda = -log s`` (Lu et al. 2022, sec. 3.3, their choice for low-resolution images; diffusers'
@@ -87,9 +87,9 @@ def dpm_solver_timesteps(
     elif spacing == "trailing":
         grid = (np.arange(num_timesteps, 0, -num_timesteps / steps).round().astype(np.int64) - 1).tolist()
     elif spacing in ("karras", "logsnr"):
-        if alpha_bar is None or len(alpha_bar) != num_timesteps:
-            raise ConfigError(f"{spacing} spacing needs the schedule's alpha_bar for its {num_timesteps} timesteps")
-        log_sigma = 0.5 * (torch.log1p(-alpha_bar.double()) - torch.log(alpha_bar.double())).numpy()
+        if log_sigmas is None or len(log_sigmas) != num_timesteps:
+            raise ConfigError(f"{spacing} spacing needs the schedule's log sigmas for its {num_timesteps} timesteps")
+        log_sigma = log_sigmas.double().cpu().numpy()
         if not ladder_sigma_max > math.exp(log_sigma[0]):
             raise ConfigError(f"ladder_sigma_max must exceed the smallest noise level, got {ladder_sigma_max}")
         top = min(float(log_sigma[-1]), math.log(ladder_sigma_max))
@@ -400,7 +400,9 @@ def sample_dpmpp_2m(
         raise ConfigError(f"DPM-Solver++ multistep order must be 2 or 3, got {order}")
     net = as_diffusion_model(model, schedule)
     alpha_bar, one_minus = schedule.precise_alpha_bar()
-    timesteps = dpm_solver_timesteps(schedule.num_timesteps, steps, spacing, alpha_bar, ladder_sigma_max)
+    timesteps = dpm_solver_timesteps(
+        schedule.num_timesteps, steps, spacing, schedule.precise_log_sigmas(), ladder_sigma_max
+    )
     # (alpha_bar, 1 - alpha_bar) at each visited timestep, then at the final level
     levels = [(float(alpha_bar[t]), float(one_minus[t])) for t in timesteps]
     levels.append((1.0, 0.0) if final_sigma == "zero" else (float(alpha_bar[0]), float(one_minus[0])))
