@@ -68,9 +68,9 @@ def dpm_solver_timesteps(
     Spaced as diffusers' ``DPMSolverMultistepScheduler.set_timesteps`` does (which differs from DDIM's
     lists): ``linspace``: ``round(linspace(0, T-1, steps+1))`` without the 0; ``leading``:
     ``(0..steps) * (T // (steps+1))`` without the 0; ``trailing``: ``round(arange(T, 0, -T/steps)) - 1``.
-    ``karras`` and ``logsnr`` need the schedule's ``log_sigmas`` (T,, increasing; ``precise_log_sigmas()``): the VE
-    noise levels ``s_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` from ``min(s_{T-1}, ladder_sigma_max)`` down to ``s_0`` (the
-    first step stays at T - 1, where x_T ~ N(0, I) is the marginal) spaced as EDM's eq. 5 with
+    ``karras`` and ``logsnr`` need the schedule's ``log_sigmas`` (T,), increasing (``precise_log_sigmas()``): the VE
+    noise levels ``s_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` from ``min(s_{T-1}, ladder_sigma_max)`` down to
+    ``s_0`` (the first step stays at T - 1, where x_T ~ N(0, I) is the marginal) spaced as EDM's eq. 5 with
     rho = 7 (more steps at low noise; diffusers' ``use_karras_sigmas``), or uniformly in
     ``lambda = -log s`` (Lu et al. 2022, sec. 3.3, their choice for low-resolution images; diffusers'
     ``use_lu_lambdas``), each rounded to the timestep at that level, interpolating ``log s`` linearly between
