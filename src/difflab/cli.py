@@ -328,9 +328,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ConfigError(f"--eta: sampler {sampler} takes no eta (ddim and the SDE samplers do)")
         if not (args.eta >= 0 and math.isfinite(args.eta)):
             raise ConfigError(f"--eta must be finite and >= 0, got {args.eta}")
-    if image_run and extra and sampler in ("ddpm", "ddim"):
-        raise ConfigError(f"--option: an image run's {sampler} is the recipe's own sampler (ddim takes --eta only)")
-    eta = args.eta or 0.0
+    eta_option = {"eta": args.eta} if args.eta is not None else {}
     if image_run:
         from difflab.experiments.mnist import sample_from_run
 
@@ -341,11 +339,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             sampler=sampler,
             steps=args.steps or 50,
-            eta=eta if sampler == "ddim" else 0.0,
+            eta=(args.eta or 0.0) if sampler == "ddim" else 0.0,  # the recipe's DDIM takes eta on its own
             seed=args.seed,
             device=args.device,
             out=args.out,
-            options={**({"eta": args.eta} if args.eta is not None and sampler != "ddim" else {}), **extra},
+            options={**({} if sampler == "ddim" else eta_option), **extra},
         )
         print(f"samples: {path} (tensors in {path.with_suffix('.pt')})")
         return 0
@@ -353,16 +351,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--digit needs a class-conditional image run (mnist-cfg)")
     from difflab.experiments.samplers import sample_run
 
-    options = {**({"eta": eta} if args.eta is not None else {}), **extra} or None
     record = sample_run(
         args.run,
-        args.sampler or "dpmpp-2m",
+        sampler,
         args.steps or 20,
         args.n or 5000,
         args.seed,
         args.out,
         args.device,
-        options,
+        {**eta_option, **extra} or None,
     )
     scores = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("nll") or k == "fid")
     print(f"{args.sampler}: {record['steps']} steps, {record['nfe']} NFE, {record['seconds']:.1f} s  {scores}")

@@ -285,7 +285,7 @@ def sample_images(
 
     spec = get_sampler(sampler)  # an unknown name fails here, before any work
     if options and sampler in ("ddpm", "ddim"):
-        raise ConfigError(f"sampler options are for the registry samplers, not the recipes' own {sampler}")
+        raise ConfigError(f"sampler options are for the registry samplers: {sampler} is the recipe's own sampler here")
     spec.check_options(options or {})
     respacing = respaced(schedule, steps) if sampler == "ddpm" and 0 < steps < schedule.num_timesteps else None
     context = distributed.current()
