@@ -140,19 +140,23 @@ def test_sampling_commands_reject_bad_input(moons_run: Path, tmp_path: Path, cap
     assert main(["likelihood", str(tmp_path)]) == 2
     errors = capsys.readouterr().err
     assert "unknown sampler" in errors and "steps" in errors and "not a difflab run folder" in errors
-    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--eta", "0.5"]) == 2
-    assert "sampler dpmpp-2m takes no eta" in capsys.readouterr().err
-    assert main(["sample", str(moons_run), "--sampler", "ddim", "--eta", "-1"]) == 2
-    assert "eta" in capsys.readouterr().err
-    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--option", "churn=3"]) == 2
-    assert "sampler dpmpp-2m takes no option 'churn'; its options: spacing" in capsys.readouterr().err
-    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--option", "spacing"]) == 2
-    assert "KEY=VALUE" in capsys.readouterr().err
-    assert main(["compare-samplers", str(moons_run), "--samplers", "ddim,heun", "--option", "spacing=karras"]) == 2
-    assert "sampler heun takes no option 'spacing'" in capsys.readouterr().err
-    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m", "--option", "spacing=diagonal"]) == 2
-    assert "spacing must be one of" in capsys.readouterr().err
-    assert main(["sample", str(moons_run), "--sampler", "dpmpp-2m-sde", "--option", "eta=lots"]) == 2
-    assert "option eta takes a float, got 'lots'" in capsys.readouterr().err
-    assert main(["sample", str(moons_run), "--sampler", "ddim", "--option", "spacing=3"]) == 2
-    assert "option spacing takes a str" in capsys.readouterr().err
+
+    def refused(command: str, *arguments: str) -> str:
+        """The one-line error of ``difflab COMMAND RUN ARGUMENTS...``, which must exit with status 2."""
+        assert main([command, str(moons_run), *arguments]) == 2
+        return capsys.readouterr().err
+
+    assert "sampler dpmpp-2m takes no eta" in refused("sample", "--sampler", "dpmpp-2m", "--eta", "0.5")
+    assert "eta" in refused("sample", "--sampler", "ddim", "--eta", "-1")
+    assert "sampler dpmpp-2m takes no option 'churn'; its options: spacing" in refused(
+        "sample", "--sampler", "dpmpp-2m", "--option", "churn=3"
+    )
+    assert "KEY=VALUE" in refused("sample", "--sampler", "dpmpp-2m", "--option", "spacing")
+    assert "sampler heun takes no option 'spacing'" in refused(
+        "compare-samplers", "--samplers", "ddim,heun", "--option", "spacing=karras"
+    )
+    assert "spacing must be one of" in refused("sample", "--sampler", "dpmpp-2m", "--option", "spacing=diagonal")
+    assert "option eta takes a float, got 'lots'" in refused(
+        "sample", "--sampler", "dpmpp-2m-sde", "--option", "eta=lots"
+    )
+    assert "option spacing takes a str" in refused("sample", "--sampler", "ddim", "--option", "spacing=3")
