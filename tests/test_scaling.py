@@ -57,6 +57,7 @@ def data(n: int = 1024) -> torch.Tensor:
 def make_trainer(run_dir: Path, steps: int, hidden=(64, 64), context: DistContext | None = None, **overrides):
     torch.manual_seed(0)
     model = DenoiserMLP(2, hidden, 100)
+    echo = overrides.pop("echo", lambda message: None)
     settings = {"steps": steps, "batch_size": 256, "lr": 3e-3, "warmup_steps": 5, "log_every": 1, **overrides}
     config = TrainConfig(**{"eval_every": 1000, "checkpoint_every": 1000, **settings})
     return Trainer(
@@ -69,7 +70,7 @@ def make_trainer(run_dir: Path, steps: int, hidden=(64, 64), context: DistContex
         RunLogger(run_dir, tensorboard=False),
         seed=3,
         show_progress=False,
-        echo=lambda message: None,
+        echo=echo,
         distributed_context=context,
     )
 
@@ -129,6 +130,24 @@ def test_bf16_is_close_to_fp32_and_learns(tmp_path: Path) -> None:
     assert abs(bf16[0] - fp32[0]) / fp32[0] < 2e-2
     assert sum(bf16[-10:]) / 10 < 0.75 * sum(bf16[:5]) / 5
     assert abs(sum(bf16[-10:]) - sum(fp32[-10:])) / sum(fp32[-10:]) < 0.1
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    native = tmp_path / "native"
+    native.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    emulated = tmp_path / "emulated"
+    emulated.write_text("flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n")
+    assert trainer_module.cpu_has_native_bf16(native)
+    assert not trainer_module.cpu_has_native_bf16(emulated)
+    assert not trainer_module.cpu_has_native_bf16(tmp_path / "no-such-file")
+    for has_bf16, expected in ((True, 0), (False, 1)):
+        monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda has=has_bf16: has)
+        said: list[str] = []
+        make_trainer(tmp_path / f"run{has_bf16}", 5, precision="bf16", echo=said.append)
+        assert sum("is emulated and may train slower than precision=fp32" in line for line in said) == expected
+        said.clear()
+        make_trainer(tmp_path / f"fp32-{has_bf16}", 5, echo=said.append)
+        assert not any("emulated" in line for line in said)
 
 
 def test_fp16_needs_a_gpu(tmp_path: Path) -> None:

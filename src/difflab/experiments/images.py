@@ -161,9 +161,12 @@ def train_image_denoiser(
     ``learned_variance``: the U-Net outputs ``[eps, v]`` and is trained with the hybrid loss
     ``L_simple + vlb_weight L_vlb`` (``decoder``: ``discretized`` for 8-bit images, ``gaussian`` for latents).
     ``name`` names the checkpoints (several models can share a run folder). ``channels_last`` stores the weights
-    NHWC (faster convolutions on CPU). ``objective``: Min-SNR weighting / input perturbation of the eps loss, or
-    v-prediction (:class:`~difflab.diffusion.objectives.ObjectiveConfig`; not with ``learned_variance``); a
-    v-network is returned wrapped in :class:`~difflab.diffusion.prediction.VPrediction`, an eps model.
+    NHWC (faster fp32 convolutions on CPU); it is ignored with ``train_config.precision="bf16"``, whose oneDNN
+    convolutions are faster NCHW (the ``mnist-ddpm`` CPU U-Net, batch 128, two Zen 4 cores: 0.26-0.34 s per step
+    NCHW, 0.45-0.60 s NHWC, 0.48-0.54 s fp32 NHWC; ``benchmarks/cpu_precision.py``). ``objective``: Min-SNR
+    weighting / input perturbation of the eps loss, or v-prediction
+    (:class:`~difflab.diffusion.objectives.ObjectiveConfig`; not with ``learned_variance``);
+    a v-network is returned wrapped in :class:`~difflab.diffusion.prediction.VPrediction`, an eps model.
     """
     objective = objective or ObjectiveConfig()
     if learned_variance and objective != ObjectiveConfig():
@@ -173,7 +176,7 @@ def train_image_denoiser(
     torch.manual_seed(mix_seed(seed, 0, 92))
     model = wrap_prediction(build_unet(unet_config, train, learned_variance), objective.prediction, schedule)
     model = model.to(device)
-    if channels_last:
+    if channels_last and train_config.precision != "bf16":
         model = model.to(memory_format=torch.channels_last)
     conditional = unet_config.num_classes > 0
     tensors = (train.images.to(device), train.labels.to(device))

@@ -194,6 +194,19 @@ def _slice_batch(batch: Any, start: int, stop: int) -> Any:
     return batch
 
 
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU flags (Linux ``/proc/cpuinfo``) list ``avx512_bf16`` or ``amx_bf16``.
+
+    Elsewhere (no such file) it answers False: oneDNN still runs bf16 there, by emulation, often slower than fp32.
+    """
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    flags = set(text.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 class Trainer:
     """Trains ``model`` on ``loss_fn(model, batches.batch(step), generator)`` for ``config.steps`` steps.
 
@@ -266,6 +279,11 @@ class Trainer:
             )
         if config.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision=bf16 is not supported by this GPU: use precision=fp16 or fp32")
+        if config.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16() and self.dist.is_main:
+            self.echo(
+                "warning: precision=bf16 on a CPU without avx512_bf16 / amx_bf16 is emulated and may train slower "
+                "than precision=fp32"
+            )
         parts = world * config.grad_accum
         if config.batch_size % parts:
             raise ConfigError(
