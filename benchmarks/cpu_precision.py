@@ -1,9 +1,9 @@
 """fp32 vs bf16 autocast, NCHW vs channels-last: the CPU recipes' U-Net on this machine.
 
-One training step (forward + backward + AdamW, as the trainer runs it: autocast around the forward, the MSE
+One training step (forward + backward + AdamW, as the trainer runs it: autocast around the forward, the loss
 in fp32) and one sampling step (a forward pass under ``inference_mode``) of the ``mnist-ddpm`` CPU config's
-U-Net (base 16, mults 1-2-4, one res block per level, mid attention) on 28 x 28 x 1 images. Every
-configuration starts from the same weights and inputs; the median of ``--repeats`` timed steps after
+U-Net (``MnistDDPMConfig().unet``) on 28 x 28 x 1 images, timed by ``unet_speed.Contender``. Every
+configuration starts from the same weights; the median of ``--repeats`` timed steps after
 ``--warmup`` untimed ones is reported, with the step's ratio to fp32 channels-last (what fp32 CPU runs use).
 
     python benchmarks/cpu_precision.py [--batch 128] [--threads 2] [--repeats 15] [--json out.json]
@@ -18,8 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,53 +25,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from difflab.models.unet import UNet, UNetConfig  # noqa: E402
+from unet_speed import Contender  # noqa: E402  (this folder is on sys.path when the script runs)
+
+from difflab.experiments.mnist import MnistDDPMConfig  # noqa: E402
+from difflab.models.unet import UNet  # noqa: E402
 from difflab.training.trainer import cpu_has_native_bf16  # noqa: E402
-
-CONFIG = UNetConfig(
-    in_channels=1, out_channels=1, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=1, mid_attention=True
-)
-
-
-def median_seconds(step: Callable[[], None], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(bf16: bool, channels_last: bool, batch: int, warmup: int, repeats: int) -> dict[str, float]:
     """Seconds per training step and per sampling step for one precision / memory format."""
     torch.manual_seed(0)
-    model = UNet(CONFIG)
-    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    t = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(2))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-
-    def train_step() -> None:
-        with autocast():
+    def forward(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
             out = model(x, t)
-        loss = (out.float() - x).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        return out.float()  # the loss in fp32, as the trainer's autocast leaves it
 
-    def sample_step() -> None:
-        with torch.inference_mode(), autocast():
-            model(x, t)
-
-    train = median_seconds(train_step, warmup, repeats)
-    model.eval()
-    sample = median_seconds(sample_step, warmup, repeats)
+    contender = Contender("", UNet(MnistDDPMConfig().unet), forward, batch, channels_last)
+    for _ in range(warmup):
+        contender.train_step()
+        contender.sample_step()
+    train = statistics.median(contender.train_step() for _ in range(repeats))
+    contender.model.eval()
+    sample = statistics.median(contender.sample_step() for _ in range(repeats))
     return {
         "train_s": train,
         "sample_s": sample,

@@ -162,7 +162,7 @@ def train_image_denoiser(
     ``L_simple + vlb_weight L_vlb`` (``decoder``: ``discretized`` for 8-bit images, ``gaussian`` for latents).
     ``name`` names the checkpoints (several models can share a run folder). ``channels_last`` stores the weights
     NHWC (faster fp32 convolutions on CPU); it is ignored with ``train_config.precision="bf16"``, whose oneDNN
-    convolutions are faster NCHW (the ``mnist-ddpm`` CPU U-Net, batch 128, two Zen 4 cores: 0.26-0.34 s per step
+    convolutions are faster NCHW (the ``mnist-ddpm`` CPU U-Net, batch 128, two Zen 4 cores: 0.26-0.36 s per step
     NCHW, 0.45-0.60 s NHWC, 0.48-0.54 s fp32 NHWC; ``benchmarks/cpu_precision.py``). ``objective``: Min-SNR
     weighting / input perturbation of the eps loss, or v-prediction
     (:class:`~difflab.diffusion.objectives.ObjectiveConfig`; not with ``learned_variance``);

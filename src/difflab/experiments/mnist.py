@@ -88,7 +88,7 @@ class MnistDDPMConfig:
     )
     # Width 16 trained 5,000 steps beats width 32 trained 2,400 steps (DDIM-50 FID 41.1 vs 45.7, DDPM-100
     # 24.5 vs 30.4 at n=300) in 3/4 of the training time: on two cores, steps buy more than width.
-    # bf16 autocast trains it 1.6-1.8x faster on the CPUs with avx512_bf16 (what keeps the run under 45 min on the
+    # bf16 autocast trains it 1.5-1.8x faster on the CPUs with avx512_bf16 (what keeps the run under 45 min on the
     # slower hosts; measured FIDs in the README).
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
