@@ -112,6 +112,14 @@ def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
     assert not torch.allclose(tuned["images"], default["images"])
     assert main(["sample", str(cfg_run), "--sampler", "ddim", "--option", "spacing=karras"]) == 2
     assert "recipe's own sampler" in capsys.readouterr().err
+    # --precision bf16: the network under bf16 autocast; the same digits up to bf16 rounding, in a file of its own
+    command = ["sample", str(cfg_run), "--digit", "3", "--guidance", "2", "--n", "4", "--sampler", "ddim"]
+    assert main([*command, "--steps", "5", "--precision", "bf16"]) == 0
+    bf16 = torch.load(cfg_run / "samples" / "sample_digit3_w2_ddim5_bf16_seed0.pt", weights_only=True)
+    fp32 = torch.load(cfg_run / "samples" / "sample_digit3_w2_ddim5_seed0.pt", weights_only=True)
+    assert 0 < (bf16["images"] - fp32["images"]).abs().mean() < 0.05
+    assert main([*command, "--precision", "fp16"]) == 2
+    assert "precision must be one of fp32, bf16, got 'fp16'" in capsys.readouterr().err
 
 
 def test_ddpm_recipe_on_digits(tmp_path: Path) -> None:

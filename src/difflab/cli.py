@@ -20,7 +20,6 @@ writes everything). Errors a user can cause are printed as one line on stderr wi
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,6 +126,12 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
         default=1.0,
         help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 0 unconditional, "
         "1 conditional (default), > 1 guided",
+    )
+    sample.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32 (default) or bf16: the network under bf16 autocast, the sampler in fp32 (image runs; about 1.6x "
+        "faster on CPUs with avx512_bf16)",
     )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", help="output file (default under RUN/samples/)")
@@ -326,8 +331,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.eta is not None:
         if "eta" not in spec.option_names():
             raise ConfigError(f"--eta: sampler {sampler} takes no eta (ddim and the SDE samplers do)")
-        if not (args.eta >= 0 and math.isfinite(args.eta)):
-            raise ConfigError(f"--eta must be finite and >= 0, got {args.eta}")
+        from difflab.sampling.common import check_eta
+
+        check_eta(args.eta, "--eta")
     eta_option = {"eta": args.eta} if args.eta is not None else {}
     if image_run:
         from difflab.experiments.mnist import sample_from_run
@@ -344,11 +350,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
             device=args.device,
             out=args.out,
             options={**({} if sampler == "ddim" else eta_option), **extra},
+            precision=args.precision,
         )
         print(f"samples: {path} (tensors in {path.with_suffix('.pt')})")
         return 0
     if args.digit is not None:
         raise ConfigError("--digit needs a class-conditional image run (mnist-cfg)")
+    if args.precision != "fp32":
+        raise ConfigError("--precision applies to image runs (mnist-ddpm, mnist-cfg); 2-D runs sample in fp32")
     from difflab.experiments.samplers import sample_run
 
     record = sample_run(

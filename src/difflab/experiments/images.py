@@ -31,6 +31,7 @@ from difflab.sampling.wrappers import DiffusionModel
 from difflab.seeding import mix_seed, seeded_generator
 from difflab.training import distributed
 from difflab.training.logging import RunLogger
+from difflab.training.precision import SAMPLING_PRECISIONS, AutocastModel, check_precision, to_fast_layout
 from difflab.training.trainer import TrainConfig, Trainer, TrainResult
 
 DATA_SOURCES = ("mnist", "imagefolder", "digits")
@@ -153,17 +154,15 @@ def train_image_denoiser(
     learned_variance: bool = False,
     vlb_weight: float = 0.001,
     decoder: str = "discretized",
-    channels_last: bool = False,
     objective: ObjectiveConfig | None = None,
 ) -> tuple[Trainer, TrainResult]:
     """Train (or resume) the eps U-Net; conditional when ``unet_config.num_classes`` > 0.
 
     ``learned_variance``: the U-Net outputs ``[eps, v]`` and is trained with the hybrid loss
     ``L_simple + vlb_weight L_vlb`` (``decoder``: ``discretized`` for 8-bit images, ``gaussian`` for latents).
-    ``name`` names the checkpoints (several models can share a run folder). ``channels_last`` stores the weights
-    NHWC (faster fp32 convolutions on CPU); it is ignored with ``train_config.precision="bf16"``, whose oneDNN
-    convolutions are faster NCHW (the ``mnist-ddpm`` CPU U-Net, batch 128, two Zen 4 cores: 0.26-0.36 s per step
-    NCHW, 0.45-0.60 s NHWC, 0.48-0.54 s fp32 NHWC; ``benchmarks/cpu_precision.py``). ``objective``: Min-SNR
+    ``name`` names the checkpoints (several models can share a run folder). The weights take the layout
+    :func:`~difflab.training.precision.memory_format_for` picks for the device and ``train_config.precision``
+    (channels-last for fp32 on CPU, NCHW for bf16). ``objective``: Min-SNR
     weighting / input perturbation of the eps loss, or v-prediction
     (:class:`~difflab.diffusion.objectives.ObjectiveConfig`; not with ``learned_variance``);
     a v-network is returned wrapped in :class:`~difflab.diffusion.prediction.VPrediction`, an eps model.
@@ -176,8 +175,7 @@ def train_image_denoiser(
     torch.manual_seed(mix_seed(seed, 0, 92))
     model = wrap_prediction(build_unet(unet_config, train, learned_variance), objective.prediction, schedule)
     model = model.to(device)
-    if channels_last and train_config.precision != "bf16":
-        model = model.to(memory_format=torch.channels_last)
+    model = to_fast_layout(model, device, train_config.precision)
     conditional = unet_config.num_classes > 0
     tensors = (train.images.to(device), train.labels.to(device))
     batches = ShuffledBatches(tensors, train_config.batch_size, seed=mix_seed(seed, 0, 93))
@@ -272,6 +270,7 @@ def sample_images(
     variance: str = "beta",
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     options: dict[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> SampleResult:
     """``n`` images in batches from fixed seeds; labels (n,) make the samples class-conditional (CFG scale
     ``guidance``). The same ``seed`` gives the same initial noise, whatever the sampler.
@@ -283,13 +282,18 @@ def sample_images(
     latent diffusion, None for no clipping. ``decode`` maps
     each sampled batch to images (latent diffusion: the autoencoder's decoder), inside the timed region.
     Images are clipped to [-1, 1]. ``options`` go to a registry sampler's function (not to ``ddpm`` and ``ddim``,
-    which run here as the recipes run them)."""
+    which run here as the recipes run them). ``precision="bf16"`` evaluates the network under bf16 autocast (the
+    sampler's arithmetic stays fp32; on CPU the weights should then be NCHW, see
+    :func:`~difflab.training.precision.to_fast_layout`)."""
     from difflab.sampling.solvers import get_sampler, sample
 
     spec = get_sampler(sampler)  # an unknown name fails here, before any work
     if options and sampler in ("ddpm", "ddim"):
         raise ConfigError(f"sampler options are for the registry samplers: {sampler} is the recipe's own sampler here")
     spec.check_options(options or {})
+    check_precision(precision, torch.device(device), SAMPLING_PRECISIONS)
+    if precision != "fp32":
+        model = AutocastModel(model, device, precision)
     respacing = respaced(schedule, steps) if sampler == "ddpm" and 0 < steps < schedule.num_timesteps else None
     context = distributed.current()
     start, calls = time.perf_counter(), 0

@@ -55,6 +55,7 @@ from difflab.report.markdown import figure, table, timings_and_environment
 from difflab.seeding import mix_seed, seed_everything, seeded_generator
 from difflab.training import checkpoint as ckpt
 from difflab.training.logging import RunLogger, read_series
+from difflab.training.precision import to_fast_layout
 from difflab.training.trainer import TrainConfig
 from difflab.viz import plots2d
 from difflab.viz.images import image_rows_figure, save_grid
@@ -542,9 +543,7 @@ def measure_throughput(
     results: dict[str, Any] = {"batch": batch}
     for name, shape in (("latent", latent_shape), ("pixel", image_shape)):
         config = replace(unet, in_channels=shape[0], out_channels=shape[0])
-        model = UNet(config).to(device).eval()
-        if device.type == "cpu":
-            model = model.to(memory_format=torch.channels_last)
+        model = to_fast_layout(UNet(config).to(device).eval(), device)
         x = torch.randn((batch, *shape), generator=generator).to(device)
         t = torch.full((batch,), 500, device=device, dtype=torch.long)
         y = torch.zeros(batch, dtype=torch.long, device=device) if config.num_classes else None
@@ -624,7 +623,6 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                     learned_variance=variant.learned_variance,
                     vlb_weight=config.diffusion.vlb_weight,
                     decoder=decoder_of(variant),
-                    channels_last=device.type == "cpu",
                 )
             model = trainer.eval_model.eval()
             trained[variant.name] = (model, schedule)

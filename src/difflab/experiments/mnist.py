@@ -33,7 +33,7 @@ from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
 from difflab.experiments.points2d import trajectory_recorder
-from difflab.experiments.runs import RunFolder, resolve_device, setup_device
+from difflab.experiments.runs import RunFolder, option_tags, resolve_device, setup_device
 from difflab.models.unet import UNetConfig, count_parameters, describe
 from difflab.report.render import write_report
 from difflab.report.rundata import TRAJECTORY_FILE, load_run
@@ -41,6 +41,7 @@ from difflab.seeding import seed_everything
 from difflab.training import distributed
 from difflab.training.checkpoint import load_weights
 from difflab.training.logging import RunLogger, read_series
+from difflab.training.precision import SAMPLING_PRECISIONS, to_fast_layout
 from difflab.training.trainer import TrainConfig, Trainer
 from difflab.viz import plots2d
 from difflab.viz.images import image_rows_figure, save_grid
@@ -56,6 +57,9 @@ class EvaluationConfig:
 
     ``inception_weights``: a local InceptionV3 weights file (torch-fidelity's ``pt_inception-2015-12-05``
     layout); when set, the standard InceptionV3 FID/IS are computed too (nothing is downloaded).
+    ``precision``: the network's precision while drawing the grids and the scored samples, ``fp32`` or ``bf16``
+    (autocast; the sampler's arithmetic stays fp32). bf16 sampled the bf16 ``mnist-ddpm`` CPU model 1.6x faster
+    with FIDs within 0.4 of fp32 sampling (README); the denoising panel, diagnostics and progress grids stay fp32.
     """
 
     n_samples: int = 2000
@@ -64,10 +68,14 @@ class EvaluationConfig:
     batch_size: int = 128
     seed: int = 4321
     inception_weights: str = ""
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.n_samples < 2 or self.n_ddpm < 0 or self.batch_size < 1 or self.ddim_steps < 1:
             raise ConfigError("evaluation needs n_samples >= 2, n_ddpm >= 0, batch_size >= 1, ddim_steps >= 1")
+        if self.precision not in SAMPLING_PRECISIONS:
+            allowed = ", ".join(SAMPLING_PRECISIONS)
+            raise ConfigError(f"metrics.precision must be one of {allowed}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -219,7 +227,6 @@ def _train_only(config: Any, recipe: str, fresh: bool, echo, **extra: Any) -> Ru
                 config.seed,
                 device,
                 config.progress and run.main,
-                channels_last=device.type == "cpu",
                 objective=config.objective,
                 **extra,
             )
@@ -293,13 +300,14 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
                 config.seed,
                 device,
                 config.progress,
-                channels_last=device.type == "cpu",
                 objective=config.objective,
             )
-        model = trainer.eval_model
-        shape = tuple(train.images.shape[1:])
         ev = config.metrics
-        common = dict(eta=0.0, batch_size=ev.batch_size, device=device, show_progress=config.progress)
+        model = _sampling_model(trainer.eval_model, device, ev.precision)
+        shape = tuple(train.images.shape[1:])
+        common = dict(
+            eta=0.0, batch_size=ev.batch_size, device=device, show_progress=config.progress, precision=ev.precision
+        )
         grids: dict[str, Any] = {}
         recorder = trajectory_recorder(schedule, "ddim", ev.ddim_steps, TRAJECTORY_FRAMES, TRAJECTORY_IMAGES)
         with run.stage("grids"):
@@ -384,6 +392,12 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
         f"{metrics['ddim'].get('fid', float('nan')):.2f} | report {run.sub('report.md')}"
     )
     return run
+
+
+def _sampling_model(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+    """The trained model, in the layout bf16 sampling is fastest in; an fp32 sampler keeps the training layout
+    (which the recorded figures were measured with)."""
+    return model if precision == "fp32" else to_fast_layout(model, device, precision)
 
 
 def _images_per_second(result: Any, train: TrainConfig) -> float | None:
@@ -531,11 +545,10 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
                 config.progress,
                 label_dropout=config.guidance.label_dropout,
                 hooks=[progress] if config.guidance.progress_every_epoch else None,
-                channels_last=device.type == "cpu",
                 objective=config.objective,
             )
-        model = trainer.eval_model
         ev, guidance = config.metrics, config.guidance
+        model = _sampling_model(trainer.eval_model, device, ev.precision)
         common = dict(
             sampler="ddim",
             steps=ev.ddim_steps,
@@ -544,6 +557,7 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
             device=device,
             num_classes=classes,
             show_progress=config.progress,
+            precision=ev.precision,
         )
         with run.stage("grid"):
             per = guidance.grid_per_digit
@@ -686,9 +700,10 @@ def cfg_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------------------------------------------
 def load_run_model(
-    run_dir: str | Path, device: torch.device | str = "cpu"
+    run_dir: str | Path, device: torch.device | str = "cpu", precision: str = "fp32"
 ) -> tuple[Any, torch.nn.Module, NoiseSchedule]:
-    """``(config, model with its exported weights, schedule)`` of a finished mnist-ddpm or mnist-cfg run."""
+    """``(config, model with its exported weights, schedule)`` of a finished mnist-ddpm or mnist-cfg run, its
+    weights in the layout that runs fastest at ``precision`` on ``device``."""
     run_dir = Path(run_dir)
     data = read_yaml(run_dir / "config.yaml")
     recipe = data.get("recipe")
@@ -702,9 +717,7 @@ def load_run_model(
     model = wrap_prediction(UNet(config.unet), config.objective.prediction, schedule)
     load_weights(model, run_dir / "checkpoints" / "denoiser.safetensors")
     schedule = schedule.to(device)
-    model = model.to(device).eval()
-    if torch.device(device).type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
+    model = to_fast_layout(model.to(device).eval(), device, precision)
     return config, model, schedule
 
 
@@ -720,12 +733,14 @@ def sample_from_run(
     out: str | Path | None = None,
     eta: float = 0.0,
     options: dict[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> Path:
     """``difflab sample RUN --digit 7 --guidance 2 --n 16 --sampler ddim --steps 50``: a grid PNG (and the
     tensors as .pt beside it). ``eta`` is DDIM's (0: the ODE, 1: DDPM's posterior variance); ``options`` go to
-    any other registry sampler's function (e.g. ``{"spacing": "karras", "eta": 0.5}``). Returns the PNG path."""
+    any other registry sampler's function (e.g. ``{"spacing": "karras", "eta": 0.5}``); ``precision="bf16"``
+    runs the network under bf16 autocast (``--precision bf16``). Returns the PNG path."""
     resolved = resolve_device(device)
-    config, model, schedule = load_run_model(run_dir, resolved)
+    config, model, schedule = load_run_model(run_dir, resolved, precision)
     classes = config.unet.num_classes
     labels = None
     if digit is not None:
@@ -750,11 +765,12 @@ def sample_from_run(
         guidance=guidance,
         num_classes=classes,
         options=options,
+        precision=precision,
     )
     digit_tag = f"digit{digit}_" if digit is not None else ""
-    eta_tag = f"_eta{eta:g}" if eta else ""
-    eta_tag += "".join(f"_{key}{value}" for key, value in (options or {}).items())
-    name = f"sample_{digit_tag}w{guidance:g}_{sampler}{steps}{eta_tag}_seed{seed}"
+    tags = option_tags({**({"eta": eta} if eta else {}), **(options or {})}, "_")
+    tags += "_bf16" if precision != "fp32" else ""
+    name = f"sample_{digit_tag}w{guidance:g}_{sampler}{steps}{tags}_seed{seed}"
     path = Path(out) if out else Path(run_dir) / "samples" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(result.images, path, nrow=max(1, int(n**0.5)))

@@ -39,6 +39,7 @@ from difflab.report.markdown import figure, table, timings_and_environment
 from difflab.sampling.langevin import network_evaluations
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training.logging import RunLogger
+from difflab.training.precision import to_fast_layout
 from difflab.training.trainer import TrainConfig
 from difflab.viz.images import image_rows_figure, save_grid
 
@@ -149,14 +150,15 @@ class MnistNCSNConfig:
 
 
 def build_score_unet(config: MnistNCSNConfig, channels: int, device: torch.device) -> NoiseConditionalUNet:
-    """The score U-Net (channels-last on CPU, about 1.3x faster here)."""
+    """The score U-Net, in the weight layout that trains fastest at ``config.train.precision`` (fp32 on CPU:
+    channels-last, about 1.3x faster here)."""
     if config.unet.in_channels != channels or config.unet.out_channels != channels:
         raise ConfigError(
             f"unet.in_channels/out_channels are {config.unet.in_channels}/{config.unet.out_channels} "
             f"but the images have {channels} channels"
         )
     model = NoiseConditionalUNet(config.unet, config.score_output).to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
+    return to_fast_layout(model, device, config.train.precision)
 
 
 def _evaluate(evaluator: Any, images: torch.Tensor) -> dict[str, Any]:

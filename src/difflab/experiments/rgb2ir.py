@@ -67,6 +67,7 @@ from difflab.seeding import mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
 from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
 from difflab.training.logging import RunLogger, read_series
+from difflab.training.precision import to_fast_layout
 from difflab.training.trainer import TrainConfig, Trainer
 from difflab.viz import plots2d
 from difflab.viz.images import image_rows_figure
@@ -641,9 +642,7 @@ def train_regressor(
     as ``<name>/val_mse`` (it selects nothing)."""
     unet = replace(config.unet, in_channels=x.shape[1], out_channels=y.shape[1])
     torch.manual_seed(mix_seed(seed, 1, 81))
-    model = LatentRegressor(unet, config.residual).to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
+    model = to_fast_layout(LatentRegressor(unet, config.residual).to(device), device, config.train.precision)
     batches = ShuffledBatches((x.to(device), y.to(device)), config.train.batch_size, seed=mix_seed(seed, 1, 82))
     x_check, y_check = x_test.to(device), y_test.to(device)
 
@@ -725,7 +724,6 @@ def inversion_translation(
                 config.progress,
                 name=name,
                 decoder="gaussian",
-                channels_last=device.type == "cpu",
             )
         models[side] = trainer.eval_model.eval()
         info["models"][name] = {

@@ -50,6 +50,17 @@ FINAL_OUTPUTS = (
 )
 
 
+def option_tags(options: dict[str, Any] | None, separator: str = "-") -> str:
+    """Sampler options as a file-name tag, e.g. ``{"eta": 0.5, "spacing": "karras"}`` -> ``-eta0.5-spacingkarras``
+    (numbers by ``:g``, so 1.0 and 1 name the same file); empty for no options."""
+    return "".join(
+        f"{separator}{key}{value:g}"
+        if isinstance(value, int | float) and not isinstance(value, bool)
+        else f"{separator}{key}{value}"
+        for key, value in (options or {}).items()
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available, else CPU; anything else must be a device torch knows."""
     if name == "auto":

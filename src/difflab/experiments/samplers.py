@@ -26,7 +26,7 @@ import torch
 from difflab.config import config_from
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import CheckpointError, ConfigError
-from difflab.experiments.runs import read_run, resolve_device
+from difflab.experiments.runs import option_tags, read_run, resolve_device
 from difflab.report.markdown import fmt, table
 from difflab.sampling.common import batched
 from difflab.sampling.likelihood import LikelihoodSettings, batched_likelihood, bits_per_dim
@@ -218,11 +218,7 @@ def sample_run(
     The ``.pt`` holds the samples tensor, or for a latent target ``{"latents": ..., "images": decoded}``."""
     target = load_target(run_dir, device)
     samples, info = draw_samples(target, sampler, steps, n, seed, options, show_progress=show_progress)
-    tags = "".join(
-        f"-{key}{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else f"-{key}{value}"
-        for key, value in (options or {}).items()
-    )
-    stem = f"{sampler}{tags}-{steps}steps-seed{seed}"
+    stem = f"{sampler}{option_tags(options)}-{steps}steps-seed{seed}"
     pt_path = Path(out) if out else target.path / "samples" / f"{stem}.pt"
     pt_path.parent.mkdir(parents=True, exist_ok=True)
     if target.decode is None:

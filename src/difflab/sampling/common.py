@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -23,6 +24,13 @@ class EpsModel(Protocol):
 
 # callback(step_index, t, x_t, x0_pred) is called once per step, before the update.
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def check_eta(eta: float, name: str = "eta") -> None:
+    """A :class:`ConfigError` naming ``name`` unless ``eta`` (the scale of the posterior std that DDIM and the
+    SDE samplers add back, Song et al. 2021a eq. 16) is finite and >= 0."""
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ConfigError(f"{name} must be finite and >= 0, got {eta}")
 
 
 def timestep_list(num_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +9,15 @@ import torch
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.diffusion.vlb import split_output
 from difflab.errors import ConfigError
-from difflab.sampling.common import EpsModel, StepCallback, progress, randn, sampling_mode, timestep_list
+from difflab.sampling.common import (
+    EpsModel,
+    StepCallback,
+    check_eta,
+    progress,
+    randn,
+    sampling_mode,
+    timestep_list,
+)
 
 
 def ddim_step(
@@ -54,8 +61,8 @@ def per_step_etas(eta: float | Sequence[float], steps: int) -> list[float]:
     etas = [float(value) for value in eta] if isinstance(eta, Sequence) else [float(eta)] * steps
     if len(etas) != steps:
         raise ConfigError(f"DDIM got {len(etas)} eta values for {steps} steps")
-    if any(not math.isfinite(value) or value < 0 for value in etas):
-        raise ConfigError(f"DDIM's eta must be finite and >= 0, got {eta}")
+    for value in etas:
+        check_eta(value, "DDIM's eta")
     return etas
 
 

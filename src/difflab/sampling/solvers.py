@@ -36,7 +36,7 @@ import torch
 
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
-from difflab.sampling.common import StepCallback, progress, randn, sampling_mode, timestep_list
+from difflab.sampling.common import StepCallback, check_eta, progress, randn, sampling_mode, timestep_list
 from difflab.sampling.ddim import ddim_step, per_step_etas
 from difflab.sampling.ddpm import VARIANCES
 from difflab.sampling.wrappers import DiffusionModel, as_diffusion_model
@@ -394,8 +394,7 @@ def sample_dpmpp_2m(
         raise ConfigError(f"final_sigma must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
     if not 0 <= sde_switch <= 1:
         raise ConfigError(f"sde_switch must lie in [0, 1] (a fraction of T), got {sde_switch}")
-    if not (eta >= 0 and math.isfinite(eta)):
-        raise ConfigError(f"eta must be finite and >= 0, got {eta}")
+    check_eta(eta)
     if order not in (2, 3):
         raise ConfigError(f"DPM-Solver++ multistep order must be 2 or 3, got {order}")
     net = as_diffusion_model(model, schedule)

@@ -36,10 +36,10 @@ from difflab.training import checkpoint as ckpt
 from difflab.training import distributed
 from difflab.training.ema import EMA
 from difflab.training.logging import RunLogger
+from difflab.training.precision import PRECISIONS, autocast, check_precision, cpu_has_native_bf16
 
 LR_SCHEDULES = ("constant", "cosine")
 NAN_POLICIES = ("stop", "skip")
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings a resumed run may change: bookkeeping, and how a step is executed (not what it computes).
 RESUMABLE_CHANGES = (
     "steps",
@@ -194,19 +194,6 @@ def _slice_batch(batch: Any, start: int, stop: int) -> Any:
     return batch
 
 
-def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """True when the CPU flags (Linux ``/proc/cpuinfo``) list ``avx512_bf16`` or ``amx_bf16``.
-
-    Elsewhere (no such file) it answers False: oneDNN still runs bf16 there, by emulation, often slower than fp32.
-    """
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return False
-    flags = set(text.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
 class Trainer:
     """Trains ``model`` on ``loss_fn(model, batches.batch(step), generator)`` for ``config.steps`` steps.
 
@@ -272,13 +259,7 @@ class Trainer:
 
     def _check_execution_settings(self) -> None:
         config, world = self.config, self.dist.world_size
-        if config.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError(
-                f"precision=fp16 needs a CUDA GPU (its gradient scaler is CUDA-only); device is {self.device.type}: "
-                "use precision=bf16 or fp32"
-            )
-        if config.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("precision=bf16 is not supported by this GPU: use precision=fp16 or fp32")
+        check_precision(config.precision, self.device)
         if config.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16() and self.dist.is_main:
             self.echo(
                 "warning: precision=bf16 on a CPU without avx512_bf16 / amx_bf16 is emulated and may train slower "
@@ -451,10 +432,7 @@ class Trainer:
         return net
 
     def _autocast(self) -> Any:
-        if self.config.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.device, self.config.precision)
 
     def _micro_batches(self, batch: Any) -> Iterator[tuple[Any, torch.Generator]]:
         """This rank's ``grad_accum`` micro-batches of the step's global batch, each with its generator.

@@ -1,0 +1,82 @@
+"""Execution settings shared by training and sampling: precision checks, bf16 autocast, weight layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difflab.diffusion.schedule import NoiseSchedule
+from difflab.errors import ConfigError
+from difflab.experiments.images import sample_images
+from difflab.experiments.mnist import EvaluationConfig
+from difflab.experiments.runs import option_tags
+from difflab.models.unet import UNet, UNetConfig
+from difflab.sampling.common import check_eta
+from difflab.training.precision import AutocastModel, check_precision, memory_format_for, to_fast_layout
+
+
+def informative_unet() -> UNet:
+    """A small U-Net whose zero-initialised output convolution is broken, so its eps is not identically 0."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2), mid_attention=True))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    return model.eval()
+
+
+def test_the_layout_follows_device_and_precision() -> None:
+    # oneDNN: fp32 convolutions are fastest NHWC, bf16 ones NCHW (benchmarks/cpu_precision.py); CUDA stays NCHW.
+    assert memory_format_for("cpu", "fp32") == torch.channels_last
+    assert memory_format_for(torch.device("cpu"), "bf16") == torch.contiguous_format
+    assert memory_format_for("cuda", "fp32") == torch.contiguous_format
+    model = to_fast_layout(informative_unet(), "cpu", "fp32")
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    to_fast_layout(model, "cpu", "bf16")
+    assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_precisions_a_device_cannot_run_are_refused() -> None:
+    check_precision("bf16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="precision=fp16 needs a CUDA GPU"):
+        check_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        check_precision("fp16", torch.device("cpu"), ("fp32", "bf16"))
+    with pytest.raises(ConfigError, match="metrics.precision must be one of fp32, bf16, got 'int8'"):
+        EvaluationConfig(precision="int8")
+
+
+def test_autocast_model_runs_bf16_and_answers_in_fp32() -> None:
+    model = informative_unet()
+    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 30, 60, 99])
+    with torch.inference_mode():
+        expected = model(x, t)
+        out = AutocastModel(model, "cpu", "bf16")(x, t)
+    assert out.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-8 per op): close to fp32, but not the fp32 numbers.
+    relative = (out - expected).norm() / expected.norm()
+    assert 0 < relative < 0.05
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("dpmpp-2m", 8), ("ddpm", 0)])
+def test_bf16_sampling_draws_the_fp32_images_up_to_rounding(sampler: str, steps: int) -> None:
+    model, schedule = informative_unet(), NoiseSchedule.cosine(100)
+    common = dict(sampler=sampler, steps=steps, eta=0.0, batch_size=6, seed=3, device=torch.device("cpu"))
+    fp32 = sample_images(model, schedule, 6, (1, 8, 8), **common)
+    bf16 = sample_images(model, schedule, 6, (1, 8, 8), precision="bf16", **common)
+    assert bf16.images.dtype == torch.float32 and bf16.network_evaluations == fp32.network_evaluations
+    difference = (bf16.images - fp32.images).abs().mean()
+    spread = (fp32.images - fp32.images.roll(1, 0)).abs().mean()  # between different samples of the same run
+    assert 0 < difference < 0.1 * spread
+    with pytest.raises(ConfigError, match="fp16"):
+        sample_images(model, schedule, 2, (1, 8, 8), precision="fp16", **common)
+
+
+def test_option_tags_and_the_shared_eta_check() -> None:
+    assert option_tags({"eta": 1.0, "spacing": "karras", "sde": True}) == "-eta1-spacingkarras-sdeTrue"
+    assert option_tags({"eta": 0.5}, "_") == "_eta0.5" and option_tags(None) == ""
+    check_eta(0.0)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="--eta must be finite and >= 0"):
+            check_eta(bad, "--eta")
