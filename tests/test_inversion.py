@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from difflab.cli import main
 from difflab.diffusion.schedule import NoiseSchedule
-from difflab.sampling.inversion import ddim_invert, ddim_round_trip, inversion_timesteps
+from difflab.errors import ConfigError
+from difflab.sampling.inversion import (
+    ddim_invert,
+    ddim_round_trip,
+    inversion_timesteps,
+    logsnr_inversion_timesteps,
+    round_trip_timesteps,
+)
 
 SCHEDULE = NoiseSchedule.linear(1000)
 MEAN, STD = torch.tensor([1.0, -2.0]), 0.5
@@ -59,6 +67,25 @@ def test_inversion_timesteps() -> None:
     assert visited == [100, 100, 200]  # the first step takes eps at its target, the others at their start
 
 
+def test_logsnr_spacing_keeps_the_end_points_and_spaces_evenly_in_log_snr() -> None:
+    for schedule in (SCHEDULE, NoiseSchedule.cosine(1000)):
+        for steps, t_end in ((10, None), (50, 978), (100, 978), (300, 400)):
+            uniform = inversion_timesteps(1000, steps, t_end)
+            spaced = logsnr_inversion_timesteps(schedule, steps, t_end)
+            assert len(spaced) == steps and spaced == sorted(set(spaced)), (steps, t_end)
+            assert (spaced[0], spaced[-1]) == (uniform[0], uniform[-1])
+            assert 0 <= spaced[0] and spaced[-1] <= 999
+    # away from rounding the gaps in lambda are equal (linear schedule, 10 steps: each gap spans many t)
+    log_snr = torch.log(SCHEDULE.alpha_bar / (1 - SCHEDULE.alpha_bar))
+    gaps = log_snr[logsnr_inversion_timesteps(SCHEDULE, 10, 999)].diff()
+    assert float(gaps.max() - gaps.min()) < 0.05 * float(gaps.abs().mean())
+    # smaller steps at both ends than the uniform spacing's ~100 timesteps
+    spaced = logsnr_inversion_timesteps(NoiseSchedule.cosine(1000), 10, 978)
+    assert spaced[1] - spaced[0] < 98 and spaced[-1] - spaced[-2] < 98
+    with pytest.raises(ConfigError, match="inversion spacing must be one of uniform, logsnr"):
+        round_trip_timesteps(SCHEDULE, 10, None, "karras")
+
+
 def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "ddpm"
     assert (
@@ -91,3 +118,11 @@ def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
     assert plain[1]["psnr_db"] > plain[0]["psnr_db"] and plain[1]["psnr_db"] > 20
     assert all(r["psnr_db"] > p["psnr_db"] for r, p in zip(refined, plain))
     assert (run_dir / "figures" / "inversion.png").is_file()
+    # both spacings in one table; the log-SNR one round-trips too, and better with more steps
+    assert main(["invert", str(run_dir), "--steps", "5", "50", "--n", "32", "--spacing", "uniform", "logsnr"]) == 0
+    assert "logsnr" in capsys.readouterr().out
+    rows = json.loads((run_dir / "inversion.json").read_text())["rows"]
+    assert [r["spacing"] for r in rows] == ["uniform", "uniform", "logsnr", "logsnr"]
+    assert rows[3]["psnr_db"] > rows[2]["psnr_db"] and rows[3]["psnr_db"] > 20
+    assert main(["invert", str(run_dir), "--spacing", "karras"]) == 2
+    assert "--spacing must be among uniform, logsnr, got karras" in capsys.readouterr().err

@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="K",
         help="also refine every inversion step by K fixed-point iterations (K more network calls per step)",
     )
+    invert.add_argument(
+        "--spacing",
+        nargs="+",
+        default=["uniform"],
+        help="timestep spacing of the round trips: uniform (in t, the default) and/or logsnr (evenly in log-SNR "
+        "between the same end points); several give one set of rows each",
+    )
     invert.add_argument("--seed", type=int, default=0)
     invert.add_argument("--device", default="auto")
     run.add_argument(
@@ -252,14 +259,22 @@ def cmd_invert(args: argparse.Namespace) -> int:
     from difflab.report.markdown import table
 
     result = invert_run(
-        args.run_dir, tuple(args.steps), args.n, args.t_end, args.seed, args.device, fixed_point=args.fixed_point
+        args.run_dir,
+        tuple(args.steps),
+        args.n,
+        args.t_end,
+        args.seed,
+        args.device,
+        fixed_point=args.fixed_point,
+        spacings=tuple(args.spacing),
     )
     print(
         table(
-            ["images", "steps", "fixed-point iterations", "NFE", "n", "MSE", "PSNR (dB)", "SSIM", "seconds"],
+            ["images", "spacing", "steps", "fixed-point iterations", "NFE", "n", "MSE", "PSNR (dB)", "SSIM", "seconds"],
             [
                 [
                     r.get("side", "pixels"),
+                    r["spacing"],
                     r["steps"],
                     r["fixed_point_iterations"],
                     r["nfe"],

@@ -1305,13 +1305,15 @@ def invert_latent_run(
     device: str = "auto",
     echo: Any = print,
     fixed_point: int = 0,
+    spacings: tuple[str, ...] = ("uniform",),
 ) -> dict[str, Any]:
     """``difflab invert`` on an ``rgb2ir`` run made with ``inversion.enabled=true``: DDIM round trips (invert to
     ``t_end``, default the last t with alpha_bar >= 1e-3, then DDIM back with the same steps) of the first ``n``
     cached test latents of each side under that side's eps model. Per side and step count: latent MSE, and PSNR /
     SSIM of the decoded round trip against the decoded original latent (the inversion's own error, without the
     autoencoder's); with ``fixed_point`` K > 0 also the round trips refined by K fixed-point iterations per
-    inversion step. Writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``."""
+    inversion step; one set of rows per timestep spacing in ``spacings``. Writes ``RUN/inversion.json`` and
+    ``RUN/figures/inversion.png``."""
     from difflab.config import config_from
     from difflab.experiments.inversion import round_trip_cases
     from difflab.sampling.inversion import ddim_round_trip, default_inversion_end
@@ -1319,7 +1321,7 @@ def invert_latent_run(
     run_dir = Path(run_dir)
     resolved = resolve_device(device)
     config = config_from(RGB2IRConfig(), run_dir / "config.yaml")
-    cases = round_trip_cases(steps, n, fixed_point)
+    cases = round_trip_cases(steps, n, fixed_point, spacings)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     cache = lookup(metrics, "latents.path")
@@ -1346,15 +1348,16 @@ def invert_latent_run(
             original = vae.decode(x0).float().clamp(-1, 1).cpu()
         if side == "ir":
             figure_rows.append(("decoded IR latent", original[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
-        for iterations, count, nfe, label in cases:
+        for spacing, iterations, count, nfe, label in cases:
             start = time.perf_counter()
             with torch.no_grad():
-                latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations)
+                latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations, spacing)
                 decoded = vae.decode(reconstruction).float().clamp(-1, 1).cpu()
             seconds = time.perf_counter() - start
             rows.append(
                 {
                     "side": side,
+                    "spacing": spacing,
                     "steps": count,
                     "fixed_point_iterations": iterations,
                     "nfe": nfe,

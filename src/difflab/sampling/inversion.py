@@ -16,6 +16,10 @@ lands exactly on ``x_cur`` when the update above uses ``eps_theta(x_next, t_next
 equation solved by K fixed-point iterations ``x_next <- update(eps_theta(x_next, t_next))`` started from the
 explicit step (Pan et al. 2023, "Effective real image editing with accelerated iterative diffusion inversion";
 Garibi et al. 2024, "ReNoise"). Each iteration costs one more network evaluation per step.
+
+Where the steps lie matters as much as how many there are: ``spacing="logsnr"`` places them evenly in log-SNR
+between the same end points as the uniform spacing (:func:`logsnr_inversion_timesteps`), which shortens the
+steps at both ends of the chain at no extra cost.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from difflab.diffusion.schedule import NoiseSchedule
+from difflab.errors import ConfigError
 from difflab.sampling.common import EpsModel, StepCallback, sampling_mode, timestep_list
 from difflab.sampling.ddim import ddim_sample
 
@@ -47,6 +52,36 @@ def inversion_timesteps(num_timesteps: int, steps: int, t_end: int | None = None
     if end + 1 < steps:
         return timestep_list(num_timesteps, steps)[::-1]
     return sorted({round(end * (i + 1) / steps) for i in range(steps)})
+
+
+INVERSION_SPACINGS = ("uniform", "logsnr")
+
+
+def logsnr_inversion_timesteps(schedule: NoiseSchedule, steps: int, t_end: int | None = None) -> list[int]:
+    """``steps`` increasing timesteps from the uniform spacing's first one, ``round(t_end / steps)``, to ``t_end``,
+    evenly spaced in log-SNR ``lambda_t = log(alpha_bar_t / (1 - alpha_bar_t))`` (the spacing of Lu et al.'s
+    DPM-Solver) instead of in t: smaller steps at both ends of the chain, where the round trip loses most (near
+    t_end the reconstruction divides the eps mismatch by ``sqrt(alpha_bar)``)."""
+    uniform = inversion_timesteps(schedule.num_timesteps, steps, t_end)
+    if len(uniform) < 3:
+        return uniform
+    first, end = uniform[0], uniform[-1]
+    alpha_bar = schedule.alpha_bar.double().cpu()
+    log_snr = torch.log(alpha_bar / (1 - alpha_bar))  # strictly decreasing in t
+    targets = torch.linspace(float(log_snr[first]), float(log_snr[end]), len(uniform))
+    # the fractional t of each target by linear interpolation of lambda between neighbouring timesteps
+    upper = torch.searchsorted(-log_snr, -targets).clamp(1, len(log_snr) - 1)
+    lower = upper - 1
+    fraction = (log_snr[lower] - targets) / (log_snr[lower] - log_snr[upper])
+    timesteps = (lower + fraction.clamp(0, 1)).round().long().tolist()
+    # strictly increasing (every step at least one timestep long) between the fixed end points
+    timesteps[0] = first
+    for i in range(1, len(timesteps)):
+        timesteps[i] = max(timesteps[i], timesteps[i - 1] + 1)
+    timesteps[-1] = end
+    for i in range(len(timesteps) - 2, 0, -1):
+        timesteps[i] = min(timesteps[i], timesteps[i + 1] - 1)
+    return timesteps
 
 
 def _inversion_step(
@@ -97,6 +132,15 @@ def ddim_invert(
     return x
 
 
+def round_trip_timesteps(schedule: NoiseSchedule, steps: int, t_end: int | None, spacing: str = "uniform") -> list[int]:
+    """The increasing timesteps of an inversion by ``spacing`` (one of :data:`INVERSION_SPACINGS`)."""
+    if spacing not in INVERSION_SPACINGS:
+        raise ConfigError(f"inversion spacing must be one of {', '.join(INVERSION_SPACINGS)}, got {spacing!r}")
+    if spacing == "logsnr":
+        return logsnr_inversion_timesteps(schedule, steps, t_end)
+    return inversion_timesteps(schedule.num_timesteps, steps, t_end)
+
+
 def ddim_round_trip(
     model: EpsModel,
     schedule: NoiseSchedule,
@@ -104,13 +148,15 @@ def ddim_round_trip(
     steps: int,
     t_end: int | None = None,
     fixed_point_iterations: int = 0,
+    spacing: str = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert ``x0`` with ``steps`` DDIM steps to ``t_end`` (default :func:`default_inversion_end`), each refined by
     ``fixed_point_iterations``, and reconstruct it with the same steps of plain DDIM; returns
-    ``(x_t, reconstruction)``, both shaped like ``x0``."""
+    ``(x_t, reconstruction)``, both shaped like ``x0``. ``spacing``: ``uniform`` in t
+    (:func:`inversion_timesteps`) or ``logsnr`` (:func:`logsnr_inversion_timesteps`)."""
     if t_end is None:
         t_end = default_inversion_end(schedule)
-    timesteps = inversion_timesteps(schedule.num_timesteps, steps, t_end)
+    timesteps = round_trip_timesteps(schedule, steps, t_end, spacing)
     latent = ddim_invert(model, schedule, x0, timesteps, fixed_point_iterations=fixed_point_iterations)
     reconstruction = ddim_sample(
         model, schedule, tuple(x0.shape), timesteps=timesteps[::-1], x_T=latent, device=x0.device
