@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 from difflab.cli import main
+from difflab.config import config_from
 from difflab.data.paired import load_paired_folders, match_pairs, split_value
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import DataError
 from difflab.experiments import rgb2ir
+from difflab.experiments.runs import RunFolder
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from difflab.training.logging import read_series
 
@@ -288,6 +290,28 @@ def test_inversion_based_translation_is_scored_beside_the_others(tmp_path: Path)
         coarse, fine = (r for r in rows if r["side"] == side)
         assert fine["latent_mse"] < coarse["latent_mse"] and fine["psnr_db"] > 25
     assert (run_dir / "figures" / "inversion.png").is_file()
+    # Other inversion settings in the same folder: the inverted latents change, so the regressor trained on them is
+    # retrained (never silently reused); the autoencoder, the eps models and the other regressors are kept.
+    said: list[str] = []
+    config = config_from(rgb2ir.RGB2IRConfig(), overrides=[f"run_dir={run_dir}", *overrides, "inversion.steps=4"])
+    rgb2ir.run_rgb2ir(config, echo=said.append)
+    retrained = [line for line in said if "was trained on other inputs" in line]
+    assert len(retrained) == 1 and "regressor_inverted" in retrained[0], said
+    assert json.loads((run_dir / "metrics.json").read_text())["inversion"]["steps"] == 4
+
+
+def test_a_model_trained_on_other_inputs_is_discarded(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path, "rgb2ir")
+    (tmp_path / "checkpoints" / "regressor").mkdir(parents=True)
+    weights = tmp_path / "checkpoints" / "regressor.safetensors"
+    weights.write_bytes(b"old")
+    x, said = torch.arange(6.0).reshape(2, 3), []
+    assert run.discard_if_inputs_changed("regressor", x, echo=said.append)  # no record of its inputs: unknown
+    assert not weights.exists() and not (tmp_path / "checkpoints" / "regressor").exists() and len(said) == 1
+    weights.write_bytes(b"trained on x")
+    assert not run.discard_if_inputs_changed("regressor", x.clone(), echo=said.append) and weights.exists()
+    assert run.discard_if_inputs_changed("regressor", x + 1e-6, echo=said.append) and not weights.exists()
+    assert len(said) == 2 and "retraining" in said[-1]
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:

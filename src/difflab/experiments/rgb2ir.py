@@ -348,6 +348,7 @@ def train_paired_autoencoder(
     """Train (or resume) the KL-VAE on the training split's RGB and 3-channel IR images (random crops), set its
     scaling factor from the whole training images and export ``checkpoints/autoencoder.safetensors``."""
     images = torch.cat([data.train.inputs, as_three_channels(data.train.targets)])
+    run.discard_if_inputs_changed("autoencoder", images, echo=echo)
     torch.manual_seed(mix_seed(seed, 0, 71))
     model = build_autoencoder(config.model, ImageSet(images, torch.zeros(len(images), dtype=torch.long), ("all",)))
     model = model.to(device)
@@ -641,6 +642,7 @@ def train_regressor(
     """Train (or resume) ``name``: MSE between ``f(x)`` and ``y`` (latents (N, c, h, w)); the test MSE is logged
     as ``<name>/val_mse`` (it selects nothing)."""
     unet = replace(config.unet, in_channels=x.shape[1], out_channels=y.shape[1])
+    run.discard_if_inputs_changed(name, x, y, echo=echo)
     torch.manual_seed(mix_seed(seed, 1, 81))
     model = to_fast_layout(LatentRegressor(unet, config.residual).to(device), device, config.train.precision)
     batches = ShuffledBatches((x.to(device), y.to(device)), config.train.batch_size, seed=mix_seed(seed, 1, 82))
@@ -710,6 +712,7 @@ def inversion_translation(
         latents = ImageSet(train[f"{side}0"], no_labels, ("all",))
         held = ImageSet(test[f"{side}0"], torch.zeros(len(test.names), dtype=torch.long), ("all",))
         echo(f"[rgb2ir] training {name} (eps-prediction on the {side.upper()} latents): {describe(unet, latents.size)}")
+        run.discard_if_inputs_changed(name, latents.images, echo=echo)
         with run.stage(f"train {name}"):
             trainer, result = train_image_denoiser(
                 run,

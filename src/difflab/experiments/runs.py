@@ -22,6 +22,7 @@ In a data-parallel run (torchrun) every rank gets a :class:`RunFolder`, but only
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -193,6 +194,31 @@ class RunFolder:
 
     def sub(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)
+
+    def discard_if_inputs_changed(self, name: str, *inputs: torch.Tensor, echo: Any = print) -> bool:
+        """Keep the trained model ``name`` (``checkpoints/<name>/`` and ``<name>.safetensors``) only if it was
+        trained on exactly ``inputs``: their sha256 is kept in ``checkpoints/<name>.inputs``; when it differs (other
+        data, autoencoder or settings upstream), or a checkpoint exists without one, the checkpoints are removed
+        and this says so, so the model is retrained instead of silently reused. Returns True when it removed any."""
+        digest = hashlib.sha256()
+        for tensor in inputs:
+            flat = tensor.detach().to("cpu", torch.float32).contiguous()
+            digest.update(str(tuple(flat.shape)).encode())
+            digest.update(flat.numpy().tobytes())
+        marker = self.sub("checkpoints", f"{name}.inputs")
+        state, weights = self.sub("checkpoints", name), self.sub("checkpoints", f"{name}.safetensors")
+        if not self.main:
+            return False
+        saved = marker.read_text().strip() if marker.is_file() else None
+        trained = state.exists() or weights.exists()
+        removed = trained and saved != digest.hexdigest()
+        if removed:
+            echo(f"[{self.recipe}] {name} was trained on other inputs (data, autoencoder or settings): retraining it")
+            shutil.rmtree(state, ignore_errors=True)
+            for path in (weights, weights.with_suffix(".json")):
+                path.unlink(missing_ok=True)
+        atomic_write_bytes(marker, (digest.hexdigest() + "\n").encode())
+        return removed
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
         path = self.path / "metrics.json"
