@@ -290,14 +290,15 @@ def test_inversion_based_translation_is_scored_beside_the_others(tmp_path: Path)
         coarse, fine = (r for r in rows if r["side"] == side)
         assert fine["latent_mse"] < coarse["latent_mse"] and fine["psnr_db"] > 25
     assert (run_dir / "figures" / "inversion.png").is_file()
-    # Other inversion settings in the same folder: the inverted latents change, so the regressor trained on them is
+    # Another inversion spacing in the same folder: the inverted latents change, so the regressor trained on them is
     # retrained (never silently reused); the autoencoder, the eps models and the other regressors are kept.
     said: list[str] = []
-    config = config_from(rgb2ir.RGB2IRConfig(), overrides=[f"run_dir={run_dir}", *overrides, "inversion.steps=4"])
+    changed = [f"run_dir={run_dir}", *overrides, "inversion.spacing=logsnr"]
+    config = config_from(rgb2ir.RGB2IRConfig(), overrides=changed)
     rgb2ir.run_rgb2ir(config, echo=said.append)
     retrained = [line for line in said if "was trained on other inputs" in line]
     assert len(retrained) == 1 and "regressor_inverted" in retrained[0], said
-    assert json.loads((run_dir / "metrics.json").read_text())["inversion"]["steps"] == 4
+    assert json.loads((run_dir / "metrics.json").read_text())["inversion"]["spacing"] == "logsnr"
 
 
 def test_a_model_trained_on_other_inputs_is_discarded(tmp_path: Path) -> None:

@@ -205,10 +205,12 @@ class InversionConfig:
     """Inversion-based translation (``enabled``): an eps U-Net on the RGB latents and one on the IR latents
     (``schedule``, all timesteps), DDIM inversion of both sides to ``t_start`` in ``steps`` steps, a regressor (the
     ``regressor`` settings) from the inverted RGB latent to the inverted IR latent, then DDIM sampling with the IR
-    model from the regressed latent back to t = 0."""
+    model from the regressed latent back to t = 0. ``spacing``: the inversion's timesteps, ``uniform`` in t or
+    ``logsnr`` (:func:`~difflab.sampling.inversion.round_trip_timesteps`)."""
 
     enabled: bool = False
     steps: int = 20
+    spacing: str = "uniform"
     unet: UNetConfig = field(
         default_factory=lambda: UNetConfig(
             in_channels=4,
@@ -236,6 +238,8 @@ class InversionConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"inversion.steps must be >= 1, got {self.steps}")
+        if self.spacing not in ("uniform", "logsnr"):
+            raise ConfigError(f"inversion.spacing must be uniform or logsnr, got {self.spacing!r}")
 
 
 @dataclass(frozen=True)
@@ -699,13 +703,13 @@ def inversion_translation(
     IR model, the regressor on inverted latents)."""
     from difflab.experiments.images import train_image_denoiser
     from difflab.sampling.ddim import ddim_sample
-    from difflab.sampling.inversion import ddim_invert, inversion_timesteps
+    from difflab.sampling.inversion import ddim_invert, round_trip_timesteps
 
     settings, t_start = config.inversion, config.latents.t_start
-    timesteps = inversion_timesteps(schedule.num_timesteps, settings.steps, t_start)
+    timesteps = round_trip_timesteps(schedule, settings.steps, t_start, settings.spacing)
     bs = config.evaluation.batch_size
     unet = replace(settings.unet, in_channels=train["rgb0"].shape[1], out_channels=train["rgb0"].shape[1])
-    models, info = {}, {"steps": settings.steps, "t_end": timesteps[-1], "models": {}}
+    models, info = {}, {"steps": settings.steps, "spacing": settings.spacing, "t_end": timesteps[-1], "models": {}}
     for side in ("rgb", "ir"):
         name = f"eps_{side}"
         no_labels = torch.zeros(len(train.names), dtype=torch.long)
