@@ -29,7 +29,7 @@ from unet_speed import Contender  # noqa: E402  (this folder is on sys.path when
 
 from difflab.experiments.mnist import MnistDDPMConfig  # noqa: E402
 from difflab.models.unet import UNet  # noqa: E402
-from difflab.training.trainer import cpu_has_native_bf16  # noqa: E402
+from difflab.training.precision import cpu_has_native_bf16  # noqa: E402
 
 
 def measure(bf16: bool, channels_last: bool, batch: int, warmup: int, repeats: int) -> dict[str, float]:

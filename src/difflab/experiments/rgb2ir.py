@@ -63,6 +63,7 @@ from difflab.report.document import (
     prose,
 )
 from difflab.report.references import reference_text, reference_value
+from difflab.sampling.inversion import INVERSION_SPACINGS
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
 from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
@@ -238,8 +239,9 @@ class InversionConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"inversion.steps must be >= 1, got {self.steps}")
-        if self.spacing not in ("uniform", "logsnr"):
-            raise ConfigError(f"inversion.spacing must be uniform or logsnr, got {self.spacing!r}")
+        if self.spacing not in INVERSION_SPACINGS:
+            allowed = " or ".join(INVERSION_SPACINGS)
+            raise ConfigError(f"inversion.spacing must be {allowed}, got {self.spacing!r}")
 
 
 @dataclass(frozen=True)

@@ -200,6 +200,8 @@ class RunFolder:
         trained on exactly ``inputs``: their sha256 is kept in ``checkpoints/<name>.inputs``; when it differs (other
         data, autoencoder or settings upstream), or a checkpoint exists without one, the checkpoints are removed
         and this says so, so the model is retrained instead of silently reused. Returns True when it removed any."""
+        if not self.main:  # rank 0 alone owns the checkpoints
+            return False
         digest = hashlib.sha256()
         for tensor in inputs:
             flat = tensor.detach().to("cpu", torch.float32).contiguous()
@@ -207,8 +209,6 @@ class RunFolder:
             digest.update(flat.numpy().tobytes())
         marker = self.sub("checkpoints", f"{name}.inputs")
         state, weights = self.sub("checkpoints", name), self.sub("checkpoints", f"{name}.safetensors")
-        if not self.main:
-            return False
         saved = marker.read_text().strip() if marker.is_file() else None
         trained = state.exists() or weights.exists()
         removed = trained and saved != digest.hexdigest()
