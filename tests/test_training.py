@@ -166,6 +166,26 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
         ckpt.load_weights(DenoiserMLP(2, (32, 32, 32), 100), tmp_path / "checkpoints" / "denoiser.safetensors")
 
 
+def test_resuming_on_other_data_is_refused(tmp_path: Path) -> None:
+    data = moons()
+    make_trainer(tmp_path, 25, data=data).fit()
+    # The same points computed again with rounding noise resume (and training is already complete).
+    noisy = data * (1 + 1e-7 * torch.randn(data.shape, generator=torch.Generator().manual_seed(0)))
+    assert make_trainer(tmp_path, 25, data=noisy).fit().resumed_from == 25
+    moved = data.clone()
+    moved[1234, 0] += 0.05
+    with pytest.raises(CheckpointError, match=r"other data \(the same 2,000 rows, but 1 of 1024 blocks"):
+        make_trainer(tmp_path, 50, data=moved).fit()
+    with pytest.raises(CheckpointError, match=r"other data \(2,000 rows then, 1,999 now"):
+        make_trainer(tmp_path, 50, data=data[:-1]).fit()
+    # A checkpoint written before data was recorded (no sketch in it) still resumes.
+    trainer = make_trainer(tmp_path / "old", 25, data=data)
+    trainer.batches = type("PlainSource", (), {"batch": staticmethod(trainer.batches.batch)})()
+    trainer.fit()
+    assert "data.sketch" not in ckpt.latest_training_state(tmp_path / "old" / "checkpoints" / "denoiser")[0]
+    assert make_trainer(tmp_path / "old", 50, data=moved).fit().resumed_from == 25
+
+
 def test_pairs_mode_refreshes_noise() -> None:
     data = moons(500)
     pairs = NoisyPairs(data, SCHEDULE, batch_size=10_000, refresh_every=2, seed=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from difflab.errors import ConfigError
@@ -44,3 +46,64 @@ class ShuffledBatches:
     def batch(self, step: int) -> tuple[torch.Tensor, ...]:
         index = self.indices(step).to(self.tensors[0].device)
         return tuple(t[index] for t in self.tensors)
+
+    def sketch(self) -> DataSketch:
+        """:func:`data_sketch` of the tensors batched (what a resumed training run must be given again)."""
+        return data_sketch(self.tensors)
+
+
+SKETCH_BLOCKS = 1024
+SKETCH_DIRECTIONS = 4
+SKETCH_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class DataSketch:
+    """A small summary of a training set that tells "the same data" from "other data" up to rounding.
+
+    ``rows``: N; ``values``: (min(N, blocks), directions x number of tensors), float64 (see :func:`data_sketch`).
+    """
+
+    rows: int
+    values: torch.Tensor
+
+    def difference(self, current: DataSketch, tolerance: float = SKETCH_TOLERANCE) -> str:
+        """How ``current`` differs from this sketch ("" when it describes the same data): another number of
+        rows, or an entry off by more than ``tolerance`` x the rms of its column."""
+        if self.rows != current.rows:
+            return f"{self.rows:,} rows then, {current.rows:,} now"
+        if self.values.shape != current.values.shape:
+            return f"a sketch of shape {tuple(self.values.shape)} then, {tuple(current.values.shape)} now"
+        scale = self.values.pow(2).mean(dim=0).sqrt().clamp_min(1e-12)
+        off = ((self.values - current.values).abs() > tolerance * scale).any(dim=1)
+        if bool(off.any()):
+            return f"the same {self.rows:,} rows, but {int(off.sum())} of {len(off)} blocks of them changed"
+        return ""
+
+
+def data_sketch(
+    tensors: tuple[torch.Tensor, ...], blocks: int = SKETCH_BLOCKS, directions: int = SKETCH_DIRECTIONS
+) -> DataSketch:
+    """The :class:`DataSketch` of tensors (each (N, ...), sharing N).
+
+    Row i of tensor j, flattened to D_j values, is projected on ``directions`` seeded Gaussian directions
+    scaled by 1/sqrt(D_j) (a random projection, so it moves by about the rms of a change), and the
+    projections are summed over ``min(N, blocks)`` contiguous blocks of rows. A changed, added or removed row
+    moves entries far beyond the ~1e-7 relative noise of computing the same data with another thread count;
+    swapping rows inside one block is not seen.
+    """
+    size = tensors[0].shape[0]
+    count = max(1, min(size, blocks))
+    block_of_row = torch.arange(size) * count // max(size, 1)
+    columns = []
+    for position, tensor in enumerate(tensors):
+        flat = tensor.reshape(size, -1)
+        width = flat.shape[1]
+        generator = torch.Generator().manual_seed(mix_seed(0, position, 57))
+        projection = torch.randn(width, directions, generator=generator, dtype=torch.float64) / max(width, 1) ** 0.5
+        sums = torch.zeros(count, directions, dtype=torch.float64)
+        for start in range(0, size, 4096):  # chunks keep the float64 copy small
+            rows = flat[start : start + 4096].detach().to("cpu", torch.float64)
+            sums.index_add_(0, block_of_row[start : start + 4096], rows @ projection)
+        columns.append(sums)
+    return DataSketch(size, torch.cat(columns, dim=1))

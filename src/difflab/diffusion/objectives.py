@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.data.batches import ShuffledBatches
+from difflab.data.batches import DataSketch, ShuffledBatches, data_sketch
 from difflab.diffusion.prediction import PREDICTIONS, v_target
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.diffusion.vlb import learned_log_variance, reverse_mean, split_output, vlb_terms
@@ -217,6 +217,10 @@ class NoisyPairs:
     @property
     def steps_per_epoch(self) -> int:
         return self._order.steps_per_epoch
+
+    def sketch(self) -> DataSketch:
+        """:func:`~difflab.data.batches.data_sketch` of the data points the pairs are made from."""
+        return data_sketch((self.x0,))
 
     def _build(self, refresh: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(mix_seed(self.seed, refresh, 5))

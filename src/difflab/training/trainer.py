@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from difflab.data.batches import DataSketch
 from difflab.errors import CheckpointError, ConfigError, TrainingDiverged
 from difflab.progress import progress_bar
 from difflab.seeding import RowGenerator, mix_seed
@@ -133,7 +134,11 @@ class TrainConfig:
 
 
 class BatchSource(Protocol):
-    """Gives the batch of a step as a pure function of the step (so resuming never changes the order)."""
+    """Gives the batch of a step as a pure function of the step (so resuming never changes the order).
+
+    A source may also have ``sketch() -> DataSketch`` (:class:`~difflab.data.batches.ShuffledBatches` has):
+    its checkpoints then record the data, and resuming on other data is refused.
+    """
 
     def batch(self, step: int) -> Any: ...
 
@@ -256,6 +261,7 @@ class Trainer:
         self.step = 0
         self.last_checkpoint: tuple[int, Path] | None = None
         self._ddp: nn.Module | None = None
+        self._sketch: DataSketch | None = None
 
     def _check_execution_settings(self) -> None:
         config, world = self.config, self.dist.world_size
@@ -278,6 +284,12 @@ class Trainer:
         """The weights used for validation and sampling: the EMA copy when EMA is on."""
         return self.ema.shadow if self.ema is not None else self.model
 
+    def data_sketch(self) -> DataSketch | None:
+        """The sketch of the training data (None when the batch source has none), computed once."""
+        if self._sketch is None and hasattr(self.batches, "sketch"):
+            self._sketch = self.batches.sketch()
+        return self._sketch
+
     def _say(self, message: str) -> None:
         if self.dist.is_main:
             self.echo(message)
@@ -289,6 +301,9 @@ class Trainer:
         optim_tensors, optim_rest = ckpt.flatten_optimizer(self.optimizer)
         tensors.update(optim_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
+        sketch = self.data_sketch()
+        if sketch is not None:
+            tensors["data.sketch"] = sketch.values
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         metadata = {
@@ -299,6 +314,8 @@ class Trainer:
             "ema_updates": str(self.ema.num_updates if self.ema is not None else 0),
             "world_size": str(self.dist.world_size),
         }
+        if sketch is not None:
+            metadata["data_rows"] = str(sketch.rows)
         if self.scaler is not None:
             metadata["grad_scaler"] = json.dumps(self.scaler.state_dict())
         return tensors, metadata
@@ -328,6 +345,14 @@ class Trainer:
                 f"the checkpoint of '{self.name}' in {self.state_dir} was made by a different model "
                 f"(differs in: {', '.join(keys)}{detail}); use a new run_dir or --fresh"
             )
+        sketch = self.data_sketch()
+        if sketch is not None and "data.sketch" in tensors and metadata.get("data_rows", "").isdigit():
+            why = DataSketch(int(metadata["data_rows"]), tensors["data.sketch"]).difference(sketch)
+            if why:
+                raise CheckpointError(
+                    f"the checkpoint of '{self.name}' in {self.state_dir} was trained on other data ({why}: "
+                    "a changed data folder or an upstream model retrained); use a new run_dir or --fresh"
+                )
         try:
             saved_config = json.loads(metadata.get("train_config", "{}"))
         except json.JSONDecodeError:
