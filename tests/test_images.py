@@ -17,6 +17,8 @@ from difflab.metrics.frechet import (
     frechet_distance,
     frechet_distance_of_features,
     inception_score,
+    psd_sqrt,
+    reference_fid,
 )
 from difflab.viz.images import image_rows_figure, load_image, make_grid, save_grid, save_image
 
@@ -226,6 +228,23 @@ def test_fid_ratio_std_is_the_delta_method_spread_of_independent_fids():
     second = 22 + 1.5 * torch.randn(200_000, generator=generator, dtype=torch.float64)
     assert fid_ratio_std(20, 1.0, 22, 1.5) == pytest.approx(float((second / first).std()), rel=0.03)
     assert fid_ratio_std(20, 0.0, 22, 0.0) == 0.0
+
+
+@pytest.mark.parametrize(("n", "dim"), [(30, 64), (64, 64), (500, 16)])
+def test_reference_fid_equals_the_frechet_distance_of_the_fit(n: int, dim: int) -> None:
+    # Fewer samples than dimensions (an N x N problem), square, and more (one D x D problem with the reference root).
+    generator = torch.Generator().manual_seed(n)
+    reference = torch.randn(800, dim, generator=generator, dtype=torch.float64) @ torch.randn(
+        dim, dim, generator=generator, dtype=torch.float64
+    )
+    samples = 0.9 * reference[:n] + 0.3 * torch.randn(n, dim, generator=generator, dtype=torch.float64) + 0.2
+    mean, cov = feature_statistics(reference)
+    expected = frechet_distance(*feature_statistics(samples), mean, cov)
+    assert reference_fid(samples, mean, cov) == pytest.approx(expected, rel=1e-7)
+    assert reference_fid(samples, mean, cov, psd_sqrt(cov)) == pytest.approx(expected, rel=1e-7)
+    assert reference_fid(reference, mean, cov) == pytest.approx(0.0, abs=1e-8 * float(cov.trace()))
+    with pytest.raises(DataError, match="dimensions"):
+        reference_fid(samples[:, :-1], mean, cov)
 
 
 def test_frechet_identical_and_shifted():

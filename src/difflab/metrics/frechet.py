@@ -70,6 +70,45 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     return max(value, 0.0)
 
 
+def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root (D, D) of a PSD matrix (D, D), float64: a reference covariance's, to pass to
+    :func:`reference_fid` when many sample sets are compared with one reference."""
+    return _psd_sqrt(matrix.to(torch.float64))
+
+
+def reference_fid(
+    features: torch.Tensor,
+    reference_mean: torch.Tensor,
+    reference_cov: torch.Tensor,
+    reference_root: torch.Tensor | None = None,
+) -> float:
+    """:func:`frechet_distance` of the Gaussian fit of ``features`` (N, D) to fixed reference statistics (mean (D,),
+    covariance R (D, D)), with one symmetric eigendecomposition of the smaller of N x N and D x D.
+
+    With S = B^T B (B: the centred rows / sqrt(N - 1)), ``tr((S R)^(1/2)) = sum sqrt(eig(B R B^T))`` (N x N: the
+    nonzero eigenvalues of (B A)^T (B A) and (B A)(B A)^T agree, A = R^(1/2)); when N >= D it is
+    ``sum sqrt(eig(A S A))`` with ``reference_root`` = A (see :func:`psd_sqrt`; computed when not given).
+    """
+    features = _check_features(features, "features")
+    reference_mean, reference_cov = reference_mean.to(torch.float64), reference_cov.to(torch.float64)
+    count, dim = features.shape
+    if reference_mean.shape != (dim,) or reference_cov.shape != (dim, dim):
+        raise DataError(
+            f"features have {dim} dimensions but the reference statistics are {tuple(reference_mean.shape)} / "
+            f"{tuple(reference_cov.shape)}"
+        )
+    mean = features.mean(dim=0)
+    rows = (features - mean) / math.sqrt(count - 1)
+    if count < dim:
+        middle = rows @ reference_cov @ rows.T
+    else:
+        root = psd_sqrt(reference_cov) if reference_root is None else reference_root.to(torch.float64)
+        middle = root @ (rows.T @ rows) @ root
+    trace_root = float(torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum())
+    value = float((mean - reference_mean).square().sum()) + float(rows.square().sum() + reference_cov.trace())
+    return max(value - 2.0 * trace_root, 0.0)
+
+
 def frechet_distance_of_features(features1: torch.Tensor, features2: torch.Tensor) -> float:
     """:func:`frechet_distance` of the Gaussian fits of two feature sets (N1, D) and (N2, D)."""
     return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
@@ -103,10 +142,11 @@ def bootstrap_fid_std(
             raise DataError(f"{len(strata)} strata labels for {len(features)} feature rows")
         groups = [torch.nonzero(strata == value).flatten() for value in strata.unique()]
     generator = torch.Generator().manual_seed(seed)
+    root = psd_sqrt(reference_cov) if len(features) >= features.shape[1] else None
     values = []
     for _ in range(rounds):
         rows = torch.cat([group[torch.randint(len(group), (len(group),), generator=generator)] for group in groups])
-        values.append(frechet_distance(*feature_statistics(features[rows]), reference_mean, reference_cov))
+        values.append(reference_fid(features[rows], reference_mean, reference_cov, root))
     return float(torch.tensor(values, dtype=torch.float64).std())
 
 
