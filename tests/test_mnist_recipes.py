@@ -229,3 +229,100 @@ def test_mnist_run_is_evaluated_against_its_calibration_rows(tmp_path: Path, cap
     assert model["divergence"].startswith("hutchinson") and model["dims"] == 784
     # A uniform density over the 256 levels scores 8 bits/dim; 160 steps of training already do far better.
     assert 0 < model["bits_per_dim"] < 6
+
+
+def digit_folder(root: Path, per_class: int = 6) -> Path:
+    """sklearn's 8 x 8 digits as PNG files, one subfolder per digit (an image folder like a user's)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(10):
+        folder = root / str(label)
+        folder.mkdir(parents=True)
+        for k, image in enumerate(digits.images[digits.target == label][:per_class]):
+            Image.fromarray((image * 255 / 16).round().astype("uint8")).save(folder / f"{k}.png")
+    return root
+
+
+def calibrated_random_inception(images: torch.Tensor, path: Path) -> Path:
+    """An InceptionV3 FID network with random weights whose BatchNorm statistics are those of ``images`` (so its
+    features vary with the input, as trained weights' do), saved as a state dict like the real weights file."""
+    from difflab.metrics.inception_fid import to_uint8_rgb
+    from difflab.models.inception import InceptionV3FID
+
+    torch.manual_seed(0)
+    model = InceptionV3FID()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the calibration batch
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(to_uint8_rgb(images))
+    torch.save({k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}, path)
+    return path
+
+
+def test_image_folder_runs_are_scored_with_inception_weights(tmp_path: Path, capsys) -> None:
+    from difflab.data.images import load_image_folder
+    from difflab.metrics.image_eval import ImageEvaluator
+
+    folder = digit_folder(tmp_path / "digits", per_class=4)
+    images = load_image_folder(folder, 16, echo=lambda _: None)
+    weights = calibrated_random_inception(images.images[::3], tmp_path / "pt_inception-calibrated.pth")
+    # The evaluator: FID against the held-out images, floors from training images, no digit accuracy.
+    heldout = torch.arange(len(images)) % 4 == 0  # one image of each digit
+    evaluator = ImageEvaluator.for_image_folder(
+        images.subset(~heldout), images.subset(heldout), "digits", weights, echo=lambda _: None
+    )
+    rows = {row["name"]: row for row in evaluator.calibration(6)}
+    assert set(rows) == {
+        "real training images",
+        "real + noise std 0.1",
+        "real + noise std 0.3",
+        "real blurred sigma 1px",
+        "pure noise uniform[0,1]",
+    }
+    assert rows["real training images"]["fid"] < rows["real + noise std 0.3"]["fid"]
+    assert rows["real + noise std 0.3"]["fid"] < rows["pure noise uniform[0,1]"]["fid"]
+    assert all("accuracy" not in row and "class_histogram" not in row for row in rows.values())
+    # mnist-cfg on the folder: scored with the Inception features; the digit-classifier targets do not apply.
+    run_dir = tmp_path / "run"
+    common = [
+        "run",
+        "mnist-cfg",
+        f"run_dir={run_dir}",
+        *[o for o in TINY_DIGITS if not o.startswith("data.")],
+        "data.source=imagefolder",
+        f"data.path={folder}",
+        "data.size=16",
+        "unet.base_channels=8",
+        "train.steps=8",
+        "guidance.steps=10",
+        "metrics.n_samples=4",
+        "guidance.n_sweep=4",
+        "guidance.sweep=[0,2]",
+        "guidance.grid_per_digit=1",
+    ]
+    assert main([*common, f"metrics.inception_weights={weights}"]) == 0
+    printed = capsys.readouterr().out
+    assert "w=2 FID " in printed and "accuracy" not in printed.split("done in")[1]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["main"]["fid"] > 0 and "accuracy" not in metrics["main"]
+    assert metrics["main"]["reference"] == {"name": f"{folder} (held-out split)", "n": 4}
+    assert metrics["evaluator"]["floor"] == "real training images" and metrics["targets"] == []
+    assert [row["name"] for row in metrics["calibration"]["4"]][0] == "real training images"
+    report = (run_dir / "report.md").read_text()
+    assert "InceptionV3's 2048-d pool features" in report and "accuracy of the intended digit" not in report
+    assert main(["evaluate", str(run_dir)]) == 0
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["samples"]["cfg_w2.pt"]["fid"] == pytest.approx(metrics["main"]["fid"], rel=1e-6)
+    assert evaluation["real_vs_real"]["n"] == 36
+    # Without the weights there is no feature extractor for the folder, and the run says so.
+    capsys.readouterr()
+    assert main([*common, f"run_dir={tmp_path / 'unscored'}", "train.steps=1", "guidance.sweep=[2]"]) == 0
+    assert "w=2 not scored" in capsys.readouterr().out
+    assert "set metrics.inception_weights=PATH" in (tmp_path / "unscored" / "report.md").read_text()
+    assert main(["evaluate", str(tmp_path / "unscored")]) == 2
+    assert "set metrics.inception_weights=PATH" in capsys.readouterr().err

@@ -410,14 +410,36 @@ def denoising_trajectory(
 
 
 def evaluator_for(
-    data: ImageDataConfig, device: torch.device, echo: Callable[[str], None] = print, inception_weights: str = ""
+    data: ImageDataConfig,
+    device: torch.device,
+    echo: Callable[[str], None] = print,
+    inception_weights: str = "",
+    sets: tuple[ImageSet, ImageSet] | Callable[[], tuple[ImageSet, ImageSet]] | None = None,
 ) -> Any:
-    """The built-in evaluator for MNIST-shaped data (None for other data, whose features it cannot judge)."""
-    if data.source != "mnist":
-        return None
+    """The built-in evaluator of the run's data, or None where there is none.
+
+    MNIST: the reference digit CNN against the test digits (plus InceptionV3 FID/IS with ``inception_weights``).
+    An image folder with ``inception_weights``: InceptionV3 FID/IS against the folder's held-out split, ``sets`` =
+    the run's ``(train, held_out)`` (or a loader of them). Anything else (sklearn's digits, a folder without
+    Inception weights): None, as no feature extractor here can judge it.
+    """
     from difflab.metrics.image_eval import ImageEvaluator
 
-    return ImageEvaluator.for_mnist(device=device, echo=echo, inception_weights=inception_weights or None)
+    if data.source == "mnist":
+        return ImageEvaluator.for_mnist(device=device, echo=echo, inception_weights=inception_weights or None)
+    if data.source != "imagefolder" or not inception_weights or sets is None:
+        return None
+    train, heldout = sets() if callable(sets) else sets
+    return ImageEvaluator.for_image_folder(
+        train, heldout, f"{data.path} (held-out split)", inception_weights, device=device, echo=echo
+    )
+
+
+def no_evaluator_reason(data: ImageDataConfig) -> str:
+    """Why :func:`evaluator_for` gives no evaluator for ``data`` (one clause, for messages and reports)."""
+    if data.source == "imagefolder":
+        return "an image folder is scored only with InceptionV3 weights: set metrics.inception_weights=PATH"
+    return f"no feature extractor here judges {data.source!r} images (the evaluator scores MNIST and image folders)"
 
 
 def fid_scoring(

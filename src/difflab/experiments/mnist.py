@@ -251,9 +251,18 @@ def _evaluate(evaluator: Any, result: stages.SampleResult, intended: torch.Tenso
 
 
 def _calibration(evaluator: Any, counts: list[int]) -> dict[str, list[dict[str, Any]]]:
+    """Calibration rows at each sample count (at most as many real images as the evaluator has: the rows' ``n``)."""
     if evaluator is None:
         return {}
-    return {str(n): evaluator.calibration(n) for n in sorted(set(c for c in counts if c > 1))}
+    available = len(evaluator.heldout)
+    return {str(n): evaluator.calibration(min(n, available)) for n in sorted(set(c for c in counts if c > 1))}
+
+
+def _evaluator_summary(evaluator: Any, data: ImageDataConfig) -> dict[str, Any]:
+    """``metrics["evaluator"]``: what the scores are (or why there are none)."""
+    if evaluator is None:
+        return {"none": stages.no_evaluator_reason(data)}
+    return evaluator.summary()
 
 
 def _description(config: Any, size: int) -> str:
@@ -286,7 +295,9 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
         )
         with run.stage("evaluator"):  # rank 0 alone scores; every rank draws its shard of the samples
             evaluator = (
-                stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights) if run.main else None
+                stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights, (train, heldout))
+                if run.main
+                else None
             )
         with run.stage("train"):
             trainer, result = stages.train_image_denoiser(
@@ -370,6 +381,7 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
         metrics["grids"] = grids
         metrics["comparison"] = ddpm_ddim_comparison(metrics)
         metrics["data"] = _data_summary(config.data, train, heldout)
+        metrics["evaluator"] = _evaluator_summary(evaluator, config.data)
         metrics["device"] = str(device)
         metrics["model"] = {"parameters": count_parameters(model), "description": _description(config, train.size)}
         metrics["training"] = {
@@ -387,9 +399,10 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
 
         write_report(build_ddpm_report(load_run(run.path, require_complete=False)), run.path)
         run.complete()
+    score = f"FID {metrics['ddim']['fid']:.2f}" if "fid" in metrics["ddim"] else "not scored"
     echo(
-        f"[mnist-ddpm] done in {metrics['timings_seconds']['total']:.0f} s: DDIM-{ev.ddim_steps} FID "
-        f"{metrics['ddim'].get('fid', float('nan')):.2f} | report {run.sub('report.md')}"
+        f"[mnist-ddpm] done in {metrics['timings_seconds']['total']:.0f} s: DDIM-{ev.ddim_steps} {score} | "
+        f"report {run.sub('report.md')}"
     )
     return run
 
@@ -527,7 +540,9 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
         )
         with run.stage("evaluator"):  # rank 0 alone scores; every rank draws its shard of the samples
             evaluator = (
-                stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights) if run.main else None
+                stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights, (train, heldout))
+                if run.main
+                else None
             )
         steps_per_epoch = max(len(train) // config.train.batch_size, 1)
         progress = ProgressGrids(run, schedule, steps_per_epoch, shape, classes, config.guidance.w, config.seed, device)
@@ -651,16 +666,20 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = cfg_targets(metrics)
         metrics["data"] = _data_summary(config.data, train, heldout)
+        metrics["evaluator"] = _evaluator_summary(evaluator, config.data)
         metrics["device"] = str(device)
         run.write_metrics(metrics)
         from difflab.experiments.mnist_reports import build_cfg_report
 
         write_report(build_cfg_report(load_run(run.path, require_complete=False)), run.path)
         run.complete()
+    main_scores = metrics["main"]
+    score = f"FID {main_scores['fid']:.2f}" if "fid" in main_scores else "not scored"
+    if "accuracy" in main_scores:
+        score += f", accuracy {main_scores['accuracy']:.3f}"
     echo(
-        f"[mnist-cfg] done in {metrics['timings_seconds']['total']:.0f} s: w={guidance.w:g} FID "
-        f"{metrics['main'].get('fid', float('nan')):.2f}, accuracy {metrics['main'].get('accuracy', float('nan')):.3f}"
-        f" | report {run.sub('report.md')}"
+        f"[mnist-cfg] done in {metrics['timings_seconds']['total']:.0f} s: w={guidance.w:g} {score} | "
+        f"report {run.sub('report.md')}"
     )
     return run
 
@@ -669,7 +688,7 @@ def cfg_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's bars for mnist-cfg at w = 2: accuracy >= 98%, FID below the 'blur 1 px' calibration row,
     every digit present."""
     main = metrics["main"]
-    if "fid" not in main:
+    if "fid" not in main or "accuracy" not in main:  # the digit bars need the digit classifier
         return []
     rows = metrics["calibration"].get(str(main["n"]), [])
     blur = next((r["fid"] for r in rows if "blur" in r["name"]), None)
@@ -800,9 +819,17 @@ def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str =
     run_dir = Path(run_dir)
     resolved = resolve_device(device)
     config, _, _ = load_run_model(run_dir, "cpu")
-    evaluator = stages.evaluator_for(config.data, resolved, echo, inception_weights or config.metrics.inception_weights)
+    evaluator = stages.evaluator_for(
+        config.data,
+        resolved,
+        echo,
+        inception_weights or config.metrics.inception_weights,
+        lambda: stages.load_image_data(config.data, config.seed),
+    )
     if evaluator is None:
-        raise ConfigError(f"{run_dir} was trained on {config.data.source!r} data; the built-in evaluator judges MNIST")
+        raise ConfigError(
+            f"{run_dir} was trained on {config.data.source!r} data: {stages.no_evaluator_reason(config.data)}"
+        )
     files = sorted((run_dir / "samples").glob("*.pt"))
     if not files:
         raise ConfigError(f"{run_dir}/samples holds no sample files to evaluate")
@@ -817,8 +844,9 @@ def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str =
         results["samples"][file.name] = evaluator.evaluate(content["images"], content.get("labels"))
     counts = sorted({r["n"] for r in results["samples"].values() if r["n"] > 1})
     results["calibration"] = _calibration(evaluator, counts)
-    # The floor of the metric itself: 10,000 real training digits against the 10,000 test digits.
+    # The floor of the metric itself: (up to) 10,000 real training images against the reference set.
     results["real_vs_real"] = evaluator.real_vs_real_floor(min(10_000, len(evaluator.train)))
+    results["evaluator"] = evaluator.summary()
     (run_dir / "evaluation.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     return results
 
@@ -863,11 +891,12 @@ def load_sampling_target(path: Path, config: Any, device: torch.device) -> Any:
     """The :class:`~difflab.experiments.samplers.SamplingTarget` of a finished mnist-ddpm / mnist-cfg run, for
     ``difflab compare-samplers`` and ``difflab likelihood``.
 
-    Quality is FID by the built-in evaluator (MNIST data only; real held-out digits at the same n are the
-    reference row). Samplers see the model with x_0 predictions clipped to [-1, 1], as the recipe samples; a
-    class-conditional run is sampled at its ``guidance.w`` with every digit equally often. The likelihood uses
-    the unclipped model (the probability-flow ODE needs a smooth eps; a class-conditional run: its null label,
-    i.e. log p(x)) on the held-out images, dequantised uniformly within their 8-bit (or 17-level) bins.
+    Quality is FID by the built-in evaluator (MNIST, or an image folder with Inception weights; real images
+    outside the reference set at the same n are the reference row). Samplers see the model with x_0
+    predictions clipped to [-1, 1], as the recipe samples; a class-conditional run is sampled at its
+    ``guidance.w`` with every digit equally often. The likelihood uses the unclipped model (the probability-flow
+    ODE needs a smooth eps; a class-conditional run: its null label, i.e. log p(x)) on the held-out images,
+    dequantised uniformly within their 8-bit (or 17-level) bins.
     """
     from difflab.experiments.samplers import SamplingTarget
     from difflab.sampling.wrappers import DiffusionModel
@@ -879,8 +908,10 @@ def load_sampling_target(path: Path, config: Any, device: torch.device) -> Any:
     classes = config.unet.num_classes
     sampled = BalancedGuidance(network, classes, config.guidance.w) if classes else network
     unconditional = NullLabel(network, classes) if classes else network
-    _, heldout = stages.load_image_data(config.data, config.seed)
-    evaluator = stages.evaluator_for(config.data, device, lambda _: None, config.metrics.inception_weights)
+    train, heldout = stages.load_image_data(config.data, config.seed)
+    evaluator = stages.evaluator_for(
+        config.data, device, lambda _: None, config.metrics.inception_weights, (train, heldout)
+    )
     metrics, references_at = stages.fid_scoring(evaluator)
     guidance = f", guidance w = {config.guidance.w:g} (labels 0-9 in turn)" if classes else ""
     return SamplingTarget(

@@ -67,15 +67,33 @@ def _number(run: RunContents, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _calibration_index(metrics: dict[str, Any], n: Any, name: str = "real held-out") -> int | None:
+def _floor_name(metrics: dict[str, Any]) -> str:
+    """The calibration's floor row: real images outside the reference set (MNIST: held-out digits)."""
+    return lookup(metrics, "evaluator.floor") or "real held-out"
+
+
+def _features(metrics: dict[str, Any]) -> str:
+    """Whose features and softmax the scores use."""
+    return "InceptionV3" if lookup(metrics, "evaluator.classes_are_labels") is False else "the reference CNN"
+
+
+MNIST_EVALUATOR = (
+    "The project's MNIST evaluator: FID and IS in the feature space of its reference digit CNN against the "
+    "10k test digits; the `floor:` rows score real held-out digits (and degraded copies) at the same n, so "
+    "a sample set is read against what real data gets with as many images."
+)
+
+
+def _calibration_index(metrics: dict[str, Any], n: Any, name: str | None = None) -> int | None:
     rows = lookup(metrics, f"calibration.{n}")
     if not isinstance(rows, list):
         return None
+    name = name or _floor_name(metrics)
     return next((i for i, row in enumerate(rows) if row.get("name") == name), None)
 
 
 def _floor(run: RunContents, n: Any, field: str, digits: int = 2, percent: bool = False) -> Value | None:
-    """What real held-out images score for ``field`` at the same count ``n`` (the calibration's first row)."""
+    """What the floor's real images score for ``field`` at the same count ``n`` (the calibration's first row)."""
     index = _calibration_index(run.metrics, n)
     return None if index is None else _value(run, f"calibration.{n}.{index}.{field}", digits, percent)
 
@@ -128,9 +146,8 @@ def _no_scores(run: RunContents) -> Paragraph | None:
     if _has(run, "ddim.fid") or _has(run, "main.fid"):
         return None
     source = lookup(run.metrics, "data.source") or "non-MNIST"
-    return Paragraph(
-        f"No FID or IS: this run trained on `{source}` data, and the built-in evaluator judges MNIST digits only."
-    )
+    reason = lookup(run.metrics, "evaluator.none") or "the built-in evaluator judges MNIST digits only"
+    return Paragraph(f"No FID or IS: this run trained on `{source}` data, and {reason}.")
 
 
 def determinism_table(run: RunContents, role: str = "") -> Table:
@@ -260,17 +277,17 @@ def build_ddpm_report(contents: RunContents) -> Report:
                     f"FID, DDIM-{ev.ddim_steps}",
                     _value(contents, "ddim.fid", 2),
                     _floor(contents, n_main, "fid"),
-                    description="Frechet distance in the reference CNN's feature space (lower is better)",
+                    description=f"Frechet distance in {_features(m)}'s feature space (lower is better)",
                 ),
                 MetricRow(
                     f"IS, DDIM-{ev.ddim_steps}",
                     _value(contents, "ddim.inception_score", 2),
                     _floor(contents, n_main, "inception_score"),
-                    description="exp E KL(p(y|x) || p(y)) of the reference CNN (higher is better; at most 10)",
+                    description=f"exp E KL(p(y|x) || p(y)) of {_features(m)} (higher is better)",
                 ),
             ),
             value_header="samples",
-            floor_header="real held-out, same n (floor)",
+            floor_header=f"{_floor_name(m)}, same n (floor)",
         )
         if _has(contents, "ddim.fid")
         else None
@@ -278,13 +295,7 @@ def build_ddpm_report(contents: RunContents) -> Report:
     report.section(
         "Quality and speed",
         _no_scores(contents),
-        Paragraph(
-            "The project's MNIST evaluator: FID and IS in the feature space of its reference digit CNN against the "
-            "10k test digits; the `floor:` rows score real held-out digits (and degraded copies) at the same n, so "
-            "a sample set is read against what real data gets with as many images."
-        )
-        if _has(contents, "ddim.fid")
-        else None,
+        Paragraph(lookup(m, "evaluator.description") or MNIST_EVALUATOR) if _has(contents, "ddim.fid") else None,
         headline,
         Table(("samples", "n", "FID", "IS", "ms per image"), tuple(quality_rows)) if quality_rows else None,
     )
@@ -363,32 +374,39 @@ def build_cfg_report(contents: RunContents) -> Report:
         _no_scores(contents),
         Paragraph(
             f"Scored samples: {guidance.sampler}, {guidance.steps} steps, balanced labels, fixed seeds; the floor is "
-            "what real held-out digits score with the same evaluator at the same n."
+            f"what {_floor_name(m)} score with the same evaluator at the same n."
         ),
+        Paragraph(lookup(m, "evaluator.description")) if _features(m) == "InceptionV3" and scored else None,
         MetricTable(
             (
                 MetricRow(
                     "FID",
                     _value(contents, "main.fid", 2),
                     _floor(contents, n_main, "fid"),
-                    description="Frechet distance in the reference CNN's feature space (lower is better)",
+                    description=f"Frechet distance in {_features(m)}'s feature space (lower is better)",
                 ),
                 MetricRow(
                     "IS",
                     _value(contents, "main.inception_score", 2),
                     _floor(contents, n_main, "inception_score"),
-                    description="exp E KL(p(y|x) || p(y)) of the reference CNN (higher is better)",
+                    description=f"exp E KL(p(y|x) || p(y)) of {_features(m)} (higher is better)",
                 ),
-                MetricRow(
-                    "accuracy of the intended digit",
-                    _value(contents, "main.accuracy", 1, percent=True),
-                    _floor(contents, n_main, "accuracy", 1, percent=True),
-                    description="share of samples the reference CNN reads as the digit asked for",
+                *(
+                    [
+                        MetricRow(
+                            "accuracy of the intended digit",
+                            _value(contents, "main.accuracy", 1, percent=True),
+                            _floor(contents, n_main, "accuracy", 1, percent=True),
+                            description="share of samples the reference CNN reads as the digit asked for",
+                        )
+                    ]
+                    if _has(contents, "main.accuracy")
+                    else []
                 ),
                 MetricRow("ms per image", _value(contents, "main.seconds_per_1000", 1), description="sampling time"),
             ),
             value_header=f"samples (n = {n_main:,})" if isinstance(n_main, int) else "samples",
-            floor_header="real held-out, same n (floor)",
+            floor_header=f"{_floor_name(m)}, same n (floor)",
         )
         if scored
         else None,
@@ -424,7 +442,7 @@ def build_cfg_report(contents: RunContents) -> Report:
         "Guidance sweep",
         Paragraph(
             "The same labels and noise at every w. Larger w trades diversity (FID) for class fidelity (accuracy, "
-            "IS); the `floor:` rows are real held-out digits and degraded copies at the same n."
+            f"IS); the `floor:` rows are {_floor_name(m)} and degraded copies at the same n."
         ),
         Table(("samples", "n", "FID", "IS", "accuracy", "ms per image"), tuple(sweep_rows)) if sweep_rows else None,
     )
@@ -820,7 +838,7 @@ def _sampling_section(main: RunContents) -> list[Block | None]:
         index = _calibration_index(m, n)
         if index is not None:
             key = f"calibration.{n}.{index}"
-            rows.append(("real held-out (floor)", None, None, *_scores(main, key)))
+            rows.append((f"{_floor_name(m)} (floor)", None, None, *_scores(main, key)))
     blocks: list[Block | None] = [
         Table(("sampler", "steps", "ms per image", "n", "FID", "IS"), tuple(rows)),
         prose(

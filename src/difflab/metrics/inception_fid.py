@@ -24,7 +24,7 @@ import torch
 
 from difflab.data.images import to_unit
 from difflab.errors import CheckpointError
-from difflab.metrics.frechet import feature_statistics, frechet_distance, inception_score
+from difflab.metrics.frechet import feature_statistics, inception_score, reference_fid
 from difflab.models.inception import load_inception_v3
 from difflab.progress import progress_bar
 from difflab.training import checkpoint as ckpt
@@ -36,6 +36,26 @@ def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
     """images (N, 1 or 3, H, W) in [-1, 1] -> (N, 3, H, W) uint8 0..255 (rounded, clipped)."""
     levels = (to_unit(images.clamp(-1.0, 1.0)) * 255.0).round().to(torch.uint8)
     return levels.expand(-1, 3, -1, -1) if levels.shape[1] == 1 else levels
+
+
+class InceptionClassifier(torch.nn.Module):
+    """The FID InceptionV3 as the classifier of an :class:`~difflab.metrics.image_eval.ImageEvaluator` (for data
+    without a classifier of its own): ``features_and_logits(images (B, C, H, W) in [-1, 1])`` -> (pool features
+    (B, 2048), logits (B, 1008)), the images made 8-bit RGB first as :func:`to_uint8_rgb` does."""
+
+    def __init__(self, weights: Path | str, resize: str = "torchmetrics") -> None:
+        super().__init__()
+        self.network = load_inception_v3(weights, resize=resize)
+        self.resize = resize
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.network(to_uint8_rgb(images))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(images)[0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(images)[1]
 
 
 class InceptionScorer:
@@ -98,9 +118,8 @@ class InceptionScorer:
     def evaluate(self, samples: torch.Tensor, reference: torch.Tensor, reference_name: str) -> dict[str, Any]:
         """``fid_inception`` (vs the reference images) and ``inception_score_inception`` of samples in [-1, 1]."""
         features, probs = self.features_and_probs(samples)
-        mu, sigma = feature_statistics(features)
         splits = min(IS_SPLITS, len(samples))
         return {
-            "fid_inception": frechet_distance(mu, sigma, *self.reference_statistics(reference, reference_name)),
+            "fid_inception": reference_fid(features, *self.reference_statistics(reference, reference_name)),
             "inception_score_inception": inception_score(probs, splits=splits),
         }
