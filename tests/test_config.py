@@ -114,6 +114,24 @@ def test_parse_and_merge() -> None:
     assert from_dict(StatesConfig, {}) == StatesConfig()
 
 
+def test_a_group_with_a_selector_takes_a_scalar() -> None:
+    from difflab.experiments.mnist import MnistDDPMConfig
+    from difflab.experiments.rgb2ir import RGB2IRConfig
+
+    # The spelling: `data=imagefolder data.path=... data.size=64`, in either order.
+    for overrides in (["data=imagefolder", "data.path=/x", "data.size=64"], ["data.path=/x", "data=imagefolder"]):
+        config = config_from(MnistDDPMConfig(), None, overrides)
+        assert config.data.source == "imagefolder" and config.data.path == "/x"
+    assert config_from(MnistDDPMConfig(), None, ["schedule=linear"]).schedule.kind == "linear"
+    assert config_from(RGB2IRConfig(), None, ["data=paired"]).data.kind == "paired"
+    with pytest.raises(ConfigError, match="data.source must be one of"):
+        config_from(MnistDDPMConfig(), None, ["data=cifar"])
+    with pytest.raises(ConfigError, match="train must be a mapping"):  # no selector: the group needs its keys
+        config_from(MnistDDPMConfig(), None, ["train=5"])
+    # Without the class (plain dict merging) a scalar replaces the value, as before.
+    assert merge_overrides({"data": {"source": "mnist"}}, ["data=x"]) == {"data": "x"}
+
+
 KEYS = [
     "seed",
     "device",

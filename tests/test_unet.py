@@ -81,3 +81,23 @@ def test_describe_and_count() -> None:
     config = UNetConfig(base_channels=32, channel_mults=(1, 2, 2))
     assert count_parameters(UNet(config)) > 500_000
     assert "28x28:32, 14x14:64, 7x7:64" in describe(config, 28)
+
+
+def test_the_unet_config_is_fitted_to_the_data() -> None:
+    from difflab.data.images import ImageSet
+    from difflab.experiments.images import build_unet, fit_unet_to_data
+
+    rgb = ImageSet(torch.zeros(8, 3, 16, 16), torch.arange(8) % 4, [f"c{k}" for k in range(4)])
+    conditional, applied = fit_unet_to_data(UNetConfig(in_channels=1, out_channels=1, num_classes=10), rgb)
+    assert (conditional.in_channels, conditional.out_channels, conditional.num_classes) == (3, 3, 4)
+    assert applied == ["unet.in_channels=3", "unet.out_channels=3", "unet.num_classes=4"]
+    assert build_unet(conditional, rgb)(rgb.images, torch.zeros(8, dtype=torch.long), rgb.labels).shape == (
+        8,
+        3,
+        16,
+        16,
+    )
+    unconditional, applied = fit_unet_to_data(UNetConfig(in_channels=3, out_channels=3, num_classes=0), rgb)
+    assert unconditional.num_classes == 0 and applied == []  # an unconditional U-Net stays unconditional
+    with pytest.raises(ConfigError, match="set unet.in_channels=3"):  # an unfitted config is still refused
+        build_unet(UNetConfig(), rgb)

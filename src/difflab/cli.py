@@ -39,7 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
     evaluate = commands.add_parser("evaluate", help="score an image run's samples with the built-in evaluator")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--inception-weights", default="", help="local InceptionV3 weights for standard FID/IS")
+    evaluate.add_argument(
+        "--inception-weights",
+        default="",
+        help="local InceptionV3 weights: standard FID/IS (the only scores of an image folder)",
+    )
     evaluate.add_argument("--device", default="auto")
     train = commands.add_parser(
         "train", help="run only the training stages of a recipe and export the weights (no sampling or report)"

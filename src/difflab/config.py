@@ -165,13 +165,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return [p.strip() for p in parts], value
 
 
-def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings to a nested dict (a new dict is returned)."""
+# A group with one of these fields takes ``group=value`` as ``group.<field>=value`` (``data=imagefolder``).
+SELECTOR_FIELDS = ("source", "kind")
+
+
+def selector_field(cls: type, parts: list[str]) -> str | None:
+    """The selector field (see ``SELECTOR_FIELDS``) of the config group that the key ``parts`` names in the
+    dataclass ``cls`` (``["data"]`` -> ``"source"``), or None when the key is not such a group."""
+    group: Any = cls
+    for part in parts:
+        if not (isinstance(group, type) and dataclasses.is_dataclass(group)):
+            return None
+        group = typing.get_type_hints(group).get(part)
+    if not (isinstance(group, type) and dataclasses.is_dataclass(group)):
+        return None
+    names = {f.name for f in dataclasses.fields(group)}
+    chosen = [name for name in SELECTOR_FIELDS if name in names]
+    return chosen[0] if len(chosen) == 1 else None
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str], cls: type | None = None) -> dict[str, Any]:
+    """Apply ``key=value`` strings to a nested dict (a new dict is returned). With the config class ``cls``, a
+    scalar given to a group that has a selector field sets that field: ``data=imagefolder`` is
+    ``data.source=imagefolder``, ``schedule=cosine`` is ``schedule.kind=cosine``."""
     import copy
 
     result = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
+        selector = selector_field(cls, parts) if cls is not None and not isinstance(value, dict) else None
+        if selector is not None:
+            parts = [*parts, selector]
         node = result
         for part in parts[:-1]:
             child = node.get(part)
@@ -208,7 +232,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Defaults of ``cls``, updated by the YAML file at ``path`` and then by ``overrides``."""
     data = read_yaml(path) if path is not None else {}
-    return from_dict(cls, merge_overrides(data, overrides or []))
+    return from_dict(cls, merge_overrides(data, overrides or [], cls))
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -225,7 +249,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def config_from(default: T, path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """``default`` (a config instance) updated by the YAML file at ``path``, then by ``overrides``."""
     data = deep_merge(to_dict(default), read_yaml(path)) if path is not None else to_dict(default)
-    return from_dict(type(default), merge_overrides(data, overrides or []))
+    return from_dict(type(default), merge_overrides(data, overrides or [], type(default)))
 
 
 class _FlowListDumper(yaml.SafeDumper):

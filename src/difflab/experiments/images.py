@@ -3,6 +3,7 @@ the denoising panel and the built-in evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -92,6 +93,17 @@ def load_image_data(config: ImageDataConfig, seed: int) -> tuple[ImageSet, Image
     if config.max_train:
         train = ImageSet(train.images[: config.max_train], train.labels[: config.max_train], train.class_names)
     return train, heldout
+
+
+def fit_unet_to_data(config: UNetConfig, data: ImageSet) -> tuple[UNetConfig, list[str]]:
+    """``config`` with the in/out channels of ``data`` (images (N, C, H, W)) and, for a class-conditional U-Net
+    (``num_classes`` > 0), its number of classes: the only values that can work, so a folder of RGB images or of
+    5 classes runs without further keys. Returns the config and the overrides it applied (``key=value``)."""
+    changes = {"in_channels": data.channels, "out_channels": data.channels}
+    if config.num_classes:
+        changes["num_classes"] = data.num_classes
+    changes = {key: value for key, value in changes.items() if getattr(config, key) != value}
+    return dataclasses.replace(config, **changes), [f"unet.{key}={value}" for key, value in changes.items()]
 
 
 def build_unet(config: UNetConfig, data: ImageSet, learned_variance: bool = False) -> UNet:

@@ -18,6 +18,7 @@ forward process on the training images, and the loss by timestep.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,14 +194,19 @@ class MnistCFGConfig:
 
 # --------------------------------------------------------------------------------------------------------------
 def _setup(config: Any, recipe: str, fresh: bool, echo):
-    """Device (joining torchrun's process group when launched by it), data and run folder; ranks other than
-    0 get a silent ``echo`` and a run folder that writes nothing."""
+    """The config with its U-Net fitted to the data's channels and classes, device (joining torchrun's process
+    group when launched by it), data and run folder; ranks other than 0 get a silent ``echo`` and a run folder
+    that writes nothing."""
     device = setup_device(config.device)
     if not distributed.current().is_main:
         echo = _quiet
     train, heldout = stages.load_image_data(config.data, config.seed)
+    unet, fitted = stages.fit_unet_to_data(config.unet, train)
+    if fitted:
+        config = dataclasses.replace(config, unet=unet)
+        echo(f"[{recipe}] from the data: {' '.join(fitted)}")
     run = RunFolder.open(config.run_dir, recipe, config, fresh=fresh)
-    return device, train, heldout, run, echo
+    return config, device, train, heldout, run, echo
 
 
 def _quiet(message: str) -> None:
@@ -210,7 +216,7 @@ def _quiet(message: str) -> None:
 def _train_only(config: Any, recipe: str, fresh: bool, echo, **extra: Any) -> RunFolder:
     """``difflab train mnist-*``: only the U-Net's training and its exported weights."""
     wall = time.perf_counter()
-    device, train, heldout, run, echo = _setup(config, recipe, fresh, echo)
+    config, device, train, heldout, run, echo = _setup(config, recipe, fresh, echo)
     with run.guard():
         seed_everything(config.seed)
         schedule = NoiseSchedule.from_config(config.schedule).to(device)
@@ -284,7 +290,7 @@ def _loss_figure(run: RunFolder, logger: RunLogger, objective: ObjectiveConfig) 
 def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> RunFolder:
     """The Micro-UNet walkthrough into ``config.run_dir``."""
     wall = time.perf_counter()
-    device, train, heldout, run, echo = _setup(config, "mnist-ddpm", fresh, echo)
+    config, device, train, heldout, run, echo = _setup(config, "mnist-ddpm", fresh, echo)
     with run.guard():
         seed_everything(config.seed)
         schedule = NoiseSchedule.from_config(config.schedule).to(device)
@@ -527,7 +533,7 @@ class ProgressGrids:
 def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> RunFolder:
     """The class-conditional CFG recipe into ``config.run_dir``."""
     wall = time.perf_counter()
-    device, train, heldout, run, echo = _setup(config, "mnist-cfg", fresh, echo)
+    config, device, train, heldout, run, echo = _setup(config, "mnist-cfg", fresh, echo)
     with run.guard():
         seed_everything(config.seed)
         schedule = NoiseSchedule.from_config(config.schedule).to(device)
