@@ -208,8 +208,9 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 # Fewer resamples for the 2048-d Inception features than the CNN's 50: one FID there costs an n x n or 2048 x 2048
-# eigendecomposition (~0.8 s at n = 2,000 on two cores), and 20 rounds give the sd to about +-16%.
+# eigendecomposition (~1 s at n = 2,000 on two cores, benchmarks/fid_speed.py); 20 rounds give the sd to ~ +-16%.
 INCEPTION_BOOTSTRAP_ROUNDS = 20
+INCEPTION_FEATURES = 2048
 
 
 class ImageEvaluator:
@@ -338,6 +339,11 @@ class ImageEvaluator:
         if len(heldout) < 2 or len(train) < 2:
             raise DataError(
                 f"FID of {name} needs at least 2 held-out and 2 training images, got {len(heldout)} and {len(train)}"
+            )
+        if len(heldout) < INCEPTION_FEATURES:
+            echo(
+                f"note: {name} holds {len(heldout):,} held-out images, fewer than Inception's {INCEPTION_FEATURES:,} "
+                "features: its FIDs carry much sampling noise; read them against the floor rows at the same n"
             )
         return cls(
             InceptionClassifier(inception_weights, resize=inception_resize),
