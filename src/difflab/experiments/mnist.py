@@ -473,8 +473,11 @@ def ddpm_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------------------------
+PROGRESS_STEPS = 25  # DDIM steps of the progress grids (T when the schedule has fewer)
+
+
 class ProgressGrids:
-    """A trainer hook: after every epoch, sample one digit of each class from fixed noise (DDIM, 25 steps, w)."""
+    """A trainer hook: after every epoch, sample one image of each class from fixed noise (DDIM, PROGRESS_STEPS, w)."""
 
     def __init__(
         self,
@@ -489,6 +492,7 @@ class ProgressGrids:
     ) -> None:
         self.run, self.schedule, self.steps_per_epoch = run, schedule, steps_per_epoch
         self.shape, self.num_classes, self.w, self.seed, self.device = shape, num_classes, w, seed, device
+        self.steps = min(PROGRESS_STEPS, schedule.num_timesteps)
         self.folder = run.sub("figures", "progress")
         self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -503,7 +507,7 @@ class ProgressGrids:
             self.num_classes,
             self.shape,
             sampler="ddim",
-            steps=25,
+            steps=self.steps,
             eta=0.0,
             batch_size=self.num_classes,
             seed=self.seed,
@@ -527,7 +531,7 @@ class ProgressGrids:
             rows.append(
                 (f"epoch {file.stem.split('_')[1].lstrip('0') or '0'} (step {int(content['step'])})", content["images"])
             )
-        return image_rows_figure(rows, path, "Samples from fixed noise after every epoch (DDIM-25)")
+        return image_rows_figure(rows, path, f"Samples from fixed noise after every epoch (DDIM-{self.steps})")
 
 
 def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> RunFolder:

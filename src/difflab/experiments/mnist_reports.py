@@ -67,6 +67,16 @@ def _number(run: RunContents, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _data_name(config: Any) -> str:
+    """What the run trained on, for titles: MNIST, sklearn's digits or the image folder."""
+    data = config.data
+    return {"mnist": "MNIST", "digits": "8 x 8 digits"}.get(data.source, f"Images of {data.path}")
+
+
+def _class_word(config: Any) -> str:
+    return "digit" if config.data.source in ("mnist", "digits") else "class"
+
+
 def _floor_name(metrics: dict[str, Any]) -> str:
     """The calibration's floor row: real images outside the reference set (MNIST: held-out digits)."""
     return lookup(metrics, "evaluator.floor") or "real held-out"
@@ -219,7 +229,7 @@ def build_ddpm_report(contents: RunContents) -> Report:
     config = contents.typed_config(MnistDDPMConfig())
     m, ev = contents.metrics, config.metrics
     steps = config.schedule.num_timesteps
-    report = Report("MNIST: DDPM vs DDIM with a time-conditioned U-Net")
+    report = Report(f"{_data_name(config)}: DDPM vs DDIM with a time-conditioned U-Net")
     report.add(sections.run_summary(contents))
     report.add(
         Paragraph(
@@ -347,16 +357,16 @@ def build_cfg_report(contents: RunContents) -> Report:
     """``mnist-cfg``'s report, from the run folder alone."""
     config = contents.typed_config(MnistCFGConfig())
     m, ev, guidance = contents.metrics, config.metrics, config.guidance
-    report = Report("MNIST: class-conditional diffusion with classifier-free guidance")
+    report = Report(f"{_data_name(config)}: class-conditional diffusion with classifier-free guidance")
     report.add(sections.run_summary(contents))
     report.add(
         Paragraph(
             f"{lookup(m, 'model.description') or 'U-Net'}; the time embedding "
-            f"{TIME_INPUT[config.unet.time_conditioning]}; a class embedding of {config.unet.num_classes} digits and "
-            f"a learned null label, label dropout {guidance.label_dropout}; {config.schedule.kind} schedule, "
-            f"T = {config.schedule.num_timesteps:,}; AdamW lr {config.train.lr}, weight decay "
-            f"{config.train.weight_decay}, clip {config.train.grad_clip}, EMA {config.train.ema_decay}. Guidance: "
-            "`eps_hat = eps_u + w (eps_c - eps_u)` (w = 0 unconditional, w = 1 conditional, w > 1 guided)."
+            f"{TIME_INPUT[config.unet.time_conditioning]}; a class embedding of {config.unet.num_classes} "
+            f"{_class_word(config)}s and a learned null label, label dropout {guidance.label_dropout}; "
+            f"{config.schedule.kind} schedule, T = {config.schedule.num_timesteps:,}; AdamW lr {config.train.lr}, "
+            f"weight decay {config.train.weight_decay}, clip {config.train.grad_clip}, EMA {config.train.ema_decay}. "
+            "Guidance: `eps_hat = eps_u + w (eps_c - eps_u)` (w = 0 unconditional, w = 1 conditional, w > 1 guided)."
         ),
         _training_paragraph(contents, config.train.batch_size),
     )
@@ -369,7 +379,7 @@ def build_cfg_report(contents: RunContents) -> Report:
         sections.figure_if(
             contents,
             "figures/digits_grid.png",
-            f"One row per digit, w = {guidance.w:g}, DDIM {ev.ddim_steps} steps (EMA weights)",
+            f"One row per {_class_word(config)}, w = {guidance.w:g}, DDIM {ev.ddim_steps} steps (EMA weights)",
         ),
         _no_scores(contents),
         Paragraph(
@@ -450,7 +460,7 @@ def build_cfg_report(contents: RunContents) -> Report:
     report.section(
         "How the samples form",
         sections.figure_if(contents, "figures/denoising_panel.png", "x_t and the predicted x_0 along DDIM"),
-        sections.figure_if(contents, "figures/progress.png", "Fixed-noise samples after every epoch (DDIM-25)"),
+        sections.figure_if(contents, "figures/progress.png", "Fixed-noise samples after every epoch (DDIM)"),
     )
     report.section(
         "Training",
