@@ -162,6 +162,13 @@ def test_bad_image_input(tmp_path: Path, capsys) -> None:
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+    from PIL import Image
+
+    (tmp_path / "one").mkdir()
+    Image.new("L", (20, 20)).save(tmp_path / "one" / "only.png")
+    one = ["run", "mnist-ddpm", "data=imagefolder", f"data.path={tmp_path / 'one'}", "data.size=16"]
+    assert main([*one, f"run_dir={tmp_path / 'r1'}"]) == 2
+    assert "holds 1 image(s), all held out" in capsys.readouterr().err and not (tmp_path / "r1").exists()
     assert main(["run", "mnist-cfg", "unet.num_classes=0", f"run_dir={tmp_path / 'r'}"]) == 2
     assert "class-conditional" in capsys.readouterr().err
     assert main(["sample", str(tmp_path)]) == 2

@@ -20,7 +20,7 @@ from difflab.diffusion.prediction import wrap_prediction
 from difflab.diffusion.respacing import respaced
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.diffusion.vlb import split_output
-from difflab.errors import ConfigError
+from difflab.errors import ConfigError, DataError
 from difflab.experiments.runs import RunFolder
 from difflab.metrics.frechet import fid_ratio_std
 from difflab.models.unet import UNet, UNetConfig
@@ -87,9 +87,13 @@ def load_image_data(config: ImageDataConfig, seed: int) -> tuple[ImageSet, Image
     else:
         if config.size < 8:
             raise ConfigError("data.source=imagefolder needs data.size >= 8 (the square side after resizing)")
-        train, heldout = split_images(
-            load_image_folder(config.path, config.size, config.channels), config.heldout_fraction, seed
-        )
+        images = load_image_folder(config.path, config.size, config.channels)
+        train, heldout = split_images(images, config.heldout_fraction, seed)
+        if len(train) == 0:
+            raise DataError(
+                f"{config.path} holds {len(images)} image(s), all held out (data.heldout_fraction="
+                f"{config.heldout_fraction:g} keeps at least one): a folder needs at least 2 images"
+            )
     if config.max_train:
         train = ImageSet(train.images[: config.max_train], train.labels[: config.max_train], train.class_names)
     return train, heldout
