@@ -333,3 +333,23 @@ def test_image_folder_runs_are_scored_with_inception_weights(tmp_path: Path, cap
     assert "set metrics.inception_weights=PATH" in (tmp_path / "unscored" / "report.md").read_text()
     assert main(["evaluate", str(tmp_path / "unscored")]) == 2
     assert "set metrics.inception_weights=PATH" in capsys.readouterr().err
+
+
+def test_a_class_is_named_by_index_or_by_its_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from difflab.errors import ConfigError
+    from difflab.experiments.images import ImageDataConfig
+    from difflab.experiments.mnist import class_index
+
+    for name in ("dog", "cat", "emu"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (8, 8)).save(tmp_path / name / "a.png")
+    folder = ImageDataConfig(source="imagefolder", path=str(tmp_path), size=8)
+    assert [class_index(folder, label, 3) for label in ("cat", "dog", "emu", "2", 0)] == [0, 1, 2, 2, 0]
+    with pytest.raises(ConfigError, match="no class 'owl'; its classes: cat, dog, emu"):
+        class_index(folder, "owl", 3)
+    with pytest.raises(ConfigError, match="between 0 and 2"):
+        class_index(folder, "3", 3)
+    with pytest.raises(ConfigError, match="class index 0 .. 9 for mnist data"):
+        class_index(ImageDataConfig(), "seven", 10)

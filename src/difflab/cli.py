@@ -130,7 +130,13 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
         help="a keyword option of the sampler's function, e.g. spacing=karras or eta=0.5 (repeatable)",
     )
     sample.add_argument("--n", type=int, default=None, help="number of samples (default 5000 for 2-D, 16 for images)")
-    sample.add_argument("--digit", type=int, default=None, help="class label, for a class-conditional image run")
+    sample.add_argument(
+        "--digit",
+        "--class",
+        dest="digit",
+        default=None,
+        help="class label (an index, or an image folder's class name), for a class-conditional image run",
+    )
     sample.add_argument(
         "--guidance",
         type=float,

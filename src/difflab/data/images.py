@@ -112,6 +112,37 @@ def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
+def _folder_classes(root: Path, max_per_class: int = 0) -> tuple[list[tuple[str, list[Path]]], list[Path]]:
+    """``([(class name, image files)], skipped files)`` of an image folder, classes in sorted order (see
+    :func:`load_image_folder`)."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes: list[tuple[str, list[Path]]] = []
+    skipped: list[Path] = []
+    for folder in subfolders:
+        files, others = _image_files(folder)
+        skipped += others
+        if files:
+            classes.append((folder.name, files[: max_per_class or None]))
+    top_files = [p for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    top_images = [p for p in top_files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not classes and top_images:
+        classes.append((root.name, top_images[: max_per_class or None]))
+        skipped += [p for p in top_files if p not in top_images]
+    else:
+        skipped += top_files
+    if not classes:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root} or its class subfolders")
+    return classes, skipped
+
+
+def image_folder_classes(path: str | Path) -> tuple[str, ...]:
+    """The class names of an image folder, in label order (as :func:`load_image_folder` numbers them), from
+    the file listing alone."""
+    return tuple(name for name, _ in _folder_classes(Path(path))[0])
+
+
 def load_image_folder(
     path: str | Path,
     size: int,
@@ -136,25 +167,7 @@ def load_image_folder(
         raise DataError(f"image size must be >= 1, got {size}")
     if max_per_class < 0:
         raise DataError(f"max_per_class must be >= 0 (0 = all), got {max_per_class}")
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
-    subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    classes: list[tuple[str, list[Path]]] = []
-    skipped: list[Path] = []
-    for folder in subfolders:
-        files, others = _image_files(folder)
-        skipped += others
-        if files:
-            classes.append((folder.name, files[: max_per_class or None]))
-    top_files = [p for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    top_images = [p for p in top_files if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not classes and top_images:
-        classes.append((root.name, top_images[: max_per_class or None]))
-        skipped += [p for p in top_files if p not in top_images]
-    else:
-        skipped += top_files
-    if not classes:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root} or its class subfolders")
+    classes, skipped = _folder_classes(root, max_per_class)
     if skipped:
         echo(f"skipped {len(skipped)} non-image file(s) in {root} (e.g. {skipped[0].relative_to(root)})")
 

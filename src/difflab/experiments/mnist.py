@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from difflab.config import config_from, read_yaml
+from difflab.data.images import image_folder_classes
 from difflab.diffusion.objectives import ObjectiveConfig
 from difflab.diffusion.prediction import wrap_prediction
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -750,10 +751,27 @@ def load_run_model(
     return config, model, schedule
 
 
+def class_index(data: ImageDataConfig, label: int | str, classes: int) -> int:
+    """The label index that ``--digit`` / ``--class`` names: an index 0 .. classes - 1, or (an image folder) the
+    name of a class subfolder."""
+    if isinstance(label, int) or str(label).isdigit():
+        index = int(label)
+        if not 0 <= index < classes:
+            raise ConfigError(f"--digit must be between 0 and {classes - 1}, got {index}")
+        return index
+    if data.source != "imagefolder":
+        raise ConfigError(f"--digit must be a class index 0 .. {classes - 1} for {data.source} data, got {label!r}")
+    names = image_folder_classes(data.path)
+    if label not in names:
+        shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+        raise ConfigError(f"{data.path} has no class {label!r}; its classes: {shown}")
+    return names.index(label)
+
+
 def sample_from_run(
     run_dir: str | Path,
     n: int = 16,
-    digit: int | None = None,
+    digit: int | str | None = None,
     guidance: float = 1.0,
     sampler: str = "ddim",
     steps: int = 50,
@@ -775,8 +793,7 @@ def sample_from_run(
     if digit is not None:
         if not classes:
             raise ConfigError(f"{run_dir} holds an unconditional model: --digit needs a mnist-cfg run")
-        if not 0 <= digit < classes:
-            raise ConfigError(f"--digit must be between 0 and {classes - 1}, got {digit}")
+        digit = class_index(config.data, digit, classes)
         labels = torch.full((n,), digit, dtype=torch.long)
     shape = image_shape(config)
     result = stages.sample_images(
