@@ -463,7 +463,11 @@ class ImageEvaluator:
                 result["accuracy"] = float((probs.argmax(dim=1) == intended).double().mean())
         if self.fid_bootstrap_rounds:
             result["fid_std"] = bootstrap_fid_std(
-                features, *self.reference_statistics, strata=intended, rounds=self.fid_bootstrap_rounds
+                features,
+                *self.reference_statistics,
+                strata=intended,
+                rounds=self.fid_bootstrap_rounds,
+                reference_root=self._reference_root,
             )
         if self.inception is not None:
             result.update(self.inception.evaluate(images, self.reference.images, self.reference_name))
