@@ -472,7 +472,7 @@ def fid_scoring(
 
     def references_at(n: int) -> dict[str, float]:
         if n not in reference_rows:
-            real = evaluator.calibration(min(max(n, 2), len(evaluator.heldout)))[0]
+            real = evaluator.calibration(evaluator.calibration_count(n))[0]
             reference_rows[n] = {"fid": float(real["fid"])}
         return reference_rows[n]
 

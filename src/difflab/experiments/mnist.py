@@ -261,8 +261,8 @@ def _calibration(evaluator: Any, counts: list[int]) -> dict[str, list[dict[str, 
     """Calibration rows at each sample count (at most as many real images as the evaluator has: the rows' ``n``)."""
     if evaluator is None:
         return {}
-    available = len(evaluator.heldout)
-    return {str(n): evaluator.calibration(min(n, available)) for n in sorted(set(c for c in counts if c > 1))}
+    counts = sorted(set(c for c in counts if c > 1))
+    return {str(n): evaluator.calibration(evaluator.calibration_count(n)) for n in counts}
 
 
 def _evaluator_summary(evaluator: Any, data: ImageDataConfig) -> dict[str, Any]:

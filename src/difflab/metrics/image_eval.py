@@ -503,6 +503,13 @@ class ImageEvaluator:
         ]
         return rows, labels
 
+    def calibration_count(self, n: int) -> int:
+        """The calibration rows' size for ``n`` samples: ``n``, at least 2 and at most the held-out images there are
+        (rows print their own ``n``, so a smaller real set than the samples is visible)."""
+        if self.heldout is None:
+            raise DataError("calibration needs held-out real images (ImageEvaluator(heldout=...))")
+        return min(max(n, 2), len(self.heldout))
+
     def calibration(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
         """:meth:`evaluate` of each :meth:`calibration_sets` row at the same ``n``, with a ``name`` per row:
         what good and bad sample sets score. Accuracy uses the held-out labels (pure noise: chance level)."""
