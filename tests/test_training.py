@@ -104,9 +104,11 @@ def test_resume_gives_bit_identical_weights(tmp_path: Path, stop_at: int, checkp
         assert torch.equal(a, b)
     for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    # The logs hold each step once.
-    steps, _ = read_series(tmp_path / "b" / "metrics.jsonl", "denoiser/train_loss")
+    # The logs hold each step once, with the numbers of the run that was never stopped (the loss window
+    # open at the checkpoint is part of the checkpoint).
+    steps, losses = read_series(tmp_path / "b" / "metrics.jsonl", "denoiser/train_loss")
     assert steps == sorted(set(steps)) and steps[-1] == 100
+    assert (steps, losses) == read_series(tmp_path / "a" / "metrics.jsonl", "denoiser/train_loss")
 
 
 def test_keep_last_bounds_the_number_of_checkpoints(tmp_path: Path) -> None:
@@ -138,6 +140,22 @@ def test_nan_policy_skip_skips_bad_steps(tmp_path: Path) -> None:
     trainer.loss_fn = lambda net, batch, gen: original(net, batch, gen) * (float("nan") if trainer.step == 20 else 1)
     result = trainer.fit()
     assert result.skipped_steps == 1 and result.step == 60
+
+
+@pytest.mark.parametrize("bad_step", [25, 60])  # a checkpoint step, the final step
+def test_a_skipped_step_keeps_the_checkpoint_and_log_schedule(tmp_path: Path, bad_step: int) -> None:
+    trainer = make_trainer(tmp_path, 60, nan_policy="skip", keep_last=3)
+    original = trainer.loss_fn
+    trainer.loss_fn = lambda net, batch, gen: (
+        original(net, batch, gen) * (float("nan") if trainer.step == bad_step - 1 else 1)
+    )
+    result = trainer.fit()
+    assert result.skipped_steps == 1 and result.final_train_loss is not None
+    assert [step for step, _ in ckpt.step_files(tmp_path / "checkpoints" / "denoiser")] == [60, 50, 25]
+    assert json.loads((tmp_path / "checkpoints" / "denoiser.json").read_text())["step"] == 60
+    steps, _ = read_series(tmp_path / "metrics.jsonl", "denoiser/train_loss")
+    assert steps == [10, 20, 30, 40, 50, 60]
+    assert make_trainer(tmp_path, 60, nan_policy="skip", keep_last=3).fit().resumed_from == 60  # nothing trained again
 
 
 def test_corrupt_checkpoint_is_skipped_on_resume(tmp_path: Path) -> None:

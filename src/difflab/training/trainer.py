@@ -161,6 +161,17 @@ class TrainResult:
     world_size: int = 1
 
 
+@dataclass
+class _LogWindow:
+    """The training-loss record since the last logged step, and the skipped steps: saved in every
+    checkpoint so that a resumed run logs the same numbers as one that was never stopped."""
+
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    skipped: int = 0
+    consecutive_skips: int = 0
+
+
 def _compile(module: nn.Module) -> nn.Module:
     """``torch.compile`` (inductor: C++ on CPU, Triton on GPU); a seam for tests."""
     return torch.compile(module)  # type: ignore[return-value]
@@ -262,6 +273,7 @@ class Trainer:
         self.last_checkpoint: tuple[int, Path] | None = None
         self._ddp: nn.Module | None = None
         self._sketch: DataSketch | None = None
+        self._window = _LogWindow()
 
     def _check_execution_settings(self) -> None:
         config, world = self.config, self.dist.world_size
@@ -313,6 +325,7 @@ class Trainer:
             "optimizer": json.dumps(optim_rest),
             "ema_updates": str(self.ema.num_updates if self.ema is not None else 0),
             "world_size": str(self.dist.world_size),
+            "log_window": json.dumps(asdict(self._window)),
         }
         if sketch is not None:
             metadata["data_rows"] = str(sketch.rows)
@@ -374,6 +387,7 @@ class Trainer:
             ckpt.remove_stale_temp_files(self.state_dir.parent, prefix=f".{self.name}.")
         found = ckpt.latest_training_state(self.state_dir, warn=self._say)
         step = 0
+        self._window = _LogWindow()
         if found is not None:
             step = self._load_state(*found)
         if not distributed.agree(step, self.dist):
@@ -403,6 +417,10 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        try:  # checkpoints written before the window was saved start a fresh one
+            self._window = _LogWindow(**json.loads(metadata.get("log_window", "{}")))
+        except (TypeError, ValueError):
+            self._window = _LogWindow()
         step = int(metadata["step"])
         self.last_checkpoint = (step, self.state_dir / f"step-{step:08d}.safetensors")
         return step
@@ -542,7 +560,6 @@ class Trainer:
             self._say(f"[{self.name}] resumed from step {resumed} of {config.steps}{done}")
         net = self._network()
         self.model.train()
-        running, count, skipped, consecutive_skips = 0.0, 0, 0, 0
         last_logged: float | None = None
         validation: dict[str, float] = {}
         main = self.dist.is_main
@@ -573,36 +590,37 @@ class Trainer:
                         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
                         # with fp16 an overflowing gradient is the scaler's business: it skips the step
                         finite = bool(torch.isfinite(norm)) or self.scaler is not None
-                if not finite:
+                window = self._window
+                if finite:
+                    window.consecutive_skips = 0
+                    if self.scaler is not None:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                    if self.ema is not None:
+                        self.ema.update(self.model)
+                    window.loss_sum += loss_value
+                    window.loss_count += 1
+                else:  # a skipped step still counts: logs, validation and checkpoints keep their schedule
                     if config.nan_policy == "stop":
                         raise self._diverged(loss_value)
-                    skipped += 1
-                    consecutive_skips += 1
+                    window.skipped += 1
+                    window.consecutive_skips += 1
                     self.optimizer.zero_grad(set_to_none=True)
-                    if consecutive_skips > config.max_skipped_steps:
+                    if window.consecutive_skips > config.max_skipped_steps:
                         raise self._diverged(loss_value)
-                    self.step += 1
-                    bar.update(1)
-                    continue
-                consecutive_skips = 0
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                if self.ema is not None:
-                    self.ema.update(self.model)
                 self.step += 1
                 bar.update(1)
-                running += loss_value
-                count += 1
                 if self.step % config.log_every == 0 or self.step == config.steps:
-                    last_logged = running / count
                     if main:
-                        self.logger.log(f"{self.name}/train_loss", self.step, last_logged)
                         self.logger.log(f"{self.name}/lr", self.step, lr)
-                    bar.set_postfix(loss=f"{last_logged:.4f}")
-                    running, count = 0.0, 0
+                    if window.loss_count:  # a window of skipped steps alone has no loss to log
+                        last_logged = window.loss_sum / window.loss_count
+                        if main:
+                            self.logger.log(f"{self.name}/train_loss", self.step, last_logged)
+                        bar.set_postfix(loss=f"{last_logged:.4f}")
+                    window.loss_sum, window.loss_count = 0.0, 0
                 if self.step % config.eval_every == 0 or self.step == config.steps:
                     validation = self._run_validation()
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps:
@@ -624,7 +642,7 @@ class Trainer:
             seconds=time.perf_counter() - start,
             final_train_loss=last_logged,
             final_validation=validation,
-            skipped_steps=skipped,
+            skipped_steps=self._window.skipped,
             world_size=self.dist.world_size,
         )
 
