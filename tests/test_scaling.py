@@ -101,6 +101,42 @@ def _after_randint(seed: int) -> torch.Tensor:
     return generator.get_state()
 
 
+def _split_draws(function, rows: int, parts: int, seed: int = 5) -> tuple[list, list]:
+    """``function(start, stop, generator)`` on the whole batch (the single-process generator) and on each part."""
+    whole = function(0, rows, torch.Generator().manual_seed(seed))
+    size = rows // parts
+    pieces = [
+        function(k * size, (k + 1) * size, RowGenerator.for_rows(seed, k * size, (k + 1) * size, rows))
+        for k in range(parts)
+    ]
+    return whole, pieces
+
+
+def test_every_training_loss_is_the_same_function_of_the_global_batch() -> None:
+    """The DSM, autoencoder and rgb2ir crop draws are per example, so micro-batches or ranks see the draws of
+    the whole batch: the mean of the parts' losses is the whole batch's loss."""
+    from difflab.diffusion.score_matching import dsm_loss, geometric_sigmas
+    from difflab.experiments.rgb2ir import _random_crops
+    from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
+    from difflab.models.score import ScoreMLP
+    from difflab.training.autoencoder import autoencoder_loss
+
+    torch.manual_seed(0)
+    points, images = data(8), torch.rand(8, 1, 12, 12) * 2 - 1
+    score, sigmas = ScoreMLP(2, (16, 16)), geometric_sigmas(1.0, 0.01, 10)
+    autoencoder = KLAutoencoder(AutoencoderConfig(base_channels=8, channel_mults=(1, 2), norm_groups=4))
+    losses = {
+        "dsm": lambda a, b, g: dsm_loss(score, points[a:b], sigmas, g),
+        "autoencoder": lambda a, b, g: autoencoder_loss(autoencoder, images[a:b], g, kl_weight=1.0)[0],
+    }
+    with torch.no_grad():
+        for name, loss in losses.items():
+            whole, pieces = _split_draws(loss, 8, 2)
+            torch.testing.assert_close(torch.stack(pieces).mean(), whole, rtol=SAME_MATHS_RTOL, atol=0, msg=name)
+    whole, pieces = _split_draws(lambda a, b, g: _random_crops(images[a:b], 8, g), 8, 4)
+    assert torch.equal(torch.cat(pieces), whole)
+
+
 def test_grad_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     """4 micro-batches of 64 (losses scaled by 1/4) give the weights of one batch of 256."""
     whole = make_trainer(tmp_path / "whole", 40, ema_decay=0.9)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from difflab.errors import ConfigError
+from difflab.seeding import batch_randint, batch_randn
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,9 @@ def dsm_loss(
 
     x0: (B, ...); sigmas: (K,). Returns the batch mean of :func:`dsm_terms` (a scalar).
     """
-    index = torch.randint(0, len(sigmas), (x0.shape[0],), generator=generator, device=generator.device)
-    sigma = sigmas.to(x0.device)[index.to(x0.device)]
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    index = batch_randint(len(sigmas), x0.shape[0], generator, x0.device)
+    sigma = sigmas.to(x0.device)[index]
+    noise = batch_randn(tuple(x0.shape), generator, x0.device)
     return dsm_terms(score_model, x0, sigma, noise).mean()
 
 

@@ -64,7 +64,7 @@ from difflab.report.document import (
 )
 from difflab.report.references import reference_text, reference_value
 from difflab.sampling.inversion import INVERSION_SPACINGS
-from difflab.seeding import mix_seed, seed_everything
+from difflab.seeding import batch_randint, mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
 from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
 from difflab.training.logging import RunLogger, read_series
@@ -329,10 +329,11 @@ def as_three_channels(targets: torch.Tensor) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------------- autoencoder
 def _random_crops(images: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
-    """One random ``crop`` x ``crop`` window per image of (B, C, H, W)."""
+    """One random ``crop`` x ``crop`` window per image of (B, C, H, W) (per-example draws: the same windows for
+    any split of the batch over processes or micro-batches)."""
     height, width = images.shape[-2:]
-    tops = torch.randint(0, height - crop + 1, (len(images),), generator=generator, device=generator.device)
-    lefts = torch.randint(0, width - crop + 1, (len(images),), generator=generator, device=generator.device)
+    tops = batch_randint(height - crop + 1, len(images), generator, "cpu")
+    lefts = batch_randint(width - crop + 1, len(images), generator, "cpu")
     return torch.stack(
         [
             img[:, int(t) : int(t) + crop, int(s) : int(s) + crop]

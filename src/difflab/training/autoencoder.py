@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from difflab.errors import ConfigError
+from difflab.seeding import batch_randn
 
 RECONSTRUCTIONS = ("l1", "l2")
 
@@ -30,7 +31,7 @@ def autoencoder_loss(
     if reconstruction not in RECONSTRUCTIONS:
         raise ConfigError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}, got {reconstruction!r}")
     mean, log_variance = model.encode_moments(images)
-    noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+    noise = batch_randn(tuple(mean.shape), generator, mean.device)
     recon = model.decode_raw(mean + torch.exp(0.5 * log_variance) * noise)
     error = recon - images
     rec = error.abs().mean() if reconstruction == "l1" else (error**2).mean()
