@@ -99,6 +99,8 @@ def test_rerun_resumes_and_changed_config_is_refused(states_run: Path, capsys) -
         (["run", "states", "data.path=/nonexistent/states.pt"], "data file /nonexistent/states.pt does not exist"),
         (["run", "states", "device=cuda:7"], "CUDA is not available"),
         (["run", "/nonexistent/config.yaml"], "config file /nonexistent/config.yaml does not exist"),
+        (["run", "swissroll", "data.noise=-0.1"], "data.noise is the std of the Gaussian added to each point"),
+        (["run", "spiral", "data.noise=-1"], "must be >= 0, got -1"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys, args: list[str], message: str) -> None:

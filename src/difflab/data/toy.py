@@ -35,6 +35,8 @@ def make_toy(name: str, n: int, noise: float, seed: int, reference_seed: int = 0
     with ``reference_seed`` (so training and held-out points share one frame). Shape (n, 2)."""
     if n < 10:
         raise ConfigError(f"a toy data set needs at least 10 points, got {n}")
+    if not noise >= 0:  # also refuses NaN
+        raise ConfigError(f"data.noise is the std of the Gaussian added to each point and must be >= 0, got {noise}")
     points, labels = _raw(name, n, noise, seed)
     reference, _ = _raw(name, n, noise, reference_seed)
     standardised = (points - reference.mean(axis=0)) / reference.std(axis=0)
