@@ -83,11 +83,45 @@ def test_states_run_learns(states_run: Path) -> None:
 
 
 def test_rerun_resumes_and_changed_config_is_refused(states_run: Path, capsys) -> None:
-    assert main(["run", "states", f"run_dir={states_run}", *QUICK_STATES]) == 0
+    # Settings that say how training runs (log_every, device) may change on a rerun; the trainer resumes.
+    resumable = ["denoiser_train.log_every=100", "device=cpu"]
+    assert main(["run", "states", f"run_dir={states_run}", *QUICK_STATES, *resumable]) == 0
     output = capsys.readouterr().out
     assert "resumed from step 1500 of 1500 (training already complete)" in output
     assert main(["run", "states", f"run_dir={states_run}", *QUICK_STATES, "denoiser_train.lr=0.1"]) == 2
     assert "different config (differs in: denoiser_train.lr)" in capsys.readouterr().err
+
+
+def test_a_run_folder_accepts_exactly_the_changes_a_resumed_training_accepts(tmp_path: Path) -> None:
+    from dataclasses import dataclass, field, replace
+
+    from difflab.errors import ConfigError
+    from difflab.experiments.runs import RunFolder
+    from difflab.training.trainer import TrainConfig
+
+    @dataclass(frozen=True)
+    class Stage:
+        width: int = 8
+        train: TrainConfig = field(default_factory=TrainConfig)
+
+    @dataclass(frozen=True)
+    class Recipe:
+        run_dir: str = ""
+        device: str = "auto"
+        progress: bool = True
+        vae: Stage = field(default_factory=Stage)
+
+    first = Recipe(run_dir=str(tmp_path / "r"))
+    RunFolder.open(first.run_dir, "t", first)
+    longer = replace(first, device="cpu", progress=False, vae=replace(first.vae, train=TrainConfig(steps=5000)))
+    RunFolder.open(first.run_dir, "t", longer)  # more steps, another device, no bars: resumes
+    assert "steps: 5000" in (tmp_path / "r" / "config.yaml").read_text()
+    for changed, key in [
+        (replace(longer, vae=replace(longer.vae, width=16)), "vae.width"),
+        (replace(longer, vae=replace(longer.vae, train=TrainConfig(steps=5000, lr=0.1))), "vae.train.lr"),
+    ]:
+        with pytest.raises(ConfigError, match=f"differs in: {key}\\)"):
+            RunFolder.open(first.run_dir, "t", changed)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ Layout::
     RUN/report-STYLE.md    another report style, written by ``difflab report RUN --style STYLE`` (and .html)
 
 Re-running the same command resumes in the same folder; a folder made with a different config is
-refused (use another ``run_dir`` or ``--fresh``).
+refused (use another ``run_dir`` or ``--fresh``), except for the settings a resumed training may change
+(:data:`RESUMABLE_RUN_KEYS` at the top level, ``trainer.RESUMABLE_CHANGES`` in any training section).
 
 In a data-parallel run (torchrun) every rank gets a :class:`RunFolder`, but only rank 0's writes
 (``main``): it creates the folder while the others wait, and alone writes ``run.json``, metrics and reports.
@@ -41,6 +42,7 @@ from difflab.errors import ConfigError, DifflabError
 from difflab.report.markdown import environment
 from difflab.training import distributed
 from difflab.training.checkpoint import atomic_write_bytes
+from difflab.training.trainer import RESUMABLE_CHANGES, TrainConfig
 
 FINAL_OUTPUTS = (
     "metrics.json",
@@ -91,6 +93,23 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+# Top-level settings of a recipe that say where and how it runs, not what it computes.
+RESUMABLE_RUN_KEYS = ("run_dir", "device", "progress")
+
+
+def resumable_difference(config: Any, key: str) -> bool:
+    """Whether a rerun of ``config`` may differ from the folder's config in the dotted ``key``: a key of
+    :data:`RESUMABLE_RUN_KEYS`, or one of ``trainer.RESUMABLE_CHANGES`` inside a :class:`TrainConfig` section
+    (the trainer checks its own checkpoint against the rest)."""
+    *parents, leaf = key.split(".")
+    if not parents:
+        return leaf in RESUMABLE_RUN_KEYS
+    section = config
+    for part in parents:
+        section = getattr(section, part, None)
+    return isinstance(section, TrainConfig) and leaf in RESUMABLE_CHANGES
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     a, b = _flatten(old), _flatten(new)
@@ -139,7 +158,11 @@ class RunFolder:
             except yaml.YAMLError:
                 old = {}
             new = to_dict(config)
-            differences = [k for k in config_differences(old, new) if k.split(".")[0] not in ignore_keys]
+            differences = [
+                k
+                for k in config_differences(old, new)
+                if k.split(".")[0] not in ignore_keys and not resumable_difference(config, k)
+            ]
             if differences:
                 shown = ", ".join(differences[:6]) + (" ..." if len(differences) > 6 else "")
                 raise ConfigError(
