@@ -181,6 +181,26 @@ def test_truncated_checkpoint_and_stray_temp_file_are_never_loaded(tmp_path: Pat
         assert torch.equal(a, b)
 
 
+def test_when_no_checkpoint_verifies_training_says_it_starts_again(tmp_path: Path) -> None:
+    first = make_trainer(tmp_path, 100)
+    first.hooks.append(lambda trainer: _stop_at(trainer, 75))
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    for _, path in ckpt.step_files(tmp_path / "checkpoints" / "denoiser"):
+        path.write_bytes(path.read_bytes()[:100])
+    messages: list[str] = []
+    trainer = make_trainer(tmp_path, 100)
+    trainer.echo = messages.append
+    assert trainer.fit().resumed_from == 0
+    assert any(
+        "none of the 2 training state(s) of 'denoiser'" in m and "starts again from step 0" in m for m in messages
+    )
+    straight = make_trainer(tmp_path / "straight", 100)
+    straight.fit()
+    for a, b in zip(straight.model.state_dict().values(), trainer.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
     real_save = ckpt.save_file
     writes = []

@@ -390,6 +390,11 @@ class Trainer:
         self._window = _LogWindow()
         if found is not None:
             step = self._load_state(*found)
+        elif damaged := len(ckpt.step_files(self.state_dir)):
+            self._say(
+                f"none of the {damaged} training state(s) of '{self.name}' in {self.state_dir} verifies: "
+                "training starts again from step 0"
+            )
         if not distributed.agree(step, self.dist):
             raise CheckpointError(
                 f"the ranks found different checkpoints of '{self.name}' in {self.state_dir}: "
