@@ -57,7 +57,7 @@ def test_states_run_writes_every_artefact(states_run: Path) -> None:
         "figures/prediction_map.png",
     ]:
         assert (states_run / name).is_file(), name
-    assert list((states_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((states_run / "tensorboard" / "denoiser").glob("events.out.tfevents.*"))
     assert json.loads((states_run / "run.json").read_text())["status"] == "complete"
     samples = torch.load(states_run / "samples" / "uncond_gen_samples.pt", weights_only=True)
     assert samples.shape == (1000, 2)

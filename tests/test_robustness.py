@@ -303,3 +303,29 @@ def test_log_lines_cut_by_a_kill_cost_nothing_else(tmp_path: Path) -> None:
     before = logger.path.stat().st_mtime_ns
     logger.truncate("denoiser/", 2)  # nothing to drop: the file is left alone
     assert logger.path.stat().st_mtime_ns == before
+
+
+def test_tensorboard_hides_the_steps_a_resume_redoes_and_only_for_that_network(tmp_path: Path) -> None:
+    """Each network logs to its own TensorBoard run (``tensorboard/<name>``); a resume's truncate makes
+    TensorBoard drop that run's events past the checkpoint (purge_step), so the curve shows each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    killed = RunLogger(tmp_path)
+    for step in range(1, 11):
+        killed.log("denoiser/train_loss", step, 1.0)
+    for step in range(1, 6):
+        killed.log("classifier/train_loss", step, 2.0)
+    killed.close()  # the kill: steps 6..10 of the denoiser are redone from its checkpoint at step 5
+    resumed = RunLogger(tmp_path)
+    resumed.truncate("denoiser/", 5)
+    for step in range(6, 9):
+        resumed.log("denoiser/train_loss", step, 0.5)
+    resumed.close()
+
+    def scalars(group: str, tag: str) -> list[tuple[int, float]]:
+        events = EventAccumulator(str(tmp_path / "tensorboard" / group))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    assert scalars("denoiser", "denoiser/train_loss") == [(s, 1.0) for s in range(1, 6)] + [(s, 0.5) for s in (6, 7, 8)]
+    assert scalars("classifier", "classifier/train_loss") == [(s, 2.0) for s in range(1, 6)]

@@ -4,7 +4,7 @@ Layout::
 
     RUN/config.yaml        the resolved config (what ran, defaults included)
     RUN/run.json           recipe, status (running | complete | failed), message, timings, environment
-    RUN/metrics.jsonl      scalar logs (also RUN/tensorboard/)
+    RUN/metrics.jsonl      scalar logs (also RUN/tensorboard/<network>/)
     RUN/checkpoints/       training states and exported weights
     RUN/samples/           sample tensors (.pt); trajectory.safetensors (x_t and predicted x_0 at ~20 steps)
     RUN/figures/           PNG figures

@@ -13,12 +13,14 @@ from difflab.training.checkpoint import atomic_write_bytes
 
 class RunLogger:
     """Writes ``{"tag", "step", "value", "time"}`` lines to ``run_dir/metrics.jsonl`` and the same scalars
-    to TensorBoard under ``run_dir/tensorboard``."""
+    to TensorBoard: a tag ``group/name`` goes to the event files of ``run_dir/tensorboard/group`` (one
+    TensorBoard run per trained network, so a resumed network's purge of its redone steps touches no other)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer: Any = None
+        self._writers: dict[str, Any] = {}
+        self._purge_steps: dict[str, int] = {}
         self._tensorboard = tensorboard
         self._tb_dir = Path(run_dir) / "tensorboard"
         self._checked_tail = False
@@ -34,15 +36,20 @@ class RunLogger:
                 with open(self.path, "a") as handle:
                     handle.write("\n")
 
-    def _tb(self) -> Any:
-        if self._writer is None and self._tensorboard:
+    @staticmethod
+    def _group(tag: str) -> str:
+        return tag.split("/", 1)[0] if "/" in tag else "run"
+
+    def _tb(self, group: str) -> Any:
+        if group not in self._writers and self._tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard not installed: the JSONL log is enough
                 self._tensorboard = False
                 return None
-            self._writer = SummaryWriter(str(self._tb_dir))
-        return self._writer
+            # purge_step: TensorBoard hides this run's earlier events at or after the step a resume redoes.
+            self._writers[group] = SummaryWriter(str(self._tb_dir / group), purge_step=self._purge_steps.get(group))
+        return self._writers.get(group)
 
     def log(self, tag: str, step: int, value: float) -> None:
         if not self._checked_tail:
@@ -56,7 +63,7 @@ class RunLogger:
         }
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        writer = self._tb()
+        writer = self._tb(self._group(tag))
         if writer is not None:
             writer.add_scalar(tag, value, int(step))
 
@@ -65,8 +72,13 @@ class RunLogger:
         killed run's steps beyond its last checkpoint are not counted twice), and lines a kill cut short.
 
         The file is replaced atomically (a kill during the rewrite leaves the old file) and left untouched
-        when there is nothing to drop.
+        when there is nothing to drop. In TensorBoard, the group ``prefix`` names (``denoiser/`` ->
+        ``tensorboard/denoiser``) hides its events after ``after_step`` from then on.
         """
+        group = self._group(prefix)
+        self._purge_steps[group] = after_step + 1
+        if group in self._writers:
+            self._writers.pop(group).close()
         if not self.path.is_file():
             return
         kept, dropped = [], False
@@ -84,13 +96,13 @@ class RunLogger:
             atomic_write_bytes(self.path, "".join(k + "\n" for k in kept).encode())
 
     def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        for writer in self._writers.values():
+            writer.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
 
 
 def read_series(path: Path, tag: str) -> tuple[list[int], list[float]]:
