@@ -329,3 +329,23 @@ def test_tensorboard_hides_the_steps_a_resume_redoes_and_only_for_that_network(t
 
     assert scalars("denoiser", "denoiser/train_loss") == [(s, 1.0) for s in range(1, 6)] + [(s, 0.5) for s in (6, 7, 8)]
     assert scalars("classifier", "classifier/train_loss") == [(s, 2.0) for s in range(1, 6)]
+
+
+def test_atomic_writes_sync_the_file_and_then_its_folder(tmp_path: Path, monkeypatch) -> None:
+    """fsync of the data before the rename and of the folder after it: a power cut keeps old or new, whole."""
+    import stat
+
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        is_dir = stat.S_ISDIR(os.fstat(descriptor).st_mode)
+        synced.append(("dir" if is_dir else "file", (tmp_path / "w.json").exists()))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    ckpt.atomic_write_bytes(tmp_path / "w.json", b"{}")
+    assert synced == [("file", False), ("dir", True)]
+    synced.clear()
+    ckpt.atomic_save_tensors({"w": torch.ones(2)}, tmp_path / "w.safetensors", {"format": "test"})
+    assert [kind for kind, _ in synced] == ["file", "dir"]

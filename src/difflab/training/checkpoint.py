@@ -56,8 +56,23 @@ def _discard(tmp: Path) -> None:
         pass  # a temp name is never loaded; the next start removes it (remove_stale_temp_files)
 
 
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX: the directory entry is data too); best effort where
+    directories cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename.
+    """Write ``data`` to ``path`` via a temporary file, fsync, rename and fsync of the folder.
 
     A failure (a full disk, a read-only folder) raises :class:`CheckpointError` and leaves ``path`` as it was.
     """
@@ -68,6 +83,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
     except OSError as exc:
         raise _write_failed(path, exc) from None
     finally:
@@ -75,7 +91,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``safetensors`` save via a temporary file and rename; the old file survives any failure.
+    """``safetensors`` save via a temporary file, fsync, rename and fsync of the folder; the old file survives
+    any failure.
 
     A failure (a full disk, a read-only folder) raises :class:`CheckpointError` naming the reason.
     """
@@ -86,6 +103,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
     except (OSError, SafetensorError) as exc:
         raise _write_failed(path, exc) from None
     finally:
