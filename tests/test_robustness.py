@@ -349,3 +349,22 @@ def test_atomic_writes_sync_the_file_and_then_its_folder(tmp_path: Path, monkeyp
     synced.clear()
     ckpt.atomic_save_tensors({"w": torch.ones(2)}, tmp_path / "w.safetensors", {"format": "test"})
     assert [kind for kind, _ in synced] == ["file", "dir"]
+
+
+def test_an_export_cut_between_its_two_files_is_refused_until_exported_again(tmp_path: Path, monkeypatch) -> None:
+    from difflab.errors import CheckpointError
+
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "denoiser.safetensors"
+    ckpt.export_weights(path, model.state_dict(), {"step": 100})
+    newer = {k: v + 1 for k, v in model.state_dict().items()}
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # killed after the weights, before their record
+        ckpt.export_weights(path, newer, {"step": 200})
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="does not describe .*interrupted export"):
+        ckpt.load_weights(torch.nn.Linear(3, 2), path)
+    ckpt.export_weights(path, newer, {"step": 200})  # the rerun exports both again
+    loaded = torch.nn.Linear(3, 2)
+    assert ckpt.load_weights(loaded, path)["step"] == 200
+    assert torch.equal(loaded.weight, newer["weight"])

@@ -222,17 +222,28 @@ def export_weights(path: Path, state_dict: dict[str, torch.Tensor], info: dict[s
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
-    """Load exported weights into ``model`` after checking the checksum and the keys; returns the JSON info."""
-    tensors, _ = verified_tensors(path)
+    """Load exported weights into ``model`` after checking the checksum and the keys; returns the JSON info.
+
+    The record must describe these weights (its ``sha256`` is theirs): an export writes the weights, then the
+    record, so a kill between the two leaves an older record, refused here until the training command reruns.
+    """
+    tensors, metadata = verified_tensors(path)
     check_compatible(model, tensors, path)
-    model.load_state_dict(tensors)
     info_path = path.with_suffix(".json")
+    info: dict[str, Any] = {}
     if info_path.is_file():
         try:
-            return json.loads(info_path.read_text())
+            info = json.loads(info_path.read_text())
         except json.JSONDecodeError:
             raise CheckpointError(f"{info_path} is not valid JSON") from None
-    return {}
+        recorded = info.get("sha256") if isinstance(info, dict) else None
+        if recorded is not None and metadata.get("sha256") is not None and recorded != metadata["sha256"]:
+            raise CheckpointError(
+                f"{info_path} does not describe {path} (checksums differ: an interrupted export?); "
+                "rerun the command that trained it to export both again"
+            )
+    model.load_state_dict(tensors)
+    return info
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
