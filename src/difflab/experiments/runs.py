@@ -93,8 +93,9 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-# Top-level settings of a recipe that say where and how it runs, not what it computes.
-RESUMABLE_RUN_KEYS = ("run_dir", "device", "progress")
+# Top-level settings of a recipe that say how it runs, not what it computes (``run_dir`` is in every
+# ``ignore_keys``).
+RESUMABLE_RUN_KEYS = ("device", "progress")
 
 
 def resumable_difference(config: Any, key: str) -> bool:

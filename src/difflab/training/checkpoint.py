@@ -237,7 +237,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             raise CheckpointError(f"{info_path} is not valid JSON") from None
         recorded = info.get("sha256") if isinstance(info, dict) else None
-        if recorded is not None and metadata.get("sha256") is not None and recorded != metadata["sha256"]:
+        if recorded is not None and recorded != metadata["sha256"]:  # verified_tensors ensured the latter
             raise CheckpointError(
                 f"{info_path} does not describe {path} (checksums differ: an interrupted export?); "
                 "rerun the command that trained it to export both again"
