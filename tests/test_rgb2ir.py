@@ -18,6 +18,7 @@ from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import DataError
 from difflab.experiments import rgb2ir
 from difflab.experiments.runs import RunFolder
+from difflab.metrics.image_quality import at_low_resolution, box_mean, guided_filter
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from difflab.training.logging import read_series
 
@@ -35,6 +36,35 @@ def _pairs(root: Path, names: list[str], size: tuple[int, int] = (40, 24)) -> tu
         _write(root / "vis" / f"{name}.png", size, "RGB", i)
         _write(root / "ir" / f"{name}.png", size, "L", 100 + i)
     return root / "vis", root / "ir"
+
+
+# ------------------------------------------------------------------------------------------- the ceiling rows
+def test_guided_filter_against_closed_forms() -> None:
+    generator = torch.Generator().manual_seed(0)
+    guide = torch.rand(2, 3, 20, 24, generator=generator) * 2 - 1
+    # A target that is an affine function of the guide's channels everywhere is reproduced exactly (eps -> 0).
+    weights, offset = torch.tensor([0.5, -1.0, 0.25]), 0.1
+    target = (guide * weights[:, None, None]).sum(1, keepdim=True) + offset
+    assert torch.allclose(guided_filter(guide, target, radius=3, eps=1e-10), target, atol=1e-5)
+    # A flat guide explains nothing: a = 0, b = the window mean, so the output is the box mean of the box mean.
+    noise = torch.randn(2, 1, 20, 24, generator=generator)
+    flat = torch.zeros(2, 3, 20, 24)
+    assert torch.allclose(guided_filter(flat, noise, radius=2), box_mean(box_mean(noise, 2), 2), atol=1e-6)
+    # Its fit to a target it cannot explain fully is better than the global mean and worse than the target itself.
+    fitted = guided_filter(guide, target + 0.3 * noise, radius=2)
+    error = (fitted - target - 0.3 * noise).pow(2).mean()
+    assert 0 < error < (0.3 * noise).pow(2).mean()
+    with pytest.raises(ValueError, match="do not match"):
+        guided_filter(guide, target[:, :, :10], radius=2)
+
+
+def test_low_resolution_oracle() -> None:
+    images = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(at_low_resolution(images, 16), images, atol=1e-6)  # the full raster is the image
+    coarse = at_low_resolution(images, 1)  # a 1 x 1 raster is each image's mean everywhere
+    assert torch.allclose(coarse, images.mean((2, 3), keepdim=True).expand_as(images), atol=1e-6)
+    assert torch.allclose(at_low_resolution(images, 4).mean((2, 3)), images.mean((2, 3)), atol=1e-5)
+    assert at_low_resolution(torch.zeros(1, 1, 30, 30), 8).shape == (1, 1, 30, 30)  # 8 need not divide the size
 
 
 # ---------------------------------------------------------------------------------------------------- the loader
@@ -234,10 +264,15 @@ def test_recipe_learns_and_writes_its_report(quick_run: Path) -> None:
         assert len(scores["per_image"]) == metrics["data"]["test_pairs"]
         assert scores["psnr"] == pytest.approx(np.mean([r["psnr"] for r in scores["per_image"]]))
     assert metrics["headline"]["method"] == "t0" and len(metrics["targets"]) == 3
+    # The ceiling rows are fitted on the answer: both beat the mean training image by far.
+    baselines = metrics["baselines"]
+    for oracle in ("oracle_low_resolution", "oracle_local_affine"):
+        assert baselines[oracle]["psnr"] > baselines["mean_training_image"]["psnr"] + 3, oracle
     assert set(metrics["timings_seconds"]) >= {"data", "autoencoder", "latents", "evaluate", "total"}
     report = (quick_run / "report.md").read_text()
     assert "11.5" in report and "0.07" in report  # the reference's figures beside ours
     assert f"{metrics['headline']['psnr']:.2f}" in report
+    assert f"{baselines['oracle_local_affine']['ssim']:.3f}" in report and "fitted on the true IR" in report
     assert 'data-source="scores.t0.psnr"' in (quick_run / "report.html").read_text()
 
 

@@ -47,7 +47,7 @@ from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments.autoencoder import build_autoencoder, load_autoencoder_run
 from difflab.experiments.runs import RunFolder, resolve_device
-from difflab.metrics.image_quality import psnr, ssim
+from difflab.metrics.image_quality import at_low_resolution, guided_filter, psnr, ssim
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
 from difflab.report.document import (
@@ -923,6 +923,11 @@ def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFold
                 "true_noisy_latent": decode_ir(vae, test["ir_t"], bs, device),
                 "mean_training_image": data.train.targets.mean(0, keepdim=True).expand_as(truth),
                 "grayscale_input": data.test.inputs.mean(1, keepdim=True),
+                # Ceilings fitted on the answer (no model can use them): how much of the true IR the targets ask for.
+                "oracle_low_resolution": at_low_resolution(truth, ORACLE_GRID),
+                "oracle_local_affine": guided_filter(
+                    data.test.inputs, truth, oracle_radius(config.data.size), ORACLE_EPS
+                ).clamp(-1, 1),
             }
             baselines = {k: score_images(v, truth, names, per_image=False) for k, v in baseline_images.items()}
         with run.stage("figures"):
@@ -1032,7 +1037,19 @@ BASELINE_LABELS = {
     "true_noisy_latent": "the true z_IR,t decoded as it is (a perfect noisy prediction)",
     "mean_training_image": "the mean training IR image, for every test pair",
     "grayscale_input": "the RGB input's gray level as the IR image",
+    "oracle_low_resolution": "oracle: the true IR averaged to an 8 x 8 grid and upsampled",
+    "oracle_local_affine": "oracle: the best affine map of the RGB input to the true IR in every window of about "
+    "1/4 of the image (guided filter fitted on the answer)",
 }
+# The ceiling rows: the true IR on an ORACLE_GRID x ORACLE_GRID raster, and the guided filter of the true IR with the
+# RGB input as guide in windows of 2 r + 1 pixels, r = size / ORACLE_GRID (17 x 17 at 64 x 64).
+ORACLE_GRID = 8
+ORACLE_EPS = 1e-3
+
+
+def oracle_radius(size: int) -> int:
+    """The guided-filter radius of the local-affine oracle: ``size / 8`` (at least 1)."""
+    return max(1, size // ORACLE_GRID)
 
 
 def build_report(contents: Any) -> Report:
@@ -1130,6 +1147,21 @@ def build_report(contents: Any) -> Report:
             "the same size trained on the clean latents (no diffusion at all).",
         ),
         Table(("scoring", "what", "PSNR (dB)", "SSIM", "MSE ([-1, 1] pixels)"), tuple(rows)),
+        prose(
+            "The two oracle rows are fitted on the true IR images, so no model can use them: they say how much of "
+            "the answer a score asks for. The true IR on an 8 x 8 grid scores ",
+            metric(m, "baselines.oracle_low_resolution.psnr", 2),
+            " dB, SSIM ",
+            metric(m, "baselines.oracle_low_resolution.ssim", 3),
+            "; the RGB input's own edges with the true IR's local gain and offset in every window (a guided filter "
+            "of the answer) score ",
+            metric(m, "baselines.oracle_local_affine.psnr", 2),
+            " dB, SSIM ",
+            metric(m, "baselines.oracle_local_affine.ssim", 3),
+            ". A model has to get the IR's layout right at about that scale, from the RGB image alone, to reach them.",
+        )
+        if "oracle_local_affine" in m.get("baselines", {})
+        else None,
         Figure(
             "figures/translation.png",
             "Test pairs: RGB input, predicted IR, true IR, the other scorings and the "
