@@ -12,7 +12,9 @@ import torch
 from difflab.cli import main
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
+from difflab.sampling.ddim import ddim_sample
 from difflab.sampling.inversion import (
+    adams_bashforth_flow,
     ddim_invert,
     ddim_round_trip,
     inversion_timesteps,
@@ -54,6 +56,49 @@ def test_fixed_point_iterations_make_each_step_the_exact_inverse_of_ddim() -> No
     ]
     assert all(a > 3 * b for a, b in zip(errors[:3], errors[1:4])), errors
     assert errors[0] > 0.05 and errors[4] < 1e-5, errors
+
+
+def test_first_order_flow_is_ddim_in_both_directions() -> None:
+    x0 = MEAN + STD * torch.randn(500, 2, generator=torch.Generator().manual_seed(2))
+    timesteps = inversion_timesteps(1000, 20, 978)
+    latent = adams_bashforth_flow(exact_eps, SCHEDULE, x0, [None, *timesteps], order=1)
+    torch.testing.assert_close(latent, ddim_invert(exact_eps, SCHEDULE, x0, timesteps), rtol=1e-5, atol=1e-5)
+    back = adams_bashforth_flow(exact_eps, SCHEDULE, latent, [*timesteps[::-1], None], order=1)
+    expected = ddim_sample(exact_eps, SCHEDULE, tuple(x0.shape), timesteps=timesteps[::-1], x_T=latent)
+    torch.testing.assert_close(back, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="inversion order must be one of 1, 2, got 3"):
+        adams_bashforth_flow(exact_eps, SCHEDULE, x0, [None, *timesteps], order=3)
+    with pytest.raises(ConfigError, match="fixed-point refinement inverts first-order"):
+        ddim_round_trip(exact_eps, SCHEDULE, x0, 10, fixed_point_iterations=1, order=2)
+
+
+@pytest.mark.parametrize("schedule", [SCHEDULE, NoiseSchedule.cosine(1000)], ids=["linear", "cosine"])
+def test_second_order_flow_converges_faster_than_ddim(schedule: NoiseSchedule) -> None:
+    """Against the closed-form flow of Gaussian data: the Adams-Bashforth inversion's error falls by more than 2x
+    per halving of the step (second order; DDIM's by at most 2x), and its round trip closes 10x closer than DDIM's
+    at the same NFE."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha_bar = schedule.alpha_bar[t][:, None]
+        return (1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * MEAN) / (alpha_bar * STD**2 + (1 - alpha_bar))
+
+    x0 = (MEAN + STD * torch.randn(4000, 2, generator=torch.Generator().manual_seed(3))).double()
+    a = schedule.alpha_bar[600].double()
+    expected = a.sqrt() * MEAN + (a * STD**2 + 1 - a).sqrt() * (x0 - MEAN) / STD
+
+    def inversion_error(steps: int, order: int) -> float:
+        levels = [None, *inversion_timesteps(1000, steps, 600)]
+        return float((adams_bashforth_flow(eps, schedule, x0, levels, order) - expected).abs().mean())
+
+    first = [inversion_error(steps, 1) for steps in (20, 40, 80)]
+    second = [inversion_error(steps, 2) for steps in (20, 40, 80)]
+    assert first[0] / first[1] < 2.1 and first[1] / first[2] < 2.1, first
+    assert second[0] / second[1] > 2.5 and second[1] / second[2] > 2.0, second
+    assert second[2] < first[2] / 3, (first, second)
+    for steps in (10, 20):
+        ddim = ddim_round_trip(eps, schedule, x0.float(), steps, t_end=600)[1]
+        adams = ddim_round_trip(eps, schedule, x0.float(), steps, t_end=600, order=2)[1]
+        assert (adams - x0).abs().mean() < (ddim - x0).abs().mean() / 10
 
 
 def test_inversion_timesteps() -> None:
@@ -126,3 +171,10 @@ def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
     assert rows[3]["psnr_db"] > rows[2]["psnr_db"] and rows[3]["psnr_db"] > 20
     assert main(["invert", str(run_dir), "--spacing", "karras"]) == 2
     assert "--spacing must be among uniform, logsnr, got karras" in capsys.readouterr().err
+    # the second-order flow beside DDIM at the same NFE; fixed-point rows refine the DDIM steps only
+    assert main(["invert", str(run_dir), "--steps", "20", "--n", "32", "--order", "1", "2", "--fixed-point", "1"]) == 0
+    rows = json.loads((run_dir / "inversion.json").read_text())["rows"]
+    assert [(r["order"], r["fixed_point_iterations"], r["nfe"]) for r in rows] == [(1, 0, 40), (1, 1, 60), (2, 0, 40)]
+    assert rows[2]["psnr_db"] > rows[0]["psnr_db"] + 1.5, rows  # 31.9 vs 28.8 dB here
+    assert main(["invert", str(run_dir), "--order", "3"]) == 2
+    assert "--order must be among 1, 2, got 3" in capsys.readouterr().err

@@ -75,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         help="timestep spacing of the round trips: uniform (in t, the default) and/or logsnr (evenly in log-SNR "
         "between the same end points); several give one set of rows each",
     )
+    invert.add_argument(
+        "--order",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="integrator of both directions: 1 (DDIM, the default) and/or 2 (second-order Adams-Bashforth on the "
+        "same timesteps, same NFE); several give one set of rows each",
+    )
     invert.add_argument("--seed", type=int, default=0)
     invert.add_argument("--device", default="auto")
     run.add_argument(
@@ -277,14 +285,28 @@ def cmd_invert(args: argparse.Namespace) -> int:
         args.device,
         fixed_point=args.fixed_point,
         spacings=tuple(args.spacing),
+        orders=tuple(args.order),
     )
     print(
         table(
-            ["images", "spacing", "steps", "fixed-point iterations", "NFE", "n", "MSE", "PSNR (dB)", "SSIM", "seconds"],
+            [
+                "images",
+                "spacing",
+                "order",
+                "steps",
+                "fixed-point iterations",
+                "NFE",
+                "n",
+                "MSE",
+                "PSNR (dB)",
+                "SSIM",
+                "seconds",
+            ],
             [
                 [
                     r.get("side", "pixels"),
                     r["spacing"],
+                    r.get("order", 1),
                     r["steps"],
                     r["fixed_point_iterations"],
                     r["nfe"],

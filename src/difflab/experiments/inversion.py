@@ -14,16 +14,20 @@ from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.runs import resolve_device
 from difflab.metrics.image_quality import psnr, ssim
-from difflab.sampling.inversion import INVERSION_SPACINGS, ddim_round_trip, default_inversion_end
+from difflab.sampling.inversion import INVERSION_ORDERS, INVERSION_SPACINGS, ddim_round_trip, default_inversion_end
 from difflab.viz.images import image_rows_figure
 
 
 def round_trip_cases(
-    steps: tuple[int, ...], n: int, fixed_point: int = 0, spacings: tuple[str, ...] = ("uniform",)
-) -> list[tuple[str, int, int, int, str]]:
-    """The round trips ``difflab invert`` runs: ``(spacing, fixed-point iterations, steps, NFE, label)`` for every
-    spacing and step count, plain and (when ``fixed_point`` K > 0) refined by K iterations; checks the arguments
-    first."""
+    steps: tuple[int, ...],
+    n: int,
+    fixed_point: int = 0,
+    spacings: tuple[str, ...] = ("uniform",),
+    orders: tuple[int, ...] = (1,),
+) -> list[tuple[str, int, int, int, int, str]]:
+    """The round trips ``difflab invert`` runs: ``(spacing, order, fixed-point iterations, steps, NFE, label)`` for
+    every spacing, order and step count, plain and (when ``fixed_point`` K > 0, for the first-order DDIM steps it
+    refines) refined by K iterations; checks the arguments first."""
     if n < 1 or not steps or min(steps) < 1 or fixed_point < 0:
         raise ConfigError("invert needs n >= 1, step counts >= 1 and --fixed-point >= 0")
     unknown = [s for s in spacings if s not in INVERSION_SPACINGS]
@@ -31,19 +35,27 @@ def round_trip_cases(
         raise ConfigError(
             f"--spacing must be among {', '.join(INVERSION_SPACINGS)}, got {', '.join(unknown) or 'none'}"
         )
+    wrong = [str(o) for o in orders if o not in INVERSION_ORDERS]
+    if not orders or wrong:
+        raise ConfigError(
+            f"--order must be among {', '.join(map(str, INVERSION_ORDERS))}, got {', '.join(wrong) or 'none'}"
+        )
     return [
         # NFE: inversion (1 + K per step) and reconstruction (1 per step)
         (
             spacing,
+            order,
             iterations,
             count,
             count * (2 + iterations),
             f"{count} steps"
             + (f", {spacing} spacing" if spacing != "uniform" else "")
+            + (", 2nd order" if order == 2 else "")
             + (f", {iterations} fixed-point" if iterations else ""),
         )
         for spacing in dict.fromkeys(spacings)
-        for iterations in sorted({0, fixed_point})
+        for order in dict.fromkeys(orders)
+        for iterations in (sorted({0, fixed_point}) if order == 1 else [0])
         for count in steps
     ]
 
@@ -58,15 +70,18 @@ def invert_run(
     echo=print,
     fixed_point: int = 0,
     spacings: tuple[str, ...] = ("uniform",),
+    orders: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
     """Invert ``n`` held-out images of the run's data to ``t_end`` (default: the last t with alpha_bar >= 1e-3)
-    and back with each number of DDIM ``steps``; writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``;
-    returns the results. ``fixed_point`` K > 0 adds, for every step count, the round trip whose inversion steps
-    are refined by K fixed-point iterations (:func:`~difflab.sampling.inversion.ddim_invert`); ``spacings`` lists
-    the timestep spacings to run (``uniform`` in t, or ``logsnr``; see
-    :func:`~difflab.sampling.inversion.round_trip_timesteps`). An ``rgb2ir`` run (with latent eps models) is
-    inverted in latent space instead, by
-    :func:`difflab.experiments.rgb2ir.invert_latent_run`."""
+        and back with each number of DDIM ``steps``; writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``;
+        returns the results. ``fixed_point`` K > 0 adds, for every step count, the round trip whose inversion steps
+        are refined by K fixed-point iterations (:func:`~difflab.sampling.inversion.ddim_invert`); ``spacings`` lists
+        the timestep spacings to run (``uniform`` in t, or ``logsnr``; see
+        :func:`~difflab.sampling.inversion.round_trip_timesteps`); ``orders`` the integrators (1: DDIM, 2: the
+    second-order Adams-Bashforth flow of :func:`~difflab.sampling.inversion.adams_bashforth_flow`, both directions,
+    same NFE). An ``rgb2ir`` run (with latent eps models) is
+        inverted in latent space instead, by
+        :func:`difflab.experiments.rgb2ir.invert_latent_run`."""
     from difflab.config import read_yaml
     from difflab.experiments.mnist import load_run_model
 
@@ -74,26 +89,27 @@ def invert_run(
     if (run_dir / "config.yaml").is_file() and read_yaml(run_dir / "config.yaml").get("recipe") == "rgb2ir":
         from difflab.experiments.rgb2ir import invert_latent_run
 
-        return invert_latent_run(run_dir, steps, n, t_end, device, echo, fixed_point, spacings)
+        return invert_latent_run(run_dir, steps, n, t_end, device, echo, fixed_point, spacings, orders)
     resolved = resolve_device(device)
     config, model, schedule = load_run_model(run_dir, resolved)
     if config.unet.num_classes:
         raise ConfigError("inversion here uses an unconditional model; give a mnist-ddpm run")
-    cases = round_trip_cases(steps, n, fixed_point, spacings)
+    cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
     _, heldout = stages.load_image_data(config.data, config.seed)
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(heldout), generator=generator)[: min(n, len(heldout))]
     x0 = heldout.images[index].to(resolved)
     rows: list[dict[str, Any]] = []
     figure_rows = [("original", x0[:8].cpu())]
-    for spacing, iterations, count, nfe, label in cases:
+    for spacing, order, iterations, count, nfe, label in cases:
         start = time.perf_counter()
-        latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations, spacing)
+        latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations, spacing, order)
         seconds = time.perf_counter() - start
         reconstruction = reconstruction.clamp(-1, 1)
         rows.append(
             {
                 "spacing": spacing,
+                "order": order,
                 "steps": count,
                 "fixed_point_iterations": iterations,
                 "nfe": nfe,

@@ -63,7 +63,7 @@ from difflab.report.document import (
     prose,
 )
 from difflab.report.references import reference_text, reference_value
-from difflab.sampling.inversion import INVERSION_SPACINGS
+from difflab.sampling.inversion import INVERSION_ORDERS, INVERSION_SPACINGS
 from difflab.seeding import batch_randint, mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
 from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
@@ -207,11 +207,14 @@ class InversionConfig:
     (``schedule``, all timesteps), DDIM inversion of both sides to ``t_start`` in ``steps`` steps, a regressor (the
     ``regressor`` settings) from the inverted RGB latent to the inverted IR latent, then DDIM sampling with the IR
     model from the regressed latent back to t = 0. ``spacing``: the inversion's timesteps, ``uniform`` in t or
-    ``logsnr`` (:func:`~difflab.sampling.inversion.round_trip_timesteps`)."""
+    ``logsnr`` (:func:`~difflab.sampling.inversion.round_trip_timesteps`). ``order``: 1 for DDIM both ways, 2 for
+    the second-order Adams-Bashforth flow on the same timesteps
+    (:func:`~difflab.sampling.inversion.adams_bashforth_flow`, same NFE)."""
 
     enabled: bool = False
     steps: int = 20
     spacing: str = "uniform"
+    order: int = 1
     unet: UNetConfig = field(
         default_factory=lambda: UNetConfig(
             in_channels=4,
@@ -242,6 +245,9 @@ class InversionConfig:
         if self.spacing not in INVERSION_SPACINGS:
             allowed = " or ".join(INVERSION_SPACINGS)
             raise ConfigError(f"inversion.spacing must be {allowed}, got {self.spacing!r}")
+        if self.order not in INVERSION_ORDERS:
+            allowed = " or ".join(map(str, INVERSION_ORDERS))
+            raise ConfigError(f"inversion.order must be {allowed}, got {self.order!r}")
 
 
 @dataclass(frozen=True)
@@ -705,14 +711,20 @@ def inversion_translation(
     (N, c, h, w) at t = 0 and what to report (the eps models, the DDIM round trip of the test IR latents under the
     IR model, the regressor on inverted latents)."""
     from difflab.experiments.images import train_image_denoiser
-    from difflab.sampling.ddim import ddim_sample
-    from difflab.sampling.inversion import ddim_invert, round_trip_timesteps
+    from difflab.sampling.inversion import invert, reconstruct, round_trip_timesteps
 
     settings, t_start = config.inversion, config.latents.t_start
     timesteps = round_trip_timesteps(schedule, settings.steps, t_start, settings.spacing)
     bs = config.evaluation.batch_size
     unet = replace(settings.unet, in_channels=train["rgb0"].shape[1], out_channels=train["rgb0"].shape[1])
-    models, info = {}, {"steps": settings.steps, "spacing": settings.spacing, "t_end": timesteps[-1], "models": {}}
+    models: dict[str, Any] = {}
+    info = {
+        "steps": settings.steps,
+        "spacing": settings.spacing,
+        "order": settings.order,
+        "t_end": timesteps[-1],
+        "models": {},
+    }
     for side in ("rgb", "ir"):
         name = f"eps_{side}"
         no_labels = torch.zeros(len(train.names), dtype=torch.long)
@@ -744,24 +756,17 @@ def inversion_translation(
         }
     with run.stage("inversion"):
 
-        def invert(side: str, z: torch.Tensor) -> torch.Tensor:
-            return _batched(lambda x: ddim_invert(models[side], schedule, x, timesteps), z, bs, device)
+        def inverted_latents(side: str, z: torch.Tensor) -> torch.Tensor:
+            return _batched(lambda x: invert(models[side], schedule, x, timesteps, settings.order), z, bs, device)
 
         def generate(z: torch.Tensor) -> torch.Tensor:
-            return _batched(
-                lambda x: ddim_sample(
-                    models["ir"], schedule, tuple(x.shape), timesteps=timesteps[::-1], x_T=x, device=device
-                ),
-                z,
-                bs,
-                device,
-            )
+            return _batched(lambda x: reconstruct(models["ir"], schedule, x, timesteps, settings.order), z, bs, device)
 
         inverted = {
-            ("rgb", "train"): invert("rgb", train["rgb0"]),
-            ("ir", "train"): invert("ir", train["ir0"]),
-            ("rgb", "test"): invert("rgb", test["rgb0"]),
-            ("ir", "test"): invert("ir", test["ir0"]),
+            ("rgb", "train"): inverted_latents("rgb", train["rgb0"]),
+            ("ir", "train"): inverted_latents("ir", train["ir0"]),
+            ("rgb", "test"): inverted_latents("rgb", test["rgb0"]),
+            ("ir", "test"): inverted_latents("ir", test["ir0"]),
         }
         round_trip = generate(inverted[("ir", "test")])
         info["round_trip_latent_mse"] = float(((round_trip - test["ir0"]) ** 2).mean())
@@ -1198,6 +1203,11 @@ def build_report(contents: Any) -> Report:
         ),
     )
     if lookup(m, "inversion.steps"):
+        integrator = (
+            " steps of the second-order Adams-Bashforth flow (the probability-flow ODE DDIM follows, eta = 0)"
+            if lookup(m, "inversion.order") == 2
+            else " deterministic DDIM steps (eta = 0)"
+        )
         report.section(
             "Inversion-based translation",
             prose(
@@ -1205,7 +1215,7 @@ def build_report(contents: Any) -> Report:
                 str(lookup(m, "inversion.models.eps_ir.description")),
                 "), invert both sides with ",
                 metric(m, "inversion.steps", 0),
-                f" deterministic DDIM steps (eta = 0) from t = 0 to t = {t_start}; a regressor of the same size as "
+                f"{integrator} from t = 0 to t = {t_start}; a regressor of the same size as "
                 "the others maps the inverted RGB latent to the inverted IR latent, and DDIM with the IR model takes "
                 "its prediction back to t = 0 (the `inversion` scoring above). The DDIM round trip of the true test "
                 "IR latents under the IR model (invert, then sample) has latent MSE ",
@@ -1348,14 +1358,15 @@ def invert_latent_run(
     echo: Any = print,
     fixed_point: int = 0,
     spacings: tuple[str, ...] = ("uniform",),
+    orders: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
     """``difflab invert`` on an ``rgb2ir`` run made with ``inversion.enabled=true``: DDIM round trips (invert to
     ``t_end``, default the last t with alpha_bar >= 1e-3, then DDIM back with the same steps) of the first ``n``
     cached test latents of each side under that side's eps model. Per side and step count: latent MSE, and PSNR /
     SSIM of the decoded round trip against the decoded original latent (the inversion's own error, without the
     autoencoder's); with ``fixed_point`` K > 0 also the round trips refined by K fixed-point iterations per
-    inversion step; one set of rows per timestep spacing in ``spacings``. Writes ``RUN/inversion.json`` and
-    ``RUN/figures/inversion.png``."""
+    inversion step; one set of rows per timestep spacing in ``spacings`` and integrator order in ``orders``.
+    Writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``."""
     from difflab.config import config_from
     from difflab.experiments.inversion import round_trip_cases
     from difflab.sampling.inversion import ddim_round_trip, default_inversion_end
@@ -1363,7 +1374,7 @@ def invert_latent_run(
     run_dir = Path(run_dir)
     resolved = resolve_device(device)
     config = config_from(RGB2IRConfig(), run_dir / "config.yaml")
-    cases = round_trip_cases(steps, n, fixed_point, spacings)
+    cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     cache = lookup(metrics, "latents.path")
@@ -1390,16 +1401,17 @@ def invert_latent_run(
             original = vae.decode(x0).float().clamp(-1, 1).cpu()
         if side == "ir":
             figure_rows.append(("decoded IR latent", original[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
-        for spacing, iterations, count, nfe, label in cases:
+        for spacing, order, iterations, count, nfe, label in cases:
             start = time.perf_counter()
             with torch.no_grad():
-                latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations, spacing)
+                latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations, spacing, order)
                 decoded = vae.decode(reconstruction).float().clamp(-1, 1).cpu()
             seconds = time.perf_counter() - start
             rows.append(
                 {
                     "side": side,
                     "spacing": spacing,
+                    "order": order,
                     "steps": count,
                     "fixed_point_iterations": iterations,
                     "nfe": nfe,
