@@ -73,6 +73,13 @@ def test_bad_configs_fail_at_construction() -> None:
         UNetConfig(attention_levels=(5,))
     with pytest.raises(ConfigError, match="time_conditioning"):
         UNetConfig(time_conditioning="concat")
+    # heads of 5 channels do not tile 32 (a reshape error deep in the forward pass before); 12 -> 2 heads of 16 do
+    with pytest.raises(ConfigError, match="splits the 32 channels of attention level 1 into 6 heads unevenly"):
+        UNetConfig(base_channels=16, channel_mults=(1, 2), attention_levels=(1,), attention_head_channels=5)
+    with pytest.raises(ConfigError, match="of attention level 2"):  # the middle block attends at the last level
+        UNetConfig(base_channels=16, channel_mults=(1, 2, 3), mid_attention=True, attention_head_channels=9)
+    model = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2), attention_levels=(1,), attention_head_channels=12))
+    assert model(torch.randn(2, 1, 8, 8), torch.zeros(2)).shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match="expects"):
         UNet(UNetConfig())(torch.randn(2, 3, 28, 28), torch.zeros(2))
 

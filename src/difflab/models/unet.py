@@ -113,6 +113,17 @@ class UNetConfig:
             raise ConfigError(f"unet.class_conditioning={self.class_conditioning} needs unet.num_classes > 0")
         if self.context_tokens < 1 or self.context_dim < 0:
             raise ConfigError("unet.context_tokens must be >= 1 and unet.context_dim >= 0")
+        attended = {*self.attention_levels, *self.cross_attention_levels}
+        if self.mid_attention or self.mid_cross_attention:
+            attended.add(len(self.channel_mults) - 1)
+        for level in sorted(attended):
+            channels = self.channel_mults[level] * self.base_channels
+            heads = attention_heads(channels, self.attention_head_channels)
+            if channels % heads:
+                raise ConfigError(
+                    f"unet.attention_head_channels={self.attention_head_channels} splits the {channels} channels of "
+                    f"attention level {level} into {heads} heads unevenly: use a head width that divides {channels}"
+                )
 
     @property
     def has_cross_attention(self) -> bool:
@@ -156,12 +167,17 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def attention_heads(channels: int, head_channels: int) -> int:
+    """The number of attention heads of ``channels`` channels at ``head_channels`` per head (at least one)."""
+    return max(1, channels // head_channels)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the pixels with ``scaled_dot_product_attention``."""
 
     def __init__(self, channels: int, groups: int, head_channels: int) -> None:
         super().__init__()
-        self.heads = max(1, channels // head_channels)
+        self.heads = attention_heads(channels, head_channels)
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, channels * 3, 1)
         self.out = nn.Conv2d(channels, channels, 1)
@@ -182,7 +198,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, channels: int, context_dim: int, groups: int, head_channels: int) -> None:
         super().__init__()
-        self.heads = max(1, channels // head_channels)
+        self.heads = attention_heads(channels, head_channels)
         self.norm = nn.GroupNorm(groups, channels)
         self.context_norm = nn.LayerNorm(context_dim)
         self.query = nn.Conv2d(channels, channels, 1)
