@@ -178,3 +178,5 @@ def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
     assert rows[2]["psnr_db"] > rows[0]["psnr_db"] + 1.5, rows  # 31.9 vs 28.8 dB here
     assert main(["invert", str(run_dir), "--order", "3"]) == 2
     assert "--order must be among 1, 2, got 3" in capsys.readouterr().err
+    assert main(["invert", str(run_dir), "--t-end", "100"]) == 2  # T = 100 here
+    assert "--t-end must be in [0, 99], got 100" in capsys.readouterr().err

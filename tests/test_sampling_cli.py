@@ -160,3 +160,6 @@ def test_sampling_commands_reject_bad_input(moons_run: Path, tmp_path: Path, cap
         "sample", "--sampler", "dpmpp-2m-sde", "--option", "eta=lots"
     )
     assert "option spacing takes a str" in refused("sample", "--sampler", "ddim", "--option", "spacing=3")
+    # zero steps or budgets are refused, not taken as the default or left to fail inside matplotlib
+    assert "--steps must be >= 1, got 0" in refused("sample", "--steps", "0")
+    assert "--nfe budgets and --n must be >= 1" in refused("compare-samplers", "--nfe", "0")

@@ -368,6 +368,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     from difflab.sampling.solvers import get_sampler
 
     image_run = read_run(args.run).get("recipe") in IMAGE_RECIPES
@@ -429,6 +431,8 @@ def cmd_compare_samplers(args: argparse.Namespace) -> int:
     target = experiment.load_target(args.run, args.device)
     names = [n.strip() for n in args.samplers.split(",") if n.strip()] if args.samplers else experiment.DEFAULT_COMPARED
     nfes = tuple(args.nfe) if args.nfe else experiment.DEFAULT_NFES
+    if min(nfes) < 1 or args.n < 1:
+        raise ConfigError(f"--nfe budgets and --n must be >= 1, got --nfe {' '.join(map(str, nfes))} --n {args.n}")
     print(f"[compare-samplers] {target.recipe} run {target.path}: {len(names)} samplers, NFE {list(nfes)}, n={args.n}")
     full_for = [n.strip() for n in args.full.split(",") if n.strip()] if args.full else None
     options = parse_options(args.option)

@@ -95,6 +95,8 @@ def invert_run(
     if config.unet.num_classes:
         raise ConfigError("inversion here uses an unconditional model; give a mnist-ddpm run")
     cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
+    if t_end is not None and not 0 <= t_end < schedule.num_timesteps:
+        raise ConfigError(f"--t-end must be in [0, {schedule.num_timesteps - 1}], got {t_end}")
     _, heldout = stages.load_image_data(config.data, config.seed)
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(heldout), generator=generator)[: min(n, len(heldout))]
