@@ -1203,11 +1203,13 @@ def build_report(contents: Any) -> Report:
         ),
     )
     if lookup(m, "inversion.steps"):
+        second_order = lookup(m, "inversion.order") == 2
         integrator = (
             " steps of the second-order Adams-Bashforth flow (the probability-flow ODE DDIM follows, eta = 0)"
-            if lookup(m, "inversion.order") == 2
+            if second_order
             else " deterministic DDIM steps (eta = 0)"
         )
+        method = "the same flow" if second_order else "DDIM"
         report.section(
             "Inversion-based translation",
             prose(
@@ -1216,8 +1218,8 @@ def build_report(contents: Any) -> Report:
                 "), invert both sides with ",
                 metric(m, "inversion.steps", 0),
                 f"{integrator} from t = 0 to t = {t_start}; a regressor of the same size as "
-                "the others maps the inverted RGB latent to the inverted IR latent, and DDIM with the IR model takes "
-                "its prediction back to t = 0 (the `inversion` scoring above). The DDIM round trip of the true test "
+                f"the others maps the inverted RGB latent to the inverted IR latent, and {method} with the IR model "
+                "takes its prediction back to t = 0 (the `inversion` scoring above). The round trip of the true test "
                 "IR latents under the IR model (invert, then sample) has latent MSE ",
                 metric(m, "inversion.round_trip_latent_mse", 5),
                 "; decoded, it scores PSNR ",
