@@ -18,7 +18,8 @@ import torch
 from difflab.data import mnist as mnist_module
 from difflab.data.mnist import MNIST_SPLITS, load_mnist, load_mnist_uint8
 from difflab.errors import CheckpointError, DataError, DifflabError
-from difflab.metrics import image_eval
+from difflab.metrics import image_eval, inception_fid
+from difflab.metrics.frechet import frechet_distance_of_features, psd_sqrt
 from difflab.metrics.image_eval import (
     MIN_TEST_ACCURACY,
     ImageEvaluator,
@@ -27,7 +28,7 @@ from difflab.metrics.image_eval import (
     gaussian_blur,
     load_or_train_reference,
 )
-from difflab.metrics.inception_fid import to_uint8_rgb
+from difflab.metrics.inception_fid import InceptionScorer, to_uint8_rgb
 from difflab.models.classifiers import ReferenceCNN
 from difflab.models.inception import InceptionV3FID, load_inception_v3, tf1_bilinear_resize
 
@@ -275,6 +276,24 @@ def test_inception_weights_load_from_a_local_file(random_inception, tmp_path, on
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_inception_v3(tmp_path / "junk.pth")
+
+
+def test_inception_scorer_takes_each_reference_square_root_once(random_inception, monkeypatch) -> None:
+    """With at least as many samples as feature dimensions, FID needs R^(1/2) of the reference covariance: computed
+    once per reference, the same number on every call. The network is replaced by 16-d features of the inputs."""
+    scorer = InceptionScorer(random_inception[1], echo=lambda _: None)
+    monkeypatch.setattr(scorer, "features_and_probs", lambda x: (x.double(), torch.softmax(x.double(), dim=1)))
+    roots: list[torch.Tensor] = []
+    monkeypatch.setattr(inception_fid, "psd_sqrt", lambda m: roots.append(m) or psd_sqrt(m))
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(500, 16, generator=generator)
+    samples = [torch.randn(100, 16, generator=generator) * 1.2 + 0.3 for _ in range(3)]
+    fids = [scorer.evaluate(x, reference, "gaussian")["fid_inception"] for x in samples]
+    assert len(roots) == 1
+    for fid, x in zip(fids, samples):
+        assert fid == pytest.approx(frechet_distance_of_features(x.double(), reference.double()), rel=1e-9)
+    scorer.evaluate(samples[0], reference[:400], "gaussian")  # another reference set: its own root
+    assert len(roots) == 2
 
 
 def test_evaluator_adds_inception_metrics(evaluator, random_inception, tmp_path, one_thread):

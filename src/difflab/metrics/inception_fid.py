@@ -24,7 +24,7 @@ import torch
 
 from difflab.data.images import to_unit
 from difflab.errors import CheckpointError
-from difflab.metrics.frechet import feature_statistics, inception_score, reference_fid
+from difflab.metrics.frechet import feature_statistics, inception_score, psd_sqrt, reference_fid
 from difflab.models.inception import load_inception_v3
 from difflab.progress import progress_bar
 from difflab.training import checkpoint as ckpt
@@ -77,6 +77,7 @@ class InceptionScorer:
         self.echo = echo
         self.weights_digest = ckpt.tensor_digest(self.model.state_dict())[:16]
         self._reference: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._reference_roots: dict[tuple[str, int], torch.Tensor] = {}  # psd_sqrt of each reference covariance
 
     @torch.inference_mode()
     def features_and_probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +120,14 @@ class InceptionScorer:
         """``fid_inception`` (vs the reference images) and ``inception_score_inception`` of samples in [-1, 1]."""
         features, probs = self.features_and_probs(samples)
         splits = min(IS_SPLITS, len(samples))
+        mean, cov = self.reference_statistics(reference, reference_name)
+        root = None
+        if len(features) >= features.shape[1]:  # reference_fid needs R^(1/2) there: one per reference, not per call
+            key = (reference_name, len(reference))
+            if key not in self._reference_roots:
+                self._reference_roots[key] = psd_sqrt(cov)
+            root = self._reference_roots[key]
         return {
-            "fid_inception": reference_fid(features, *self.reference_statistics(reference, reference_name)),
+            "fid_inception": reference_fid(features, mean, cov, root),
             "inception_score_inception": inception_score(probs, splits=splits),
         }
