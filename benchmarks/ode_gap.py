@@ -25,14 +25,24 @@ import torch
 
 from difflab.experiments.mnist import NullLabel, image_shape, load_run_model
 from difflab.metrics.image_eval import ImageEvaluator
-from difflab.sampling.common import timestep_list
+from difflab.sampling.common import randn, timestep_list
 from difflab.sampling.ddim import ddim_sample
 
 
 def hybrid_sample(
-    model, schedule, shape: tuple[int, ...], n: int, steps: int, eta_above: float, eta_below: float, tau: int, seed: int
+    model,
+    schedule,
+    shape: tuple[int, ...],
+    n: int,
+    steps: int,
+    eta_above: float,
+    eta_below: float,
+    tau: int,
+    seed: int,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """(n, *shape) samples of DDIM with ``eta_above`` at t > tau and ``eta_below`` at t <= tau, x_0 clipped.
+    """(n, *shape) samples of DDIM with ``eta_above`` at t > tau and ``eta_below`` at t <= tau, x_0 clipped, from
+    ``temperature * x_T``.
 
     Batches of 500 from one generator: each batch draws its x_T, then its noise step by step."""
     generator = torch.Generator().manual_seed(seed)
@@ -41,19 +51,12 @@ def hybrid_sample(
     parts = []
     for start in range(0, n, 500):
         batch = (min(500, n - start), *shape)
+        x_T = temperature * randn(batch, generator, "cpu")
         parts.append(
-            ddim_sample(model, schedule, batch, timesteps=timesteps, eta=etas, generator=generator, clip_x0=1.0)
+            ddim_sample(
+                model, schedule, batch, timesteps=timesteps, eta=etas, generator=generator, clip_x0=1.0, x_T=x_T
+            )
         )
-    return torch.cat(parts)
-
-
-def tempered_sample(model, schedule, shape: tuple[int, ...], n: int, steps: int, temperature: float, seed: int):
-    """(n, *shape) DDIM (eta = 0, x_0 clipped) samples from ``temperature * x_T``, the x_T of :func:`hybrid_sample`."""
-    generator = torch.Generator().manual_seed(seed)
-    parts = []
-    for start in range(0, n, 500):
-        x_T = temperature * torch.randn((min(500, n - start), *shape), generator=generator)
-        parts.append(ddim_sample(model, schedule, x_T.shape, steps=steps, x_T=x_T, clip_x0=1.0))
     return torch.cat(parts)
 
 
@@ -75,8 +78,10 @@ def main() -> None:
     evaluator = ImageEvaluator.for_mnist()
     shape = image_shape(config)
 
-    def hybrid(above: float, below: float, tau: int):
-        return lambda: hybrid_sample(model, schedule, shape, args.n, args.steps, above, below, tau, args.seed)
+    def hybrid(above: float, below: float, tau: int, temperature: float = 1.0):
+        return lambda: hybrid_sample(
+            model, schedule, shape, args.n, args.steps, above, below, tau, args.seed, temperature
+        )
 
     variants = [("DDIM (eta 0)", hybrid(0.0, 0.0, -1)), ("DDPM respaced (eta 1)", hybrid(1.0, 1.0, -1))]
     for tau in args.taus:
@@ -84,13 +89,7 @@ def main() -> None:
             (f"eta 1 above t = {tau}, 0 below", hybrid(1.0, 0.0, tau)),
             (f"eta 0 above t = {tau}, 1 below", hybrid(0.0, 1.0, tau)),
         ]
-    for temperature in args.temperatures:
-        variants.append(
-            (
-                f"DDIM from {temperature:g} x_T",
-                lambda s=temperature: tempered_sample(model, schedule, shape, args.n, args.steps, s, args.seed),
-            )
-        )
+    variants += [(f"DDIM from {s:g} x_T", hybrid(0.0, 0.0, -1, s)) for s in args.temperatures]
     rows = []
     for name, draw in variants:
         start = time.perf_counter()

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.runs import resolve_device
@@ -60,6 +61,15 @@ def round_trip_cases(
     ]
 
 
+def resolved_t_end(schedule: NoiseSchedule, t_end: int | None) -> int:
+    """``--t-end`` checked against the schedule, or its default (:func:`default_inversion_end`) when None."""
+    if t_end is None:
+        return default_inversion_end(schedule)
+    if not 0 <= t_end < schedule.num_timesteps:
+        raise ConfigError(f"--t-end must be in [0, {schedule.num_timesteps - 1}], got {t_end}")
+    return t_end
+
+
 def invert_run(
     run_dir: str | Path,
     steps: tuple[int, ...] = (10, 20, 50, 100),
@@ -73,15 +83,14 @@ def invert_run(
     orders: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
     """Invert ``n`` held-out images of the run's data to ``t_end`` (default: the last t with alpha_bar >= 1e-3)
-        and back with each number of DDIM ``steps``; writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``;
-        returns the results. ``fixed_point`` K > 0 adds, for every step count, the round trip whose inversion steps
-        are refined by K fixed-point iterations (:func:`~difflab.sampling.inversion.ddim_invert`); ``spacings`` lists
-        the timestep spacings to run (``uniform`` in t, or ``logsnr``; see
-        :func:`~difflab.sampling.inversion.round_trip_timesteps`); ``orders`` the integrators (1: DDIM, 2: the
+    and back with each number of DDIM ``steps``; writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``;
+    returns the results. ``fixed_point`` K > 0 adds, for every step count, the round trip whose inversion steps
+    are refined by K fixed-point iterations (:func:`~difflab.sampling.inversion.ddim_invert`); ``spacings`` lists
+    the timestep spacings to run (``uniform`` in t, or ``logsnr``; see
+    :func:`~difflab.sampling.inversion.round_trip_timesteps`); ``orders`` the integrators (1: DDIM, 2: the
     second-order Adams-Bashforth flow of :func:`~difflab.sampling.inversion.adams_bashforth_flow`, both directions,
-    same NFE). An ``rgb2ir`` run (with latent eps models) is
-        inverted in latent space instead, by
-        :func:`difflab.experiments.rgb2ir.invert_latent_run`."""
+    same NFE). An ``rgb2ir`` run (with latent eps models) is inverted in latent space instead, by
+    :func:`difflab.experiments.rgb2ir.invert_latent_run`."""
     from difflab.config import read_yaml
     from difflab.experiments.mnist import load_run_model
 
@@ -95,8 +104,7 @@ def invert_run(
     if config.unet.num_classes:
         raise ConfigError("inversion here uses an unconditional model; give a mnist-ddpm run")
     cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
-    if t_end is not None and not 0 <= t_end < schedule.num_timesteps:
-        raise ConfigError(f"--t-end must be in [0, {schedule.num_timesteps - 1}], got {t_end}")
+    t_end = resolved_t_end(schedule, t_end)
     _, heldout = stages.load_image_data(config.data, config.seed)
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(heldout), generator=generator)[: min(n, len(heldout))]
@@ -128,8 +136,6 @@ def invert_run(
             f"[invert] {label}: PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, "
             f"latent std {rows[-1]['latent_std']:.3f}, {seconds:.1f} s"
         )
-    if t_end is None:
-        t_end = default_inversion_end(schedule)
     result = {
         "t_end": t_end,
         "alpha_bar_t_end": float(schedule.alpha_bar[t_end]),

@@ -1370,8 +1370,8 @@ def invert_latent_run(
     inversion step; one set of rows per timestep spacing in ``spacings`` and integrator order in ``orders``.
     Writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``."""
     from difflab.config import config_from
-    from difflab.experiments.inversion import round_trip_cases
-    from difflab.sampling.inversion import ddim_round_trip, default_inversion_end
+    from difflab.experiments.inversion import resolved_t_end, round_trip_cases
+    from difflab.sampling.inversion import ddim_round_trip
 
     run_dir = Path(run_dir)
     resolved = resolve_device(device)
@@ -1385,9 +1385,7 @@ def invert_latent_run(
         raise ConfigError(f"{run_dir} has no complete rgb2ir latent cache to invert (finish the run first)")
     vae = load_run_autoencoder(config, run_dir, resolved)
     schedule = NoiseSchedule.from_config(config.schedule).to(resolved)
-    t_end = default_inversion_end(schedule) if t_end is None else t_end
-    if not 0 <= t_end < schedule.num_timesteps:
-        raise ConfigError(f"--t-end must be in [0, {schedule.num_timesteps - 1}], got {t_end}")
+    t_end = resolved_t_end(schedule, t_end)
     test = splits["test"]
     rows: list[dict[str, Any]] = []
     figure_rows: list[tuple[str, torch.Tensor]] = []
