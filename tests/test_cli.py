@@ -113,6 +113,7 @@ def test_a_run_folder_accepts_exactly_the_changes_a_resumed_training_accepts(tmp
 
     first = Recipe(run_dir=str(tmp_path / "r"))
     RunFolder.open(first.run_dir, "t", first)
+    (tmp_path / "r" / "checkpoints" / "vae.safetensors").write_bytes(b"trained")
     longer = replace(first, device="cpu", progress=False, vae=replace(first.vae, train=TrainConfig(steps=5000)))
     RunFolder.open(first.run_dir, "t", longer)  # more steps, another device, no bars: resumes
     assert "steps: 5000" in (tmp_path / "r" / "config.yaml").read_text()
@@ -122,6 +123,21 @@ def test_a_run_folder_accepts_exactly_the_changes_a_resumed_training_accepts(tmp
     ]:
         with pytest.raises(ConfigError, match=f"differs in: {key}\\)"):
             RunFolder.open(first.run_dir, "t", changed)
+
+
+def test_a_run_that_stopped_before_writing_anything_is_started_over_with_a_new_config(
+    tmp_path: Path, capsys
+) -> None:
+    """A mistyped data path fails after the folder opens; the corrected command must not be refused for it."""
+    run_dir = tmp_path / "r"
+    assert main(["run", "rgb2ir", f"run_dir={run_dir}", f"data.input={tmp_path / 'typo'}"]) == 2
+    assert "input folder" in capsys.readouterr().err
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+    assert main(["run", "rgb2ir", f"run_dir={run_dir}", f"data.input={tmp_path / 'typo2'}"]) == 2
+    captured = capsys.readouterr()
+    assert "held no results of its earlier config; starting it over" in captured.out
+    assert "different config" not in captured.err
+    assert "typo2" in (run_dir / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,9 @@ Layout::
 
 Re-running the same command resumes in the same folder; a folder made with a different config is
 refused (use another ``run_dir`` or ``--fresh``), except for the settings a resumed training may change
-(:data:`RESUMABLE_RUN_KEYS` at the top level, ``trainer.RESUMABLE_CHANGES`` in any training section).
+(:data:`RESUMABLE_RUN_KEYS` at the top level, ``trainer.RESUMABLE_CHANGES`` in any training section). A folder
+that holds nothing but its ``config.yaml`` and ``run.json`` (a run that stopped before writing anything, say at a
+mistyped data path) is started over with the new config instead of refused.
 
 In a data-parallel run (torchrun) every rank gets a :class:`RunFolder`, but only rank 0's writes
 (``main``): it creates the folder while the others wait, and alone writes ``run.json``, metrics and reports.
@@ -117,6 +119,14 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def _holds_results(path: Path) -> bool:
+    """Whether the run folder ``path`` holds any file besides its ``config.yaml`` and ``run.json``."""
+    return any(
+        item.is_file() and item.relative_to(path).as_posix() not in ("config.yaml", "run.json")
+        for item in path.rglob("*")
+    )
+
+
 @dataclass
 class RunFolder:
     """A run folder being written (see the module docstring)."""
@@ -164,7 +174,11 @@ class RunFolder:
                 for k in config_differences(old, new)
                 if k.split(".")[0] not in ignore_keys and not resumable_difference(config, k)
             ]
-            if differences:
+            if differences and not _holds_results(path):
+                # Nothing trained or written yet (e.g. the last try stopped at a mistyped data path): start over.
+                print(f"[{recipe}] {path} held no results of its earlier config; starting it over with this one")
+                shutil.rmtree(path)
+            elif differences:
                 shown = ", ".join(differences[:6]) + (" ..." if len(differences) > 6 else "")
                 raise ConfigError(
                     f"{path} holds a run with a different config (differs in: {shown}); "
