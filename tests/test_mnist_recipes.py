@@ -101,6 +101,8 @@ def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
     assert "samples" in capsys.readouterr().out
     assert main(["sample", str(cfg_run), "--digit", "12"]) == 2
     assert "--digit must be between 0 and 9" in capsys.readouterr().err
+    assert main(["sample", str(cfg_run), "--guidance", "2", "--n", "4"]) == 2  # no class to steer towards
+    assert "--guidance 2 steers samples towards a class: give --digit" in capsys.readouterr().err
     # registry samplers take their options (here the Karras ladder and half the SDE's noise) by --option / --eta
     command = ["sample", str(cfg_run), "--digit", "3", "--n", "4", "--sampler", "dpmpp-2m-sde", "--steps", "5"]
     assert main([*command, "--eta", "0.5", "--option", "spacing=karras"]) == 0

@@ -74,6 +74,8 @@ def test_sample_command_writes_samples_and_scores(moons_run: Path, capsys) -> No
     default = torch.load(moons_run / "samples" / "dpmpp-3m-sde-10steps-seed0.pt", weights_only=True)
     assert not torch.allclose(tuned, default)
     assert target.metrics["nll_course"](tuned) < noise_score(moons_run) - 1.0
+    assert main(["sample", str(moons_run), "--guidance", "3", "--n", "4"]) == 2  # 2-D sampling takes no guidance
+    assert "--guidance needs a class-conditional image run" in capsys.readouterr().err
 
 
 def test_compare_samplers_writes_table_json_and_plot(moons_run: Path, capsys) -> None:

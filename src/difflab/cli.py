@@ -405,6 +405,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 0
     if args.digit is not None:
         raise ConfigError("--digit needs a class-conditional image run (mnist-cfg)")
+    if args.guidance != 1.0:
+        raise ConfigError("--guidance needs a class-conditional image run (mnist-cfg) and --digit")
     if args.precision != "fp32":
         raise ConfigError("--precision applies to image runs (mnist-ddpm, mnist-cfg); 2-D runs sample in fp32")
     from difflab.experiments.samplers import sample_run

@@ -790,6 +790,11 @@ def sample_from_run(
     config, model, schedule = load_run_model(run_dir, resolved, precision)
     classes = config.unet.num_classes
     labels = None
+    if digit is None and guidance != 1.0:
+        raise ConfigError(
+            f"--guidance {guidance:g} steers samples towards a class: give --digit (on a class-conditional "
+            "mnist-cfg run)"
+        )
     if digit is not None:
         if not classes:
             raise ConfigError(f"{run_dir} holds an unconditional model: --digit needs a mnist-cfg run")
