@@ -25,7 +25,6 @@ In a data-parallel run (torchrun) every rank gets a :class:`RunFolder`, but only
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -43,7 +42,7 @@ from difflab.config import dump_yaml, to_dict
 from difflab.errors import ConfigError, DifflabError
 from difflab.report.markdown import environment
 from difflab.training import distributed
-from difflab.training.checkpoint import atomic_write_bytes
+from difflab.training.checkpoint import atomic_write_bytes, tensor_digest
 from difflab.training.trainer import RESUMABLE_CHANGES, TrainConfig
 
 FINAL_OUTPUTS = (
@@ -240,22 +239,18 @@ class RunFolder:
         and this says so, so the model is retrained instead of silently reused. Returns True when it removed any."""
         if not self.main:  # rank 0 alone owns the checkpoints
             return False
-        digest = hashlib.sha256()
-        for tensor in inputs:
-            flat = tensor.detach().to("cpu", torch.float32).contiguous()
-            digest.update(str(tuple(flat.shape)).encode())
-            digest.update(flat.numpy().tobytes())
+        digest = tensor_digest({f"{k:04d}": t.detach().to("cpu", torch.float32) for k, t in enumerate(inputs)})
         marker = self.sub("checkpoints", f"{name}.inputs")
         state, weights = self.sub("checkpoints", name), self.sub("checkpoints", f"{name}.safetensors")
         saved = marker.read_text().strip() if marker.is_file() else None
         trained = state.exists() or weights.exists()
-        removed = trained and saved != digest.hexdigest()
+        removed = trained and saved != digest
         if removed:
             echo(f"[{self.recipe}] {name} was trained on other inputs (data, autoencoder or settings): retraining it")
             shutil.rmtree(state, ignore_errors=True)
             for path in (weights, weights.with_suffix(".json")):
                 path.unlink(missing_ok=True)
-        atomic_write_bytes(marker, (digest.hexdigest() + "\n").encode())
+        atomic_write_bytes(marker, (digest + "\n").encode())
         return removed
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
