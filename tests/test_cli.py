@@ -125,9 +125,7 @@ def test_a_run_folder_accepts_exactly_the_changes_a_resumed_training_accepts(tmp
             RunFolder.open(first.run_dir, "t", changed)
 
 
-def test_a_run_that_stopped_before_writing_anything_is_started_over_with_a_new_config(
-    tmp_path: Path, capsys
-) -> None:
+def test_a_run_that_stopped_before_writing_anything_is_started_over_with_a_new_config(tmp_path: Path, capsys) -> None:
     """A mistyped data path fails after the folder opens; the corrected command must not be refused for it."""
     run_dir = tmp_path / "r"
     assert main(["run", "rgb2ir", f"run_dir={run_dir}", f"data.input={tmp_path / 'typo'}"]) == 2
