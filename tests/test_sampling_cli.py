@@ -75,7 +75,7 @@ def test_sample_command_writes_samples_and_scores(moons_run: Path, capsys) -> No
     assert not torch.allclose(tuned, default)
     assert target.metrics["nll_course"](tuned) < noise_score(moons_run) - 1.0
     assert main(["sample", str(moons_run), "--guidance", "3", "--n", "4"]) == 2  # 2-D sampling takes no guidance
-    assert "--guidance needs a class-conditional image run" in capsys.readouterr().err
+    assert "--digit and --guidance steer class-conditional image runs" in capsys.readouterr().err
 
 
 def test_compare_samplers_writes_table_json_and_plot(moons_run: Path, capsys) -> None:

@@ -1131,7 +1131,7 @@ def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.devic
     Quality is FID of the *decoded* samples by the built-in evaluator (MNIST only). The likelihood integrates the
     unclipped (null-label) model on held-out latents: bits per latent dimension of a continuous density, no
     dequantisation."""
-    from difflab.experiments.mnist import BalancedGuidance, NullLabel
+    from difflab.experiments.mnist import BalancedGuidance, NullLabel, class_index
     from difflab.experiments.samplers import SamplingTarget
     from difflab.sampling.wrappers import DiffusionModel
 
@@ -1182,6 +1182,11 @@ def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.devic
             "x_0 unclipped, bits per latent dimension",
         }
 
+    def conditioned(label: int | str | None, w: float | None) -> DiffusionModel:
+        digit = None if label is None else class_index(config.data, label, classes)
+        steered = BalancedGuidance(network, classes, config.guidance.w if w is None else w, digit)
+        return DiffusionModel(stages.EpsPart(steered), schedule, "eps", clip_x0=bound)
+
     guidance = f", guidance w = {config.guidance.w:g} (labels 0-9 in turn)" if classes else ""
     clipping = f"x_0 predictions clipped to [-{bound:.2f}, {bound:.2f}]" if bound else "x_0 predictions not clipped"
     return SamplingTarget(
@@ -1199,6 +1204,7 @@ def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.devic
         references_at=references_at,
         decode=decode,
         variational_bound=variational_bound,
+        conditioned=conditioned if classes else None,
         description=f"{variant.name}: {describe(variant.unet, latent_shape[1])}{guidance}; {clipping}; "
         f"samples decoded by {vae.description}",
     )

@@ -891,16 +891,19 @@ BIN_WIDTHS = {"mnist": 2.0 / 256.0, "digits": 2.0 / 16.0, "imagefolder": 2.0 / 2
 
 class BalancedGuidance(torch.nn.Module):
     """An unconditional view of a class-conditional U-Net for the sampler comparison: a batch of B samples gets
-    the labels ``arange(B) % K`` (every digit equally often) combined by classifier-free guidance at ``w``."""
+    the labels ``arange(B) % K`` (every digit equally often), or all the label ``digit`` when one is given,
+    combined by classifier-free guidance at ``w``."""
 
-    def __init__(self, network: torch.nn.Module, num_classes: int, w: float) -> None:
+    def __init__(self, network: torch.nn.Module, num_classes: int, w: float, digit: int | None = None) -> None:
         super().__init__()
         from difflab.sampling.guidance import ClassifierFreeGuidance
 
-        self.network, self.num_classes = network, num_classes
+        self.network, self.num_classes, self.digit = network, num_classes, digit
         self.guided = ClassifierFreeGuidance(network, 0, null_label=num_classes, w=w)
 
     def labels_for(self, batch: int, device: torch.device) -> torch.Tensor:
+        if self.digit is not None:
+            return torch.full((batch,), self.digit, device=device, dtype=torch.long)
         return torch.arange(batch, device=device) % self.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,10 @@ class SamplingTarget:
     # The variational bound of held-out points (N, ...) -> a record with ``bits_per_dim``, reported by
     # ``difflab likelihood`` beside the exact likelihood of the same points (diffusion models with a VLB).
     variational_bound: Callable[[torch.Tensor], dict[str, Any]] | None = None
+    # Class-conditional runs that ``difflab sample --digit/--guidance`` can steer: ``conditioned(label, w)`` is the
+    # model that samples class ``label`` (an index, or an image folder's class name; None: every class in turn)
+    # at guidance ``w`` (None: the run's own).
+    conditioned: Callable[[int | str | None, float | None], DiffusionModel] | None = None
 
     def score(self, samples: torch.Tensor) -> dict[str, float]:
         return {name: float(metric(samples)) for name, metric in self.metrics.items()}
@@ -211,21 +215,35 @@ def sample_run(
     device: str = "auto",
     options: dict[str, Any] | None = None,
     show_progress: bool = False,
+    digit: int | str | None = None,
+    guidance: float | None = None,
 ) -> dict[str, Any]:
     """``difflab sample``: draw, save ``.pt`` + scatter PNG (RUN/samples/ or ``out``), score; returns the record.
 
     ``options`` go to the sampler's function (e.g. ``{"eta": 1.0}`` for ``ddim``) and into the file name.
-    The ``.pt`` holds the samples tensor, or for a latent target ``{"latents": ..., "images": decoded}``."""
+    The ``.pt`` holds the samples tensor, or for a latent target ``{"latents": ..., "images": decoded}``.
+    ``digit`` / ``guidance`` steer a class-conditional run (:attr:`SamplingTarget.conditioned`); samples of one
+    class are not scored (the metrics compare with data of every class)."""
     target = load_target(run_dir, device)
+    steer = {"digit": digit, "w": guidance}
+    steer = {key: value for key, value in steer.items() if value is not None}
+    if steer:
+        if target.conditioned is None:
+            raise ConfigError(
+                f"{target.path} is a {target.recipe} run: --digit and --guidance steer class-conditional image runs "
+                "(mnist-cfg, a conditional mnist-ldm)"
+            )
+        model = target.conditioned(digit, guidance)
+        target = replace(target, model=model, metrics={} if digit is not None else target.metrics)
     samples, info = draw_samples(target, sampler, steps, n, seed, options, show_progress=show_progress)
-    stem = f"{sampler}{option_tags(options)}-{steps}steps-seed{seed}"
+    stem = f"{sampler}{option_tags({**steer, **(options or {})})}-{steps}steps-seed{seed}"
     pt_path = Path(out) if out else target.path / "samples" / f"{stem}.pt"
     pt_path.parent.mkdir(parents=True, exist_ok=True)
     if target.decode is None:
         torch.save(samples, pt_path)
     else:
         torch.save({"latents": samples, "images": target.decode(samples)}, pt_path)
-    record: dict[str, Any] = {**info, **(options or {}), "n": n, "seed": seed, "samples": str(pt_path)}
+    record: dict[str, Any] = {**info, **steer, **(options or {}), "n": n, "seed": seed, "samples": str(pt_path)}
     record.update(target.score(samples))
     if target.plot is not None:
         title = f"{sampler}, {steps} steps ({info['nfe']} NFE), n = {n}"
