@@ -221,3 +221,13 @@ def test_module_entry_point_and_help() -> None:
         [sys.executable, "-m", "difflab", "config", "moons"], capture_output=True, text=True, check=True
     )
     assert "recipe: moons" in result.stdout
+
+
+def test_an_os_error_names_the_file_asked_for_not_the_atomic_writers_temporary(tmp_path: Path) -> None:
+    import errno
+
+    from difflab.cli import os_error_message
+
+    hidden = OSError(errno.ENOENT, "No such file or directory", str(tmp_path / "gone" / ".x.png.tmp-123"))
+    assert os_error_message(hidden) == f"No such file or directory: {tmp_path / 'gone' / 'x.png'}"
+    assert os_error_message(OSError("plain")) == "plain"

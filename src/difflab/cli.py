@@ -20,6 +20,8 @@ writes everything). Errors a user can cause are printed as one line on stderr wi
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -496,6 +498,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def os_error_message(exc: OSError) -> str:
+    """``exc`` in one line, naming the file the user asked for rather than an atomic writer's ``.NAME.tmp-PID``."""
+    if not exc.filename or not exc.strerror:
+        return str(exc)
+    path = Path(os.fsdecode(exc.filename))
+    match = re.fullmatch(r"\.(.+)\.tmp-\d+", path.name)
+    return f"{exc.strerror}: {path.with_name(match.group(1)) if match else path}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may follow a flag (`difflab run mnist-ldm --table seed=1`): argparse leaves them over as extras.
@@ -526,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"difflab: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the machine's doing (a full disk, a permission), not a bug: one line too
-        print(f"difflab: error: {exc}", file=sys.stderr)
+        print(f"difflab: error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)
