@@ -27,7 +27,7 @@ STATES_TINY = [
 ]  # fmt: skip
 
 
-def test_states_ncsn_learns_the_outlines(tmp_path: Path) -> None:
+def test_states_ncsn_learns_the_outlines(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "states"
     assert main(["run", "states-ncsn", f"run_dir={run_dir}", *STATES_TINY]) == 0
     for name in [
@@ -55,6 +55,26 @@ def test_states_ncsn_learns_the_outlines(tmp_path: Path) -> None:
     assert min(metrics["samples"]["class_share"].values()) > 0.05  # every outline reached
     assert metrics["targets"][0]["target"].startswith("STATES nll_course <= 2.3")
     assert "The learned score field" in (run_dir / "report.md").read_text()
+    # `difflab sample` on the run: the recipe's own seed and settings give back its samples exactly; another
+    # seed gives other chains, on the outlines too.
+    assert main(["sample", str(run_dir), "--n", "600", "--seed", "1234"]) == 0
+    again = torch.load(run_dir / "samples" / "langevin-c0.2-T30-n600-seed1234.pt", weights_only=True)
+    assert torch.equal(again, torch.load(run_dir / "samples" / "samples.pt", weights_only=True))
+    out = run_dir / "more" / "fine.pt"
+    command = ["sample", str(run_dir), "--n", "600", "--steps", "40", "--option", "c=0.1", "--out", str(out)]
+    assert main(command) == 0
+    assert "c = 0.1, 40 steps per level, 401 network evaluations per sample" in capsys.readouterr().out
+    other = torch.load(out, weights_only=True)
+    assert other.shape == (600, 2) and not torch.allclose(other, again) and out.with_suffix(".png").is_file()
+    assert kde.nll(other) < kde.nll(start) - 2
+    for bad, message in [
+        (["--sampler", "ddim"], "samples by annealed Langevin dynamics"),
+        (["--eta", "1"], "--eta do not apply"),
+        (["--option", "c=0"], "c > 0"),
+        (["--option", "spacing=karras"], "the one option c=C"),
+    ]:
+        assert main(["sample", str(run_dir), "--n", "4", *bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 ROLL_TINY = [
@@ -107,6 +127,16 @@ def test_mnist_ncsn_recipe_on_digits(tmp_path: Path) -> None:
     assert samples.shape == (24, 1, 8, 8) and samples.abs().max() <= 1
     report = (run_dir / "report.md").read_text()
     assert "the comparison is missing" in report and "IS 1.99 and FID 139.9" in report
+    # `difflab sample` on the run: the recipe's seed, count and settings give back its final samples
+    assert main(["sample", str(run_dir), "--n", "24", "--seed", "4321"]) == 0  # evaluation.seed
+    again = torch.load(run_dir / "samples" / "langevin-c0.2-T4-n24-seed4321.pt", weights_only=True)
+    assert torch.equal(again["images"], samples)
+    assert (run_dir / "samples" / "langevin-c0.2-T4-n24-seed4321.png").is_file()
+    # a run whose sweep chose the cell (an evaluator on MNIST): sampling defaults to that cell, not the config's
+    metrics["best"] = {"c": 0.1, "steps_per_level": 2, "chosen_by": "lowest sweep FID"}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["sample", str(run_dir), "--n", "2"]) == 0
+    assert (run_dir / "samples" / "langevin-c0.1-T2-n2-seed0.pt").is_file()
 
 
 class FakeEvaluator:

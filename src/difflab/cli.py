@@ -122,9 +122,16 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
     sample.add_argument(
         "--sampler",
         default=None,
-        help=f"one of {', '.join(SAMPLERS)} (default: dpmpp-2m for 2-D runs, ddim for image runs)",
+        help=f"one of {', '.join(SAMPLERS)} (default: dpmpp-2m for 2-D runs, ddim for image runs); NCSN runs "
+        "(mnist-ncsn, states-ncsn, swissroll-ncsn) sample by annealed Langevin dynamics (langevin, their only one)",
     )
-    sample.add_argument("--steps", type=int, default=None, help="sampler steps (default 20 for 2-D, 50 for images)")
+    sample.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampler steps (default 20 for 2-D, 50 for images); for NCSN runs the Langevin steps per noise level "
+        "(default: the run's langevin.steps_per_level)",
+    )
     sample.add_argument(
         "--eta",
         type=float,
@@ -137,7 +144,8 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a keyword option of the sampler's function, e.g. spacing=karras or eta=0.5 (repeatable)",
+        help="a keyword option of the sampler's function, e.g. spacing=karras or eta=0.5 (repeatable); for NCSN "
+        "runs c=C, the Langevin step size alpha_i = C sigma_i^2 (default: the run's langevin.c)",
     )
     sample.add_argument("--n", type=int, default=None, help="number of samples (default 5000 for 2-D, 16 for images)")
     sample.add_argument(
@@ -365,6 +373,42 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def cmd_sample_score(args: argparse.Namespace) -> int:
+    """``difflab sample`` on an NCSN run: annealed Langevin dynamics with the run's settings, ``--steps`` steps per
+    level and ``--option c=C`` overriding them."""
+    from difflab.experiments.score_runs import sample_score_run as sample
+
+    if args.sampler not in (None, "langevin"):
+        raise ConfigError(f"{args.run} is a score-based run: it samples by annealed Langevin dynamics (langevin)")
+    refused = [
+        flag
+        for flag, given in [
+            ("--eta", args.eta is not None),
+            ("--digit", args.digit is not None),
+            ("--guidance", args.guidance is not None),
+            ("--precision", args.precision != "fp32"),
+        ]
+        if given
+    ]
+    if refused:
+        raise ConfigError(f"{' and '.join(refused)} do not apply to annealed Langevin sampling of a score-based run")
+    options = parse_options(args.option)
+    unknown = sorted(set(options) - {"c"})
+    if unknown or not isinstance(options.get("c", 1.0), int | float) or isinstance(options.get("c"), bool):
+        raise ConfigError(f"annealed Langevin takes the one option c=C (a number > 0), got {args.option}")
+    record = sample(
+        args.run, args.n, args.seed, args.steps, options.get("c"), args.out, args.device, show_progress=True
+    )
+    scores = "  ".join(f"{k} {record[k]:.3f}" for k in ("nll_course", "nll_reverse") if k in record)
+    print(
+        f"annealed Langevin: c = {record['c']:g}, {record['steps_per_level']} steps per level, "
+        f"{record['network_evaluations_per_sample']} network evaluations per sample, {record['seconds']:.1f} s"
+        + (f"  {scores}" if scores else "")
+    )
+    print(f"samples: {record['samples']}  figure: {record['figure']}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.experiments.runs import read_run
 
@@ -372,9 +416,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    from difflab.experiments.score_runs import SCORE_RECIPES
     from difflab.sampling.solvers import get_sampler
 
-    image_run = read_run(args.run).get("recipe") in IMAGE_RECIPES
+    recipe = read_run(args.run).get("recipe")
+    if recipe in SCORE_RECIPES:
+        return cmd_sample_score(args)
+    image_run = recipe in IMAGE_RECIPES
     sampler = args.sampler or ("ddim" if image_run else "dpmpp-2m")
     spec = get_sampler(sampler)
     extra = parse_options(args.option)
