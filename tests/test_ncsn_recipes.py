@@ -167,3 +167,26 @@ def test_comparison_with_a_ddpm_run_and_the_targets(tmp_path: Path) -> None:
     ]
     assert best_cell(sweep, LangevinConfig())["c"] == 0.2
     assert best_cell([{"c": 0.1, "steps_per_level": 75, "n": 8}], LangevinConfig(c=0.05))["c"] == 0.05
+
+
+def test_evaluate_scores_the_samples_of_an_mnist_ncsn_run(tmp_path: Path, capsys) -> None:
+    """`difflab evaluate` reads any MNIST image run's sample files, not only mnist-ddpm / mnist-cfg ones."""
+    from difflab.data.mnist import load_mnist
+    from difflab.experiments.ncsn import MnistNCSNConfig
+    from difflab.experiments.runs import RunFolder
+
+    run_dir = tmp_path / "ncsn"
+    RunFolder.open(run_dir, "mnist-ncsn", MnistNCSNConfig(run_dir=str(run_dir))).complete()
+    digits = load_mnist("val").images[:200]
+    torch.save({"images": digits}, run_dir / "samples" / "langevin.pt")
+    noise = torch.rand(200, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.save({"images": noise}, run_dir / "samples" / "noise.pt")
+    assert main(["evaluate", str(run_dir)]) == 0
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    scores = evaluation["samples"]
+    assert scores["langevin.pt"]["n"] == 200 and scores["langevin.pt"]["fid"] < scores["noise.pt"]["fid"] / 5
+    assert "(calibration) real held-out" in capsys.readouterr().out
+    states = tmp_path / "states"
+    RunFolder.open(states, "states", {"recipe": "states"}).complete()
+    assert main(["evaluate", str(states)]) == 2
+    assert "difflab evaluate scores mnist-ddpm, mnist-cfg, mnist-ncsn, mnist-ldm runs" in capsys.readouterr().err

@@ -39,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. denoiser_train.steps=2000 device=cpu")
     run.add_argument("--config", help="a YAML file whose values replace the recipe's defaults")
     run.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
-    evaluate = commands.add_parser("evaluate", help="score an image run's samples with the built-in evaluator")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score an image run's samples (mnist-ddpm, mnist-cfg, mnist-ncsn, mnist-ldm) with the built-in evaluator",
+    )
     evaluate.add_argument("run_dir")
     evaluate.add_argument(
         "--inception-weights",

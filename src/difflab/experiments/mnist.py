@@ -842,20 +842,30 @@ def _image_size(config: Any) -> int:
     return config.data.size
 
 
+# Image recipes whose samples (``samples/*.pt`` with ``images``) ``difflab evaluate`` scores.
+EVALUATED_RECIPES = ("mnist-ddpm", "mnist-cfg", "mnist-ncsn", "mnist-ldm")
+
+
 def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str = "auto", echo=print) -> dict[str, Any]:
-    """``difflab evaluate RUN``: score every sample file of an image run (``samples/*.pt`` holding
-    ``images`` and optionally ``labels``) with the built-in evaluator, with calibration rows at each sample
-    count; writes ``RUN/evaluation.json`` and returns its content."""
+    """``difflab evaluate RUN``: score every sample file of an image run (:data:`EVALUATED_RECIPES`;
+    ``samples/*.pt`` holding ``images`` and optionally ``labels``) with the built-in evaluator, with calibration
+    rows at each sample count; writes ``RUN/evaluation.json`` and returns its content."""
     import json
 
+    from difflab.experiments import recipes
+    from difflab.experiments.runs import read_run
+
     run_dir = Path(run_dir)
+    recipe = read_run(run_dir).get("recipe")
+    if recipe not in EVALUATED_RECIPES:
+        raise ConfigError(f"{run_dir} is a {recipe!r} run; difflab evaluate scores {', '.join(EVALUATED_RECIPES)} runs")
+    config = config_from(recipes()[recipe].config_class(), run_dir / "config.yaml")
     resolved = resolve_device(device)
-    config, _, _ = load_run_model(run_dir, "cpu")
     evaluator = stages.evaluator_for(
         config.data,
         resolved,
         echo,
-        inception_weights or config.metrics.inception_weights,
+        inception_weights or getattr(getattr(config, "metrics", None), "inception_weights", ""),
         lambda: stages.load_image_data(config.data, config.seed),
     )
     if evaluator is None:
