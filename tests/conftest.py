@@ -33,3 +33,19 @@ class FixedEps(torch.nn.Module):
 @pytest.fixture
 def fixed_eps() -> FixedEps:
     return FixedEps()
+
+
+@pytest.fixture
+def unet_labels():
+    """The class labels every ``UNet`` forward call gets while the test runs (a list of (B,) tensors)."""
+    from difflab.models.unet import UNet
+
+    seen: list[torch.Tensor] = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, UNet):
+            seen.append(args[2].clone())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    yield seen
+    hook.remove()

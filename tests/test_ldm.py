@@ -254,7 +254,7 @@ def test_the_respaced_target_prints_the_ratios_sampling_noise_and_says_when_n_ca
     assert large["met"] and "cannot tell" not in large["target"] and large["noise"] < 0.06
 
 
-def test_sampling_commands_load_a_latent_run_and_reproduce_its_samples(ldm_run: Path, capsys) -> None:
+def test_sampling_commands_load_a_latent_run_and_reproduce_its_samples(ldm_run: Path, capsys, unet_labels) -> None:
     # compare-samplers / sample / likelihood see the run's latent model through its loader: the same weights,
     # guidance (digits in turn, w = 2), x_0 bound and decoder reproduce the recipe's own DDIM-5 samples.
     from difflab.config import config_from
@@ -290,19 +290,9 @@ def test_sampling_commands_load_a_latent_run_and_reproduce_its_samples(ldm_run: 
     assert saved["images"].abs().max() <= 1 and out.with_suffix(".png").is_file()
     # --digit / --guidance steer the conditional latent model: the label reaches every network call, the null
     # label only the unconditional half of guidance; the file name and the record say what was asked for.
-    from difflab.models.unet import UNet
-
-    seen: list[torch.Tensor] = []
-
-    def record_labels(module: torch.nn.Module, args: tuple) -> None:
-        if isinstance(module, UNet):
-            seen.append(args[2].clone())
-
-    hook = torch.nn.modules.module.register_module_forward_pre_hook(record_labels)
-    try:
-        assert main(["sample", str(ldm_run), "--digit", "3", "--guidance", "4", "--steps", "3", "--n", "5"]) == 0
-    finally:
-        hook.remove()
+    unet_labels.clear()
+    assert main(["sample", str(ldm_run), "--digit", "3", "--guidance", "4", "--steps", "3", "--n", "5"]) == 0
+    seen = unet_labels
     assert "dpmpp-2m: 3 steps" in capsys.readouterr().out
     steered = torch.load(ldm_run / "samples" / "dpmpp-2m-digit3-w4-3steps-seed0.pt", weights_only=True)
     assert steered["images"].shape == (5, 1, 8, 8)

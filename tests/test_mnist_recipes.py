@@ -124,6 +124,18 @@ def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
     assert "precision must be one of fp32, bf16, got 'fp16'" in capsys.readouterr().err
 
 
+def test_a_class_conditional_run_is_inverted_with_each_images_own_label(cfg_run: Path, unet_labels) -> None:
+    assert main(["invert", str(cfg_run), "--steps", "4", "40", "--n", "16"]) == 0
+    seen = unet_labels
+    result = json.loads((cfg_run / "inversion.json").read_text())
+    assert result["model"] == "class-conditional, each image's own label (w = 1)"
+    coarse, fine = result["rows"]
+    assert fine["psnr_db"] > coarse["psnr_db"] + 3  # the round trip converges with the steps
+    assert len(seen) == 2 * (4 + 40) and all(torch.equal(labels, seen[0]) for labels in seen)
+    assert len(set(seen[0].tolist())) > 3  # the held-out images' own labels, not one class or the null label
+    assert 10 not in seen[0].tolist()
+
+
 def test_ddpm_recipe_on_digits(tmp_path: Path) -> None:
     run_dir = tmp_path / "ddpm"
     assert (

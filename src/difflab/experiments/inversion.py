@@ -70,6 +70,18 @@ def resolved_t_end(schedule: NoiseSchedule, t_end: int | None) -> int:
     return t_end
 
 
+class WithLabels(torch.nn.Module):
+    """``network(x, t, labels)`` with fixed ``labels`` (B,): a class-conditional model as the ``model(x, t)`` the
+    inversion integrates, for a batch of exactly those B images."""
+
+    def __init__(self, network: torch.nn.Module, labels: torch.Tensor) -> None:
+        super().__init__()
+        self.network, self.labels = network, labels
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.network(x, t, self.labels)
+
+
 def invert_run(
     run_dir: str | Path,
     steps: tuple[int, ...] = (10, 20, 50, 100),
@@ -89,7 +101,8 @@ def invert_run(
     the timestep spacings to run (``uniform`` in t, or ``logsnr``; see
     :func:`~difflab.sampling.inversion.round_trip_timesteps`); ``orders`` the integrators (1: DDIM, 2: the
     second-order Adams-Bashforth flow of :func:`~difflab.sampling.inversion.adams_bashforth_flow`, both directions,
-    same NFE). An ``rgb2ir`` run (with latent eps models) is inverted in latent space instead, by
+    same NFE). A class-conditional (``mnist-cfg``) model is conditioned on each image's own label (w = 1). An
+    ``rgb2ir`` run (with latent eps models) is inverted in latent space instead, by
     :func:`difflab.experiments.rgb2ir.invert_latent_run`."""
     from difflab.config import read_yaml
     from difflab.experiments.mnist import load_run_model
@@ -101,14 +114,14 @@ def invert_run(
         return invert_latent_run(run_dir, steps, n, t_end, device, echo, fixed_point, spacings, orders)
     resolved = resolve_device(device)
     config, model, schedule = load_run_model(run_dir, resolved)
-    if config.unet.num_classes:
-        raise ConfigError("inversion here uses an unconditional model; give a mnist-ddpm run")
     cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
     t_end = resolved_t_end(schedule, t_end)
     _, heldout = stages.load_image_data(config.data, config.seed)
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(heldout), generator=generator)[: min(n, len(heldout))]
     x0 = heldout.images[index].to(resolved)
+    if config.unet.num_classes:  # a mnist-cfg model, conditioned on each image's own label (guidance w = 1)
+        model = WithLabels(model, heldout.labels[index].to(resolved))
     rows: list[dict[str, Any]] = []
     figure_rows = [("original", x0[:8].cpu())]
     for spacing, order, iterations, count, nfe, label in cases:
@@ -141,6 +154,7 @@ def invert_run(
         "alpha_bar_t_end": float(schedule.alpha_bar[t_end]),
         "rows": rows,
         "images": "held-out images of the run's data, pixel range [-1, 1] mapped to [0, 1] for PSNR/SSIM",
+        "model": "class-conditional, each image's own label (w = 1)" if config.unet.num_classes else "unconditional",
     }
     (run_dir / "inversion.json").write_text(json.dumps(result, indent=2) + "\n")
     image_rows_figure(
