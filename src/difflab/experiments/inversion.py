@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,58 @@ def resolved_t_end(schedule: NoiseSchedule, t_end: int | None) -> int:
     return t_end
 
 
+def round_trip_rows(
+    model: Any,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    cases: list[tuple[str, int, int, int, int, str]],
+    t_end: int,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    echo: Any = print,
+    name: str = "",
+    fields: dict[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[tuple[str, torch.Tensor]]]:
+    """Every round trip of ``cases`` (:func:`round_trip_cases`) of ``x0`` (N, ...) to ``t_end`` under the eps
+    ``model``: one row each (its settings, NFE, MSE of the round trip, PSNR / SSIM, std of the inverted x_t, wall
+    time) and the first 8 reconstructions for a figure, as ``(rows, [(label, images (8, C, H, W))])``.
+
+    ``x0`` are images in [-1, 1] (``mse``), or latents that ``decode`` maps to images (``latent_mse``; PSNR and
+    SSIM then compare the decoded round trip with the decoded original, the inversion's own error without the
+    autoencoder's). ``fields`` are added to every row; ``name`` starts each printed line."""
+    original = x0.cpu() if decode is None else decode(x0)
+    error = "mse" if decode is None else "latent_mse"
+    rows: list[dict[str, Any]] = []
+    figure_rows: list[tuple[str, torch.Tensor]] = []
+    for spacing, order, iterations, count, nfe, label in cases:
+        start = time.perf_counter()
+        with torch.no_grad():
+            latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations, spacing, order)
+            images = reconstruction.clamp(-1, 1).cpu() if decode is None else decode(reconstruction)
+        seconds = time.perf_counter() - start
+        row = {
+            **(fields or {}),
+            "spacing": spacing,
+            "order": order,
+            "steps": count,
+            "fixed_point_iterations": iterations,
+            "nfe": nfe,
+            "n": len(x0),
+            error: float(((reconstruction - x0) ** 2).mean()),
+            "psnr_db": psnr(images, original),
+            "ssim": ssim(images, original),
+            "latent_std": float(latent.std()),
+            "seconds": seconds,
+        }
+        rows.append(row)
+        figure_rows.append((label, images[:8]))
+        echo(
+            f"[invert] {name}{label}: {'latent ' if decode else ''}MSE {row[error]:.2e}, "
+            f"{'decoded ' if decode else ''}PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.4f}, "
+            f"latent std {row['latent_std']:.3f}, {seconds:.1f} s"
+        )
+    return rows, figure_rows
+
+
 class WithLabels(torch.nn.Module):
     """``network(x, t, labels)`` with fixed ``labels`` (B,): a class-conditional model as the ``model(x, t)`` the
     inversion integrates, for a batch of exactly those B images."""
@@ -122,33 +175,8 @@ def invert_run(
     x0 = heldout.images[index].to(resolved)
     if config.unet.num_classes:  # a mnist-cfg model, conditioned on each image's own label (guidance w = 1)
         model = WithLabels(model, heldout.labels[index].to(resolved))
-    rows: list[dict[str, Any]] = []
-    figure_rows = [("original", x0[:8].cpu())]
-    for spacing, order, iterations, count, nfe, label in cases:
-        start = time.perf_counter()
-        latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations, spacing, order)
-        seconds = time.perf_counter() - start
-        reconstruction = reconstruction.clamp(-1, 1)
-        rows.append(
-            {
-                "spacing": spacing,
-                "order": order,
-                "steps": count,
-                "fixed_point_iterations": iterations,
-                "nfe": nfe,
-                "n": len(x0),
-                "mse": float(((reconstruction - x0) ** 2).mean()),
-                "psnr_db": psnr(reconstruction, x0),
-                "ssim": ssim(reconstruction, x0),
-                "latent_std": float(latent.std()),
-                "seconds": seconds,
-            }
-        )
-        figure_rows.append((label, reconstruction[:8].cpu()))
-        echo(
-            f"[invert] {label}: PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, "
-            f"latent std {rows[-1]['latent_std']:.3f}, {seconds:.1f} s"
-        )
+    rows, figure_rows = round_trip_rows(model, schedule, x0, cases, t_end, echo=echo)
+    figure_rows.insert(0, ("original", x0[:8].cpu()))
     result = {
         "t_end": t_end,
         "alpha_bar_t_end": float(schedule.alpha_bar[t_end]),

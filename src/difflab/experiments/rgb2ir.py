@@ -1370,8 +1370,7 @@ def invert_latent_run(
     inversion step; one set of rows per timestep spacing in ``spacings`` and integrator order in ``orders``.
     Writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``."""
     from difflab.config import config_from
-    from difflab.experiments.inversion import resolved_t_end, round_trip_cases
-    from difflab.sampling.inversion import ddim_round_trip
+    from difflab.experiments.inversion import resolved_t_end, round_trip_cases, round_trip_rows
 
     run_dir = Path(run_dir)
     resolved = resolve_device(device)
@@ -1389,6 +1388,11 @@ def invert_latent_run(
     test = splits["test"]
     rows: list[dict[str, Any]] = []
     figure_rows: list[tuple[str, torch.Tensor]] = []
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return vae.decode(latents).float().clamp(-1, 1).cpu()
+
     for side in ("rgb", "ir"):
         path = run_dir / "checkpoints" / f"eps_{side}.safetensors"
         if not path.is_file():
@@ -1397,38 +1401,16 @@ def invert_latent_run(
         model = UNet(replace(config.inversion.unet, in_channels=x0.shape[1], out_channels=x0.shape[1]))
         ckpt.load_weights(model, path)
         model = model.to(resolved).eval()
-        with torch.no_grad():
-            original = vae.decode(x0).float().clamp(-1, 1).cpu()
-        if side == "ir":
-            figure_rows.append(("decoded IR latent", original[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
-        for spacing, order, iterations, count, nfe, label in cases:
-            start = time.perf_counter()
-            with torch.no_grad():
-                latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations, spacing, order)
-                decoded = vae.decode(reconstruction).float().clamp(-1, 1).cpu()
-            seconds = time.perf_counter() - start
-            rows.append(
-                {
-                    "side": side,
-                    "spacing": spacing,
-                    "order": order,
-                    "steps": count,
-                    "fixed_point_iterations": iterations,
-                    "nfe": nfe,
-                    "n": len(x0),
-                    "latent_mse": float(((reconstruction - x0) ** 2).mean()),
-                    "psnr_db": psnr(decoded, original),
-                    "ssim": ssim(decoded, original),
-                    "latent_std": float(latent.std()),
-                    "seconds": seconds,
-                }
-            )
-            if side == "ir":
-                figure_rows.append((label, decoded[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)))
-            echo(
-                f"[invert] {side.upper()} latents, {label}: latent MSE {rows[-1]['latent_mse']:.2e}, "
-                f"decoded PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, {seconds:.1f} s"
-            )
+        side_rows, side_figure = round_trip_rows(
+            model, schedule, x0, cases, t_end, decode, echo, f"{side.upper()} latents, ", {"side": side}
+        )
+        rows += side_rows
+        if side == "ir":  # the IR images decoded as gray
+            figure_rows += [
+                (label, images.mean(1, keepdim=True).expand(-1, 3, -1, -1)) for label, images in side_figure
+            ]
+            original = decode(x0[:8])
+            figure_rows.insert(0, ("decoded IR latent", original.mean(1, keepdim=True).expand(-1, 3, -1, -1)))
     result = {
         "t_end": t_end,
         "alpha_bar_t_end": float(schedule.alpha_bar[t_end]),
