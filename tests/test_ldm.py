@@ -314,3 +314,16 @@ def test_likelihood_of_a_latent_run_is_a_continuous_density_in_bits_per_latent_d
     assert bound["bits_per_dim"] > record["bits_per_dim"] - 0.2
     output = capsys.readouterr().out
     assert "bits/dim" in output and "variational bound" in output
+
+
+def test_invert_a_latent_run(ldm_run: Path, capsys, unet_labels) -> None:
+    """`difflab invert` on a mnist-ldm run: its held-out latents round-trip under the null-label latent model, closer
+    with more steps; PSNR / SSIM are of the decoded round trip against the decoded original latent."""
+    assert main(["invert", str(ldm_run), "--steps", "2", "10", "--n", "12", "--t-end", "15"]) == 0
+    assert "| latents | uniform | 1 | 10 |" in capsys.readouterr().out
+    result = json.loads((ldm_run / "inversion.json").read_text())
+    coarse, fine = result["rows"]
+    assert result["t_end"] == 15 and coarse["n"] == fine["n"] == 12 and fine["nfe"] == 20
+    assert fine["latent_mse"] < coarse["latent_mse"] / 2 and fine["psnr_db"] > coarse["psnr_db"]
+    assert all(set(labels.tolist()) == {10} for labels in unet_labels)  # the null label alone
+    assert (ldm_run / "figures" / "inversion.png").is_file()

@@ -60,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     invert = commands.add_parser(
         "invert", help="DDIM inversion round trips of real images (or latents) with a run's eps model"
     )
-    invert.add_argument("run_dir", help="a finished mnist-ddpm run, or an rgb2ir run with inversion.enabled=true")
+    invert.add_argument(
+        "run_dir",
+        help="a finished mnist-ddpm, mnist-cfg or mnist-ldm run, or an rgb2ir run with inversion.enabled=true",
+    )
     invert.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100], help="DDIM step counts")
     invert.add_argument("--n", type=int, default=64, help="held-out images to invert (default 64)")
     invert.add_argument(

@@ -123,6 +123,23 @@ def round_trip_rows(
     return rows, figure_rows
 
 
+def write_inversion(
+    run_dir: Path,
+    schedule: NoiseSchedule,
+    t_end: int,
+    rows: list[dict[str, Any]],
+    figure_rows: list[tuple[str, torch.Tensor]],
+    title: str,
+    **about: str,
+) -> dict[str, Any]:
+    """Write ``RUN/inversion.json`` (``t_end``, its alpha_bar, the rows, and ``about``: what the images and the model
+    are) and the figure ``RUN/figures/inversion.png`` of ``figure_rows``; returns the JSON's content."""
+    result = {"t_end": t_end, "alpha_bar_t_end": float(schedule.alpha_bar[t_end]), "rows": rows, **about}
+    (run_dir / "inversion.json").write_text(json.dumps(result, indent=2) + "\n")
+    image_rows_figure(figure_rows, run_dir / "figures" / "inversion.png", title)
+    return result
+
+
 class WithLabels(torch.nn.Module):
     """``network(x, t, labels)`` with fixed ``labels`` (B,): a class-conditional model as the ``model(x, t)`` the
     inversion integrates, for a batch of exactly those B images."""
@@ -156,15 +173,19 @@ def invert_run(
     second-order Adams-Bashforth flow of :func:`~difflab.sampling.inversion.adams_bashforth_flow`, both directions,
     same NFE). A class-conditional (``mnist-cfg``) model is conditioned on each image's own label (w = 1). An
     ``rgb2ir`` run (with latent eps models) is inverted in latent space instead, by
-    :func:`difflab.experiments.rgb2ir.invert_latent_run`."""
+    :func:`difflab.experiments.rgb2ir.invert_latent_run`, and a ``mnist-ldm`` run's held-out latents under its
+    latent model with the null label."""
     from difflab.config import read_yaml
     from difflab.experiments.mnist import load_run_model
 
     run_dir = Path(run_dir)
-    if (run_dir / "config.yaml").is_file() and read_yaml(run_dir / "config.yaml").get("recipe") == "rgb2ir":
+    recipe = read_yaml(run_dir / "config.yaml").get("recipe") if (run_dir / "config.yaml").is_file() else None
+    if recipe == "rgb2ir":
         from difflab.experiments.rgb2ir import invert_latent_run
 
         return invert_latent_run(run_dir, steps, n, t_end, device, echo, fixed_point, spacings, orders)
+    if recipe == "mnist-ldm":
+        return _invert_ldm_run(run_dir, steps, n, t_end, seed, device, echo, fixed_point, spacings, orders)
     resolved = resolve_device(device)
     config, model, schedule = load_run_model(run_dir, resolved)
     cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
@@ -177,17 +198,56 @@ def invert_run(
         model = WithLabels(model, heldout.labels[index].to(resolved))
     rows, figure_rows = round_trip_rows(model, schedule, x0, cases, t_end, echo=echo)
     figure_rows.insert(0, ("original", x0[:8].cpu()))
-    result = {
-        "t_end": t_end,
-        "alpha_bar_t_end": float(schedule.alpha_bar[t_end]),
-        "rows": rows,
-        "images": "held-out images of the run's data, pixel range [-1, 1] mapped to [0, 1] for PSNR/SSIM",
-        "model": "class-conditional, each image's own label (w = 1)" if config.unet.num_classes else "unconditional",
-    }
-    (run_dir / "inversion.json").write_text(json.dumps(result, indent=2) + "\n")
-    image_rows_figure(
+    return write_inversion(
+        run_dir,
+        schedule,
+        t_end,
+        rows,
         figure_rows,
-        run_dir / "figures" / "inversion.png",
-        "DDIM inversion to t = " + str(result["t_end"]) + " and back",
+        f"DDIM inversion to t = {t_end} and back",
+        images="held-out images of the run's data, pixel range [-1, 1] mapped to [0, 1] for PSNR/SSIM",
+        model="class-conditional, each image's own label (w = 1)" if config.unet.num_classes else "unconditional",
     )
-    return result
+
+
+def _invert_ldm_run(
+    run_dir: Path,
+    steps: tuple[int, ...],
+    n: int,
+    t_end: int | None,
+    seed: int,
+    device: str,
+    echo: Any,
+    fixed_point: int,
+    spacings: tuple[str, ...],
+    orders: tuple[int, ...],
+) -> dict[str, Any]:
+    """:func:`invert_run` on a ``mnist-ldm`` run: ``n`` of its held-out latents (seeded choice) inverted under its
+    latent model as ``difflab likelihood`` sees it (null label, x_0 unclipped, a learned variance's eps channels),
+    PSNR / SSIM of the decoded round trips against the decoded originals."""
+    from difflab.experiments.samplers import load_target
+
+    target = load_target(run_dir, device)
+    cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
+    schedule = target.schedule
+    t_end = resolved_t_end(schedule, t_end)
+    if target.heldout is None or target.decode is None or target.likelihood_model is None:
+        raise ConfigError(f"{run_dir} holds no held-out latents and decoder to invert")
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(target.heldout), generator=generator)[: min(n, len(target.heldout))]
+    x0 = target.heldout[index].to(target.device)
+    rows, figure_rows = round_trip_rows(
+        target.likelihood_model, schedule, x0, cases, t_end, target.decode, echo, "latents, ", {"side": "latents"}
+    )
+    figure_rows.insert(0, ("decoded latent", target.decode(x0[:8])))
+    return write_inversion(
+        run_dir,
+        schedule,
+        t_end,
+        rows,
+        figure_rows,
+        f"DDIM inversion of latents to t = {t_end} and back (decoded)",
+        images="held-out latents of the mnist-ldm run; PSNR/SSIM of the decoded round trip against the decoded "
+        "original latent, [-1, 1] mapped to [0, 1]",
+        model="the latent model with the null label, x_0 unclipped",
+    )

@@ -1370,7 +1370,7 @@ def invert_latent_run(
     inversion step; one set of rows per timestep spacing in ``spacings`` and integrator order in ``orders``.
     Writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``."""
     from difflab.config import config_from
-    from difflab.experiments.inversion import resolved_t_end, round_trip_cases, round_trip_rows
+    from difflab.experiments.inversion import resolved_t_end, round_trip_cases, round_trip_rows, write_inversion
 
     run_dir = Path(run_dir)
     resolved = resolve_device(device)
@@ -1411,17 +1411,13 @@ def invert_latent_run(
             ]
             original = decode(x0[:8])
             figure_rows.insert(0, ("decoded IR latent", original.mean(1, keepdim=True).expand(-1, 3, -1, -1)))
-    result = {
-        "t_end": t_end,
-        "alpha_bar_t_end": float(schedule.alpha_bar[t_end]),
-        "rows": rows,
-        "images": "cached test latents of the rgb2ir run; PSNR/SSIM of the decoded round trip against the decoded "
-        "original latent, [-1, 1] mapped to [0, 1]",
-    }
-    (run_dir / "inversion.json").write_text(json.dumps(result, indent=2) + "\n")
-    image_rows_figure(
+    return write_inversion(
+        run_dir,
+        schedule,
+        t_end,
+        rows,
         figure_rows,
-        run_dir / "figures" / "inversion.png",
         f"DDIM inversion of IR latents to t = {t_end} and back (decoded)",
+        images="cached test latents of the rgb2ir run; PSNR/SSIM of the decoded round trip against the decoded "
+        "original latent, [-1, 1] mapped to [0, 1]",
     )
-    return result
