@@ -155,8 +155,12 @@ def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
         == 0
     )
     assert main(["invert", str(run_dir), "--steps", "5", "50", "--n", "32", "--fixed-point", "1"]) == 0
-    assert "PSNR" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and f"report: {run_dir / 'report.md'}" in printed
     rows = json.loads((run_dir / "inversion.json").read_text())["rows"]
+    report = (run_dir / "report.md").read_text()  # rewritten with the round trips, each row's numbers in it
+    assert "## DDIM round trips (difflab invert)" in report and "figures/inversion.png" in report
+    assert all(f"{r['psnr_db']:.2f}" in report for r in rows)
     plain, refined = rows[:2], rows[2:]
     assert [r["fixed_point_iterations"] for r in rows] == [0, 0, 1, 1]
     assert [r["nfe"] for r in rows] == [10, 100, 15, 150]

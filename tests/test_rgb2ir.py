@@ -325,6 +325,9 @@ def test_inversion_based_translation_is_scored_beside_the_others(tmp_path: Path)
         coarse, fine = (r for r in rows if r["side"] == side)
         assert fine["latent_mse"] < coarse["latent_mse"] and fine["psnr_db"] > 25
     assert (run_dir / "figures" / "inversion.png").is_file()
+    report = (run_dir / "report.md").read_text()  # rewritten with the round trips
+    assert "## DDIM round trips (difflab invert)" in report and "| latent MSE |" in report
+    assert f"{rows[-1]['psnr_db']:.2f}" in report
     # Another inversion spacing and integrator in the same folder: the inverted latents change, so the regressor
     # trained on them is retrained (never silently reused); the autoencoder, the eps models and the other regressors
     # are kept. The second-order flow with log-SNR spacing round-trips closer than DDIM did (4x in MSE here).

@@ -291,6 +291,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_invert(args: argparse.Namespace) -> int:
     from difflab.experiments.inversion import invert_run
     from difflab.report.markdown import table
+    from difflab.report.sections import inversion_table
 
     result = invert_run(
         args.run_dir,
@@ -303,41 +304,17 @@ def cmd_invert(args: argparse.Namespace) -> int:
         spacings=tuple(args.spacing),
         orders=tuple(args.order),
     )
-    print(
-        table(
-            [
-                "images",
-                "spacing",
-                "order",
-                "steps",
-                "fixed-point iterations",
-                "NFE",
-                "n",
-                "MSE",
-                "PSNR (dB)",
-                "SSIM",
-                "seconds",
-            ],
-            [
-                [
-                    r.get("side", "pixels"),
-                    r["spacing"],
-                    r.get("order", 1),
-                    r["steps"],
-                    r["fixed_point_iterations"],
-                    r["nfe"],
-                    r["n"],
-                    r.get("mse", r.get("latent_mse")),
-                    r["psnr_db"],
-                    r["ssim"],
-                    r["seconds"],
-                ]
-                for r in result["rows"]
-            ],
-            digits=4,
-        )
-    )
+    header, values = inversion_table(result["rows"])
+    print(table(list(header), [list(row) for row in values], digits=4))
     print(f"written: {args.run_dir}/inversion.json, {args.run_dir}/figures/inversion.png")
+    from difflab.experiments import recipes, report_run
+    from difflab.experiments.runs import read_run
+
+    record = read_run(args.run_dir)
+    recipe = recipes().get(record.get("recipe"))
+    if record.get("status") == "complete" and recipe is not None and recipe.reports:
+        md_path, _ = report_run(args.run_dir)  # the report gains its "DDIM round trips" section
+        print(f"report: {md_path}")
     return 0
 
 

@@ -1229,36 +1229,6 @@ def build_report(contents: Any) -> Report:
                 " against the decoded true IR latent (the inversion's own loss).",
             ),
         )
-    if contents.has("inversion.json"):
-        inverted = json.loads((contents.path / "inversion.json").read_text())
-        report.section(
-            "DDIM round trips (difflab invert)",
-            Paragraph(
-                f"`difflab invert` on this run: the cached test latents of each side DDIM-inverted to t = "
-                f"{inverted['t_end']} (alpha_bar = {inverted['alpha_bar_t_end']:.4f}) with that side's eps model and "
-                "sampled back with the same steps; PSNR / SSIM of the decoded round trip against the decoded original "
-                "latent (from `inversion.json`)."
-            ),
-            Table(
-                ("latents", "steps", "fixed-point iterations", "n", "latent MSE", "PSNR (dB)", "SSIM", "seconds"),
-                tuple(
-                    (
-                        r["side"].upper(),
-                        r["steps"],
-                        r.get("fixed_point_iterations", 0),
-                        r["n"],
-                        Value(r["latent_mse"], "inversion.json", 5),
-                        Value(r["psnr_db"], "inversion.json", 2),
-                        Value(r["ssim"], "inversion.json", 4),
-                        Value(r["seconds"], "inversion.json", 1),
-                    )
-                    for r in inverted.get("rows", [])
-                ),
-            ),
-            Figure("figures/inversion.png", "DDIM round trips of IR latents, decoded")
-            if contents.has("figures/inversion.png")
-            else None,
-        )
     cached = lookup(m, "latents.cached")
     report.section(
         "Autoencoder and latent cache",

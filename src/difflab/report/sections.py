@@ -3,6 +3,7 @@ logged training curves, where the time went, the resolved config and the environ
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -111,9 +112,64 @@ def figure_if(contents: RunContents, path: str, caption: str) -> Figure | None:
     return Figure(path, caption) if contents.has(path) else None
 
 
-def closing_sections(contents: RunContents) -> list[tuple[str, list[Block | None]]]:
-    """The sections every report ends with: time, config, environment."""
+def inversion_blocks(contents: RunContents) -> list[Block | None]:
+    """The round trips ``difflab invert`` wrote to ``inversion.json`` (and its figure), or nothing."""
+    if not contents.has("inversion.json"):
+        return []
+    try:
+        inverted = json.loads((contents.path / "inversion.json").read_text())
+        rows = [row for row in inverted["rows"] if isinstance(row, dict)]
+        t_end, alpha_bar = int(inverted["t_end"]), float(inverted["alpha_bar_t_end"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return [Paragraph("`inversion.json` is damaged; rerun `difflab invert` on this run.")]
+    about = [str(inverted[key]) for key in ("images", "model") if inverted.get(key)]
+    header, values = inversion_table(rows)
+    digits = (5, 2, 4, 1)  # MSE, PSNR, SSIM, seconds
     return [
+        Paragraph(
+            f"`difflab invert` on this run: DDIM inversion (or the second-order flow, order 2) to t = {t_end} "
+            f"(alpha_bar = {alpha_bar:.4g}) and back with the same steps"
+            + (f"; {'; '.join(about)}" if about else "")
+            + ". NFE counts both directions (from `inversion.json`)."
+        ),
+        Table(
+            header,
+            tuple(row[:-4] + tuple(Value(v, "inversion.json", d) for v, d in zip(row[-4:], digits)) for row in values),
+        ),
+        figure_if(contents, "figures/inversion.png", "Round trips: the originals, then each setting's reconstruction"),
+    ]
+
+
+def inversion_table(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    """Header and rows of ``inversion.json``'s round trips (``difflab invert`` prints them, reports show them);
+    the last four columns are MSE (of latents, for latent runs), PSNR, SSIM and seconds."""
+    latent = any("latent_mse" in row for row in rows)
+    header = ("images", "spacing", "order", "steps", "fixed-point iterations", "NFE", "n")
+    header += ("latent MSE" if latent else "MSE", "PSNR (dB)", "SSIM", "seconds")
+    values = [
+        (
+            str(row.get("side", "pixels")),
+            row.get("spacing", "uniform"),
+            row.get("order", 1),
+            row.get("steps"),
+            row.get("fixed_point_iterations", 0),
+            row.get("nfe"),
+            row.get("n"),
+            row.get("latent_mse", row.get("mse")),
+            row.get("psnr_db"),
+            row.get("ssim"),
+            row.get("seconds"),
+        )
+        for row in rows
+    ]
+    return header, values
+
+
+def closing_sections(contents: RunContents) -> list[tuple[str, list[Block | None]]]:
+    """The sections every report ends with: DDIM round trips (when ``difflab invert`` ran on the run), time, config,
+    environment."""
+    inversion = inversion_blocks(contents)
+    return ([("DDIM round trips (difflab invert)", inversion)] if inversion else []) + [
         ("Where the time goes", [timings_table(contents)]),
         ("Configuration", [config_block(contents)]),
         (
