@@ -367,3 +367,10 @@ def test_report_command_refuses_what_is_not_a_completed_run(tmp_path: Path, stat
     (running / "run.json").write_text(json.dumps(record))
     assert "not a completed run (status: running)" in refuse(str(running))
     assert "no report style 'nope'" in refuse(str(states_run), "--style", "nope")
+    score_run = tmp_path / "ncsn"  # a recipe that writes its report as it runs, with no builder to rebuild it
+    score_run.mkdir()
+    (score_run / "run.json").write_text(json.dumps(record | {"recipe": "mnist-ncsn", "status": "complete"}))
+    (score_run / "metrics.json").write_text("{}")
+    message = refuse(str(score_run))
+    assert "recipe mnist-ncsn writes its report.md when it runs and cannot rebuild it" in message
+    assert "mnist-ddpm" in message and "choose one of none" not in message

@@ -139,6 +139,11 @@ def report_run(
     if recipe is None:
         raise ConfigError(f"{path} was made by recipe {contents.recipe!r}, which this difflab does not know")
     builder = recipe.reports.get(style)
+    if builder is None and not recipe.reports:
+        raise ConfigError(
+            f"recipe {recipe.name} writes its report.md when it runs and cannot rebuild it from the folder; "
+            "recipes whose reports difflab report rebuilds: " + ", ".join(n for n, r in known.items() if r.reports)
+        )
     if builder is None:
         raise ConfigError(
             f"recipe {recipe.name} has no report style {style!r}; choose one of {', '.join(recipe.reports) or 'none'}"
