@@ -75,6 +75,11 @@ def test_states_ncsn_learns_the_outlines(tmp_path: Path, capsys) -> None:
     ]:
         assert main(["sample", str(run_dir), "--n", "4", *bad]) == 2
         assert message in capsys.readouterr().err
+    # the other sampling commands say what they take, and where a score run's samples come from
+    assert main(["compare-samplers", str(run_dir)]) == 2
+    assert "difflab sample draws annealed Langevin samples of NCSN runs" in capsys.readouterr().err
+    assert main(["invert", str(run_dir)]) == 2
+    assert "difflab invert takes mnist-ddpm, mnist-cfg, mnist-ldm and rgb2ir runs" in capsys.readouterr().err
 
 
 ROLL_TINY = [

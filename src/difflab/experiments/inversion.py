@@ -14,7 +14,7 @@ import torch
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
 from difflab.experiments import images as stages
-from difflab.experiments.runs import resolve_device
+from difflab.experiments.runs import read_run, resolve_device
 from difflab.metrics.image_quality import psnr, ssim
 from difflab.sampling.inversion import INVERSION_ORDERS, INVERSION_SPACINGS, ddim_round_trip, default_inversion_end
 from difflab.viz.images import image_rows_figure
@@ -175,17 +175,20 @@ def invert_run(
     ``rgb2ir`` run (with latent eps models) is inverted in latent space instead, by
     :func:`difflab.experiments.rgb2ir.invert_latent_run`, and a ``mnist-ldm`` run's held-out latents under its
     latent model with the null label."""
-    from difflab.config import read_yaml
     from difflab.experiments.mnist import load_run_model
 
     run_dir = Path(run_dir)
-    recipe = read_yaml(run_dir / "config.yaml").get("recipe") if (run_dir / "config.yaml").is_file() else None
+    recipe = read_run(run_dir).get("recipe")
     if recipe == "rgb2ir":
         from difflab.experiments.rgb2ir import invert_latent_run
 
         return invert_latent_run(run_dir, steps, n, t_end, device, echo, fixed_point, spacings, orders)
     if recipe == "mnist-ldm":
         return _invert_ldm_run(run_dir, steps, n, t_end, seed, device, echo, fixed_point, spacings, orders)
+    if recipe not in ("mnist-ddpm", "mnist-cfg"):
+        raise ConfigError(
+            f"{run_dir} is a {recipe!r} run; difflab invert takes mnist-ddpm, mnist-cfg, mnist-ldm and rgb2ir runs"
+        )
     resolved = resolve_device(device)
     config, model, schedule = load_run_model(run_dir, resolved)
     cases = round_trip_cases(steps, n, fixed_point, spacings, orders)

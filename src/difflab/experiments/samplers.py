@@ -100,7 +100,8 @@ def load_target(run_dir: str | Path, device: str = "auto") -> SamplingTarget:
     _register_builtin_loaders()
     if recipe not in LOADERS:
         known = ", ".join(sorted(LOADERS))
-        raise ConfigError(f"{path} is a {recipe!r} run; sampling commands know the recipes {known}")
+        score = " (difflab sample draws annealed Langevin samples of NCSN runs)" if recipe and "ncsn" in recipe else ""
+        raise ConfigError(f"{path} is a {recipe!r} run; this command knows the recipes {known}{score}")
     config_path = path / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{path} has no config.yaml")
