@@ -320,7 +320,8 @@ def test_invert_a_latent_run(ldm_run: Path, capsys, unet_labels) -> None:
     """`difflab invert` on a mnist-ldm run: its held-out latents round-trip under the null-label latent model, closer
     with more steps; PSNR / SSIM are of the decoded round trip against the decoded original latent."""
     assert main(["invert", str(ldm_run), "--steps", "2", "10", "--n", "12", "--t-end", "15"]) == 0
-    assert "| latents | uniform | 1 | 10 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| latents | uniform | 1 | 10 |" in printed and "mnist-ldm report is written as the recipe runs" in printed
     result = json.loads((ldm_run / "inversion.json").read_text())
     coarse, fine = result["rows"]
     assert result["t_end"] == 15 and coarse["n"] == fine["n"] == 12 and fine["nfe"] == 20
