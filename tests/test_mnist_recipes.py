@@ -101,8 +101,10 @@ def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
     assert "samples" in capsys.readouterr().out
     assert main(["sample", str(cfg_run), "--digit", "12"]) == 2
     assert "--digit must be between 0 and 9" in capsys.readouterr().err
-    assert main(["sample", str(cfg_run), "--guidance", "2", "--n", "4"]) == 2  # no class to steer towards
-    assert "--guidance 2 steers samples towards a class: give --digit" in capsys.readouterr().err
+    # --guidance without --digit: every digit in turn, guided at w
+    assert main(["sample", str(cfg_run), "--guidance", "2", "--n", "4", "--steps", "5"]) == 0
+    every = torch.load(cfg_run / "samples" / "sample_w2_ddim5_seed0.pt", weights_only=True)
+    assert every["labels"].tolist() == [0, 1, 2, 3]
     # registry samplers take their options (here the Karras ladder and half the SDE's noise) by --option / --eta
     command = ["sample", str(cfg_run), "--digit", "3", "--n", "4", "--sampler", "dpmpp-2m-sde", "--steps", "5"]
     assert main([*command, "--eta", "0.5", "--option", "spacing=karras"]) == 0
@@ -136,7 +138,7 @@ def test_a_class_conditional_run_is_inverted_with_each_images_own_label(cfg_run:
     assert 10 not in seen[0].tolist()
 
 
-def test_ddpm_recipe_on_digits(tmp_path: Path) -> None:
+def test_ddpm_recipe_on_digits(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "ddpm"
     assert (
         main(
@@ -157,6 +159,8 @@ def test_ddpm_recipe_on_digits(tmp_path: Path) -> None:
     assert metrics["grids"]["ddim"]["network_evaluations"] == 16 * 10
     for name in ["grid_ddpm.png", "grid_ddim.png", "loss.png"]:
         assert (run_dir / "figures" / name).is_file()
+    assert main(["sample", str(run_dir), "--guidance", "2", "--n", "2"]) == 2  # nothing to guide
+    assert "holds an unconditional model: --guidance 2 needs a class-conditional" in capsys.readouterr().err
 
 
 def test_bad_image_input(tmp_path: Path, capsys) -> None:

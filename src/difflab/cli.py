@@ -166,7 +166,8 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 0 unconditional, "
-        "1 conditional (the default for mnist-cfg runs; a mnist-ldm run's default is its guidance.w), > 1 guided",
+        "1 conditional (the default for mnist-cfg runs; a mnist-ldm run's default is its guidance.w), > 1 guided; "
+        "without --digit every class in turn",
     )
     sample.add_argument(
         "--precision",

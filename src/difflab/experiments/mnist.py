@@ -783,18 +783,22 @@ def sample_from_run(
     precision: str = "fp32",
 ) -> Path:
     """``difflab sample RUN --digit 7 --guidance 2 --n 16 --sampler ddim --steps 50``: a grid PNG (and the
-    tensors as .pt beside it). ``eta`` is DDIM's (0: the ODE, 1: DDPM's posterior variance); ``options`` go to
-    any other registry sampler's function (e.g. ``{"spacing": "karras", "eta": 0.5}``); ``precision="bf16"``
-    runs the network under bf16 autocast (``--precision bf16``). Returns the PNG path."""
+    tensors as .pt beside it). Without ``digit`` a conditional model samples with its null label, or, with a
+    ``guidance`` other than 1, every class in turn guided at that w. ``eta`` is DDIM's (0: the ODE, 1: DDPM's
+    posterior variance); ``options`` go to any other registry sampler's function (e.g. ``{"spacing": "karras",
+    "eta": 0.5}``); ``precision="bf16"`` runs the network under bf16 autocast (``--precision bf16``). Returns the
+    PNG path."""
     resolved = resolve_device(device)
     config, model, schedule = load_run_model(run_dir, resolved, precision)
     classes = config.unet.num_classes
     labels = None
     if digit is None and guidance != 1.0:
-        raise ConfigError(
-            f"--guidance {guidance:g} steers samples towards a class: give --digit (on a class-conditional "
-            "mnist-cfg run)"
-        )
+        if not classes:
+            raise ConfigError(
+                f"{run_dir} holds an unconditional model: --guidance {guidance:g} needs a class-conditional "
+                "(mnist-cfg) run"
+            )
+        labels = torch.arange(n) % classes  # every class in turn, guided at w
     if digit is not None:
         if not classes:
             raise ConfigError(f"{run_dir} holds an unconditional model: --digit needs a mnist-cfg run")
