@@ -107,7 +107,8 @@ def round_trip_rows(
             "fixed_point_iterations": iterations,
             "nfe": nfe,
             "n": len(x0),
-            error: float(((reconstruction - x0) ** 2).mean()),
+            # pixels: of the reconstruction clipped to [-1, 1], as it is shown; latents: as they are
+            error: float(((reconstruction if decode else images.to(x0.device)) - x0).square().mean()),
             "psnr_db": psnr(images, original),
             "ssim": ssim(images, original),
             "latent_std": float(latent.std()),

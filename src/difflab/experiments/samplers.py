@@ -99,8 +99,10 @@ def load_target(run_dir: str | Path, device: str = "auto") -> SamplingTarget:
     recipe = record.get("recipe")
     _register_builtin_loaders()
     if recipe not in LOADERS:
+        from difflab.experiments.score_runs import SCORE_RECIPES
+
         known = ", ".join(sorted(LOADERS))
-        score = " (difflab sample draws annealed Langevin samples of NCSN runs)" if recipe and "ncsn" in recipe else ""
+        score = " (difflab sample draws annealed Langevin samples of NCSN runs)" if recipe in SCORE_RECIPES else ""
         raise ConfigError(f"{path} is a {recipe!r} run; this command knows the recipes {known}{score}")
     config_path = path / "config.yaml"
     if not config_path.is_file():

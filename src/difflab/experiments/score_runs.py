@@ -25,7 +25,7 @@ from difflab.training.checkpoint import load_weights
 from difflab.viz import plots2d
 from difflab.viz.images import save_grid
 
-SCORE_RECIPES = ("mnist-ncsn", "states-ncsn", "swissroll-ncsn")
+SCORE_RECIPES = ("mnist-ncsn", *ncsn2d.POINT_RECIPES)
 
 
 def sample_score_run(
