@@ -55,6 +55,11 @@ def test_states_ncsn_learns_the_outlines(tmp_path: Path, capsys) -> None:
     assert min(metrics["samples"]["class_share"].values()) > 0.05  # every outline reached
     assert metrics["targets"][0]["target"].startswith("STATES nll_course <= 2.3")
     assert "The learned score field" in (run_dir / "report.md").read_text()
+    # the Markdown report has its self-contained HTML twin: every figure embedded, every table
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5  # and tables: scores, targets, levels, time, environment
+    assert page.count("<table") == 5
+    assert "<h2>The learned score field</h2>" in page
     # `difflab sample` on the run: the recipe's own seed and settings give back its samples exactly; another
     # seed gives other chains, on the outlines too.
     assert main(["sample", str(run_dir), "--n", "600", "--seed", "1234"]) == 0

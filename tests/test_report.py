@@ -374,3 +374,50 @@ def test_report_command_refuses_what_is_not_a_completed_run(tmp_path: Path, stat
     message = refuse(str(score_run))
     assert "recipe mnist-ncsn writes its report.md when it runs and cannot rebuild it" in message
     assert "mnist-ddpm" in message and "choose one of none" not in message
+
+
+def test_a_hand_written_markdown_report_reads_back_as_a_report(tmp_path: Path) -> None:
+    from difflab.report.document import BulletList, Code, Figure, Paragraph, Section, Table
+    from difflab.report.render import html_beside_markdown, report_from_markdown
+
+    text = "\n".join(
+        [
+            "# A run",
+            "",
+            "Run folder `x`; **bold** words",
+            "over two lines.",
+            "",
+            "## Samples",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            "| a \\| b | 1.5 |",
+            "",
+            "![Samples over the data](figures/s.png)",
+            "",
+            "*Samples over the data*",
+            "",
+            "- one",
+            "- two",
+            "",
+            "### Detail",
+            "```yaml",
+            "key: 1",
+            "",
+            "other: 2",
+            "```",
+        ]
+    )
+    report = report_from_markdown(text)
+    assert report.title == "A run"
+    intro, samples, detail = report.blocks
+    assert intro == Paragraph("Run folder `x`; **bold** words over two lines.")
+    assert isinstance(samples, Section) and samples.title == "Samples"
+    table, figure, bullets = samples.blocks  # the caption line under the figure is the figure's own
+    assert table == Table(("metric", "value"), (("a | b", "1.5"),))
+    assert figure == Figure("figures/s.png", "Samples over the data")
+    assert bullets == BulletList(("one", "two"))
+    assert detail == Section("Detail", (Code("key: 1\n\nother: 2", "yaml"),), 3)
+    (tmp_path / "report.md").write_text(text)
+    page = html_beside_markdown(tmp_path).read_text()
+    assert "<code>x</code>" in page and "<strong>bold</strong>" in page and "Figure missing" in page

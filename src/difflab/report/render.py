@@ -241,3 +241,80 @@ def write_report(report: Report, run_dir: str | Path, name: str = "report") -> t
     atomic_write_bytes(md_path, to_markdown(report).encode())
     atomic_write_bytes(html_path, to_html(report, run_dir).encode())
     return md_path, html_path
+
+
+# ---------------------------------------------------------------- Markdown written by hand
+
+
+_HEADING = re.compile(r"(#{1,6}) (.+)")
+_IMAGE_LINE = re.compile(r"!\[(?P<caption>[^\]]*)\]\((?P<path>[^)\s]+)\)")
+_CELL_SPLIT = re.compile(r"(?<!\\)\|")
+
+
+def _table_cells(line: str) -> tuple[str, ...]:
+    inner = line.strip().removeprefix("|").removesuffix("|")
+    return tuple(cell.strip().replace("\\|", "|") for cell in _CELL_SPLIT.split(inner))
+
+
+def report_from_markdown(text: str) -> Report:
+    """A report written as Markdown text by a recipe (not built as a :class:`Report`) read back as one: ``#``
+    title, ``##``/``###`` sections, paragraphs, pipe tables, ``- `` lists, fenced code and ``![caption](path)``
+    figures (the ``*caption*`` line :func:`~difflab.report.markdown.figure` writes under each is the figure's own).
+    For :func:`html_beside_markdown`."""
+    lines = text.splitlines()
+    title, top, sections = "", [], []  # blocks before the first section, then (title, level, blocks)
+    last_caption = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        target = sections[-1][2] if sections else top
+        if not line.strip():
+            i += 1
+            continue
+        if line.startswith("```"):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines))
+            target.append(Code("\n".join(lines[i + 1 : end]), line[3:].strip()))
+            i = end + 1
+            continue
+        heading = _HEADING.fullmatch(line)
+        if heading:
+            level, name = len(heading.group(1)), heading.group(2).strip()
+            if level == 1 and not title and not sections:
+                title = name
+            else:
+                sections.append((name, max(level, 2), []))
+            i += 1
+            continue
+        chunk = []
+        while (
+            i < len(lines) and lines[i].strip() and not lines[i].startswith("```") and not _HEADING.fullmatch(lines[i])
+        ):
+            chunk.append(lines[i])
+            i += 1
+        image = _IMAGE_LINE.fullmatch(chunk[0].strip()) if len(chunk) == 1 else None
+        if image:
+            last_caption = image.group("caption")
+            target.append(Figure(image.group("path"), last_caption))
+            continue
+        if len(chunk) >= 2 and all(row.lstrip().startswith("|") for row in chunk):
+            rows = [_table_cells(row) for row in chunk]
+            target.append(Table(rows[0], tuple(rows[2:]) if set("".join(rows[1])) <= set("-: ") else tuple(rows[1:])))
+        elif all(row.startswith("- ") for row in chunk):
+            target.append(BulletList(tuple(row[2:] for row in chunk)))
+        elif not (len(chunk) == 1 and last_caption is not None and chunk[0].strip() == f"*{last_caption}*"):
+            target.append(Paragraph(" ".join(row.strip() for row in chunk)))
+        last_caption = None
+    blocks = top + [Section(name, tuple(body), level) for name, level, body in sections]
+    return Report(title or "Report", blocks)
+
+
+def html_beside_markdown(run_dir: str | Path, name: str = "report") -> Path | None:
+    """Write ``{name}.html`` from the hand-written ``{name}.md`` of ``run_dir`` (figures embedded, as
+    :func:`write_report` does for built reports); ``None`` when there is no such Markdown file."""
+    run_dir = Path(run_dir)
+    md_path = run_dir / f"{name}.md"
+    if not md_path.is_file():
+        return None
+    html_path = run_dir / f"{name}.html"
+    atomic_write_bytes(html_path, to_html(report_from_markdown(md_path.read_text()), run_dir).encode())
+    return html_path
