@@ -6,6 +6,9 @@
     difflab config RECIPE            print a recipe's default config as YAML
     difflab recipes                  list the recipes
     difflab sample RUN --sampler NAME --steps N [--eta E] [--option KEY=VALUE] [--n 5000] [--seed S] [--out FILE]
+                       [--digit D] [--guidance W]   (an NCSN run: annealed Langevin, --steps per level, --option c=C)
+    difflab evaluate RUN [--inception-weights FILE]   FID / IS / accuracy of an MNIST image run's samples
+    difflab invert RUN [--steps 10 20 50 100] [--order 1 2] [--spacing uniform logsnr]   DDIM round trips
     difflab compare-samplers RUN [--samplers a,b] [--nfe 5 10 ...] [--n 5000] [--seed S] [--full ddpm | --no-full]
                                  [--option KEY=VALUE]
     difflab likelihood RUN [--n 1000]  exact model NLL of held-out points (probability-flow ODE)
