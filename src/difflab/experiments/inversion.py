@@ -141,6 +141,12 @@ def write_inversion(
     return result
 
 
+def held_out_choice(count: int, n: int, seed: int) -> torch.Tensor:
+    """The indices (min(n, count),) of the held-out items ``difflab invert --seed`` round-trips: a seeded
+    permutation's first ``n``, the same for every kind of run."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[: min(n, count)]
+
+
 class WithLabels(torch.nn.Module):
     """``network(x, t, labels)`` with fixed ``labels`` (B,): a class-conditional model as the ``model(x, t)`` the
     inversion integrates, for a batch of exactly those B images."""
@@ -195,8 +201,7 @@ def invert_run(
     cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
     t_end = resolved_t_end(schedule, t_end)
     _, heldout = stages.load_image_data(config.data, config.seed)
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(heldout), generator=generator)[: min(n, len(heldout))]
+    index = held_out_choice(len(heldout), n, seed)
     x0 = heldout.images[index].to(resolved)
     if config.unet.num_classes:  # a mnist-cfg model, conditioned on each image's own label (guidance w = 1)
         model = WithLabels(model, heldout.labels[index].to(resolved))
@@ -237,8 +242,7 @@ def _invert_ldm_run(
     t_end = resolved_t_end(schedule, t_end)
     if target.heldout is None or target.decode is None or target.likelihood_model is None:
         raise ConfigError(f"{run_dir} holds no held-out latents and decoder to invert")
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(target.heldout), generator=generator)[: min(n, len(target.heldout))]
+    index = held_out_choice(len(target.heldout), n, seed)
     x0 = target.heldout[index].to(target.device)
     rows, figure_rows = round_trip_rows(
         target.likelihood_model, schedule, x0, cases, t_end, target.decode, echo, "latents, ", {"side": "latents"}
