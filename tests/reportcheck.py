@@ -137,3 +137,15 @@ def assert_traceable(run_dir: Path, name: str, metrics: dict[str, dict[str, Any]
     assert not untraced, f"numbers of {name}.md not in metrics.json: {untraced}"
     assert len(numbers) >= min_numbers, len(numbers)
     assert_sources(run_dir, name, metrics, min_numbers // 2)
+
+
+def assert_rebuilds(run_dir: Path) -> None:
+    """``difflab report RUN`` writes, from the folder alone, the very report.md and report.html the recipe wrote."""
+    from difflab.cli import main
+
+    written = {name: (run_dir / name).read_text() for name in ("report.md", "report.html")}
+    for name in written:
+        (run_dir / name).unlink()
+    assert main(["report", str(run_dir)]) == 0
+    for name, text in written.items():
+        assert (run_dir / name).read_text() == text, name

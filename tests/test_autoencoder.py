@@ -24,6 +24,7 @@ from difflab.models.autoencoder import (
 )
 from difflab.training import checkpoint as ckpt
 from difflab.training.autoencoder import autoencoder_loss, latent_scaling_factor
+from reportcheck import assert_rebuilds
 
 
 def test_vae_shapes_scaling_and_the_protocol(tmp_path: Path) -> None:
@@ -190,3 +191,4 @@ def test_autoencoder_recipe_on_digits(tmp_path: Path) -> None:
     vae = load_autoencoder_run(run_dir)
     assert vae.scaling_factor == pytest.approx(info["scaling_factor"]) == pytest.approx(metrics["scaling_factor"])
     assert "perceptual" in (run_dir / "report.md").read_text()
+    assert_rebuilds(run_dir)

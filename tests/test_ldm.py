@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from difflab.cli import main
+from reportcheck import assert_rebuilds
 
 TINY = [
     "data.source=digits",
@@ -88,6 +89,7 @@ def test_one_latent_model_end_to_end(ldm_run: Path) -> None:
         assert (ldm_run / name).is_file(), name
     assert metrics["throughput"][0]["latent_step_seconds"] > 0
     assert metrics["throughput"][0]["model"] == "latent-cfg-learned"
+    assert_rebuilds(ldm_run)
 
 
 def test_the_table_reuses_the_folder(ldm_run: Path, capsys) -> None:
@@ -117,6 +119,8 @@ def test_the_table_reuses_the_folder(ldm_run: Path, capsys) -> None:
     assert any("throughput" in t for t in targets)
     assert [tp["model"] for tp in metrics["throughput"]] == ["latent-cfg", "pixel"]
     assert "## Results" in (ldm_run / "report.md").read_text()
+    assert (ldm_run / "report.md").read_text().count("![Samples of ") == 6  # a grid per model, in the table's order
+    assert_rebuilds(ldm_run)
 
 
 def test_autoencoders_from_a_run_and_from_diffusers(tmp_path: Path) -> None:
@@ -321,7 +325,8 @@ def test_invert_a_latent_run(ldm_run: Path, capsys, unet_labels) -> None:
     with more steps; PSNR / SSIM are of the decoded round trip against the decoded original latent."""
     assert main(["invert", str(ldm_run), "--steps", "2", "10", "--n", "12", "--t-end", "15"]) == 0
     printed = capsys.readouterr().out
-    assert "| latents | uniform | 1 | 10 |" in printed and "mnist-ldm report is written as the recipe runs" in printed
+    assert "| latents | uniform | 1 | 10 |" in printed and f"report: {ldm_run / 'report.md'}" in printed
+    assert "## DDIM round trips (difflab invert)" in (ldm_run / "report.md").read_text()
     result = json.loads((ldm_run / "inversion.json").read_text())
     coarse, fine = result["rows"]
     assert result["t_end"] == 15 and coarse["n"] == fine["n"] == 12 and fine["nfe"] == 20

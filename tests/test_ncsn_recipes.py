@@ -13,6 +13,7 @@ from difflab.data.states import load_states
 from difflab.experiments.ncsn import best_cell, read_comparison, targets
 from difflab.experiments.ncsn_common import LangevinConfig
 from difflab.metrics.points import KDE
+from reportcheck import assert_rebuilds
 
 
 def logged(run_dir: Path, tag: str = "score/val_loss") -> list[float]:
@@ -55,11 +56,13 @@ def test_states_ncsn_learns_the_outlines(tmp_path: Path, capsys) -> None:
     assert min(metrics["samples"]["class_share"].values()) > 0.05  # every outline reached
     assert metrics["targets"][0]["target"].startswith("STATES nll_course <= 2.3")
     assert "The learned score field" in (run_dir / "report.md").read_text()
-    # the Markdown report has its self-contained HTML twin: every figure embedded, every table
+    # the report has its self-contained HTML twin (every figure embedded, every table), and `difflab report`
+    # rebuilds both from the folder alone
     page = (run_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5  # and tables: scores, targets, levels, time, environment
     assert page.count("<table") == 5
-    assert "<h2>The learned score field</h2>" in page
+    assert "<h2>The learned score field</h2>" in page and "<h2>Configuration</h2>" in page
+    assert_rebuilds(run_dir)
     # `difflab sample` on the run: the recipe's own seed and settings give back its samples exactly; another
     # seed gives other chains, on the outlines too.
     assert main(["sample", str(run_dir), "--n", "600", "--seed", "1234"]) == 0
@@ -137,6 +140,7 @@ def test_mnist_ncsn_recipe_on_digits(tmp_path: Path) -> None:
     assert samples.shape == (24, 1, 8, 8) and samples.abs().max() <= 1
     report = (run_dir / "report.md").read_text()
     assert "the comparison is missing" in report and "IS 1.99 and FID 139.9" in report
+    assert_rebuilds(run_dir)
     # `difflab sample` on the run: the recipe's seed, count and settings give back its final samples
     assert main(["sample", str(run_dir), "--n", "24", "--seed", "4321"]) == 0  # evaluation.seed
     again = torch.load(run_dir / "samples" / "langevin-c0.2-T4-n24-seed4321.pt", weights_only=True)

@@ -367,18 +367,18 @@ def test_report_command_refuses_what_is_not_a_completed_run(tmp_path: Path, stat
     (running / "run.json").write_text(json.dumps(record))
     assert "not a completed run (status: running)" in refuse(str(running))
     assert "no report style 'nope'" in refuse(str(states_run), "--style", "nope")
-    score_run = tmp_path / "ncsn"  # a recipe that writes its report as it runs, with no builder to rebuild it
-    score_run.mkdir()
-    (score_run / "run.json").write_text(json.dumps(record | {"recipe": "mnist-ncsn", "status": "complete"}))
-    (score_run / "metrics.json").write_text("{}")
-    message = refuse(str(score_run))
-    assert "recipe mnist-ncsn writes its report.md when it runs and cannot rebuild it" in message
-    assert "mnist-ddpm" in message and "choose one of none" not in message
+    other = tmp_path / "ncsn"  # a recipe's report in a style it does not have: the styles it has are named
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps(record | {"recipe": "mnist-ncsn", "status": "complete"}))
+    (other / "metrics.json").write_text("{}")
+    assert "recipe mnist-ncsn has no report style 'ddpm-vs-ddim'; choose one of default" in refuse(
+        str(other), "--style", "ddpm-vs-ddim"
+    )
 
 
 def test_a_hand_written_markdown_report_reads_back_as_a_report(tmp_path: Path) -> None:
     from difflab.report.document import BulletList, Code, Figure, Paragraph, Section, Table
-    from difflab.report.render import html_beside_markdown, report_from_markdown
+    from difflab.report.render import report_from_markdown, to_html
 
     text = "\n".join(
         [
@@ -418,6 +418,5 @@ def test_a_hand_written_markdown_report_reads_back_as_a_report(tmp_path: Path) -
     assert figure == Figure("figures/s.png", "Samples over the data")
     assert bullets == BulletList(("one", "two"))
     assert detail == Section("Detail", (Code("key: 1\n\nother: 2", "yaml"),), 3)
-    (tmp_path / "report.md").write_text(text)
-    page = html_beside_markdown(tmp_path).read_text()
+    page = to_html(report, tmp_path)
     assert "<code>x</code>" in page and "<strong>bold</strong>" in page and "Figure missing" in page

@@ -21,7 +21,7 @@ COMPANION_FLAGS = {"ablation": "--with", "forward": "--forward"}  # a builder's 
 @dataclass(frozen=True)
 class Recipe:
     """A recipe: ``run(config, fresh=...)`` makes a run folder; ``reports`` maps a report style name to a
-    builder ``(RunContents) -> Report`` (``default`` is what the recipe writes when it completes)."""
+    builder ``(RunContents) -> Report`` (``default``, which every recipe has, is what it writes when it completes)."""
 
     name: str
     config_class: Callable[[], Any]
@@ -81,18 +81,21 @@ def recipes() -> dict[str, Recipe]:
             ncsn.MnistNCSNConfig,
             ncsn.run_mnist_ncsn,
             "MNIST noise-conditional score network (DSM) sampled by annealed Langevin dynamics, (c, T) sweep",
+            reports={DEFAULT_STYLE: ncsn.build_report},
         ),
         Recipe(
             "autoencoder",
             autoencoder.AutoencoderRecipeConfig,
             autoencoder.run_autoencoder,
             "KL-regularised VAE for latent diffusion: PSNR/SSIM, compression, scaling factor",
+            reports={DEFAULT_STYLE: autoencoder.build_report},
         ),
         Recipe(
             "mnist-ldm",
             ldm.MnistLDMConfig,
             ldm.run_mnist_ldm,
             "Latent diffusion + CFG, cosine schedule, learned variance, respacing; --table for the comparison",
+            reports={DEFAULT_STYLE: ldm.build_report},
         ),
         Recipe(
             "rgb2ir",
@@ -109,6 +112,7 @@ def recipes() -> dict[str, Recipe]:
                 ncsn2d.points_config_class(name),
                 ncsn2d.run_points_ncsn,
                 f"NCSN on {data}: score MLP, annealed Langevin samples, score field, NLL",
+                reports={DEFAULT_STYLE: ncsn2d.build_report},
             )
         )
     return {r.name: r for r in found}
@@ -139,14 +143,9 @@ def report_run(
     if recipe is None:
         raise ConfigError(f"{path} was made by recipe {contents.recipe!r}, which this difflab does not know")
     builder = recipe.reports.get(style)
-    if builder is None and not recipe.reports:
-        raise ConfigError(
-            f"recipe {recipe.name} writes its report.md when it runs and cannot rebuild it from the folder; "
-            "recipes whose reports difflab report rebuilds: " + ", ".join(n for n, r in known.items() if r.reports)
-        )
     if builder is None:
         raise ConfigError(
-            f"recipe {recipe.name} has no report style {style!r}; choose one of {', '.join(recipe.reports) or 'none'}"
+            f"recipe {recipe.name} has no report style {style!r}; choose one of {', '.join(recipe.reports)}"
         )
     accepted = set(list(inspect.signature(builder).parameters)[1:])
     extra = {}

@@ -28,7 +28,11 @@ from difflab.experiments.runs import RunFolder, resolve_device
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from difflab.models.unet import count_parameters
-from difflab.report.markdown import figure, table, timings_and_environment
+from difflab.report import sections
+from difflab.report.document import Report
+from difflab.report.markdown import figure, table
+from difflab.report.render import write_report
+from difflab.report.rundata import RunContents, load_run
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
 from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
@@ -258,7 +262,7 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
                 ("|difference|", (recon - shown.cpu()).abs() * 2 - 1),
                 ("decoded N(0, I)", prior.clamp(-1, 1).cpu()),
             ]
-            recon_figure = image_rows_figure(
+            image_rows_figure(
                 rows,
                 run.sub("figures", "reconstructions.png"),
                 "Held-out images, their reconstructions, and decoded random latents",
@@ -267,7 +271,7 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
                 "train loss": read_series(logger.path, "autoencoder/train_loss"),
                 "held-out L1": read_series(logger.path, "autoencoder/val_l1"),
             }
-            loss_figure = plots2d.curves(series, run.sub("figures", "loss.png"), "autoencoder loss")
+            plots2d.curves(series, run.sub("figures", "loss.png"), "autoencoder loss")
         logger.close()
         metrics: dict[str, Any] = {
             "reconstruction": quality,
@@ -286,7 +290,7 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = autoencoder_targets(metrics) if config.data.source == "mnist" else []
         run.write_metrics(metrics)
-        _report(run, config, metrics, recon_figure, loss_figure)
+        write_report(build_report(load_run(run.path, require_complete=False)), run.path)
         run.complete()
     echo(
         f"[autoencoder] done in {metrics['timings_seconds']['total']:.0f} s: held-out PSNR {quality['psnr']:.2f} dB, "
@@ -311,9 +315,10 @@ def autoencoder_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _report(
-    run: RunFolder, config: AutoencoderRecipeConfig, metrics: dict[str, Any], recon_figure: Path, loss_figure: Path
-) -> None:
+def build_report(contents: RunContents) -> Report:
+    """The ``autoencoder`` run's report, from its folder alone (``difflab report RUN`` rebuilds it)."""
+    config = contents.typed_config(AutoencoderRecipeConfig())
+    metrics, folder = contents.metrics, contents.path
     ae, quality, comp = config.autoencoder, metrics["reconstruction"], metrics["compression"]
     lines = [
         "# Autoencoder for latent diffusion (KL-regularised VAE)",
@@ -341,9 +346,13 @@ def _report(
         "PSNR: mean over images of 10 log10(1 / MSE) on [0, 1] pixels; SSIM: torchmetrics' (11 x 11 Gaussian window, "
         "sigma 1.5), reconstructions clipped to [0, 1].",
         "",
-        figure(recon_figure, run.path, "Held-out digits, reconstructions, |difference|, decoded N(0, I) latents"),
-        "",
     ]
+    recon_figure = contents.figure_file("reconstructions.png")
+    if recon_figure:
+        lines += [
+            figure(recon_figure, folder, "Held-out digits, reconstructions, |difference|, decoded N(0, I) latents"),
+            "",
+        ]
     if metrics["targets"]:
         lines += [
             "## Targets",
@@ -351,10 +360,7 @@ def _report(
             table(["target", "measured", "met"], [[t["target"], t["value"], t["met"]] for t in metrics["targets"]]),
             "",
         ]
-    lines += [
-        "## Training",
-        "",
-        figure(loss_figure, run.path, "Training loss and held-out L1"),
-        "",
-    ] + timings_and_environment(metrics["timings_seconds"])
-    run.sub("report.md").write_text("\n".join(lines))
+    loss_figure = contents.figure_file("loss.png")
+    if loss_figure:
+        lines += ["## Training", "", figure(loss_figure, folder, "Training loss and held-out L1"), ""]
+    return sections.markdown_report(contents, "\n".join(lines))

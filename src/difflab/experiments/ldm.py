@@ -51,7 +51,11 @@ from difflab.experiments.runs import RunFolder, resolve_device
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
-from difflab.report.markdown import figure, table, timings_and_environment
+from difflab.report import sections
+from difflab.report.document import Report
+from difflab.report.markdown import figure_lines, table
+from difflab.report.render import write_report
+from difflab.report.rundata import RunContents, load_run
 from difflab.seeding import mix_seed, seed_everything, seeded_generator
 from difflab.training import checkpoint as ckpt
 from difflab.training.logging import RunLogger, read_series
@@ -751,7 +755,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                 measured["model"] = variant.name
                 throughput.append(measured)
         with run.stage("figures"):
-            figures = _figures(run, logger, results, variants, vae, heldout, config, device)
+            _figures(run, logger, results, variants, vae, heldout, config, device)
         logger.close()
         metrics: dict[str, Any] = {
             "autoencoder": vae_info,
@@ -777,7 +781,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = ldm_targets(metrics, config)
         run.write_metrics(metrics)
-        _report(run, config, metrics, figures)
+        write_report(build_report(load_run(run.path, require_complete=False)), run.path)
         run.complete()
     echo(f"[mnist-ldm] done in {metrics['timings_seconds']['total']:.0f} s | report {run.sub('report.md')}")
     return run
@@ -949,7 +953,16 @@ def _clipping_sentence(bound: float | None) -> str:
     )
 
 
-def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], figures: dict[str, Path]) -> None:
+def _within(path: Path, folder: Path) -> Path:
+    """``path`` relative to the run ``folder`` when it lies inside it (a run folder may have moved since)."""
+    return path.relative_to(folder) if path.is_relative_to(folder) else path
+
+
+def build_report(contents: RunContents) -> Report:
+    """The ``mnist-ldm`` run's report, from its folder alone (``difflab report RUN`` rebuilds it; ``difflab invert``
+    adds its round trips)."""
+    config = contents.typed_config(MnistLDMConfig())
+    metrics, folder, figures = contents.metrics, contents.path, contents.figure_file
     vae, comp = metrics["autoencoder"], metrics["autoencoder"]["compression"]
     quality = vae["reconstruction"]
     n = metrics["evaluation"]["n"]
@@ -963,7 +976,7 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
         f"Images {tuple(comp['image_shape'])} -> latents {tuple(comp['latent_shape'])} "
         f"({comp['values_factor']:g}x fewer values, {comp['spatial_factor']:g}x per side); held-out reconstruction "
         f"PSNR {quality['psnr']:.2f} dB, SSIM {quality['ssim']:.4f} (n = {quality['n']:,}). Latents cached in "
-        f"`{Path(metrics['latents']['path']).relative_to(run.path)}` (key {metrics['latents']['key']}).",
+        f"`{_within(Path(metrics['latents']['path']), folder)}` (key {metrics['latents']['key']}).",
         "",
         f"Quality: FID and IS of n = {n:,} samples by the project's MNIST evaluator (features and softmax of its "
         "reference CNN, FID against the 10,000 MNIST test digits; not InceptionV3 numbers); accuracy = share of "
@@ -1099,14 +1112,12 @@ def _report(run: RunFolder, config: MnistLDMConfig, metrics: dict[str, Any], fig
             ),
             "",
         ]
-    lines += ["## Figures", "", figure(figures["reconstructions"], run.path, "Autoencoder reconstructions"), ""]
-    for key, path in figures.items():
-        if key.startswith("grid "):
-            lines += [figure(path, run.path, f"Samples of {key[5:]} (one row per digit when conditional)"), ""]
-    if "loss" in figures:
-        lines += [figure(figures["loss"], run.path, "Held-out eps MSE during training"), ""]
-    lines += timings_and_environment(metrics["timings_seconds"])
-    run.sub("report.md").write_text("\n".join(lines))
+    lines += ["## Figures", "", *figure_lines(figures("reconstructions.png"), folder, "Autoencoder reconstructions")]
+    for name in metrics["models"]:
+        caption = f"Samples of {name} (one row per digit when conditional)"
+        lines += figure_lines(figures(f"grid_{name}.png"), folder, caption)
+    lines += figure_lines(figures("loss.png"), folder, "Held-out eps MSE during training")
+    return sections.markdown_report(contents, "\n".join(lines))
 
 
 # -------------------------------------------------------------------------------------------- sampling commands

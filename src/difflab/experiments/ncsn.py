@@ -35,7 +35,11 @@ from difflab.experiments.ncsn_common import LangevinConfig, LangevinSamples
 from difflab.experiments.runs import RunFolder, resolve_device
 from difflab.models.score import SCORE_OUTPUTS, NoiseConditionalUNet
 from difflab.models.unet import UNetConfig, count_parameters, describe
-from difflab.report.markdown import figure, table, timings_and_environment
+from difflab.report import sections
+from difflab.report.document import Report
+from difflab.report.markdown import figure_lines, table
+from difflab.report.render import write_report
+from difflab.report.rundata import RunContents, load_run
 from difflab.sampling.langevin import network_evaluations
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training.logging import RunLogger
@@ -358,7 +362,7 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> 
                 {str(n): evaluator.calibration(n) for n in calibration_counts if n > 1} if evaluator is not None else {}
             )
         with run.stage("figures"):
-            figures = _figures(run, logger, sigmas, images, final, sweep_strips, ev)
+            _figures(run, logger, sigmas, images, final, sweep_strips, ev)
         logger.close()
         with run.stage("evaluate"):
             comparison = read_comparison(config.compare_to, evaluator, len(images))
@@ -386,7 +390,7 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> 
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = targets(metrics["main"], comparison)
         run.write_metrics(metrics)
-        _report(run, config, metrics, figures)
+        write_report(build_report(load_run(run.path, require_complete=False)), run.path)
         run.complete()
     main = metrics["main"]
     echo(
@@ -444,7 +448,10 @@ def _sigma_max_words(sigma_max: float) -> str:
     )
 
 
-def _report(run: RunFolder, config: MnistNCSNConfig, metrics: dict[str, Any], figures: dict[str, Path]) -> None:
+def build_report(contents: RunContents) -> Report:
+    """The ``mnist-ncsn`` run's report, from its folder alone (``difflab report RUN`` rebuilds it)."""
+    config = contents.typed_config(MnistNCSNConfig())
+    metrics, folder, figures = contents.metrics, contents.path, contents.figure_file
     main, best, noise = metrics["main"], metrics["best"], config.noise
     comparison = metrics["comparison"]
     lines = [
@@ -496,13 +503,13 @@ def _report(run: RunFolder, config: MnistNCSNConfig, metrics: dict[str, Any], fi
             ),
             "",
         ]
-        if "sweep" in figures:
-            lines += [figure(figures["sweep"], run.path, "Samples of every cell"), ""]
+        lines += figure_lines(figures("sweep_grids.png"), folder, "Samples of every cell")
     lines += [
         f"## Samples at c = {best['c']:g}, T = {best['steps_per_level']} ({best['chosen_by']})",
         "",
-        figure(figures["grid"], run.path, f"The first {min(config.evaluation.grid_size, main['n'])} samples"),
-        "",
+        *figure_lines(
+            figures("samples_grid.png"), folder, f"The first {min(config.evaluation.grid_size, main['n'])} samples"
+        ),
         table(
             ["n", "FID", "IS", "network evaluations / sample", "wall time (s)"],
             [
@@ -593,8 +600,11 @@ def _report(run: RunFolder, config: MnistNCSNConfig, metrics: dict[str, Any], fi
     lines += [
         "## The Langevin trajectory",
         "",
-        figure(figures["trajectory"], run.path, "The same chains after the T steps of every level, then denoised"),
-        "",
+        *figure_lines(
+            figures("langevin_trajectory.png"),
+            folder,
+            "The same chains after the T steps of every level, then denoised",
+        ),
         "## Training",
         "",
         "The DSM loss is per image: 1/2 || sigma s + z ||^2 summed over the pixels (it is "
@@ -608,7 +618,6 @@ def _report(run: RunFolder, config: MnistNCSNConfig, metrics: dict[str, Any], fi
             ],
         ),
         "",
-        figure(figures["loss"], run.path, "Training and validation loss"),
-        "",
-    ] + timings_and_environment(metrics["timings_seconds"])
-    run.sub("report.md").write_text("\n".join(lines))
+        *figure_lines(figures("loss.png"), folder, "Training and validation loss"),
+    ]
+    return sections.markdown_report(contents, "\n".join(lines))

@@ -25,7 +25,11 @@ from difflab.experiments.ncsn_common import LangevinConfig
 from difflab.experiments.runs import RunFolder, resolve_device
 from difflab.metrics import points as point_metrics
 from difflab.models.score import ScoreMLP
-from difflab.report.markdown import figure, table, timings_and_environment
+from difflab.report import sections
+from difflab.report.document import Report
+from difflab.report.markdown import figure_lines, table
+from difflab.report.render import write_report
+from difflab.report.rundata import RunContents, load_run
 from difflab.sampling.langevin import network_evaluations
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training.logging import RunLogger
@@ -242,20 +246,19 @@ def _run(
                 len(sigmas), drawn.settings["steps_per_level"], drawn.settings["denoise"]
             ),
         }
-    figures: dict[str, Path] = {}
     with run.stage("figures"):
         data = train_cloud.data
-        figures["samples"] = plots2d.scatter_over_data(
+        plots2d.scatter_over_data(
             samples, data, run.sub("figures", "samples.png"), f"{config.recipe}: annealed Langevin samples"
         )
-        figures["trajectory"] = plots2d.panels(
+        plots2d.panels(
             [(f"level {i}: σ = {sigma:.3g}" if i < len(sigmas) else "denoised", x) for i, sigma, x in drawn.trajectory],
             run.sub("figures", "langevin_trajectory.png"),
             "Annealed Langevin dynamics: the chains after each level",
             reference=data,
         )
-        figures.update(score_field_figures(run, model, data, sigmas, config.figures, device))
-        figures["loss"] = ncsn_common.dsm_loss_figure(run, logger, sigmas, "Denoising score matching loss")
+        score_field_figures(run, model, data, sigmas, config.figures, device)
+        ncsn_common.dsm_loss_figure(run, logger, sigmas, "Denoising score matching loss")
     logger.close()
     total = time.perf_counter() - wall
     summary = asdict(result)
@@ -265,7 +268,7 @@ def _run(
     metrics["timings_seconds"] = {k: round(v, 2) for k, v in run.timings.items()} | {"total": round(total, 2)}
     metrics["targets"] = points_targets(config, metrics)
     run.write_metrics(metrics)
-    write_report(run, config, metrics, figures)
+    write_report(build_report(load_run(run.path, require_complete=False)), run.path)
     run.complete()
     echo(
         f"[{config.recipe}] done in {total:.0f} s: nll_course {metrics['samples']['nll_course']:.3f} "
@@ -323,13 +326,16 @@ def points_targets(config: PointsNCSNConfig, metrics: dict[str, Any]) -> list[di
     ]
 
 
-def write_report(run: RunFolder, config: PointsNCSNConfig, metrics: dict[str, Any], figures: dict[str, Path]) -> Path:
+def build_report(contents: RunContents) -> Report:
+    """A ``states-ncsn`` / ``swissroll-ncsn`` run's report, from its folder alone (``difflab report RUN``)."""
+    config = contents.typed_config(points_config_class(contents.recipe)())
+    metrics, folder, figures = contents.metrics, contents.path, contents.figure_file
     s, r, sampling = metrics["samples"], metrics["real"], metrics["sampling"]
     noise, train = config.noise, metrics["training"]
     lines = [
         f"# {config.recipe}: a noise-conditional score network sampled by annealed Langevin dynamics",
         "",
-        f"Run folder `{run.path}`; config in `config.yaml`; every number below is also in `metrics.json`.",
+        f"Run folder `{folder}`; config in `config.yaml`; every number below is also in `metrics.json`.",
         "",
         f"Score MLP {list(config.model.hidden)} on `[x, enc(log sigma)]` (`{config.model.sigma_encoding}`), output "
         f"`{config.model.output}` ({OUTPUT_WORDS[config.model.output]}); "
@@ -369,20 +375,18 @@ def write_report(run: RunFolder, config: PointsNCSNConfig, metrics: dict[str, An
             "",
         ]
     lines += [
-        figure(figures["samples"], run.path, "Samples (blue) over the training data (grey)"),
-        "",
-        figure(figures["trajectory"], run.path, "The chains after each level (and after the denoising step)"),
-        "",
+        *figure_lines(figures("samples.png"), folder, "Samples (blue) over the training data (grey)"),
+        *figure_lines(
+            figures("langevin_trajectory.png"), folder, "The chains after each level (and after the denoising step)"
+        ),
         "## The learned score field",
         "",
-        figure(figures["score_field"], run.path, "Learned score at three noise levels next to the data"),
-        "",
-        figure(
-            figures["score_field_exact"],
-            run.path,
+        *figure_lines(figures("score_field.png"), folder, "Learned score at three noise levels next to the data"),
+        *figure_lines(
+            figures("score_field_exact.png"),
+            folder,
             "Exact score of the training points convolved with N(0, sigma^2 I): DSM's optimum on this data",
         ),
-        "",
         "## Training",
         "",
         f"{train['step']:,} AdamW steps of batch {config.train.batch_size}, lr {config.train.lr}, EMA "
@@ -399,9 +403,6 @@ def write_report(run: RunFolder, config: PointsNCSNConfig, metrics: dict[str, An
             ],
         ),
         "",
-        figure(figures["loss"], run.path, "Training and validation loss"),
-        "",
-    ] + timings_and_environment(metrics["timings_seconds"])
-    path = run.sub("report.md")
-    path.write_text("\n".join(lines))
-    return path
+        *figure_lines(figures("loss.png"), folder, "Training and validation loss"),
+    ]
+    return sections.markdown_report(contents, "\n".join(lines))

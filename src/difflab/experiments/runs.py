@@ -41,7 +41,6 @@ import yaml
 from difflab.config import dump_yaml, to_dict
 from difflab.errors import ConfigError, DifflabError
 from difflab.report.markdown import environment
-from difflab.report.render import html_beside_markdown
 from difflab.training import distributed
 from difflab.training.checkpoint import atomic_write_bytes, tensor_digest
 from difflab.training.trainer import RESUMABLE_CHANGES, TrainConfig
@@ -262,9 +261,7 @@ class RunFolder:
         return path
 
     def complete(self, message: str = "") -> None:
-        """Mark the run complete; a report the recipe wrote as Markdown alone gets its ``report.html`` beside it."""
-        if self.main and (self.path / "report.md").is_file() and not (self.path / "report.html").is_file():
-            html_beside_markdown(self.path)
+        """Mark the run complete (the recipe has written its report)."""
         self._write_status("complete", message)
 
     def fail(self, message: str) -> None:

@@ -41,6 +41,11 @@ def figure(path: Path, run_dir: Path, caption: str) -> str:
     return f"![{caption}]({relative.as_posix()})\n\n*{caption}*"
 
 
+def figure_lines(path: Path | None, run_dir: Path, caption: str) -> list[str]:
+    """:func:`figure` and a blank line, or nothing when the figure was not drawn (``path`` is ``None``)."""
+    return [] if path is None else [figure(path, run_dir, caption), ""]
+
+
 def environment() -> dict[str, str]:
     """Versions, device and threads of the machine that made the run."""
     import numpy
@@ -63,21 +68,3 @@ def environment() -> dict[str, str]:
     except Exception:  # running from a source tree that is not installed
         info["difflab"] = "source"
     return info
-
-
-def environment_table() -> str:
-    return table(["item", "value"], sorted(environment().items()))
-
-
-def timings_and_environment(timings_seconds: dict[str, float]) -> list[str]:
-    """The closing Markdown lines of a plain report: the seconds per stage, then the environment table."""
-    return [
-        "## Where the time goes",
-        "",
-        table(["stage", "seconds"], [[k, v] for k, v in timings_seconds.items()], digits=1),
-        "",
-        "## Environment",
-        "",
-        environment_table(),
-        "",
-    ]

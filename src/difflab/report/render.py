@@ -260,7 +260,7 @@ def report_from_markdown(text: str) -> Report:
     """A report written as Markdown text by a recipe (not built as a :class:`Report`) read back as one: ``#``
     title, ``##``/``###`` sections, paragraphs, pipe tables, ``- `` lists, fenced code and ``![caption](path)``
     figures (the ``*caption*`` line :func:`~difflab.report.markdown.figure` writes under each is the figure's own).
-    For :func:`html_beside_markdown`."""
+    For the recipes that write their report's body as Markdown (:func:`~difflab.report.sections.markdown_report`)."""
     lines = text.splitlines()
     title, top, sections = "", [], []  # blocks before the first section, then (title, level, blocks)
     last_caption = None
@@ -306,15 +306,3 @@ def report_from_markdown(text: str) -> Report:
         last_caption = None
     blocks = top + [Section(name, tuple(body), level) for name, level, body in sections]
     return Report(title or "Report", blocks)
-
-
-def html_beside_markdown(run_dir: str | Path, name: str = "report") -> Path | None:
-    """Write ``{name}.html`` from the hand-written ``{name}.md`` of ``run_dir`` (figures embedded, as
-    :func:`write_report` does for built reports); ``None`` when there is no such Markdown file."""
-    run_dir = Path(run_dir)
-    md_path = run_dir / f"{name}.md"
-    if not md_path.is_file():
-        return None
-    html_path = run_dir / f"{name}.html"
-    atomic_write_bytes(html_path, to_html(report_from_markdown(md_path.read_text()), run_dir).encode())
-    return html_path

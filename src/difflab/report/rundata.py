@@ -60,6 +60,11 @@ class RunContents:
         folder = self.path / "figures"
         return sorted(f"figures/{p.name}" for p in folder.glob("*.png")) if folder.is_dir() else []
 
+    def figure_file(self, name: str) -> Path | None:
+        """``figures/<name>`` of the run, or ``None`` when the run did not draw it."""
+        path = self.path / "figures" / name
+        return path if path.is_file() else None
+
     def typed_config(self, default: T) -> T:
         """``config.yaml`` read into the recipe's config dataclass (``default`` supplies missing keys)."""
         try:

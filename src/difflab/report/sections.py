@@ -7,7 +7,8 @@ import json
 import math
 from typing import Any
 
-from difflab.report.document import Block, BulletList, Code, Figure, Paragraph, Table, Value, metric
+from difflab.report.document import Block, BulletList, Code, Figure, Paragraph, Report, Table, Value, metric
+from difflab.report.render import report_from_markdown
 from difflab.report.rundata import TRAJECTORY_FILE, RunContents
 
 
@@ -180,6 +181,15 @@ def closing_sections(contents: RunContents) -> list[tuple[str, list[Block | None
             ],
         ),
     ]
+
+
+def markdown_report(contents: RunContents, body: str) -> Report:
+    """A report whose body a recipe writes as Markdown text (title, sections, tables, figures), read back as a
+    :class:`Report` and ended by :func:`closing_sections`, as every built report is."""
+    report = report_from_markdown(body)
+    for title, blocks in closing_sections(contents):
+        report.section(title, *blocks)
+    return report
 
 
 def bullet(items: list[str]) -> BulletList:
