@@ -374,6 +374,10 @@ def test_report_command_refuses_what_is_not_a_completed_run(tmp_path: Path, stat
     assert "recipe mnist-ncsn has no report style 'ddpm-vs-ddim'; choose one of default" in refuse(
         str(other), "--style", "ddpm-vs-ddim"
     )
+    # a builder that needs a number metrics.json lacks: one line naming the file, no traceback
+    (other / "config.yaml").write_text("recipe: mnist-ncsn\n")
+    message = refuse(str(other))
+    assert f"{other / 'metrics.json'} lacks what the mnist-ncsn report needs (KeyError: 'main')" in message
 
 
 def test_a_hand_written_markdown_report_reads_back_as_a_report(tmp_path: Path) -> None:

@@ -156,4 +156,11 @@ def report_run(
             flag = COMPANION_FLAGS.get(role, role)
             raise ConfigError(f"report style {style!r} of recipe {recipe.name} takes no {flag} run")
         extra[role] = load_run(other)
-    return write_report(builder(contents, **extra), contents.path, report_name(style))
+    try:
+        report = builder(contents, **extra)
+    except (KeyError, TypeError) as exc:  # a metrics.json edited by hand, or from another difflab version
+        raise ConfigError(
+            f"{contents.path / 'metrics.json'} lacks what the {recipe.name} report needs "
+            f"({type(exc).__name__}: {exc}); was it written by another version of difflab?"
+        ) from None
+    return write_report(report, contents.path, report_name(style))
