@@ -289,3 +289,49 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
     assert not torch.allclose(samples[:100], samples[100:])  # two shards drawn with different seeds
     info = json.loads((two / "checkpoints" / "denoiser.json").read_text())
     assert info["step"] == 20
+
+
+AUTOENCODER_QUICK = [
+    "data.source=digits", "progress=false", "autoencoder.train.steps=30", "autoencoder.train.log_every=1",
+]  # fmt: skip
+STATES_NCSN_QUICK = [
+    "progress=false", "model.hidden=[64,64]", "train.steps=30", "train.batch_size=256", "train.log_every=1",
+    "sampling.n=100", "langevin.steps_per_level=3", "figures.grid=6",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("recipe", "network", "overrides"),
+    [("autoencoder", "autoencoder", AUTOENCODER_QUICK), ("states-ncsn", "score", STATES_NCSN_QUICK)],
+)
+def test_torchrun_runs_more_recipes_as_one_process_would(tmp_path: Path, recipe, network, overrides) -> None:
+    """The autoencoder (its loss runs the DDP wrapper's forward) and the NCSN recipes train data-parallel too:
+    the same per-step losses as one process; rank 0 alone samples, scores, reports and speaks."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*command, "-m", "difflab", "run", recipe, f"run_dir={two}", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert result.stdout.count("run folder") == result.stdout.count("report: ") // 2 == 1  # rank 0 alone speaks
+    assert main(["run", recipe, f"run_dir={one}", *overrides]) == 0
+    single = read_series(one / "metrics.jsonl", f"{network}/train_loss")
+    double = read_series(two / "metrics.jsonl", f"{network}/train_loss")
+    assert single[0] == double[0] and len(single[0]) == 30
+    assert double[1] == pytest.approx(single[1], rel=SAME_MATHS_RTOL)
+    assert json.loads((two / "run.json").read_text())["status"] == "complete"
+    assert (two / "report.html").is_file()
+
+
+def test_recipes_that_run_in_one_process_refuse_torchrun(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for recipe in ("mnist-ldm", "rgb2ir"):
+        assert main(["run", recipe, f"run_dir={tmp_path / recipe}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"recipe {recipe} runs in a single process" in err, err
+        assert not (tmp_path / recipe).exists()  # refused before a run folder is made

@@ -24,15 +24,14 @@ from difflab.data.images import ImageSet
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
-from difflab.experiments.runs import RunFolder, resolve_device
+from difflab.experiments.runs import RunFolder, setup_ranks
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from difflab.models.unet import count_parameters
 from difflab.report import sections
 from difflab.report.document import Report
 from difflab.report.markdown import figure, table
-from difflab.report.render import write_report
-from difflab.report.rundata import RunContents, load_run
+from difflab.report.rundata import RunContents
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
 from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
@@ -229,7 +228,7 @@ def latent_statistics(vae: Any, images: torch.Tensor, batch_size: int = 500) -> 
 def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=print) -> RunFolder:
     """Train and evaluate the VAE into ``config.run_dir``."""
     wall = time.perf_counter()
-    device = resolve_device(config.device)
+    device, echo = setup_ranks(config.device, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
     run = RunFolder.open(config.run_dir, "autoencoder", config, fresh=fresh)
     with run.guard():
@@ -241,6 +240,9 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
             vae, result = train_autoencoder(
                 run, logger, train, heldout, config.autoencoder, config.seed, device, config.progress, echo
             )
+        if not run.main:  # rank 0 alone scores, draws and reports
+            logger.close()
+            return run
         ev = config.evaluation
         scored = heldout.images[: ev.n_heldout] if ev.n_heldout else heldout.images
         with run.stage("evaluate"):
@@ -290,7 +292,7 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = autoencoder_targets(metrics) if config.data.source == "mnist" else []
         run.write_metrics(metrics)
-        write_report(build_report(load_run(run.path, require_complete=False)), run.path)
+        run.write_report(build_report)
         run.complete()
     echo(
         f"[autoencoder] done in {metrics['timings_seconds']['total']:.0f} s: held-out PSNR {quality['psnr']:.2f} dB, "

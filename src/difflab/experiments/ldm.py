@@ -47,15 +47,14 @@ from difflab.experiments.autoencoder import (
     train_autoencoder,
 )
 from difflab.experiments.images import ImageDataConfig
-from difflab.experiments.runs import RunFolder, resolve_device
+from difflab.experiments.runs import RunFolder, single_process_device
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
 from difflab.report import sections
 from difflab.report.document import Report
 from difflab.report.markdown import figure_lines, table
-from difflab.report.render import write_report
-from difflab.report.rundata import RunContents, load_run
+from difflab.report.rundata import RunContents
 from difflab.seeding import mix_seed, seed_everything, seeded_generator
 from difflab.training import checkpoint as ckpt
 from difflab.training.logging import RunLogger, read_series
@@ -565,7 +564,7 @@ def measure_throughput(
 def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> RunFolder:
     """Latent diffusion (one model, or the whole comparison with ``config.table``) into ``config.run_dir``."""
     wall = time.perf_counter()
-    device = resolve_device(config.device)
+    device = single_process_device(config.device, "mnist-ldm")
     train, heldout = stages.load_image_data(config.data, config.seed)
     # The plain run and the table share a folder: the autoencoder, the latents and equal models are reused.
     run = RunFolder.open(
@@ -781,7 +780,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = ldm_targets(metrics, config)
         run.write_metrics(metrics)
-        write_report(build_report(load_run(run.path, require_complete=False)), run.path)
+        run.write_report(build_report)
         run.complete()
     echo(f"[mnist-ldm] done in {metrics['timings_seconds']['total']:.0f} s | report {run.sub('report.md')}")
     return run

@@ -35,10 +35,9 @@ from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
 from difflab.experiments.points2d import trajectory_recorder
-from difflab.experiments.runs import RunFolder, option_tags, resolve_device, setup_device
+from difflab.experiments.runs import RunFolder, option_tags, resolve_device, setup_ranks
 from difflab.models.unet import UNetConfig, count_parameters, describe
-from difflab.report.render import write_report
-from difflab.report.rundata import TRAJECTORY_FILE, load_run
+from difflab.report.rundata import TRAJECTORY_FILE
 from difflab.seeding import seed_everything
 from difflab.training import distributed
 from difflab.training.checkpoint import load_weights
@@ -198,9 +197,7 @@ def _setup(config: Any, recipe: str, fresh: bool, echo):
     """The config with its U-Net fitted to the data's channels and classes, device (joining torchrun's process
     group when launched by it), data and run folder; ranks other than 0 get a silent ``echo`` and a run folder
     that writes nothing."""
-    device = setup_device(config.device)
-    if not distributed.current().is_main:
-        echo = _quiet
+    device, echo = setup_ranks(config.device, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
     unet, fitted = stages.fit_unet_to_data(config.unet, train)
     if fitted:
@@ -208,10 +205,6 @@ def _setup(config: Any, recipe: str, fresh: bool, echo):
         echo(f"[{recipe}] from the data: {' '.join(fitted)}")
     run = RunFolder.open(config.run_dir, recipe, config, fresh=fresh)
     return config, device, train, heldout, run, echo
-
-
-def _quiet(message: str) -> None:
-    """The ``echo`` of ranks other than 0."""
 
 
 def _train_only(config: Any, recipe: str, fresh: bool, echo, **extra: Any) -> RunFolder:
@@ -404,7 +397,7 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> 
         run.write_metrics(metrics)
         from difflab.experiments.mnist_reports import build_ddpm_report
 
-        write_report(build_ddpm_report(load_run(run.path, require_complete=False)), run.path)
+        run.write_report(build_ddpm_report)
         run.complete()
     score = f"FID {metrics['ddim']['fid']:.2f}" if "fid" in metrics["ddim"] else "not scored"
     echo(
@@ -682,7 +675,7 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
         run.write_metrics(metrics)
         from difflab.experiments.mnist_reports import build_cfg_report
 
-        write_report(build_cfg_report(load_run(run.path, require_complete=False)), run.path)
+        run.write_report(build_cfg_report)
         run.complete()
     main_scores = metrics["main"]
     score = f"FID {main_scores['fid']:.2f}" if "fid" in main_scores else "not scored"

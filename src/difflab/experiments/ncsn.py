@@ -32,14 +32,13 @@ from difflab.experiments import images as stages
 from difflab.experiments import ncsn_common
 from difflab.experiments.images import ImageDataConfig
 from difflab.experiments.ncsn_common import LangevinConfig, LangevinSamples
-from difflab.experiments.runs import RunFolder, resolve_device
+from difflab.experiments.runs import RunFolder, setup_ranks
 from difflab.models.score import SCORE_OUTPUTS, NoiseConditionalUNet
 from difflab.models.unet import UNetConfig, count_parameters, describe
 from difflab.report import sections
 from difflab.report.document import Report
 from difflab.report.markdown import figure_lines, table
-from difflab.report.render import write_report
-from difflab.report.rundata import RunContents, load_run
+from difflab.report.rundata import RunContents
 from difflab.sampling.langevin import network_evaluations
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training.logging import RunLogger
@@ -253,7 +252,7 @@ def targets(main: dict[str, Any], comparison: dict[str, Any] | None) -> list[dic
 def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> RunFolder:
     """The NCSN recipe into ``config.run_dir``."""
     wall = time.perf_counter()
-    device = resolve_device(config.device)
+    device, echo = setup_ranks(config.device, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
     run = RunFolder.open(config.run_dir, "mnist-ncsn", config, fresh=fresh)
     with run.guard():
@@ -267,7 +266,7 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> 
             f"{float(sigmas[-1]):g} | device {device}"
         )
         with run.stage("evaluator"):
-            evaluator = stages.evaluator_for(config.data, device, echo)
+            evaluator = stages.evaluator_for(config.data, device, echo) if run.main else None
         with run.stage("train"):
             torch.manual_seed(mix_seed(config.seed, 0, 92))
             model = build_score_unet(config, train.channels, device)
@@ -290,6 +289,9 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> 
                 device,
                 config.progress,
             )
+        if not run.main:  # rank 0 alone samples, scores, draws and reports
+            logger.close()
+            return run
         sweep_rows: list[dict[str, Any]] = []
         sweep_strips: list[tuple[str, torch.Tensor]] = []
         with run.stage("sweep"):
@@ -390,7 +392,7 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> 
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = targets(metrics["main"], comparison)
         run.write_metrics(metrics)
-        write_report(build_report(load_run(run.path, require_complete=False)), run.path)
+        run.write_report(build_report)
         run.complete()
     main = metrics["main"]
     echo(

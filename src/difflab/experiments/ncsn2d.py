@@ -22,14 +22,13 @@ from difflab.diffusion.score_matching import NoiseLevelsConfig
 from difflab.errors import ConfigError
 from difflab.experiments import ncsn_common, points2d, states
 from difflab.experiments.ncsn_common import LangevinConfig
-from difflab.experiments.runs import RunFolder, resolve_device
+from difflab.experiments.runs import RunFolder, setup_ranks
 from difflab.metrics import points as point_metrics
 from difflab.models.score import ScoreMLP
 from difflab.report import sections
 from difflab.report.document import Report
 from difflab.report.markdown import figure_lines, table
-from difflab.report.render import write_report
-from difflab.report.rundata import RunContents, load_run
+from difflab.report.rundata import RunContents
 from difflab.sampling.langevin import network_evaluations
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training.logging import RunLogger
@@ -177,7 +176,7 @@ def empirical_score(points: torch.Tensor, data: torch.Tensor, sigma: float, chun
 def run_points_ncsn(config: PointsNCSNConfig, fresh: bool = False, echo=print) -> RunFolder:
     """Run a 2-D NCSN recipe into ``config.run_dir``; returns the completed run folder."""
     wall = time.perf_counter()
-    device = resolve_device(config.device)
+    device, echo = setup_ranks(config.device, echo)
     train_cloud, heldout_cloud = load_points(config)
     run = RunFolder.open(config.run_dir, config.recipe, config, fresh=fresh)
     with run.guard():
@@ -219,6 +218,9 @@ def _run(
             device,
             config.progress,
         )
+    if not run.main:  # rank 0 alone samples, scores, draws and reports
+        logger.close()
+        return run
     with run.stage("sample (annealed Langevin)"):
         drawn = ncsn_common.sample_langevin(
             model,
@@ -268,7 +270,7 @@ def _run(
     metrics["timings_seconds"] = {k: round(v, 2) for k, v in run.timings.items()} | {"total": round(total, 2)}
     metrics["targets"] = points_targets(config, metrics)
     run.write_metrics(metrics)
-    write_report(build_report(load_run(run.path, require_complete=False)), run.path)
+    run.write_report(build_report)
     run.complete()
     echo(
         f"[{config.recipe}] done in {total:.0f} s: nll_course {metrics['samples']['nll_course']:.3f} "

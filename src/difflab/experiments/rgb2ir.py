@@ -46,7 +46,7 @@ from difflab.data.paired import PairedData, PairedSet, load_paired_folders, name
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments.autoencoder import build_autoencoder, load_autoencoder_run
-from difflab.experiments.runs import RunFolder, resolve_device
+from difflab.experiments.runs import RunFolder, resolve_device, single_process_device
 from difflab.metrics.image_quality import at_low_resolution, guided_filter, psnr, ssim
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
@@ -835,7 +835,7 @@ def score_images(
 def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFolder:
     """Translate RGB to IR in latent space into ``config.run_dir`` (see the module docstring)."""
     wall = time.perf_counter()
-    device = resolve_device(config.device)
+    device = single_process_device(config.device, "rgb2ir")
     # Enabling the inversion or changing what is scored reuses the folder: the autoencoder, the latent cache and the
     # regressors are resumed as they are (their checkpoints check their own settings).
     run = RunFolder.open(
@@ -1000,10 +1000,7 @@ def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFold
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
         metrics["targets"] = rgb2ir_targets(metrics)
         run.write_metrics(metrics)
-        from difflab.report.render import write_report
-        from difflab.report.rundata import load_run
-
-        write_report(build_report(load_run(run.path, require_complete=False)), run.path)
+        run.write_report(build_report)
         run.complete()
     echo(
         f"[rgb2ir] done in {metrics['timings_seconds']['total']:.0f} s: {config.evaluation.headline} PSNR "

@@ -26,10 +26,11 @@ In a data-parallel run (torchrun) every rank gets a :class:`RunFolder`, but only
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,10 @@ import yaml
 
 from difflab.config import dump_yaml, to_dict
 from difflab.errors import ConfigError, DifflabError
+from difflab.report.document import Report
 from difflab.report.markdown import environment
+from difflab.report.render import write_report
+from difflab.report.rundata import RunContents, load_run
 from difflab.training import distributed
 from difflab.training.checkpoint import atomic_write_bytes, tensor_digest
 from difflab.training.trainer import RESUMABLE_CHANGES, TrainConfig
@@ -83,6 +87,31 @@ def setup_device(name: str) -> torch.device:
     (NCCL on GPUs, each rank on ``cuda:LOCAL_RANK``; gloo on CPU). A single process gets ``resolve_device``."""
     device, _ = distributed.init_from_env(resolve_device(name))
     return device
+
+
+def setup_ranks(name: str, echo: Callable[[str], object]) -> tuple[torch.device, Callable[[str], object]]:
+    """:func:`setup_device`, and this rank's ``echo``: the given one on rank 0 (or a single process), a silent one
+    on the other ranks of a torchrun job (rank 0 alone speaks)."""
+    device = setup_device(name)
+    return device, (echo if distributed.current().is_main else _silent)
+
+
+def _silent(message: str) -> object:
+    """The ``echo`` of ranks other than 0."""
+    return None
+
+
+def single_process_device(name: str, recipe: str) -> torch.device:
+    """:func:`resolve_device` for a recipe that runs in one process: a torchrun launch of more than one process is
+    refused with one line (its processes would each run the whole recipe into the same folder)."""
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if world != "1":
+        raise ConfigError(
+            f"recipe {recipe} runs in a single process; launch it without torchrun (WORLD_SIZE={world}). "
+            "Data-parallel recipes: states, the 2-D toys, mnist-ddpm, mnist-cfg, mnist-ncsn, the 2-D NCSN recipes "
+            "and autoencoder"
+        )
+    return resolve_device(name)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -259,6 +288,12 @@ class RunFolder:
             return path
         atomic_write_bytes(path, (json.dumps(metrics, indent=2, default=float) + "\n").encode())
         return path
+
+    def write_report(self, build: Callable[[RunContents], Report]) -> None:
+        """Write ``report.md`` and ``report.html``, built by ``build`` from the folder as the recipe has written it so
+        far (the same builder ``difflab report RUN`` calls); rank 0 alone, after :meth:`write_metrics`."""
+        if self.main:
+            write_report(build(load_run(self.path, require_complete=False)), self.path)
 
     def complete(self, message: str = "") -> None:
         """Mark the run complete (the recipe has written its report)."""

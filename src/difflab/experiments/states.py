@@ -22,14 +22,13 @@ from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import points2d
 from difflab.experiments.points2d import DenoiserTrainConfig, MLPConfig, Splits
-from difflab.experiments.runs import RunFolder, setup_device
+from difflab.experiments.runs import RunFolder, setup_ranks
 from difflab.metrics import points as point_metrics
 from difflab.models.mlp import NoisyClassifierMLP
 from difflab.report import sections
 from difflab.report.document import MetricRow, MetricTable, Paragraph, Report, Table, metric
 from difflab.report.references import reference_text, reference_value
-from difflab.report.render import write_report
-from difflab.report.rundata import TRAJECTORY_FILE, RunContents, load_run
+from difflab.report.rundata import TRAJECTORY_FILE, RunContents
 from difflab.sampling.guidance import ClassifierGuidance
 from difflab.seeding import mix_seed, seed_everything, seeded_generator
 from difflab.training import distributed
@@ -242,16 +241,10 @@ def train_classifier(
 
 
 def _open(config: StatesConfig, fresh: bool, echo):
-    device = setup_device(config.device)
-    if not distributed.current().is_main:
-        echo = _quiet
+    device, echo = setup_ranks(config.device, echo)
     train_cloud, heldout_cloud, shipped = load_data(config.data, config.seed)
     run = RunFolder.open(config.run_dir, "states", config, fresh=fresh)
     return device, train_cloud, heldout_cloud, shipped, run, echo
-
-
-def _quiet(message: str) -> None:
-    """The ``echo`` of ranks other than 0: one process speaks for a data-parallel run."""
 
 
 def run_states(config: StatesConfig, fresh: bool = False, echo=print) -> RunFolder:
@@ -442,7 +435,7 @@ def _run(
     metrics["data"] = data_summary(splits, config.data, shipped)
     metrics["device"] = str(device)
     run.write_metrics(metrics)
-    write_report(build_report(load_run(run.path, require_complete=False)), run.path)
+    run.write_report(build_report)
     run.complete()
     echo(
         f"[states] done in {total:.0f} s: unconditional nll_course {metrics['uncond']['nll_course']:.3f} "

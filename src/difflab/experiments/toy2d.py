@@ -18,15 +18,13 @@ from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import points2d
 from difflab.experiments.points2d import DenoiserTrainConfig, MLPConfig
-from difflab.experiments.runs import RunFolder, setup_device
+from difflab.experiments.runs import RunFolder, setup_ranks
 from difflab.metrics import points as point_metrics
 from difflab.report import sections
 from difflab.report.document import MetricRow, MetricTable, Paragraph, Report, metric
 from difflab.report.references import reference_text
-from difflab.report.render import write_report
-from difflab.report.rundata import TRAJECTORY_FILE, RunContents, load_run
+from difflab.report.rundata import TRAJECTORY_FILE, RunContents
 from difflab.seeding import mix_seed, seed_everything
-from difflab.training import distributed
 from difflab.training.logging import RunLogger
 from difflab.viz import plots2d
 
@@ -121,17 +119,11 @@ def toy_config_class(name: str) -> Any:
 
 
 def _open(config: ToyConfig, fresh: bool, echo):
-    device = setup_device(config.device)
-    if not distributed.current().is_main:
-        echo = _quiet
+    device, echo = setup_ranks(config.device, echo)
     train = make_toy(config.recipe, config.data.n_train, config.data.noise, seed=0)
     heldout = make_toy(config.recipe, config.data.n_heldout, config.data.noise, seed=1)
     run = RunFolder.open(config.run_dir or f"runs/{config.recipe}", config.recipe, config, fresh=fresh)
     return device, train, heldout, run, echo
-
-
-def _quiet(message: str) -> None:
-    """The ``echo`` of ranks other than 0."""
 
 
 def run_toy(config: ToyConfig, fresh: bool = False, echo=print) -> RunFolder:
@@ -266,7 +258,7 @@ def _run(run: RunFolder, config: ToyConfig, device: torch.device, train, heldout
     }
     metrics["device"] = str(device)
     run.write_metrics(metrics)
-    write_report(build_report(load_run(run.path, require_complete=False)), run.path)
+    run.write_report(build_report)
     run.complete()
     echo(
         f"[{config.recipe}] done in {total:.0f} s: nll_course {metrics['samples']['nll_course']:.3f} "

@@ -30,9 +30,10 @@ def autoencoder_loss(
     """
     if reconstruction not in RECONSTRUCTIONS:
         raise ConfigError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}, got {reconstruction!r}")
-    mean, log_variance = model.encode_moments(images)
-    noise = batch_randn(tuple(mean.shape), generator, mean.device)
-    recon = model.decode_raw(mean + torch.exp(0.5 * log_variance) * noise)
+    network = getattr(model, "module", model)  # under DDP the wrapper's forward must run (gradient all-reduce)
+    latent = network.latent_shape(tuple(images.shape[1:]))
+    noise = batch_randn((len(images), *latent), generator, images.device)
+    recon, mean, log_variance = model(images, noise)
     error = recon - images
     rec = error.abs().mean() if reconstruction == "l1" else (error**2).mean()
     kl = 0.5 * (mean**2 + torch.exp(log_variance) - 1.0 - log_variance).flatten(1).sum(dim=1)
