@@ -57,6 +57,13 @@ def test_kl_term_is_the_closed_form() -> None:
         def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
             return torch.zeros(z.shape[0], 1, 4, 4)
 
+        def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, int, int]:
+            return (2, 2, 2)
+
+        def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            mean, log_variance = self.encode_moments(images)
+            return self.decode_raw(mean + torch.exp(0.5 * log_variance) * noise), mean, log_variance
+
     images = torch.full((5, 1, 4, 4), 0.2)
     loss, parts = autoencoder_loss(Fixed(), images, torch.Generator().manual_seed(0), kl_weight=2.0)
     kl = 8 * 0.5 * (0.25 + 0.25 - 1 - math.log(0.25))

@@ -23,10 +23,12 @@ def autoencoder_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L = rec(x, D(z)) + kl_weight * KL(q(z | x) || N(0, I))`` with ``z = mu + sigma * eps`` (reparameterised).
 
-    images: (B, C, H, W) in [-1, 1]. ``rec`` is the mean absolute (``l1``) or squared (``l2``) error per pixel;
-    the KL (``0.5 sum(mu^2 + sigma^2 - 1 - log sigma^2)`` per image) is divided by the number of pixels too, so
-    ``kl_weight`` has the meaning of the LDM code's (whose losses are both sums per image). Returns the loss and
-    its parts (``reconstruction``, ``kl`` per image in nats).
+    ``model`` (a :class:`~difflab.models.autoencoder.KLAutoencoder`, or the DDP wrapper of one) is called as
+    ``model(images, noise) -> (reconstruction, mean, log_variance)``; ``noise`` has the shape of its
+    ``latent_shape``. images: (B, C, H, W) in [-1, 1]. ``rec`` is the mean absolute (``l1``) or squared (``l2``)
+    error per pixel; the KL (``0.5 sum(mu^2 + sigma^2 - 1 - log sigma^2)`` per image) is divided by the number of
+    pixels too, so ``kl_weight`` has the meaning of the LDM code's (whose losses are both sums per image). Returns
+    the loss and its parts (``reconstruction``, ``kl`` per image in nats).
     """
     if reconstruction not in RECONSTRUCTIONS:
         raise ConfigError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}, got {reconstruction!r}")
