@@ -47,7 +47,7 @@ from difflab.experiments.autoencoder import (
     train_autoencoder,
 )
 from difflab.experiments.images import ImageDataConfig
-from difflab.experiments.runs import RunFolder, single_process_device
+from difflab.experiments.runs import RunFolder, setup_ranks
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
@@ -458,9 +458,11 @@ def cached_latents(
     batch_size: int,
     device: torch.device,
     echo: Any = print,
+    save: bool = True,
 ) -> tuple[ImageSet, ImageSet, dict[str, Any]]:
     """``(train latents, held-out latents, info)``: read from ``RUN/latents/latents-<key>.safetensors`` when the key
-    (a hash of the autoencoder's weights and scaling factor and of the images) matches, else encoded and saved."""
+    (a hash of the autoencoder's weights and scaling factor and of the images) matches, else encoded and saved
+    (``save=False``: not saved, for the ranks other than 0 of a torchrun job)."""
     weights = ckpt.tensor_digest({k: v for k, v in vae.state_dict().items()})
     key = hashlib.sha256(f"{weights}|{vae.scaling_factor!r}|{data_digest(train, heldout)}".encode()).hexdigest()[:16]
     path = Path(run_dir) / "latents" / f"latents-{key}.safetensors"
@@ -489,7 +491,8 @@ def cached_latents(
         "scaling_factor": repr(vae.scaling_factor),
         "autoencoder": vae.description,
     }
-    ckpt.atomic_save_tensors(tensors, path, metadata)
+    if save:
+        ckpt.atomic_save_tensors(tensors, path, metadata)
     return (
         ImageSet(tensors["train"], tensors["train_labels"], train.class_names),
         ImageSet(tensors["heldout"], tensors["heldout_labels"], heldout.class_names),
@@ -564,7 +567,7 @@ def measure_throughput(
 def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> RunFolder:
     """Latent diffusion (one model, or the whole comparison with ``config.table``) into ``config.run_dir``."""
     wall = time.perf_counter()
-    device = single_process_device(config.device, "mnist-ldm")
+    device, echo = setup_ranks(config.device, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
     # The plain run and the table share a folder: the autoencoder, the latents and equal models are reused.
     run = RunFolder.open(
@@ -579,7 +582,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
             f"{' | the full table' if config.table else ''}"
         )
         with run.stage("evaluator"):
-            evaluator = stages.evaluator_for(config.data, device, echo)
+            evaluator = stages.evaluator_for(config.data, device, echo) if run.main else None
         with run.stage("autoencoder"):
             vae, vae_info = prepare_autoencoder(config, run, logger, train, heldout, device, echo)
             scored = heldout.images[: config.vae.eval_images]
@@ -588,7 +591,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
             )
         with run.stage("latents"):
             train_latents, heldout_latents, cache_info = cached_latents(
-                run.path, vae, train, heldout, config.vae.batch_size, device, echo
+                run.path, vae, train, heldout, config.vae.batch_size, device, echo, save=run.main
             )
         latent_shape = tuple(train_latents.images.shape[1:])
         latent_bound = latent_clip_bound(config, train_latents)
@@ -687,9 +690,14 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                         clip_x0=clip_x0,
                         decode=decode if variant.space == "latent" else None,
                     )
-                stages.save_samples(run.sub("samples", f"{slug}.pt"), sampled)
-                record = {**identity, "seconds": sampled.seconds, "network_evaluations": sampled.network_evaluations}
-                ckpt.atomic_write_bytes(run.sub("samples", f"{slug}.json"), json.dumps(record).encode())
+                if run.main:  # every rank draws its shard of the samples; rank 0 keeps them
+                    stages.save_samples(run.sub("samples", f"{slug}.pt"), sampled)
+                    record = {
+                        **identity,
+                        "seconds": sampled.seconds,
+                        "network_evaluations": sampled.network_evaluations,
+                    }
+                    ckpt.atomic_write_bytes(run.sub("samples", f"{slug}.json"), json.dumps(record).encode())
             with run.stage("evaluate"):
                 scores = {"n": len(sampled.images)} if evaluator is None else evaluator.evaluate(sampled.images, labels)
             steps = row.steps or schedule.num_timesteps
@@ -712,6 +720,9 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                 f"[mnist-ldm] {row.label}: FID {scores.get('fid', float('nan')):.2f}, "
                 f"{results[-1]['seconds_per_1000']:.1f} s per 1,000 images"
             )
+        if not run.main:  # rank 0 alone scores, draws and reports
+            logger.close()
+            return run
         vlb: dict[str, Any] = {}
         with run.stage("vlb"):
             count = config.evaluation.vlb_images

@@ -108,8 +108,8 @@ def single_process_device(name: str, recipe: str) -> torch.device:
     if world != "1":
         raise ConfigError(
             f"recipe {recipe} runs in a single process; launch it without torchrun (WORLD_SIZE={world}). "
-            "Data-parallel recipes: states, the 2-D toys, mnist-ddpm, mnist-cfg, mnist-ncsn, the 2-D NCSN recipes "
-            "and autoencoder"
+            "Data-parallel recipes: states, the 2-D toys, mnist-ddpm, mnist-cfg, mnist-ncsn, mnist-ldm, the 2-D NCSN "
+            "recipes and autoencoder"
         )
     return resolve_device(name)
 
