@@ -231,3 +231,58 @@ def test_an_os_error_names_the_file_asked_for_not_the_atomic_writers_temporary(t
     hidden = OSError(errno.ENOENT, "No such file or directory", str(tmp_path / "gone" / ".x.png.tmp-123"))
     assert os_error_message(hidden) == f"No such file or directory: {tmp_path / 'gone' / 'x.png'}"
     assert os_error_message(OSError("plain")) == "plain"
+
+
+TRAIN_THEN_RUN = {
+    "autoencoder": (["data.source=digits", "autoencoder.train.steps=20"], ["autoencoder"]),
+    "states-ncsn": (
+        ["model.hidden=[32,32]", "train.steps=30", "sampling.n=50", "langevin.steps_per_level=2", "figures.grid=5"],
+        ["score"],
+    ),
+    "mnist-ncsn": (
+        [
+            "data.source=digits", "train.steps=10", "unet.base_channels=8", "sweep.c=[0.1]",
+            "sweep.steps_per_level=[1]", "sweep.n_samples=4", "evaluation.n_samples=8", "evaluation.grid_size=4",
+            "langevin.steps_per_level=1",
+        ],
+        ["score"],
+    ),
+    "mnist-ldm": (
+        [
+            "data.source=digits", "vae.training.model.base_channels=8", "vae.training.model.channel_mults=[1,2]",
+            "vae.training.train.steps=10", "vae.eval_images=20", "schedule.num_timesteps=10", "unet.base_channels=8",
+            "unet.num_res_blocks=1", "unet.attention_head_channels=8", "train.steps=10", "train.batch_size=16",
+            "evaluation.n_samples=10", "evaluation.batch_size=10", "evaluation.vlb_images=2",
+            "evaluation.ddim_steps=[2]", "evaluation.respaced_steps=2", "evaluation.throughput_batch=2",
+            "guidance.sweep=[2]", "guidance.grid_per_digit=1",
+        ],
+        ["autoencoder", "latent-cfg"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", list(TRAIN_THEN_RUN))
+def test_train_command_trains_alone_and_run_goes_on_from_it(recipe: str, tmp_path: Path, capsys) -> None:
+    """`difflab train` of the NCSN, autoencoder and latent recipes: exported weights and a complete run with no
+    samples, scores or report; `difflab run` with the same config then resumes every network as trained."""
+    overrides, networks = TRAIN_THEN_RUN[recipe]
+    run_dir = tmp_path / recipe
+    assert main(["train", recipe, f"run_dir={run_dir}", "progress=false", *overrides]) == 0
+    assert f"weights: {run_dir / 'checkpoints'}" in capsys.readouterr().out
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "complete" and "difflab train" in record["message"]
+    for name in networks:
+        assert (run_dir / "checkpoints" / f"{name}.safetensors").is_file(), name
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "report.md").exists()
+    assert main(["run", recipe, f"run_dir={run_dir}", "progress=false", *overrides]) == 0
+    output = capsys.readouterr().out
+    for name in networks:
+        assert f"[{name}] resumed from step" in output and "(training already complete)" in output, name
+    assert (run_dir / "report.html").is_file()
+
+
+def test_train_command_refuses_rgb2ir_in_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["train", "rgb2ir", f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert err == "difflab: error: `difflab train` is not available for recipe rgb2ir; use `difflab run`\n"
+    assert not (tmp_path / "r").exists()

@@ -81,6 +81,7 @@ def recipes() -> dict[str, Recipe]:
             ncsn.MnistNCSNConfig,
             ncsn.run_mnist_ncsn,
             "MNIST noise-conditional score network (DSM) sampled by annealed Langevin dynamics, (c, T) sweep",
+            ncsn.train_mnist_ncsn,
             reports={DEFAULT_STYLE: ncsn.build_report},
         ),
         Recipe(
@@ -88,6 +89,7 @@ def recipes() -> dict[str, Recipe]:
             autoencoder.AutoencoderRecipeConfig,
             autoencoder.run_autoencoder,
             "KL-regularised VAE for latent diffusion: PSNR/SSIM, compression, scaling factor",
+            autoencoder.train_autoencoder_recipe,
             reports={DEFAULT_STYLE: autoencoder.build_report},
         ),
         Recipe(
@@ -95,6 +97,7 @@ def recipes() -> dict[str, Recipe]:
             ldm.MnistLDMConfig,
             ldm.run_mnist_ldm,
             "Latent diffusion + CFG, cosine schedule, learned variance, respacing; --table for the comparison",
+            ldm.train_mnist_ldm,
             reports={DEFAULT_STYLE: ldm.build_report},
         ),
         Recipe(
@@ -112,6 +115,7 @@ def recipes() -> dict[str, Recipe]:
                 ncsn2d.points_config_class(name),
                 ncsn2d.run_points_ncsn,
                 f"NCSN on {data}: score MLP, annealed Langevin samples, score field, NLL",
+                ncsn2d.train_points_ncsn,
                 reports={DEFAULT_STYLE: ncsn2d.build_report},
             )
         )

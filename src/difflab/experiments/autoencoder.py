@@ -24,7 +24,7 @@ from difflab.data.images import ImageSet
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
-from difflab.experiments.runs import RunFolder, setup_ranks
+from difflab.experiments.runs import RunFolder, setup_ranks, trained_only
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from difflab.models.unet import count_parameters
@@ -225,8 +225,10 @@ def latent_statistics(vae: Any, images: torch.Tensor, batch_size: int = 500) -> 
 
 
 # --------------------------------------------------------------------------------------------------------------
-def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=print) -> RunFolder:
-    """Train and evaluate the VAE into ``config.run_dir``."""
+def run_autoencoder(
+    config: AutoencoderRecipeConfig, fresh: bool = False, echo=print, train_only: bool = False
+) -> RunFolder:
+    """Train and evaluate the VAE into ``config.run_dir`` (``train_only``: ``difflab train``, no evaluation)."""
     wall = time.perf_counter()
     device, echo = setup_ranks(config.device, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
@@ -240,9 +242,9 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
             vae, result = train_autoencoder(
                 run, logger, train, heldout, config.autoencoder, config.seed, device, config.progress, echo
             )
-        if not run.main:  # rank 0 alone scores, draws and reports
+        if train_only or not run.main:  # `difflab train`; or a rank other than 0 (rank 0 alone scores and reports)
             logger.close()
-            return run
+            return trained_only(run, "autoencoder", wall, echo) if train_only else run
         ev = config.evaluation
         scored = heldout.images[: ev.n_heldout] if ev.n_heldout else heldout.images
         with run.stage("evaluate"):
@@ -299,6 +301,11 @@ def run_autoencoder(config: AutoencoderRecipeConfig, fresh: bool = False, echo=p
         f"SSIM {quality['ssim']:.4f}, latent {metrics['compression']['latent_shape']} | report {run.sub('report.md')}"
     )
     return run
+
+
+def train_autoencoder_recipe(config: AutoencoderRecipeConfig, fresh: bool = False, echo=print) -> RunFolder:
+    """``difflab train autoencoder``: the VAE's training and its exported weights alone."""
+    return run_autoencoder(config, fresh, echo, train_only=True)
 
 
 def autoencoder_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:

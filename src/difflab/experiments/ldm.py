@@ -47,7 +47,7 @@ from difflab.experiments.autoencoder import (
     train_autoencoder,
 )
 from difflab.experiments.images import ImageDataConfig
-from difflab.experiments.runs import RunFolder, setup_ranks
+from difflab.experiments.runs import RunFolder, setup_ranks, trained_only
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
@@ -564,8 +564,9 @@ def measure_throughput(
 
 
 # --------------------------------------------------------------------------------------------------------------
-def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> RunFolder:
-    """Latent diffusion (one model, or the whole comparison with ``config.table``) into ``config.run_dir``."""
+def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train_only: bool = False) -> RunFolder:
+    """Latent diffusion (one model, or the whole comparison with ``config.table``) into ``config.run_dir``
+    (``train_only``: ``difflab train``, the autoencoder, the latent cache and the diffusion models alone)."""
     wall = time.perf_counter()
     device, echo = setup_ranks(config.device, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
@@ -582,7 +583,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
             f"{' | the full table' if config.table else ''}"
         )
         with run.stage("evaluator"):
-            evaluator = stages.evaluator_for(config.data, device, echo) if run.main else None
+            evaluator = stages.evaluator_for(config.data, device, echo) if run.main and not train_only else None
         with run.stage("autoencoder"):
             vae, vae_info = prepare_autoencoder(config, run, logger, train, heldout, device, echo)
             scored = heldout.images[: config.vae.eval_images]
@@ -645,6 +646,9 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
                 "final_validation": result.final_validation,
                 "weights_sha256": ckpt.tensor_digest(model.state_dict()),
             }
+        if train_only:
+            logger.close()
+            return trained_only(run, "mnist-ldm", wall, echo)
         results = []
         decode = vae.decode
         for row in rows:
@@ -795,6 +799,11 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> Ru
         run.complete()
     echo(f"[mnist-ldm] done in {metrics['timings_seconds']['total']:.0f} s | report {run.sub('report.md')}")
     return run
+
+
+def train_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> RunFolder:
+    """``difflab train mnist-ldm`` (``table=true`` too): the autoencoder and every diffusion model, exported."""
+    return run_mnist_ldm(config, fresh, echo, train_only=True)
 
 
 def _reuse_samples(run: RunFolder, slug: str, identity: dict[str, Any]) -> stages.SampleResult | None:

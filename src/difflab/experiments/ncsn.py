@@ -32,7 +32,7 @@ from difflab.experiments import images as stages
 from difflab.experiments import ncsn_common
 from difflab.experiments.images import ImageDataConfig
 from difflab.experiments.ncsn_common import LangevinConfig, LangevinSamples
-from difflab.experiments.runs import RunFolder, setup_ranks
+from difflab.experiments.runs import RunFolder, setup_ranks, trained_only
 from difflab.models.score import SCORE_OUTPUTS, NoiseConditionalUNet
 from difflab.models.unet import UNetConfig, count_parameters, describe
 from difflab.report import sections
@@ -249,8 +249,8 @@ def targets(main: dict[str, Any], comparison: dict[str, Any] | None) -> list[dic
     return rows
 
 
-def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> RunFolder:
-    """The NCSN recipe into ``config.run_dir``."""
+def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print, train_only: bool = False) -> RunFolder:
+    """The NCSN recipe into ``config.run_dir`` (``train_only``: ``difflab train``, the score network alone)."""
     wall = time.perf_counter()
     device, echo = setup_ranks(config.device, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
@@ -266,7 +266,7 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> 
             f"{float(sigmas[-1]):g} | device {device}"
         )
         with run.stage("evaluator"):
-            evaluator = stages.evaluator_for(config.data, device, echo) if run.main else None
+            evaluator = stages.evaluator_for(config.data, device, echo) if run.main and not train_only else None
         with run.stage("train"):
             torch.manual_seed(mix_seed(config.seed, 0, 92))
             model = build_score_unet(config, train.channels, device)
@@ -289,9 +289,9 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> 
                 device,
                 config.progress,
             )
-        if not run.main:  # rank 0 alone samples, scores, draws and reports
+        if train_only or not run.main:  # `difflab train`; or a rank other than 0 (rank 0 alone samples and scores)
             logger.close()
-            return run
+            return trained_only(run, "mnist-ncsn", wall, echo) if train_only else run
         sweep_rows: list[dict[str, Any]] = []
         sweep_strips: list[tuple[str, torch.Tensor]] = []
         with run.stage("sweep"):
@@ -401,6 +401,11 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> 
         f"{main.get('inception_score', float('nan')):.2f} | report {run.sub('report.md')}"
     )
     return run
+
+
+def train_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> RunFolder:
+    """``difflab train mnist-ncsn``: the score network's training and its exported weights alone."""
+    return run_mnist_ncsn(config, fresh, echo, train_only=True)
 
 
 def _images_per_second(result: Any, train: TrainConfig) -> float | None:

@@ -22,7 +22,7 @@ from difflab.diffusion.score_matching import NoiseLevelsConfig
 from difflab.errors import ConfigError
 from difflab.experiments import ncsn_common, points2d, states
 from difflab.experiments.ncsn_common import LangevinConfig
-from difflab.experiments.runs import RunFolder, setup_ranks
+from difflab.experiments.runs import RunFolder, setup_ranks, trained_only
 from difflab.metrics import points as point_metrics
 from difflab.models.score import ScoreMLP
 from difflab.report import sections
@@ -173,15 +173,21 @@ def empirical_score(points: torch.Tensor, data: torch.Tensor, sigma: float, chun
     return torch.cat(out)
 
 
-def run_points_ncsn(config: PointsNCSNConfig, fresh: bool = False, echo=print) -> RunFolder:
-    """Run a 2-D NCSN recipe into ``config.run_dir``; returns the completed run folder."""
+def run_points_ncsn(config: PointsNCSNConfig, fresh: bool = False, echo=print, train_only: bool = False) -> RunFolder:
+    """Run a 2-D NCSN recipe into ``config.run_dir``; returns the completed run folder (``train_only``:
+    ``difflab train``, the score network alone)."""
     wall = time.perf_counter()
     device, echo = setup_ranks(config.device, echo)
     train_cloud, heldout_cloud = load_points(config)
     run = RunFolder.open(config.run_dir, config.recipe, config, fresh=fresh)
     with run.guard():
-        _run(run, config, device, train_cloud, heldout_cloud, wall, echo)
+        _run(run, config, device, train_cloud, heldout_cloud, wall, echo, train_only)
     return run
+
+
+def train_points_ncsn(config: PointsNCSNConfig, fresh: bool = False, echo=print) -> RunFolder:
+    """``difflab train states-ncsn`` (``swissroll-ncsn``): the score network's training and its weights alone."""
+    return run_points_ncsn(config, fresh, echo, train_only=True)
 
 
 def _run(
@@ -192,6 +198,7 @@ def _run(
     heldout_cloud: PointCloud,
     wall: float,
     echo,
+    train_only: bool = False,
 ) -> None:
     seed_everything(config.seed)
     sigmas = config.noise.sigmas()
@@ -218,9 +225,11 @@ def _run(
             device,
             config.progress,
         )
-    if not run.main:  # rank 0 alone samples, scores, draws and reports
+    if train_only or not run.main:  # `difflab train`; or a rank other than 0 (rank 0 alone samples and scores)
         logger.close()
-        return run
+        if train_only:
+            trained_only(run, config.recipe, wall, echo)
+        return
     with run.stage("sample (annealed Langevin)"):
         drawn = ncsn_common.sample_langevin(
             model,

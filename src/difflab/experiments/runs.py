@@ -114,6 +114,15 @@ def single_process_device(name: str, recipe: str) -> torch.device:
     return resolve_device(name)
 
 
+def trained_only(run: RunFolder, recipe: str, started: float, echo: Callable[[str], object]) -> RunFolder:
+    """End a ``difflab train`` of ``recipe``: the run is marked complete with its weights exported under
+    ``checkpoints/`` and nothing sampled or scored; a later ``difflab run`` with the same config finds the training
+    complete and goes on from there. ``started``: the ``time.perf_counter()`` of the command's start."""
+    run.complete("trained (difflab train): weights in checkpoints/; `difflab run` samples and scores them")
+    echo(f"[{recipe}] trained in {time.perf_counter() - started:.0f} s: weights in {run.sub('checkpoints')}")
+    return run
+
+
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         out: dict[str, Any] = {}
