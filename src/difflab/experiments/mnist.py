@@ -35,7 +35,7 @@ from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
 from difflab.experiments.points2d import trajectory_recorder
-from difflab.experiments.runs import RunFolder, option_tags, resolve_device, setup_ranks
+from difflab.experiments.runs import RunFolder, option_tags, resolve_device, setup_ranks, trained_only
 from difflab.models.unet import UNetConfig, count_parameters, describe
 from difflab.report.rundata import TRAJECTORY_FILE
 from difflab.seeding import seed_everything
@@ -231,8 +231,7 @@ def _train_only(config: Any, recipe: str, fresh: bool, echo, **extra: Any) -> Ru
                 **extra,
             )
         logger.close()
-        run.complete("trained (difflab train): weights in checkpoints/; `difflab run` samples and scores them")
-        echo(f"[{recipe}] trained in {time.perf_counter() - wall:.0f} s: weights in {run.sub('checkpoints')}")
+        trained_only(run, recipe, wall, echo)
     return run
 
 

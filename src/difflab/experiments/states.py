@@ -22,7 +22,7 @@ from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import points2d
 from difflab.experiments.points2d import DenoiserTrainConfig, MLPConfig, Splits
-from difflab.experiments.runs import RunFolder, setup_ranks
+from difflab.experiments.runs import RunFolder, setup_ranks, trained_only
 from difflab.metrics import points as point_metrics
 from difflab.models.mlp import NoisyClassifierMLP
 from difflab.report import sections
@@ -273,8 +273,7 @@ def train_states(config: StatesConfig, fresh: bool = False, echo=print) -> RunFo
         logger = RunLogger(run.path)
         _train_stages(run, logger, config, splits, schedule, device)
         logger.close()
-        run.complete("trained (difflab train): weights in checkpoints/; `difflab run` samples and scores them")
-        echo(f"[states] trained in {time.perf_counter() - wall_start:.0f} s: weights in {run.sub('checkpoints')}")
+        trained_only(run, "states", wall_start, echo)
     return run
 
 

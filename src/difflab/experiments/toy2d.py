@@ -18,7 +18,7 @@ from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import points2d
 from difflab.experiments.points2d import DenoiserTrainConfig, MLPConfig
-from difflab.experiments.runs import RunFolder, setup_ranks
+from difflab.experiments.runs import RunFolder, setup_ranks, trained_only
 from difflab.metrics import points as point_metrics
 from difflab.report import sections
 from difflab.report.document import MetricRow, MetricTable, Paragraph, Report, metric
@@ -157,9 +157,7 @@ def train_toy(config: ToyConfig, fresh: bool = False, echo=print) -> RunFolder:
                 config.progress,
             )
         logger.close()
-        run.complete("trained (difflab train): weights in checkpoints/")
-        seconds = time.perf_counter() - wall_start
-        echo(f"[{config.recipe}] trained in {seconds:.0f} s: weights in {run.sub('checkpoints')}")
+        trained_only(run, config.recipe, wall_start, echo)
     return run
 
 
