@@ -107,9 +107,8 @@ def single_process_device(name: str, recipe: str) -> torch.device:
     world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
     if world != "1":
         raise ConfigError(
-            f"recipe {recipe} runs in a single process; launch it without torchrun (WORLD_SIZE={world}). "
-            "Data-parallel recipes: states, the 2-D toys, mnist-ddpm, mnist-cfg, mnist-ncsn, mnist-ldm, the 2-D NCSN "
-            "recipes and autoencoder"
+            f"recipe {recipe} runs in a single process; launch it without torchrun (WORLD_SIZE={world}; the other "
+            "recipes train data-parallel)"
         )
     return resolve_device(name)
 
