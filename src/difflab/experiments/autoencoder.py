@@ -34,6 +34,7 @@ from difflab.report.markdown import figure, table
 from difflab.report.rundata import RunContents
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
+from difflab.training import distributed
 from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
 from difflab.training.logging import RunLogger, read_series
 from difflab.training.trainer import TrainConfig, Trainer, TrainResult
@@ -180,7 +181,8 @@ def train_autoencoder(
         "image_shape": list(train.images.shape[1:]),
         "latent_shape": list(vae.latent_shape(tuple(train.images.shape[1:]))),
     }
-    ckpt.export_weights(trainer.weights_path, vae.state_dict(), info)
+    # The export again, now with the scaling factor: rank 0 alone writes it, as the trainer's own export.
+    distributed.on_main(lambda: ckpt.export_weights(trainer.weights_path, vae.state_dict(), info))
     return vae, result
 
 
