@@ -508,7 +508,8 @@ def training_seconds(run: RunFolder, name: str, result: Any) -> float:
         previous = float(json.loads(path.read_text()).get("seconds", 0.0))
     trained = result.step > result.resumed_from
     total = previous + (result.seconds if trained else 0.0)
-    ckpt.atomic_write_bytes(path, json.dumps({"seconds": total, "step": result.step}).encode())
+    if run.main:  # rank 0 alone keeps the record (another rank could read it back already updated)
+        ckpt.atomic_write_bytes(path, json.dumps({"seconds": total, "step": result.step}).encode())
     return round(total, 1)
 
 
