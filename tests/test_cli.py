@@ -258,13 +258,21 @@ TRAIN_THEN_RUN = {
         ],
         ["autoencoder", "latent-cfg"],
     ),
+    "rgb2ir": (
+        [
+            "data.size=16", "data.max_pairs=12", "data.test_fraction=0.25", "vae.model.base_channels=8", "vae.crop=0",
+            "vae.train.steps=10", "vae.train.batch_size=8", "regressor.unet.base_channels=8",
+            "regressor.unet.num_res_blocks=1", "regressor.train.steps=10", "regressor.train.batch_size=8",
+        ],
+        ["autoencoder", "regressor_t400", "regressor_t0"],
+    ),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe", list(TRAIN_THEN_RUN))
 def test_train_command_trains_alone_and_run_goes_on_from_it(recipe: str, tmp_path: Path, capsys) -> None:
-    """`difflab train` of the NCSN, autoencoder and latent recipes: exported weights and a complete run with no
-    samples, scores or report; `difflab run` with the same config then resumes every network as trained."""
+    """`difflab train` of the NCSN, autoencoder, latent and rgb2ir recipes: exported weights and a complete run with
+    no samples, scores or report; `difflab run` with the same config then resumes every network as trained."""
     overrides, networks = TRAIN_THEN_RUN[recipe]
     run_dir = tmp_path / recipe
     assert main(["train", recipe, f"run_dir={run_dir}", "progress=false", *overrides]) == 0
@@ -279,10 +287,3 @@ def test_train_command_trains_alone_and_run_goes_on_from_it(recipe: str, tmp_pat
     for name in networks:
         assert f"[{name}] resumed from step" in output and "(training already complete)" in output, name
     assert (run_dir / "report.html").is_file()
-
-
-def test_train_command_refuses_rgb2ir_in_one_line(tmp_path: Path, capsys) -> None:
-    assert main(["train", "rgb2ir", f"run_dir={tmp_path / 'r'}"]) == 2
-    err = capsys.readouterr().err
-    assert err == "difflab: error: `difflab train` is not available for recipe rgb2ir; use `difflab run`\n"
-    assert not (tmp_path / "r").exists()

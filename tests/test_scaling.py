@@ -310,17 +310,26 @@ LDM_QUICK = [
 ]  # fmt: skip
 
 
+RGB2IR_QUICK = [
+    "progress=false", "data.size=16", "data.max_pairs=12", "data.test_fraction=0.25", "vae.model.base_channels=8",
+    "vae.crop=0", "vae.train.steps=30", "vae.train.batch_size=8", "vae.train.log_every=1",
+    "regressor.unet.base_channels=8", "regressor.unet.num_res_blocks=1", "regressor.train.steps=10",
+    "regressor.train.batch_size=8",
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("recipe", "network", "overrides"),
     [
         ("autoencoder", "autoencoder", AUTOENCODER_QUICK),
         ("states-ncsn", "score", STATES_NCSN_QUICK),
         ("mnist-ldm", "autoencoder", LDM_QUICK),  # its samples are drawn in shards, as mnist-ddpm's
+        ("rgb2ir", "autoencoder", RGB2IR_QUICK),  # rank 0 writes the latent cache, the others read it
     ],
 )
 def test_torchrun_runs_more_recipes_as_one_process_would(tmp_path: Path, recipe, network, overrides) -> None:
-    """The autoencoder (its loss runs the DDP wrapper's forward), the NCSN recipes and mnist-ldm train data-parallel
-    too: the same per-step losses as one process; rank 0 alone scores, reports, writes and speaks."""
+    """The autoencoder (its loss runs the DDP wrapper's forward), the NCSN recipes, mnist-ldm and rgb2ir train
+    data-parallel too: the same per-step losses as one process; rank 0 alone scores, reports, writes and speaks."""
     two, one = tmp_path / "two", tmp_path / "one"
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -340,12 +349,3 @@ def test_torchrun_runs_more_recipes_as_one_process_would(tmp_path: Path, recipe,
     assert double[1] == pytest.approx(single[1], rel=SAME_MATHS_RTOL)
     assert json.loads((two / "run.json").read_text())["status"] == "complete"
     assert (two / "report.html").is_file()
-
-
-def test_a_recipe_that_runs_in_one_process_refuses_torchrun(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for recipe in ("rgb2ir",):
-        assert main(["run", recipe, f"run_dir={tmp_path / recipe}"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"recipe {recipe} runs in a single process" in err, err
-        assert not (tmp_path / recipe).exists()  # refused before a run folder is made

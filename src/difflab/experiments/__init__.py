@@ -105,6 +105,7 @@ def recipes() -> dict[str, Recipe]:
             rgb2ir.RGB2IRConfig,
             rgb2ir.run_rgb2ir,
             "RGB to infrared translation in VAE latents (noisy, denoised and clean latent regression), PSNR/SSIM",
+            rgb2ir.train_rgb2ir,
             reports={DEFAULT_STYLE: rgb2ir.build_report},
         ),
     ]

@@ -46,7 +46,7 @@ from difflab.data.paired import PairedData, PairedSet, load_paired_folders, name
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments.autoencoder import build_autoencoder, load_autoencoder_run
-from difflab.experiments.runs import RunFolder, resolve_device, single_process_device
+from difflab.experiments.runs import RunFolder, resolve_device, setup_ranks, trained_only
 from difflab.metrics.image_quality import at_low_resolution, guided_filter, psnr, ssim
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
@@ -66,6 +66,7 @@ from difflab.report.references import reference_text, reference_value
 from difflab.sampling.inversion import INVERSION_ORDERS, INVERSION_SPACINGS
 from difflab.seeding import batch_randint, mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
+from difflab.training import distributed
 from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
 from difflab.training.logging import RunLogger, read_series
 from difflab.training.precision import to_fast_layout
@@ -411,7 +412,8 @@ def train_paired_autoencoder(
         "scaling_factor": vae.scaling_factor,
         "image_shape": list(images.shape[1:]),
     }
-    ckpt.export_weights(trainer.weights_path, vae.state_dict(), info)
+    # The export again, now with the scaling factor: rank 0 alone writes it, as the trainer's own export.
+    distributed.on_main(lambda: ckpt.export_weights(trainer.weights_path, vae.state_dict(), info))
     return vae, result
 
 
@@ -578,13 +580,25 @@ def cached_latent_pairs(
     root: Path,
     device: torch.device,
     echo: Any = print,
+    read_only: bool = False,
 ) -> tuple[dict[str, LatentPairs], dict[str, Any]]:
     """``({"train": ..., "test": ...}, info)``: read from ``root/pairs-<key>/`` when the key matches and every
     shard's checksum is right, else encoded, diffused and written as shards of ``latents.shard_rows`` rows.
-    Cache folders of other keys (other data, weights or settings) are stale: they are removed and reported."""
+    Cache folders of other keys (other data, weights or settings) are stale: they are removed and reported.
+    ``read_only``: the cache rank 0 has just written is read, never removed or written (the other ranks of a
+    torchrun job)."""
     key = cache_key(vae, data, config)
     folder = root / f"pairs-{key}"
     info: dict[str, Any] = {"key": key, "path": str(folder), "stale_removed": []}
+    if read_only:
+        splits = _read_cache(folder, key) if folder.is_dir() else None
+        if splits is None:
+            raise CheckpointError(
+                f"cannot read the latent cache {folder} that rank 0 wrote: the run folder (and latents.cache_dir) "
+                "must be on a file system every rank sees"
+            )
+        info.update(cached=True, rows={k: len(v.names) for k, v in splits.items()})
+        return splits, info
     for other in sorted(root.glob("pairs-*")) if root.is_dir() else []:
         if other.is_dir() and other.name != folder.name:
             echo(f"[rgb2ir] latent cache {other.name} is stale (other data, autoencoder or settings): removed")
@@ -832,10 +846,11 @@ def score_images(
 
 
 # ------------------------------------------------------------------------------------------------------ the run
-def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFolder:
-    """Translate RGB to IR in latent space into ``config.run_dir`` (see the module docstring)."""
+def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print, train_only: bool = False) -> RunFolder:
+    """Translate RGB to IR in latent space into ``config.run_dir`` (see the module docstring); ``train_only``:
+    ``difflab train``, the autoencoder, the latent cache and every network (with the inversion they need) alone."""
     wall = time.perf_counter()
-    device = single_process_device(config.device, "rgb2ir")
+    device, echo = setup_ranks(config.device, echo)
     # Enabling the inversion or changing what is scored reuses the folder: the autoencoder, the latent cache and the
     # regressors are resumed as they are (their checkpoints check their own settings).
     run = RunFolder.open(
@@ -857,7 +872,11 @@ def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFold
         alpha_bar = float(schedule.alpha_bar[t_start])
         with run.stage("latents"):
             root = Path(config.latents.cache_dir) if config.latents.cache_dir else run.sub("latents")
-            splits, cache_info = cached_latent_pairs(vae, data, schedule, config, root, device, echo)
+            # Rank 0 builds (or checks) the cache while the others wait, then they read what it wrote.
+            built = distributed.on_main(lambda: cached_latent_pairs(vae, data, schedule, config, root, device, echo))
+            splits, cache_info = built or cached_latent_pairs(
+                vae, data, schedule, config, root, device, echo, read_only=True
+            )
         train, test = splits["train"], splits["test"]
         bs = config.evaluation.batch_size
         regressors: dict[str, Any] = {}
@@ -914,6 +933,9 @@ def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFold
                 run, logger, config, train, test, schedule, device, echo
             )
             regressors["regressor_inverted"] = inversion.pop("regressor")
+        if train_only or not run.main:  # `difflab train`; or a rank other than 0 (rank 0 alone scores and reports)
+            logger.close()
+            return trained_only(run, "rgb2ir", wall, echo) if train_only else run
         scorings = tuple(latents)
         with run.stage("evaluate"):
             decoded = {k: decode_ir(vae, z, bs, device) for k, z in latents.items()}
@@ -1300,6 +1322,12 @@ def build_report(contents: Any) -> Report:
 
 
 # ------------------------------------------------------------------------------------------- difflab invert RUN
+def train_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFolder:
+    """``difflab train rgb2ir``: the autoencoder, the latent cache and the regressors (and, with
+    ``inversion.enabled``, the eps models and the regressor on inverted latents), trained and exported."""
+    return run_rgb2ir(config, fresh, echo, train_only=True)
+
+
 def load_run_autoencoder(config: RGB2IRConfig, run_dir: Path, device: torch.device) -> Any:
     """The autoencoder a finished ``rgb2ir`` run used (its exported weights for ``vae.kind=train``)."""
     shape = (3, config.data.size, config.data.size)

@@ -26,7 +26,6 @@ In a data-parallel run (torchrun) every rank gets a :class:`RunFolder`, but only
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -99,18 +98,6 @@ def setup_ranks(name: str, echo: Callable[[str], object]) -> tuple[torch.device,
 def _silent(message: str) -> object:
     """The ``echo`` of ranks other than 0."""
     return None
-
-
-def single_process_device(name: str, recipe: str) -> torch.device:
-    """:func:`resolve_device` for a recipe that runs in one process: a torchrun launch of more than one process is
-    refused with one line (its processes would each run the whole recipe into the same folder)."""
-    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
-    if world != "1":
-        raise ConfigError(
-            f"recipe {recipe} runs in a single process; launch it without torchrun (WORLD_SIZE={world}; the other "
-            "recipes train data-parallel)"
-        )
-    return resolve_device(name)
 
 
 def trained_only(run: RunFolder, recipe: str, started: float, echo: Callable[[str], object]) -> RunFolder:
@@ -273,9 +260,11 @@ class RunFolder:
         """Keep the trained model ``name`` (``checkpoints/<name>/`` and ``<name>.safetensors``) only if it was
         trained on exactly ``inputs``: their sha256 is kept in ``checkpoints/<name>.inputs``; when it differs (other
         data, autoencoder or settings upstream), or a checkpoint exists without one, the checkpoints are removed
-        and this says so, so the model is retrained instead of silently reused. Returns True when it removed any."""
-        if not self.main:  # rank 0 alone owns the checkpoints
-            return False
+        and this says so, so the model is retrained instead of silently reused. Returns True when it removed any.
+        Under torchrun rank 0 alone checks and removes, and the other ranks wait for it (they resume what is left)."""
+        return bool(distributed.on_main(lambda: self._discard_if_inputs_changed(name, inputs, echo)))
+
+    def _discard_if_inputs_changed(self, name: str, inputs: tuple[torch.Tensor, ...], echo: Any) -> bool:
         digest = tensor_digest({f"{k:04d}": t.detach().to("cpu", torch.float32) for k, t in enumerate(inputs)})
         marker = self.sub("checkpoints", f"{name}.inputs")
         state, weights = self.sub("checkpoints", name), self.sub("checkpoints", f"{name}.safetensors")
