@@ -41,6 +41,7 @@ from difflab.report.markdown import figure_lines, table
 from difflab.report.rundata import RunContents
 from difflab.sampling.langevin import network_evaluations
 from difflab.seeding import mix_seed, seed_everything
+from difflab.training import distributed
 from difflab.training.logging import RunLogger
 from difflab.training.precision import to_fast_layout
 from difflab.training.trainer import TrainConfig
@@ -289,9 +290,9 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print, tra
                 device,
                 config.progress,
             )
-        if train_only or not run.main:  # `difflab train`; or a rank other than 0 (rank 0 alone samples and scores)
+        if train_only:
             logger.close()
-            return trained_only(run, "mnist-ncsn", wall, echo) if train_only else run
+            return trained_only(run, "mnist-ncsn", wall, echo)
         sweep_rows: list[dict[str, Any]] = []
         sweep_strips: list[tuple[str, torch.Tensor]] = []
         with run.stage("sweep"):
@@ -326,6 +327,7 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print, tra
             if ev.use_sweep_best
             else {"c": config.langevin.c, "steps_per_level": config.langevin.steps_per_level}
         )
+        chosen = distributed.from_main(chosen)  # rank 0 alone scored the sweep
         with run.stage("sample"):
             final = ncsn_common.sample_langevin(
                 model,
@@ -341,10 +343,12 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print, tra
                 show_progress=config.progress,
             )
             images = final.samples.clamp(-1, 1)
-            stages.save_samples(
-                run.sub("samples", "langevin.pt"),
-                stages.SampleResult(images, None, final.seconds, final.network_evaluations),
-            )
+            if run.main:
+                sampled = stages.SampleResult(images, None, final.seconds, final.network_evaluations)
+                stages.save_samples(run.sub("samples", "langevin.pt"), sampled)
+        if not run.main:  # every rank drew its batches of each sample set; rank 0 alone scores and reports
+            logger.close()
+            return run
         metrics: dict[str, Any] = {}
         with run.stage("evaluate"):
             metrics["main"] = _evaluate(evaluator, images)

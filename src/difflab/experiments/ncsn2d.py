@@ -225,10 +225,9 @@ def _run(
             device,
             config.progress,
         )
-    if train_only or not run.main:  # `difflab train`; or a rank other than 0 (rank 0 alone samples and scores)
+    if train_only:
         logger.close()
-        if train_only:
-            trained_only(run, config.recipe, wall, echo)
+        trained_only(run, config.recipe, wall, echo)
         return
     with run.stage("sample (annealed Langevin)"):
         drawn = ncsn_common.sample_langevin(
@@ -244,7 +243,11 @@ def _run(
         )
         samples = drawn.samples
         point_metrics.check_finite(samples, "Langevin samples")
-        torch.save(samples, run.sub("samples", "samples.pt"))
+        if run.main:
+            torch.save(samples, run.sub("samples", "samples.pt"))
+    if not run.main:  # every rank drew its batches of the samples; rank 0 alone scores and reports
+        logger.close()
+        return
     with run.stage("metrics"):
         metrics = states.compute_metrics(splits, samples, [], None, device, train_cloud.names)
         metrics["samples"] = metrics.pop("uncond")

@@ -17,6 +17,7 @@ from difflab.experiments.runs import RunFolder
 from difflab.sampling.common import batched
 from difflab.sampling.langevin import INITS, annealed_langevin, network_evaluations
 from difflab.seeding import mix_seed, seeded_generator
+from difflab.training import distributed
 from difflab.training.logging import RunLogger, read_series
 from difflab.training.trainer import TrainConfig, Trainer, TrainResult
 from difflab.viz import plots2d
@@ -71,16 +72,21 @@ def sample_langevin(
     """``n`` samples by annealed Langevin dynamics in batches of ``langevin.batch_size`` (``c`` and
     ``steps_per_level`` override the config's). Batch b draws from a generator seeded by ``(seed, b)``
     and draws its starting point first, so every setting starts from the same chains (common random
-    numbers for a sweep). The first batch records ``record_levels`` (see ``annealed_langevin``)."""
+    numbers for a sweep). The first batch records ``record_levels`` (see ``annealed_langevin``).
+
+    Under torchrun rank r draws the batches b = r, r + W, ... and every rank receives all of them: the samples are
+    the single process's, whatever the number of processes (the trajectory is rank 0's, which draws batch 0)."""
     c = langevin.c if c is None else c
     steps = langevin.steps_per_level if steps_per_level is None else steps_per_level
-    outputs, trajectory, start = [], [], time.perf_counter()
-    for b, size in enumerate(batched(n, langevin.batch_size)):
+    context = distributed.current()
+    sizes = list(batched(n, langevin.batch_size))
+    drawn, trajectory, start = {}, [], time.perf_counter()
+    for b in range(context.rank, len(sizes), context.world_size):
         generator = seeded_generator(mix_seed(seed, b, 17), device)
         x, recorded = annealed_langevin(
             model,
             sigmas,
-            (size, *shape),
+            (sizes[b], *shape),
             c=c,
             steps_per_level=steps,
             denoise=langevin.denoise,
@@ -88,13 +94,16 @@ def sample_langevin(
             generator=generator,
             device=device,
             record_levels=record_levels if b == 0 else None,
-            show_progress=show_progress,
+            show_progress=show_progress and context.is_main,
         )
-        outputs.append(x.detach().cpu())
+        drawn[b] = x.detach().cpu()
         trajectory = trajectory or recorded
+    if context.enabled:
+        for part in distributed.gather_objects(drawn, context):
+            drawn.update(part)
     nfe = n * network_evaluations(len(sigmas), steps, langevin.denoise)
     return LangevinSamples(
-        torch.cat(outputs),
+        torch.cat([drawn[b] for b in range(len(sizes))]),
         trajectory,
         time.perf_counter() - start,
         nfe,

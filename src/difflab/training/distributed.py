@@ -177,6 +177,26 @@ def on_main(work: Callable[[], T], context: DistContext | None = None) -> T | No
     return result
 
 
+def gather_objects(value: T, context: DistContext | None = None) -> list[T]:
+    """Every rank's ``value`` (picklable; tensors on the CPU), in rank order, on every rank; ``[value]`` alone."""
+    context = context or current()
+    if not context.enabled:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def from_main(value: T, context: DistContext | None = None) -> T:
+    """Rank 0's ``value`` on every rank (a decision only rank 0 could make, e.g. from scores it alone computed)."""
+    context = context or current()
+    if not context.enabled:
+        return value
+    box: list[Any] = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def sample_sharded(
     draw: Callable[[int, int], torch.Tensor], n: int, context: DistContext | None = None
 ) -> torch.Tensor:
