@@ -838,12 +838,12 @@ def _figures(
     heldout: ImageSet,
     config: MnistLDMConfig,
     device: torch.device,
-) -> dict[str, Path]:
-    figures: dict[str, Path] = {}
+) -> None:
+    """The autoencoder's reconstructions, a sample grid per model and the held-out loss curves, under ``figures/``."""
     shown = heldout.images[:16].to(device)
     with torch.no_grad():
         recon = vae.decode(vae.encode(shown)).clamp(-1, 1).cpu()
-    figures["reconstructions"] = image_rows_figure(
+    image_rows_figure(
         [("held-out", shown.cpu()), ("reconstruction", recon)],
         run.sub("figures", "reconstructions.png"),
         "Autoencoder reconstructions of held-out digits",
@@ -866,15 +866,14 @@ def _figures(
             images, nrow = torch.cat(picked), per
         else:
             images, nrow = images[: per * 8], per
-        figures[f"grid {variant.name}"] = save_grid(images, run.sub("figures", f"grid_{variant.name}.png"), nrow=nrow)
+        save_grid(images, run.sub("figures", f"grid_{variant.name}.png"), nrow=nrow)
     series = {}
     for variant in variants:
         steps, values = read_series(logger.path, f"{variant.name}/val_loss")
         if steps:
             series[variant.name] = (steps, values)
     if series:
-        figures["loss"] = plots2d.curves(series, run.sub("figures", "loss.png"), "held-out eps MSE")
-    return figures
+        plots2d.curves(series, run.sub("figures", "loss.png"), "held-out eps MSE")
 
 
 def ldm_targets(metrics: dict[str, Any], config: MnistLDMConfig) -> list[dict[str, Any]]:

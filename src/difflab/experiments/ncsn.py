@@ -425,25 +425,26 @@ def _figures(
     final: LangevinSamples,
     sweep_strips: list[tuple[str, torch.Tensor]],
     ev: NCSNEvaluationConfig,
-) -> dict[str, Path]:
-    figures = {"loss": ncsn_common.dsm_loss_figure(run, logger, sigmas, "Denoising score matching loss (per image)")}
+) -> None:
+    """The loss curve, the sample grid, the Langevin trajectory and (after a sweep) every cell's samples, under
+    ``figures/``."""
+    ncsn_common.dsm_loss_figure(run, logger, sigmas, "Denoising score matching loss (per image)")
     grid = images[: ev.grid_size]
-    figures["grid"] = save_grid(grid, run.sub("figures", "samples_grid.png"), nrow=max(1, int(len(grid) ** 0.5)))
+    save_grid(grid, run.sub("figures", "samples_grid.png"), nrow=max(1, int(len(grid) ** 0.5)))
     rows = []
     for i, sigma, x in final.trajectory:
         label = f"level {i}: σ = {sigma:.3g}" if i < len(sigmas) else "denoised"
         rows.append((label, x[: ev.trajectory_chains].clamp(-1, 1)))
-    figures["trajectory"] = image_rows_figure(
+    image_rows_figure(
         rows,
         run.sub("figures", "langevin_trajectory.png"),
         f"Annealed Langevin dynamics (c = {final.settings['c']:g}, T = {final.settings['steps_per_level']}): "
         "the same chains after each level",
     )
     if sweep_strips:
-        figures["sweep"] = image_rows_figure(
+        image_rows_figure(
             sweep_strips, run.sub("figures", "sweep_grids.png"), "Samples of every sweep cell (same starting chains)"
         )
-    return figures
 
 
 def _sigma_max_words(sigma_max: float) -> str:
