@@ -263,8 +263,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
     recipe = _recipe(recipe_name)
     config = config_from(recipe.config_class(), config_file, args.overrides)
-    if recipe.train is None:
-        raise ConfigError(f"`difflab train` is not available for recipe {recipe.name}; use `difflab run`")
     run = recipe.train(config, fresh=args.fresh)
     if run.main:
         print(f"weights: {run.path / 'checkpoints'}")

@@ -20,14 +20,15 @@ COMPANION_FLAGS = {"ablation": "--with", "forward": "--forward"}  # a builder's 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A recipe: ``run(config, fresh=...)`` makes a run folder; ``reports`` maps a report style name to a
-    builder ``(RunContents) -> Report`` (``default``, which every recipe has, is what it writes when it completes)."""
+    """A recipe: ``run(config, fresh=...)`` makes a run folder; ``train(config, fresh=...)`` only its training
+    stages and exported weights (``difflab train``); ``reports`` maps a report style name to a builder
+    ``(RunContents) -> Report`` (``default``, which every recipe has, is what it writes when it completes)."""
 
     name: str
     config_class: Callable[[], Any]
     run: Callable[..., Any]
     summary: str
-    train: Callable[..., Any] | None = None
+    train: Callable[..., Any]
     reports: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
 
 
