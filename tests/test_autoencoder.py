@@ -14,7 +14,7 @@ import torch
 from difflab.cli import main
 from difflab.data.images import load_digits_8x8
 from difflab.errors import ConfigError
-from difflab.experiments.autoencoder import load_autoencoder_run
+from difflab.experiments.autoencoder import AutoencoderTrainingConfig, load_autoencoder_run
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import (
     Autoencoder,
@@ -23,7 +23,7 @@ from difflab.models.autoencoder import (
     load_diffusers_autoencoder,
 )
 from difflab.training import checkpoint as ckpt
-from difflab.training.autoencoder import autoencoder_loss, latent_scaling_factor
+from difflab.training.autoencoder import autoencoder_loss, latent_scaling_factor, random_crops
 from reportcheck import assert_rebuilds
 
 
@@ -104,6 +104,23 @@ def test_the_vae_learns_and_its_latents_are_scaled_to_unit_std() -> None:
         latents = vae.encode(digits.images)
     assert after["psnr"] > before["psnr"] + 6 and after["ssim"] > before["ssim"] + 0.3
     assert float(latents.std()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_random_crops_are_windows_of_each_image_and_the_config_checks_their_size() -> None:
+    images = torch.arange(6 * 2 * 10 * 12, dtype=torch.float32).reshape(6, 2, 10, 12)
+    crops = random_crops(images, 4, torch.Generator().manual_seed(3))
+    assert crops.shape == (6, 2, 4, 4)
+    corners = set()
+    for image, crop in zip(images, crops):
+        # arange gives every pixel a distinct value, so the first pixel locates the window
+        top, left = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 12)
+        assert top <= 6 and left <= 8 and torch.equal(crop, image[:, top : top + 4, left : left + 4])
+        corners.add((top, left))
+    assert len(corners) > 1  # the windows differ from image to image
+    again = random_crops(images, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(crops, again)
+    with pytest.raises(ConfigError, match="crop must be 0 or a multiple of 4"):
+        AutoencoderTrainingConfig(model=AutoencoderConfig(channel_mults=(1, 2, 4)), crop=6)
 
 
 def _tiny_diffusers_vae(folder: Path, scaling_factor: float = 0.18215) -> Path:

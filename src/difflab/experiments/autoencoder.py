@@ -20,7 +20,6 @@ import torch
 
 from difflab.config import config_from, read_yaml
 from difflab.data.batches import ShuffledBatches
-from difflab.data.images import ImageSet
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
@@ -35,7 +34,7 @@ from difflab.report.rundata import RunContents
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
 from difflab.training import distributed
-from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
+from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor, random_crops
 from difflab.training.logging import RunLogger, read_series
 from difflab.training.trainer import TrainConfig, Trainer, TrainResult
 from difflab.viz import plots2d
@@ -47,8 +46,10 @@ PSNR_TARGET, SSIM_TARGET = 22.0, 0.90
 @dataclass(frozen=True)
 class AutoencoderTrainingConfig:
     """How the VAE is built and trained: ``loss = rec + kl_weight * KL`` (per pixel, see
-    :func:`~difflab.training.autoencoder.autoencoder_loss`); ``scaling_images`` training images (0 = all) give the
-    latent std whose inverse is the scaling factor."""
+    :func:`~difflab.training.autoencoder.autoencoder_loss`) on random ``crop`` x ``crop`` windows of the training
+    images (0, or a crop as large as the images: whole images; the VAE is fully convolutional, so it then encodes
+    whole images); ``scaling_images`` whole training images (0 = all) give the latent std whose inverse is the
+    scaling factor."""
 
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     train: TrainConfig = field(
@@ -66,12 +67,15 @@ class AutoencoderTrainingConfig:
     kl_weight: float = 1e-6
     reconstruction: str = "l1"
     scaling_images: int = 10000
+    crop: int = 0
 
     def __post_init__(self) -> None:
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ConfigError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}")
         if self.kl_weight < 0 or self.scaling_images < 0:
             raise ConfigError("kl_weight and scaling_images must be >= 0")
+        if self.crop < 0 or self.crop % self.model.downsample_factor:
+            raise ConfigError(f"crop must be 0 or a multiple of {self.model.downsample_factor}, got {self.crop}")
 
 
 @dataclass(frozen=True)
@@ -106,23 +110,24 @@ class AutoencoderRecipeConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-def build_autoencoder(config: AutoencoderConfig, data: ImageSet) -> KLAutoencoder:
-    """A VAE for ``data``'s channels; its sides must be multiples of the downsampling factor."""
-    if config.in_channels != data.channels:
+def build_autoencoder(config: AutoencoderConfig, image_shape: tuple[int, ...]) -> KLAutoencoder:
+    """A VAE for images of ``image_shape`` (C, H, W); H and W must be multiples of the downsampling factor."""
+    channels = image_shape[0]
+    if config.in_channels != channels:
         raise ConfigError(
-            f"autoencoder.model.in_channels={config.in_channels} but the images have {data.channels} "
-            f"channels; set autoencoder.model.in_channels={data.channels}"
+            f"autoencoder.model.in_channels={config.in_channels} but the images have {channels} "
+            f"channels; set autoencoder.model.in_channels={channels}"
         )
     model = KLAutoencoder(config)
-    model.latent_shape(tuple(data.images.shape[1:]))  # raises a ConfigError for sizes it cannot halve
+    model.latent_shape(tuple(image_shape))  # raises a ConfigError for sizes it cannot halve
     return model
 
 
 def train_autoencoder(
     run: RunFolder,
     logger: RunLogger,
-    train: ImageSet,
-    heldout: ImageSet,
+    images: torch.Tensor,
+    check: torch.Tensor,
     config: AutoencoderTrainingConfig,
     seed: int,
     device: torch.device,
@@ -130,15 +135,20 @@ def train_autoencoder(
     echo: Any = print,
     name: str = "autoencoder",
 ) -> tuple[KLAutoencoder, TrainResult]:
-    """Train (or resume) the VAE in ``run``, set its scaling factor from the training latents and export
-    ``checkpoints/<name>.safetensors`` (weights + ``scaling_factor_buffer``) and ``<name>.json``."""
+    """Train (or resume) the VAE in ``run`` on ``images`` (N, C, H, W) in [-1, 1] (random ``config.crop`` crops
+    when that is set and smaller than the images), validated on ``check`` (M, C, H, W); set its scaling factor
+    from the first ``config.scaling_images`` whole training images and export ``checkpoints/<name>.safetensors``
+    (weights + ``scaling_factor_buffer``) and ``<name>.json``."""
+    image_shape = tuple(images.shape[1:])
     torch.manual_seed(mix_seed(seed, 0, 71))
-    model = build_autoencoder(config.model, train).to(device)
-    batches = ShuffledBatches((train.images.to(device),), config.train.batch_size, seed=mix_seed(seed, 0, 72))
-    check = heldout.images[:256].to(device)
+    model = build_autoencoder(config.model, image_shape).to(device)
+    batches = ShuffledBatches((images.to(device),), config.train.batch_size, seed=mix_seed(seed, 0, 72))
+    check = check.to(device)
+    crop = config.crop if 0 < config.crop < min(image_shape[1:]) else 0
 
     def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        loss, _ = autoencoder_loss(net, batch[0], generator, config.kl_weight, config.reconstruction)
+        x = random_crops(batch[0], crop, generator) if crop else batch[0]
+        loss, _ = autoencoder_loss(net, x, generator, config.kl_weight, config.reconstruction)
         return loss
 
     def validate(net: torch.nn.Module) -> dict[str, float]:
@@ -152,6 +162,8 @@ def train_autoencoder(
         "kl_weight": config.kl_weight,
         "reconstruction": config.reconstruction,
     }
+    if crop:
+        signature["crop"] = crop
     trainer = Trainer(
         name,
         model,
@@ -169,17 +181,17 @@ def train_autoencoder(
     )
     result = trainer.fit()
     vae = trainer.eval_model.eval()
-    count = config.scaling_images or len(train)
-    vae.scaling_factor = latent_scaling_factor(vae, train.images[:count])
+    count = config.scaling_images or len(images)
+    vae.scaling_factor = latent_scaling_factor(vae, images[:count])
     info = {
         "name": name,
         "step": trainer.step,
         "signature": signature,
         "config": repr(config.model),
         "scaling_factor": vae.scaling_factor,
-        "scaling_images": min(count, len(train)),
-        "image_shape": list(train.images.shape[1:]),
-        "latent_shape": list(vae.latent_shape(tuple(train.images.shape[1:]))),
+        "scaling_images": min(count, len(images)),
+        "image_shape": list(image_shape),
+        "latent_shape": list(vae.latent_shape(image_shape)),
     }
     # The export again, now with the scaling factor: rank 0 alone writes it, as the trainer's own export.
     distributed.on_main(lambda: ckpt.export_weights(trainer.weights_path, vae.state_dict(), info))
@@ -242,7 +254,15 @@ def run_autoencoder(
         echo(f"[autoencoder] run folder {run.path} | {len(train):,} training images {shape} | device {device}")
         with run.stage("train"):
             vae, result = train_autoencoder(
-                run, logger, train, heldout, config.autoencoder, config.seed, device, config.progress, echo
+                run,
+                logger,
+                train.images,
+                heldout.images[:256],
+                config.autoencoder,
+                config.seed,
+                device,
+                config.progress,
+                echo,
             )
         if train_only or not run.main:  # `difflab train`; or a rank other than 0 (rank 0 alone scores and reports)
             logger.close()

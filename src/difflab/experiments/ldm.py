@@ -398,7 +398,15 @@ def prepare_autoencoder(
     shape = tuple(train.images.shape[1:])
     if vae_config.kind == "train":
         vae, result = train_autoencoder(
-            run, logger, train, heldout, vae_config.training, config.seed, device, config.progress, echo
+            run,
+            logger,
+            train.images,
+            heldout.images[:256],
+            vae_config.training,
+            config.seed,
+            device,
+            config.progress,
+            echo,
         )
         info["train_seconds"] = training_seconds(run, "autoencoder", result)
     else:
@@ -1147,7 +1155,7 @@ def _finished_autoencoder(config: MnistLDMConfig, path: Path, train: ImageSet, d
     weights = path / "checkpoints" / "autoencoder.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path} has no trained autoencoder ({weights} is missing); finish the run")
-    vae = build_autoencoder(config.vae.training.model, train)
+    vae = build_autoencoder(config.vae.training.model, tuple(train.images.shape[1:]))
     ckpt.load_weights(vae, weights)
     return _ready(vae, config.vae, device)
 

@@ -45,7 +45,7 @@ from difflab.data.images import ImageSet
 from difflab.data.paired import PairedData, PairedSet, load_paired_folders, name_seed
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import CheckpointError, ConfigError
-from difflab.experiments.autoencoder import build_autoencoder, load_autoencoder_run
+from difflab.experiments.autoencoder import AutoencoderTrainingConfig, load_autoencoder_run, train_autoencoder
 from difflab.experiments.runs import RunFolder, resolve_device, setup_ranks, trained_only
 from difflab.metrics.image_quality import at_low_resolution, guided_filter, psnr, ssim
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_diffusers_autoencoder
@@ -64,10 +64,10 @@ from difflab.report.document import (
 )
 from difflab.report.references import reference_text, reference_value
 from difflab.sampling.inversion import INVERSION_ORDERS, INVERSION_SPACINGS
-from difflab.seeding import batch_randint, mix_seed, seed_everything
+from difflab.seeding import mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
 from difflab.training import distributed
-from difflab.training.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scaling_factor
+from difflab.training.autoencoder import RECONSTRUCTIONS
 from difflab.training.logging import RunLogger, read_series
 from difflab.training.precision import to_fast_layout
 from difflab.training.trainer import TrainConfig, Trainer
@@ -335,20 +335,6 @@ def as_three_channels(targets: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------------- autoencoder
-def _random_crops(images: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
-    """One random ``crop`` x ``crop`` window per image of (B, C, H, W) (per-example draws: the same windows for
-    any split of the batch over processes or micro-batches)."""
-    height, width = images.shape[-2:]
-    tops = batch_randint(height - crop + 1, len(images), generator, "cpu")
-    lefts = batch_randint(width - crop + 1, len(images), generator, "cpu")
-    return torch.stack(
-        [
-            img[:, int(t) : int(t) + crop, int(s) : int(s) + crop]
-            for img, t, s in zip(images, tops.tolist(), lefts.tolist())
-        ]
-    )
-
-
 def train_paired_autoencoder(
     run: RunFolder,
     logger: RunLogger,
@@ -363,58 +349,16 @@ def train_paired_autoencoder(
     scaling factor from the whole training images and export ``checkpoints/autoencoder.safetensors``."""
     images = torch.cat([data.train.inputs, as_three_channels(data.train.targets)])
     run.discard_if_inputs_changed("autoencoder", images, echo=echo)
-    torch.manual_seed(mix_seed(seed, 0, 71))
-    model = build_autoencoder(config.model, ImageSet(images, torch.zeros(len(images), dtype=torch.long), ("all",)))
-    model = model.to(device)
-    batches = ShuffledBatches((images.to(device),), config.train.batch_size, seed=mix_seed(seed, 0, 72))
-    check = torch.cat([data.test.inputs, as_three_channels(data.test.targets)]).to(device)
-    crop = config.crop if 0 < config.crop < data.train.size else 0
-
-    def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        x = _random_crops(batch[0], crop, generator) if crop else batch[0]
-        loss, _ = autoencoder_loss(net, x, generator, config.kl_weight, config.reconstruction)
-        return loss
-
-    def validate(net: torch.nn.Module) -> dict[str, float]:
-        recon = net.decode_raw(net.encode_moments(check)[0])
-        return {"l1": float((recon - check).abs().mean())}
-
-    signature = {
-        "model": "KLAutoencoder",
-        "config": repr(config.model),
-        "kl_weight": config.kl_weight,
-        "reconstruction": config.reconstruction,
-        "crop": crop,
-    }
-    trainer = Trainer(
-        "autoencoder",
-        model,
-        loss_fn,
-        batches,
-        config.train,
-        run.path,
-        logger,
-        validate=validate,
-        signature=signature,
-        seed=mix_seed(seed, 0, 73),
-        device=device,
-        show_progress=show_progress,
-        echo=echo,
+    check = torch.cat([data.test.inputs, as_three_channels(data.test.targets)])
+    training = AutoencoderTrainingConfig(
+        model=config.model,
+        train=config.train,
+        kl_weight=config.kl_weight,
+        reconstruction=config.reconstruction,
+        scaling_images=0,
+        crop=config.crop,
     )
-    result = trainer.fit()
-    vae = trainer.eval_model.eval()
-    vae.scaling_factor = latent_scaling_factor(vae, images)
-    info = {
-        "name": "autoencoder",
-        "step": trainer.step,
-        "signature": signature,
-        "config": repr(config.model),
-        "scaling_factor": vae.scaling_factor,
-        "image_shape": list(images.shape[1:]),
-    }
-    # The export again, now with the scaling factor: rank 0 alone writes it, as the trainer's own export.
-    distributed.on_main(lambda: ckpt.export_weights(trainer.weights_path, vae.state_dict(), info))
-    return vae, result
+    return train_autoencoder(run, logger, images, check, training, seed, device, show_progress, echo)
 
 
 def prepare_autoencoder(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from difflab.errors import ConfigError
-from difflab.seeding import batch_randn
+from difflab.seeding import batch_randint, batch_randn
 
 RECONSTRUCTIONS = ("l1", "l2")
 
@@ -42,6 +42,20 @@ def autoencoder_loss(
     pixels = images[0].numel()
     loss = rec + kl_weight * kl.mean() / pixels
     return loss, {"reconstruction": rec.detach(), "kl": kl.mean().detach()}
+
+
+def random_crops(images: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """One random ``crop`` x ``crop`` window per image of images (B, C, H, W) -> (B, C, crop, crop); per-example
+    draws, so the windows are the same for any split of the batch over processes or micro-batches."""
+    height, width = images.shape[-2:]
+    tops = batch_randint(height - crop + 1, len(images), generator, "cpu")
+    lefts = batch_randint(width - crop + 1, len(images), generator, "cpu")
+    return torch.stack(
+        [
+            img[:, int(t) : int(t) + crop, int(s) : int(s) + crop]
+            for img, t, s in zip(images, tops.tolist(), lefts.tolist())
+        ]
+    )
 
 
 def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
