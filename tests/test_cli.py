@@ -260,8 +260,9 @@ TRAIN_THEN_RUN = {
     ),
     "rgb2ir": (
         [
-            "data.size=16", "data.max_pairs=12", "data.test_fraction=0.25", "vae.model.base_channels=8", "vae.crop=0",
-            "vae.train.steps=10", "vae.train.batch_size=8", "regressor.unet.base_channels=8",
+            "data.size=16", "data.max_pairs=12", "data.test_fraction=0.25", "vae.training.model.base_channels=8",
+            "vae.training.crop=0", "vae.training.train.steps=10", "vae.training.train.batch_size=8",
+            "regressor.unet.base_channels=8",
             "regressor.unet.num_res_blocks=1", "regressor.train.steps=10", "regressor.train.batch_size=8",
         ],
         ["autoencoder", "regressor_t400", "regressor_t0"],

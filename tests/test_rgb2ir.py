@@ -214,13 +214,13 @@ QUICK = [
     "data.size=32",
     "data.max_pairs=40",
     "data.test_fraction=0.25",
-    "vae.model.base_channels=8",
-    "vae.crop=16",
-    "vae.train.steps=80",
-    "vae.train.batch_size=16",
-    "vae.train.warmup_steps=10",
-    "vae.train.eval_every=40",
-    "vae.train.log_every=10",
+    "vae.training.model.base_channels=8",
+    "vae.training.crop=16",
+    "vae.training.train.steps=80",
+    "vae.training.train.batch_size=16",
+    "vae.training.train.warmup_steps=10",
+    "vae.training.train.eval_every=40",
+    "vae.training.train.log_every=10",
     "regressor.unet.base_channels=16",
     "regressor.unet.num_res_blocks=1",
     "regressor.train.steps=80",
@@ -292,9 +292,9 @@ def test_rerun_reuses_the_latent_cache(quick_run: Path, capsys) -> None:
 
 def test_inversion_based_translation_is_scored_beside_the_others(tmp_path: Path) -> None:
     run_dir = tmp_path / "inv"
-    overrides = [o for o in QUICK if not o.startswith(("vae.train.steps", "regressor.train.steps"))]
+    overrides = [o for o in QUICK if not o.startswith(("vae.training.train.steps", "regressor.train.steps"))]
     overrides += [
-        "vae.train.steps=20",
+        "vae.training.train.steps=20",
         "regressor.train.steps=40",
         "data.max_pairs=24",
         "inversion.enabled=true",

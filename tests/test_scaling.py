@@ -116,10 +116,9 @@ def test_every_training_loss_is_the_same_function_of_the_global_batch() -> None:
     """The DSM, autoencoder and rgb2ir crop draws are per example, so micro-batches or ranks see the draws of
     the whole batch: the mean of the parts' losses is the whole batch's loss."""
     from difflab.diffusion.score_matching import dsm_loss, geometric_sigmas
-    from difflab.experiments.rgb2ir import _random_crops
     from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
     from difflab.models.score import ScoreMLP
-    from difflab.training.autoencoder import autoencoder_loss
+    from difflab.training.autoencoder import autoencoder_loss, random_crops
 
     torch.manual_seed(0)
     points, images = data(8), torch.rand(8, 1, 12, 12) * 2 - 1
@@ -133,7 +132,7 @@ def test_every_training_loss_is_the_same_function_of_the_global_batch() -> None:
         for name, loss in losses.items():
             whole, pieces = _split_draws(loss, 8, 2)
             torch.testing.assert_close(torch.stack(pieces).mean(), whole, rtol=SAME_MATHS_RTOL, atol=0, msg=name)
-    whole, pieces = _split_draws(lambda a, b, g: _random_crops(images[a:b], 8, g), 8, 4)
+    whole, pieces = _split_draws(lambda a, b, g: random_crops(images[a:b], 8, g), 8, 4)
     assert torch.equal(torch.cat(pieces), whole)
 
 
@@ -311,8 +310,9 @@ LDM_QUICK = [
 
 
 RGB2IR_QUICK = [
-    "progress=false", "data.size=16", "data.max_pairs=12", "data.test_fraction=0.25", "vae.model.base_channels=8",
-    "vae.crop=0", "vae.train.steps=30", "vae.train.batch_size=8", "vae.train.log_every=1",
+    "progress=false", "data.size=16", "data.max_pairs=12", "data.test_fraction=0.25",
+    "vae.training.model.base_channels=8", "vae.training.crop=0", "vae.training.train.steps=30",
+    "vae.training.train.batch_size=8", "vae.training.train.log_every=1",
     "regressor.unet.base_channels=8", "regressor.unet.num_res_blocks=1", "regressor.train.steps=10",
     "regressor.train.batch_size=8",
 ]  # fmt: skip

@@ -6,8 +6,8 @@ The reference pipeline, and what this recipe adds to it:
    name, centre-cropped and resized to ``data.size``, split into train / test by a seeded hash of each name
    (:mod:`difflab.data.paired`);
 2. the autoencoder (``vae.kind``): ``train`` trains difflab's KL-VAE on both modalities of the training split (the
-   IR image repeated to 3 channels, so one VAE serves both sides; trained on random ``vae.crop`` crops, it is fully
-   convolutional), ``run`` takes a finished ``autoencoder`` run's VAE (3 channels), ``diffusers`` a pretrained
+   IR image repeated to 3 channels, so one VAE serves both sides; trained on random ``vae.training.crop`` crops, it
+   is fully convolutional), ``run`` takes a finished ``autoencoder`` run's VAE (3 channels), ``diffusers`` a pretrained
    ``AutoencoderKL`` from a local folder (e.g. Stable Diffusion's; nothing is downloaded). A decoded IR image is
    the mean of the decoder's 3 channels;
 3. latents: both sides encoded and diffused to ``latents.t_start`` with SD v1's scaled-linear schedule,
@@ -67,7 +67,6 @@ from difflab.sampling.inversion import INVERSION_ORDERS, INVERSION_SPACINGS
 from difflab.seeding import mix_seed, seed_everything
 from difflab.training import checkpoint as ckpt
 from difflab.training import distributed
-from difflab.training.autoencoder import RECONSTRUCTIONS
 from difflab.training.logging import RunLogger, read_series
 from difflab.training.precision import to_fast_layout
 from difflab.training.trainer import TrainConfig, Trainer
@@ -104,21 +103,13 @@ class PairedDataConfig:
             raise ConfigError("data.test_fraction must be in (0, 1) and data.max_pairs >= 0")
 
 
-@dataclass(frozen=True)
-class RGB2IRVAEConfig:
-    """Where the autoencoder comes from, and (``kind=train``) its shape and training: random ``crop`` x ``crop``
-    crops of the training images of both modalities (0 = whole images), ``loss = rec + kl_weight * KL``."""
-
-    kind: str = "train"
-    path: str = ""
-    scaling_factor: float = 0.0
-    model: AutoencoderConfig = field(
-        default_factory=lambda: AutoencoderConfig(
+def _paired_autoencoder_training() -> AutoencoderTrainingConfig:
+    """The CPU-sized VAE for 64 x 64 pairs: 4 x 16 x 16 latents, trained on random 32 x 32 crops."""
+    return AutoencoderTrainingConfig(
+        model=AutoencoderConfig(
             in_channels=3, latent_channels=4, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=1
-        )
-    )
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
+        ),
+        train=TrainConfig(
             steps=1500,
             batch_size=32,
             lr=2e-3,
@@ -127,11 +118,24 @@ class RGB2IRVAEConfig:
             eval_every=250,
             log_every=50,
             checkpoint_every=250,
-        )
+        ),
+        kl_weight=1e-6,
+        reconstruction="l1",
+        scaling_images=0,
+        crop=32,
     )
-    kl_weight: float = 1e-6
-    reconstruction: str = "l1"
-    crop: int = 32
+
+
+@dataclass(frozen=True)
+class RGB2IRVAEConfig:
+    """Where the autoencoder comes from, as in ``mnist-ldm``; ``kind=train``: its shape and training
+    (``vae.training``, the ``autoencoder`` recipe's section: random ``crop`` x ``crop`` windows of the training
+    images of both modalities, ``loss = rec + kl_weight * KL``); ``batch_size`` for encoding and decoding."""
+
+    kind: str = "train"
+    path: str = ""
+    scaling_factor: float = 0.0
+    training: AutoencoderTrainingConfig = field(default_factory=_paired_autoencoder_training)
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -139,14 +143,10 @@ class RGB2IRVAEConfig:
             raise ConfigError(f"vae.kind must be one of {', '.join(VAE_KINDS)}, got {self.kind!r}")
         if self.kind != "train" and not self.path:
             raise ConfigError(f"vae.kind={self.kind} needs vae.path=DIR")
-        if self.reconstruction not in RECONSTRUCTIONS:
-            raise ConfigError(f"vae.reconstruction must be one of {', '.join(RECONSTRUCTIONS)}")
-        if self.model.in_channels != 3:
-            raise ConfigError("vae.model.in_channels must be 3 (RGB, and IR repeated to 3 channels)")
-        if self.crop < 0 or self.crop % self.model.downsample_factor:
-            raise ConfigError(f"vae.crop must be 0 or a multiple of {self.model.downsample_factor}, got {self.crop}")
-        if self.scaling_factor < 0 or self.kl_weight < 0 or self.batch_size < 1:
-            raise ConfigError("vae.scaling_factor and vae.kl_weight must be >= 0, vae.batch_size >= 1")
+        if self.training.model.in_channels != 3:
+            raise ConfigError("vae.training.model.in_channels must be 3 (RGB, and IR repeated to 3 channels)")
+        if self.scaling_factor < 0 or self.batch_size < 1:
+            raise ConfigError("vae.scaling_factor must be >= 0 and vae.batch_size >= 1")
 
 
 @dataclass(frozen=True)
@@ -350,15 +350,7 @@ def train_paired_autoencoder(
     images = torch.cat([data.train.inputs, as_three_channels(data.train.targets)])
     run.discard_if_inputs_changed("autoencoder", images, echo=echo)
     check = torch.cat([data.test.inputs, as_three_channels(data.test.targets)])
-    training = AutoencoderTrainingConfig(
-        model=config.model,
-        train=config.train,
-        kl_weight=config.kl_weight,
-        reconstruction=config.reconstruction,
-        scaling_images=0,
-        crop=config.crop,
-    )
-    return train_autoencoder(run, logger, images, check, training, seed, device, show_progress, echo)
+    return train_autoencoder(run, logger, images, check, config.training, seed, device, show_progress, echo)
 
 
 def prepare_autoencoder(
@@ -372,7 +364,7 @@ def prepare_autoencoder(
         vae, result = train_paired_autoencoder(
             run, logger, data, vae_config, config.seed, device, config.progress, echo
         )
-        info.update(steps=result.step, train_seconds=round(result.seconds, 1), crop=vae_config.crop)
+        info.update(steps=result.step, train_seconds=round(result.seconds, 1), crop=vae_config.training.crop)
     elif vae_config.kind == "run":
         vae = load_autoencoder_run(vae_config.path, device)
         if vae.config.in_channels != 3:
@@ -1279,7 +1271,7 @@ def load_run_autoencoder(config: RGB2IRConfig, run_dir: Path, device: torch.devi
         path = run_dir / "checkpoints" / "autoencoder.safetensors"
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist: the rgb2ir run has not trained its autoencoder")
-        vae = KLAutoencoder(config.vae.model)
+        vae = KLAutoencoder(config.vae.training.model)
         ckpt.load_weights(vae, path)
     elif config.vae.kind == "run":
         vae = load_autoencoder_run(config.vae.path, device)
