@@ -77,7 +77,7 @@ def test_states_ncsn_learns_the_outlines(tmp_path: Path, capsys) -> None:
     assert kde.nll(other) < kde.nll(start) - 2
     for bad, message in [
         (["--sampler", "ddim"], "samples by annealed Langevin dynamics"),
-        (["--eta", "1"], "--eta do not apply"),
+        (["--eta", "1"], "--eta does not apply"),
         (["--option", "c=0"], "c > 0"),
         (["--option", "spacing=karras"], "the one option c=C"),
     ]:

@@ -371,11 +371,13 @@ def test_report_command_refuses_what_is_not_a_completed_run(tmp_path: Path, stat
     other.mkdir()
     (other / "run.json").write_text(json.dumps(record | {"recipe": "mnist-ncsn", "status": "complete"}))
     (other / "metrics.json").write_text("{}")
+    # a config.yaml that is missing (or of another recipe) would make a report of this difflab's defaults
+    assert f"{other / 'config.yaml'} is missing, empty or of another recipe" in refuse(str(other))
+    (other / "config.yaml").write_text("recipe: mnist-ncsn\n")
     assert "recipe mnist-ncsn has no report style 'ddpm-vs-ddim'; choose one of default" in refuse(
         str(other), "--style", "ddpm-vs-ddim"
     )
     # a builder that needs a number metrics.json lacks: one line naming the file, no traceback
-    (other / "config.yaml").write_text("recipe: mnist-ncsn\n")
     message = refuse(str(other))
     assert f"{other / 'metrics.json'} lacks what the mnist-ncsn report needs (KeyError: 'main')" in message
 

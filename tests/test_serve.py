@@ -240,3 +240,26 @@ def test_trajectory_slider_in_headless_chromium(runs_root: Path, browser) -> Non
 def test_serve_refuses_a_missing_folder(tmp_path: Path, capsys) -> None:
     assert main(["serve", str(tmp_path / "nowhere"), "--port", "0"]) == 2
     assert capsys.readouterr().err == f"difflab: error: {tmp_path / 'nowhere'} is not a folder\n"
+
+
+def test_a_page_that_fails_is_a_500_and_the_server_serves_on(runs_root: Path, monkeypatch, capsys) -> None:
+    from difflab.report.serve import RunBrowser
+
+    def broken(self, view) -> bytes:
+        raise ValueError("metrics.json holds a list")
+
+    httpd = make_server(runs_root, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = ("127.0.0.1", httpd.server_address[1])
+        _, index, _ = request(address, "/")
+        run_id = index.decode().split("/run?id=")[1].split('"')[0]
+        monkeypatch.setattr(RunBrowser, "run_page", broken)
+        status, body, _ = request(address, f"/run?id={run_id}")
+        assert status == 500 and b"ValueError: metrics.json holds a list" in body
+        assert request(address, "/")[0] == 200  # the server is still up
+        assert "cannot show /run" in capsys.readouterr().err
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

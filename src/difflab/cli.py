@@ -23,17 +23,47 @@ writes everything). Errors a user can cause are printed as one line on stderr wi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from difflab.errors import ConfigError, DifflabError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (``difflab sample: error: ...``) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite float (``nan`` and ``inf`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535 (0 picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0 picks a free one), got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="difflab", description="Diffusion models you can train, sample, evaluate and explain on a laptop."
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -118,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve = commands.add_parser("serve", help="browse run folders: metrics, configs, figures, trajectories")
     serve.add_argument("runs_dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
-    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    serve.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0 picks a free one)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     return parser
 
@@ -143,7 +173,7 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
     )
     sample.add_argument(
         "--eta",
-        type=float,
+        type=_finite,
         default=None,
         help="eta of ddim (0 the deterministic ODE, the default; 1 DDPM's posterior variance) or of an SDE sampler "
         "(dpmpp-*-sde, dpmpp-2m-ode-sde: the scale of its noise, 1 the default, 0 its ODE)",
@@ -166,7 +196,7 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
     )
     sample.add_argument(
         "--guidance",
-        type=float,
+        type=_finite,
         default=None,
         help="classifier-free guidance w in eps_u + w (eps_c - eps_u): 0 unconditional, "
         "1 conditional (the default for mnist-cfg runs; a mnist-ldm run's default is its guidance.w), > 1 guided; "
@@ -207,9 +237,9 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
     likelihood.add_argument("run", help="a finished run folder")
     likelihood.add_argument("--n", type=int, default=1000, help="held-out points to score (default 1000)")
     likelihood.add_argument("--batch-size", type=int, default=1000)
-    likelihood.add_argument("--rtol", type=float, default=1e-5)
-    likelihood.add_argument("--atol", type=float, default=1e-5)
-    likelihood.add_argument("--t-min", type=float, default=1e-5, help="start of the ODE in continuous time")
+    likelihood.add_argument("--rtol", type=_finite, default=1e-5)
+    likelihood.add_argument("--atol", type=_finite, default=1e-5)
+    likelihood.add_argument("--t-min", type=_finite, default=1e-5, help="start of the ODE in continuous time")
     likelihood.add_argument("--probe", default="rademacher", help="Hutchinson probes: rademacher or gaussian")
     likelihood.add_argument("--seed", type=int, default=0)
     likelihood.add_argument("--device", default="auto")
@@ -331,7 +361,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     from difflab.experiments import recipes
 
     for recipe in recipes().values():
-        print(f"{recipe.name:12s} {recipe.summary}")
+        print(f"{recipe.name:15s} {recipe.summary}")
     return 0
 
 
@@ -354,6 +384,8 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
                     break
                 except ValueError:
                     continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--option {key} must be a finite number, got {text!r}")
         options[key] = value
     return options
 
@@ -376,7 +408,10 @@ def cmd_sample_score(args: argparse.Namespace) -> int:
         if given
     ]
     if refused:
-        raise ConfigError(f"{' and '.join(refused)} do not apply to annealed Langevin sampling of a score-based run")
+        verb = "does" if len(refused) == 1 else "do"
+        raise ConfigError(
+            f"{' and '.join(refused)} {verb} not apply to annealed Langevin sampling of a score-based run"
+        )
     options = parse_options(args.option)
     unknown = sorted(set(options) - {"c"})
     if unknown or not isinstance(options.get("c", 1.0), int | float) or isinstance(options.get("c"), bool):
@@ -401,6 +436,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.out and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder: give a file name (e.g. {Path(args.out) / 'samples.png'})")
     from difflab.experiments.score_runs import SCORE_RECIPES
     from difflab.sampling.solvers import get_sampler
 

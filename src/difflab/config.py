@@ -68,12 +68,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        number = _as_number(value)
-        if number is not None and float(number).is_integer():
-            return int(number)
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
+        number = value if isinstance(value, int) else _as_number(value)
+        if number is None or (isinstance(number, float) and not number.is_integer()):
+            raise ConfigError(f"{key} must be an integer, got {_short_repr(value)}")
+        if not -(2**63) <= int(number) < 2**63:  # what torch (seeds, sizes) and safetensors metadata can hold
+            raise ConfigError(f"{key} must be an integer within +-2^63, got {_short_repr(value)}")
+        return int(number)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be a number, got {value!r}")
@@ -212,6 +212,8 @@ def merge_overrides(data: dict[str, Any], overrides: list[str], cls: type | None
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with one-line errors for a missing or malformed file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

@@ -168,8 +168,12 @@ def load_image_folder(
     if max_per_class < 0:
         raise DataError(f"max_per_class must be >= 0 (0 = all), got {max_per_class}")
     classes, skipped = _folder_classes(root, max_per_class)
-    if skipped:
-        echo(f"skipped {len(skipped)} non-image file(s) in {root} (e.g. {skipped[0].relative_to(root)})")
+    loose = [p for p in skipped if p.parent == root and p.suffix.lower() in IMAGE_SUFFIXES]
+    others = [p for p in skipped if p not in loose]
+    if loose:  # images beside class subfolders belong to no class
+        echo(f"skipped {len(loose)} image(s) outside the class subfolders of {root} (e.g. {loose[0].name})")
+    if others:
+        echo(f"skipped {len(others)} non-image file(s) in {root} (e.g. {others[0].relative_to(root)})")
 
     pictures: list[Image.Image] = []
     labels: list[int] = []

@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-from difflab.config import config_from, read_yaml
 from difflab.data.batches import ShuffledBatches
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
-from difflab.experiments.runs import RunFolder, setup_ranks, trained_only
+from difflab.experiments.runs import RunFolder, read_run, read_run_config, setup_ranks, trained_only
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from difflab.models.unet import count_parameters
@@ -201,12 +200,12 @@ def train_autoencoder(
 def load_autoencoder_run(run_dir: str | Path, device: torch.device | str = "cpu") -> KLAutoencoder:
     """The VAE of a finished ``autoencoder`` run (its scaling factor comes with the weights)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not an autoencoder run folder (no config.yaml)")
-    data = read_yaml(run_dir / "config.yaml")
-    if data.get("recipe") != "autoencoder":
-        raise ConfigError(f"{run_dir} is a {data.get('recipe')!r} run; vae.kind=run needs an 'autoencoder' run")
-    config = config_from(AutoencoderRecipeConfig(), run_dir / "config.yaml")
+    if not (run_dir / "run.json").is_file():
+        raise ConfigError(f"{run_dir} is not an autoencoder run folder (no run.json)")
+    recipe = read_run(run_dir)["recipe"]
+    if recipe != "autoencoder":
+        raise ConfigError(f"{run_dir} is a {recipe!r} run; vae.kind=run needs an 'autoencoder' run")
+    config = read_run_config(run_dir, AutoencoderRecipeConfig())
     path = run_dir / "checkpoints" / "autoencoder.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: the autoencoder run has not finished")

@@ -62,6 +62,11 @@ class ImageDataConfig:
             raise ConfigError("data.source=imagefolder needs data.path=DIR (one subfolder per class)")
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError("data.heldout_fraction must be in (0, 1)")
+        if self.channels not in (0, 1, 3) or self.size < 0 or self.max_train < 0:
+            raise ConfigError(
+                "data.channels must be 0 (infer), 1 or 3 and data.size and data.max_train >= 0 (0 = as stored, all), "
+                f"got {self.channels}, {self.size} and {self.max_train}"
+            )
 
 
 def split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -121,6 +126,12 @@ def build_unet(config: UNetConfig, data: ImageSet, learned_variance: bool = Fals
         )
     if config.num_classes and config.num_classes != data.num_classes:
         raise ConfigError(f"unet.num_classes={config.num_classes} but the data has {data.num_classes} classes")
+    if config.has_cross_attention and config.class_conditioning == "add":
+        # UNet.forward takes any context, but a recipe's only context is the label's tokens
+        raise ConfigError(
+            "unet.cross_attention_levels / unet.mid_cross_attention attend to the label: set "
+            "unet.class_conditioning=cross or both (a class-conditional recipe), or remove the cross-attention"
+        )
     return UNet(config)
 
 
@@ -307,6 +318,8 @@ def sample_images(
     if options and sampler in ("ddpm", "ddim"):
         raise ConfigError(f"sampler options are for the registry samplers: {sampler} is the recipe's own sampler here")
     spec.check_options(options or {})
+    if not 0 <= steps <= schedule.num_timesteps:  # 0: all T steps
+        raise ConfigError(f"{sampler} takes 1 to T={schedule.num_timesteps} steps, got {steps}")
     check_precision(precision, torch.device(device), SAMPLING_PRECISIONS)
     if precision != "fp32":
         model = AutocastModel(model, device, precision)
@@ -454,7 +467,10 @@ def evaluator_for(
 def no_evaluator_reason(data: ImageDataConfig) -> str:
     """Why :func:`evaluator_for` gives no evaluator for ``data`` (one clause, for messages and reports)."""
     if data.source == "imagefolder":
-        return "an image folder is scored only with InceptionV3 weights: set metrics.inception_weights=PATH"
+        return (
+            "an image folder is scored only with InceptionV3 weights: set metrics.inception_weights=PATH "
+            "(difflab evaluate: --inception-weights PATH)"
+        )
     return f"no feature extractor here judges {data.source!r} images (the evaluator scores MNIST and image folders)"
 
 

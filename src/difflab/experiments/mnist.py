@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from difflab.config import config_from, read_yaml
 from difflab.data.images import image_folder_classes
 from difflab.diffusion.objectives import ObjectiveConfig
 from difflab.diffusion.prediction import wrap_prediction
@@ -35,7 +34,15 @@ from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
 from difflab.experiments.points2d import trajectory_recorder
-from difflab.experiments.runs import RunFolder, option_tags, resolve_device, setup_ranks, trained_only
+from difflab.experiments.runs import (
+    RunFolder,
+    option_tags,
+    read_run,
+    read_run_config,
+    resolve_device,
+    setup_ranks,
+    trained_only,
+)
 from difflab.models.unet import UNetConfig, count_parameters, describe
 from difflab.report.rundata import TRAJECTORY_FILE
 from difflab.seeding import seed_everything
@@ -118,6 +125,7 @@ class MnistDDPMConfig:
     def __post_init__(self) -> None:
         if self.recipe != "mnist-ddpm":
             raise ConfigError(f"this config is for the 'mnist-ddpm' recipe, got recipe={self.recipe!r}")
+        _check_steps(self)
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,11 @@ class GuidanceConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.label_dropout < 1:
             raise ConfigError("guidance.label_dropout must be in [0, 1)")
+        if self.grid_per_digit < 1 or self.steps < 1 or (self.sweep and self.n_sweep < 2):
+            raise ConfigError(
+                "guidance.grid_per_digit and guidance.steps must be >= 1 and guidance.n_sweep >= 2 (a FID needs two "
+                f"samples), got {self.grid_per_digit}, {self.steps} and {self.n_sweep}"
+            )
 
 
 @dataclass(frozen=True)
@@ -190,6 +203,18 @@ class MnistCFGConfig:
             raise ConfigError(f"this config is for the 'mnist-cfg' recipe, got recipe={self.recipe!r}")
         if self.unet.num_classes < 1:
             raise ConfigError("mnist-cfg needs a class-conditional U-Net (unet.num_classes > 0)")
+        _check_steps(self)
+
+
+def _check_steps(config: Any) -> None:
+    """Sampler steps must fit the schedule, checked before training rather than after it."""
+    limit = config.schedule.num_timesteps
+    steps = {"metrics.ddim_steps": config.metrics.ddim_steps}
+    if hasattr(config, "guidance"):
+        steps["guidance.steps"] = config.guidance.steps
+    for key, value in steps.items():
+        if value > limit:
+            raise ConfigError(f"{key}={value} exceeds schedule.num_timesteps={limit}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -541,6 +566,11 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> Ru
             f"[mnist-cfg] run folder {run.path} | {len(train):,} training images {shape} | "
             f"{describe(config.unet, train.size)} | device {device}"
         )
+        if config.guidance.label_dropout == 0:
+            echo(
+                "[mnist-cfg] warning: guidance.label_dropout=0 never trains the null label, so every w other than 1 "
+                "mixes in an untrained unconditional prediction"
+            )
         with run.stage("evaluator"):  # rank 0 alone scores; every rank draws its shard of the samples
             evaluator = (
                 stages.evaluator_for(config.data, device, echo, config.metrics.inception_weights, (train, heldout))
@@ -727,12 +757,11 @@ def load_run_model(
     """``(config, model with its exported weights, schedule)`` of a finished mnist-ddpm or mnist-cfg run, its
     weights in the layout that runs fastest at ``precision`` on ``device``."""
     run_dir = Path(run_dir)
-    data = read_yaml(run_dir / "config.yaml")
-    recipe = data.get("recipe")
+    recipe = read_run(run_dir)["recipe"]
     classes = {"mnist-ddpm": MnistDDPMConfig, "mnist-cfg": MnistCFGConfig}
     if recipe not in classes:
         raise ConfigError(f"{run_dir} is a {recipe!r} run; image sampling works on mnist-ddpm and mnist-cfg runs")
-    config = config_from(classes[recipe](), run_dir / "config.yaml")
+    config = read_run_config(run_dir, classes[recipe]())
     from difflab.models.unet import UNet
 
     schedule = NoiseSchedule.from_config(config.schedule)
@@ -746,7 +775,7 @@ def load_run_model(
 def class_index(data: ImageDataConfig, label: int | str, classes: int) -> int:
     """The label index that ``--digit`` / ``--class`` names: an index 0 .. classes - 1, or (an image folder) the
     name of a class subfolder."""
-    if isinstance(label, int) or str(label).isdigit():
+    if isinstance(label, int) or str(label).lstrip("+-").isdigit():
         index = int(label)
         if not 0 <= index < classes:
             raise ConfigError(f"--digit must be between 0 and {classes - 1}, got {index}")
@@ -849,13 +878,12 @@ def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str =
     import json
 
     from difflab.experiments import recipes
-    from difflab.experiments.runs import read_run
 
     run_dir = Path(run_dir)
     recipe = read_run(run_dir).get("recipe")
     if recipe not in EVALUATED_RECIPES:
         raise ConfigError(f"{run_dir} is a {recipe!r} run; difflab evaluate scores {', '.join(EVALUATED_RECIPES)} runs")
-    config = config_from(recipes()[recipe].config_class(), run_dir / "config.yaml")
+    config = read_run_config(run_dir, recipes()[recipe].config_class())
     resolved = resolve_device(device)
     evaluator = stages.evaluator_for(
         config.data,

@@ -31,6 +31,34 @@ TRAIN_MODES = ("fresh", "pairs")
 SAMPLERS = ("ddpm", "ddim")
 
 
+DDPM_VARIANCES = ("beta", "posterior")
+
+
+def check_timesteps(key: str, steps: tuple[int, ...], num_timesteps: int, first: int = 0) -> None:
+    """``steps`` (a figure's timesteps) must be non-empty and within ``[first, num_timesteps]``."""
+    if not steps or any(not first <= t <= num_timesteps for t in steps):
+        raise ConfigError(
+            f"{key} must be a non-empty list of timesteps in [{first}, {num_timesteps}] "
+            f"(schedule.num_timesteps = {num_timesteps}), got {list(steps)}"
+        )
+
+
+def check_sampling(prefix: str, sampler: str, steps: int, eta: float = 0.0) -> None:
+    """The settings ``<prefix>sampler``, ``<prefix>steps`` (0 = all T) and ``<prefix>eta`` of a sampling stage."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"{prefix}sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if steps < 0:
+        raise ConfigError(f"{prefix}steps must be >= 0 (0 = all T), got {steps}")
+    if eta < 0:
+        raise ConfigError(f"{prefix}eta must be >= 0, got {eta}")
+
+
+def check_variance(key: str, variance: str) -> None:
+    """DDPM's fixed variance: ``beta`` or ``posterior`` (beta tilde)."""
+    if variance not in DDPM_VARIANCES:
+        raise ConfigError(f"{key} must be one of {', '.join(DDPM_VARIANCES)}, got {variance!r}")
+
+
 @dataclass(frozen=True)
 class MLPConfig:
     """An MLP: hidden widths, activation and how the timestep enters (see ``models.mlp.TimeEncoding``)."""

@@ -46,7 +46,7 @@ from difflab.data.paired import PairedData, PairedSet, load_paired_folders, name
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments.autoencoder import AutoencoderTrainingConfig, load_autoencoder_run, train_autoencoder
-from difflab.experiments.runs import RunFolder, resolve_device, setup_ranks, trained_only
+from difflab.experiments.runs import RunFolder, read_run_config, resolve_device, setup_ranks, trained_only
 from difflab.metrics.image_quality import at_low_resolution, guided_filter, psnr, ssim
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
@@ -1300,12 +1300,11 @@ def invert_latent_run(
     autoencoder's); with ``fixed_point`` K > 0 also the round trips refined by K fixed-point iterations per
     inversion step; one set of rows per timestep spacing in ``spacings`` and integrator order in ``orders``.
     Writes ``RUN/inversion.json`` and ``RUN/figures/inversion.png``."""
-    from difflab.config import config_from
     from difflab.experiments.inversion import resolved_t_end, round_trip_cases, round_trip_rows, write_inversion
 
     run_dir = Path(run_dir)
     resolved = resolve_device(device)
-    config = config_from(RGB2IRConfig(), run_dir / "config.yaml")
+    config = read_run_config(run_dir, RGB2IRConfig())
     cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}

@@ -33,12 +33,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
 
-from difflab.config import dump_yaml, to_dict
+from difflab.config import config_from, dump_yaml, read_yaml, to_dict
 from difflab.errors import ConfigError, DifflabError
 from difflab.report.document import Report
 from difflab.report.markdown import environment
@@ -47,6 +47,8 @@ from difflab.report.rundata import RunContents, load_run
 from difflab.training import distributed
 from difflab.training.checkpoint import atomic_write_bytes, tensor_digest
 from difflab.training.trainer import RESUMABLE_CHANGES, TrainConfig
+
+C = TypeVar("C")
 
 FINAL_OUTPUTS = (
     "metrics.json",
@@ -182,31 +184,38 @@ class RunFolder:
     ) -> RunFolder:
         path = Path(path)
         config_path = path / "config.yaml"
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"run_dir={path} is a file, not a folder; choose another run_dir")
         if fresh and path.exists():
             if not (path / "run.json").is_file() and any(path.iterdir()):
                 raise ConfigError(f"--fresh refuses to delete {path}: it is not a difflab run folder")
             shutil.rmtree(path)
         if config_path.is_file():
             try:
-                old = yaml.safe_load(config_path.read_text()) or {}
-            except yaml.YAMLError:
-                old = {}
+                old = yaml.safe_load(config_path.read_text())
+            except (yaml.YAMLError, UnicodeDecodeError):
+                old = None
             new = to_dict(config)
-            differences = [
-                k
-                for k in config_differences(old, new)
-                if k.split(".")[0] not in ignore_keys and not resumable_difference(config, k)
-            ]
-            if differences and not _holds_results(path):
+            problem = ""
+            if not isinstance(old, dict):
+                problem = "has a damaged config.yaml (not a YAML mapping)"
+            elif old.get("recipe") != new.get("recipe"):
+                problem = f"holds a {old.get('recipe')!r} run, not a {new.get('recipe')!r} one"
+            else:
+                differences = [
+                    k
+                    for k in config_differences(old, new)
+                    if k.split(".")[0] not in ignore_keys and not resumable_difference(config, k)
+                ]
+                if differences:
+                    shown = ", ".join(differences[:6]) + (" ..." if len(differences) > 6 else "")
+                    problem = f"holds a run with a different config (differs in: {shown})"
+            if problem and not _holds_results(path):
                 # Nothing trained or written yet (e.g. the last try stopped at a mistyped data path): start over.
                 print(f"[{recipe}] {path} held no results of its earlier config; starting it over with this one")
                 shutil.rmtree(path)
-            elif differences:
-                shown = ", ".join(differences[:6]) + (" ..." if len(differences) > 6 else "")
-                raise ConfigError(
-                    f"{path} holds a run with a different config (differs in: {shown}); "
-                    "choose another run_dir=... or pass --fresh to start over"
-                )
+            elif problem:
+                raise ConfigError(f"{path} {problem}; choose another run_dir=... or pass --fresh to start over")
         elif path.exists() and any(path.iterdir()) and not (path / "run.json").is_file():
             raise ConfigError(f"{path} exists and is not a difflab run folder; choose another run_dir")
         for sub in ("checkpoints", "samples", "figures"):
@@ -311,6 +320,27 @@ def read_run(path: str | Path) -> dict[str, Any]:
     if not record.is_file():
         raise ConfigError(f"{path} is not a difflab run folder (no run.json)")
     try:
-        return json.loads(record.read_text())
-    except json.JSONDecodeError:
+        data = json.loads(record.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{record} is damaged (not valid JSON)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{record} is damaged (not a JSON object)")
+    if not isinstance(data.get("recipe"), str) or not data["recipe"]:
+        raise ConfigError(f"{record} is damaged (it names no recipe)")
+    return data
+
+
+def read_run_config(path: str | Path, default: C) -> C:
+    """The resolved ``config.yaml`` of run folder ``path`` as ``default``'s dataclass; refuses (one line) a folder
+    without ``run.json``, a ``config.yaml`` that is missing or empty, or one of another recipe than ``run.json``'s
+    (keys it lacks would silently take this difflab's defaults)."""
+    path = Path(path)
+    recipe = read_run(path)["recipe"]
+    config_path = path / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{path} has no config.yaml")
+    data = read_yaml(config_path)
+    if data.get("recipe") != recipe:
+        found = f"names recipe {data['recipe']!r}" if data.get("recipe") else "is empty or names no recipe"
+        raise ConfigError(f"{config_path} {found}, but {path / 'run.json'} says {recipe!r}: the folder is damaged")
+    return config_from(default, config_path)

@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 
-from difflab.config import config_from
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import CheckpointError, ConfigError
-from difflab.experiments.runs import option_tags, read_run, resolve_device
+from difflab.experiments.runs import option_tags, read_run, read_run_config, resolve_device
 from difflab.report.markdown import fmt, table
 from difflab.sampling.common import batched
 from difflab.sampling.likelihood import LikelihoodSettings, batched_likelihood, bits_per_dim
@@ -104,10 +103,7 @@ def load_target(run_dir: str | Path, device: str = "auto") -> SamplingTarget:
         known = ", ".join(sorted(LOADERS))
         score = " (difflab sample draws annealed Langevin samples of NCSN runs)" if recipe in SCORE_RECIPES else ""
         raise ConfigError(f"{path} is a {recipe!r} run; this command knows the recipes {known}{score}")
-    config_path = path / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{path} has no config.yaml")
-    config = config_from(recipes()[recipe].config_class(), config_path)
+    config = read_run_config(path, recipes()[recipe].config_class())
     return LOADERS[recipe](path, config, resolve_device(device))
 
 
@@ -278,25 +274,38 @@ def compare_samplers(
     (sampler, budget).
     """
     full = target.schedule.num_timesteps
+    if not target.metrics:
+        raise ConfigError(
+            f"{target.path}: the built-in evaluator has no score for this run's data (it scores MNIST, or an image "
+            "folder with metrics.inception_weights), so there is nothing to compare"
+        )
+    if not samplers:
+        raise ConfigError("no sampler to compare (--samplers names none)")
     for name in full_for or ():
         get_sampler(name)  # an unknown name fails before any sampling
     for name in samplers:
         get_sampler(name).check_options(options or {})
-    rows = []
+    plan = []  # (sampler, budget, steps): every check before any sampling
     for name in samplers:
         spec = get_sampler(name)
         gets_full = include_full and (full_for is None or name in full_for)
-        budgets = sorted(set(nfes) | ({full} if gets_full else set()))
-        for budget in budgets:
+        for budget in sorted(set(nfes) | ({full} if gets_full else set())):
             steps = spec.steps_for_nfe(budget, full)
-            if steps is None:
-                continue
-            samples, info = draw_samples(target, name, steps, n, seed, options)
-            row = {"budget": budget, **info, **({"options": options} if options else {}), **target.score(samples)}
-            rows.append(row)
-            if echo is not None:
-                scores = "  ".join(f"{k} {fmt(row[k])}" for k in target.metrics)
-                echo(f"  {name:9s} budget {budget:5d}: {steps:4d} steps, {info['nfe']:4d} NFE, {scores}")
+            if steps is not None:
+                plan.append((name, budget, steps))
+    if not plan:
+        raise ConfigError(
+            f"none of the samplers {', '.join(samplers)} can spend any NFE budget in {sorted(nfes)} on this run "
+            f"(T = {full}: a budget buys at most T steps)"
+        )
+    rows = []
+    for name, budget, steps in plan:
+        samples, info = draw_samples(target, name, steps, n, seed, options)
+        row = {"budget": budget, **info, **({"options": options} if options else {}), **target.score(samples)}
+        rows.append(row)
+        if echo is not None:
+            scores = "  ".join(f"{k} {fmt(row[k])}" for k in target.metrics)
+            echo(f"  {name:9s} budget {budget:5d}: {steps:4d} steps, {info['nfe']:4d} NFE, {scores}")
     return rows
 
 

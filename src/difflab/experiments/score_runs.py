@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 
-from difflab.config import config_from
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments import ncsn, ncsn2d
 from difflab.experiments.mnist import image_shape
 from difflab.experiments.ncsn_common import sample_langevin
-from difflab.experiments.runs import option_tags, read_run, resolve_device
+from difflab.experiments.runs import option_tags, read_run, read_run_config, resolve_device
 from difflab.metrics.points import KDE, check_finite
 from difflab.training.checkpoint import load_weights
 from difflab.viz import plots2d
@@ -54,7 +53,7 @@ def sample_score_run(
         raise ConfigError(f"--n must be >= 1, got {n}")
     if (steps_per_level is not None and steps_per_level < 1) or (c is not None and c <= 0):
         raise ConfigError("annealed Langevin needs --steps (steps per noise level) >= 1 and c > 0")
-    config = config_from(recipes()[recipe].config_class(), path / "config.yaml")
+    config = read_run_config(path, recipes()[recipe].config_class())
     weights = path / "checkpoints" / "score.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path} has no trained score network ({weights} is missing); finish the run first")

@@ -60,6 +60,10 @@ class PointsDataConfig:
     heldout_fraction: float = 0.2
     val_fraction: float = 0.1
 
+    def __post_init__(self) -> None:
+        if not 0 < self.heldout_fraction < 1 or not 0 <= self.val_fraction < 1:
+            raise ConfigError("data needs heldout_fraction in (0, 1) and val_fraction in [0, 1)")
+
 
 @dataclass(frozen=True)
 class GuidedSamplingConfig:
@@ -87,9 +91,9 @@ class GuidedSamplingConfig:
     def __post_init__(self) -> None:
         if self.n_uncond < 1 or self.n_cond < 0 or self.batch_size < 1:
             raise ConfigError("sampling needs n_uncond >= 1, n_cond >= 0 and batch_size >= 1")
-        for key in ("uncond_sampler", "cond_sampler"):
-            if getattr(self, key) not in points2d.SAMPLERS:
-                raise ConfigError(f"sampling.{key} must be one of {', '.join(points2d.SAMPLERS)}")
+        points2d.check_sampling("sampling.uncond_", self.uncond_sampler, self.uncond_steps)
+        points2d.check_sampling("sampling.cond_", self.cond_sampler, self.cond_steps, self.cond_eta)
+        points2d.check_variance("sampling.ddpm_variance", self.ddpm_variance)
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,13 @@ class StatesConfig:
     def __post_init__(self) -> None:
         if self.recipe != "states":
             raise ConfigError(f"this config is for the 'states' recipe, got recipe={self.recipe!r}")
+        steps = self.schedule.num_timesteps
+        for key in ("forward_steps", "reverse_steps"):
+            points2d.check_timesteps(f"figures.{key}", getattr(self.figures, key), steps)
+        points2d.check_timesteps("figures.prediction_map_steps", self.figures.prediction_map_steps, steps)
+        for key in ("uncond_steps", "cond_steps"):
+            if (value := getattr(self.sampling, key)) > steps:
+                raise ConfigError(f"sampling.{key}={value} exceeds schedule.num_timesteps={steps}")
 
 
 def load_data(config: PointsDataConfig, seed: int) -> tuple[PointCloud, PointCloud, bool]:

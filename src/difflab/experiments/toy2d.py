@@ -42,6 +42,10 @@ class ToyDataConfig:
     noise: float = 0.0
     val_fraction: float = 0.1
 
+    def __post_init__(self) -> None:
+        if self.n_train < 2 or self.n_heldout < 1 or not 0 <= self.val_fraction < 1:  # noise: data.toy checks it
+            raise ConfigError("data needs n_train >= 2, n_heldout >= 1 and val_fraction in [0, 1)")
+
 
 @dataclass(frozen=True)
 class ToySamplingConfig:
@@ -52,6 +56,12 @@ class ToySamplingConfig:
     ddpm_variance: str = "beta"
     batch_size: int = 5000
     seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.batch_size < 1:
+            raise ConfigError(f"sampling.n and sampling.batch_size must be >= 1, got {self.n} and {self.batch_size}")
+        points2d.check_sampling("sampling.", self.sampler, self.steps, self.eta)
+        points2d.check_variance("sampling.ddpm_variance", self.ddpm_variance)
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,12 @@ class ToyConfig:
     def __post_init__(self) -> None:
         if self.recipe not in TOY_DATASETS:
             raise ConfigError(f"recipe must be one of {', '.join(TOY_DATASETS)}, got {self.recipe!r}")
+        for key in ("forward_steps", "reverse_steps"):
+            points2d.check_timesteps(f"figures.{key}", getattr(self.figures, key), self.schedule.num_timesteps)
+        if self.sampling.steps > self.schedule.num_timesteps:
+            raise ConfigError(
+                f"sampling.steps={self.sampling.steps} exceeds schedule.num_timesteps={self.schedule.num_timesteps}"
+            )
 
 
 def toy_config_class(name: str) -> Any:

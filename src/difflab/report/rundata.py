@@ -91,18 +91,25 @@ def load_run(path: str | Path, require_complete: bool = True) -> RunContents:
     record = _read_json(path / "run.json")
     if not isinstance(record, dict):
         raise ConfigError(f"{path / 'run.json'} is damaged (not a JSON object)")
+    if not isinstance(record.get("recipe"), str) or not record["recipe"]:
+        raise ConfigError(f"{path / 'run.json'} is damaged (it names no recipe)")
     status = record.get("status", "unknown")
     if require_complete and status != "complete":
         raise ConfigError(f"{path} is not a completed run (status: {status}); only completed runs have a report")
     if not (path / "metrics.json").is_file():
         raise ConfigError(f"{path} has no metrics.json; only completed runs have a report")
     metrics = _read_json(path / "metrics.json")
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{path / 'metrics.json'} is damaged (not a JSON object)")
     config_path = path / "config.yaml"
     config_text = config_path.read_text() if config_path.is_file() else ""
     try:
         config = yaml.safe_load(config_text) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{config_path} is not valid YAML") from None
+    if require_complete and (not isinstance(config, dict) or config.get("recipe") != record.get("recipe")):
+        # a report from this difflab's defaults would describe another run
+        raise ConfigError(f"{config_path} is missing, empty or of another recipe than {path / 'run.json'} says")
     return RunContents(
         path=path,
         record=record,

@@ -17,9 +17,11 @@ It binds to 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import errno
 import html
 import json
 import math
+import sys
 import threading
 from collections import OrderedDict
 from http import HTTPStatus
@@ -507,6 +509,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._not_found(head)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the browser went away
+        except Exception as exc:  # a damaged run folder must not take the page (or the server) down
+            message = f"cannot show {route}: {type(exc).__name__}: {exc}"
+            print(f"difflab serve: {message}", file=sys.stderr, flush=True)
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, (message + "\n").encode(), "text/plain; charset=utf-8", head)
 
 
 def make_server(root: str | Path, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
@@ -517,7 +523,8 @@ def make_server(root: str | Path, host: str = "127.0.0.1", port: int = 8765) -> 
     try:
         server = ThreadingHTTPServer((host, port), handler)
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port") from None
+        advice = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --host and --port"
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); {advice}") from None
     server.daemon_threads = True
     return server
 

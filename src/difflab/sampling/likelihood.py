@@ -66,7 +66,7 @@ class LikelihoodSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.t_min < 1:
             raise ConfigError(f"t_min must lie in [0, 1), got {self.t_min}")
-        if self.rtol <= 0 or self.atol <= 0:
+        if not (self.rtol > 0 and self.atol > 0):  # NaN fails both
             raise ConfigError("rtol and atol must be > 0")
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")

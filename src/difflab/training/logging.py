@@ -82,13 +82,14 @@ class RunLogger:
         if not self.path.is_file():
             return
         kept, dropped = [], False
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                dropped = True  # a line cut short by a kill
+                late = str(record.get("tag", "")).startswith(prefix) and float(record.get("step", 0)) > after_step
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                dropped = True  # a line cut short by a kill, or damaged: not a record
                 continue
-            if str(record.get("tag", "")).startswith(prefix) and record.get("step", 0) > after_step:
+            if late:
                 dropped = True
                 continue
             kept.append(json.dumps(record))
@@ -107,29 +108,20 @@ class RunLogger:
 
 def read_series(path: Path, tag: str) -> tuple[list[int], list[float]]:
     """Steps and values of one tag from a ``metrics.jsonl`` file (the last value wins for a repeated step)."""
-    series: dict[int, float] = {}
-    if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("tag") == tag:
-                series[int(record["step"])] = float(record["value"])
-    steps = sorted(series)
-    return steps, [series[s] for s in steps]
+    return read_all_series(path).get(tag, ([], []))
 
 
 def read_all_series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     """Every tag of a ``metrics.jsonl`` file: ``{tag: (steps, values)}`` sorted by step (the last value wins
-    for a repeated step; lines that are not JSON, such as one cut short by a kill, are skipped)."""
+    for a repeated step; lines that are not records, such as one cut short by a kill, are skipped)."""
     found: dict[str, dict[int, float]] = {}
     if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
+        # errors="replace": a damaged (non-UTF-8) line is skipped like any other line that is not a record
+        for line in Path(path).read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
                 tag, step, value = str(record["tag"]), int(record["step"]), float(record["value"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
                 continue
             found.setdefault(tag, {})[step] = value
     return {tag: (sorted(s), [s[k] for k in sorted(s)]) for tag, s in sorted(found.items())}

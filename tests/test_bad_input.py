@@ -1,0 +1,151 @@
+"""Bad input found by a robustness audit (2026-12-06): each case must stop with one line on stderr and exit status
+2, before any work where the input is a setting, and without touching the outputs of an earlier command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from difflab.cli import main
+from difflab.data.images import load_image_folder
+from difflab.training.logging import read_all_series, read_series
+
+TINY_SWISSROLL = [
+    "progress=false",
+    "denoiser_train.steps=5",
+    "denoiser_train.eval_every=5",
+    "sampling.n=50",
+    "data.n_train=200",
+    "data.n_heldout=200",
+    "denoiser.hidden=[16]",
+    "figures.trajectory_points=10",
+]
+DIGITS = ["data.source=digits", "progress=false", "train.steps=2", "unet.base_channels=8"]
+
+
+def fails_in_one_line(capsys, argv: list[str]) -> str:
+    """Run the CLI; assert exit status 2 and a single stderr line without a traceback; return that line."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's errors exit from inside the parser
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def swissroll_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "swissroll"
+    assert main(["run", "swissroll", f"run_dir={run_dir}", *TINY_SWISSROLL]) == 0
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "expected"),
+    [
+        ("swissroll", ["sampling.n=0"], "sampling.n and sampling.batch_size must be >= 1"),
+        ("swissroll", ["figures.reverse_steps=[]"], "figures.reverse_steps must be a non-empty list"),
+        ("swissroll", ["figures.forward_steps=[0,500]"], "timesteps in [0, 100]"),
+        ("swissroll", ["sampling.steps=200"], "sampling.steps=200 exceeds schedule.num_timesteps=100"),
+        ("swissroll", ["sampling.eta=-1"], "sampling.eta must be >= 0"),
+        ("swissroll", ["seed=1e30"], "seed must be an integer within +-2^63"),
+        ("swissroll", ["denoiser_train.batch_size=1e30"], "denoiser_train.batch_size must be an integer within"),
+        ("states", ["sampling.cond_steps=900"], "sampling.cond_steps=900 exceeds schedule.num_timesteps=500"),
+        ("states", ["sampling.ddpm_variance=large"], "sampling.ddpm_variance must be one of beta, posterior"),
+        ("mnist-ddpm", [*DIGITS, "schedule.num_timesteps=10"], "metrics.ddim_steps=50 exceeds"),
+        ("mnist-ddpm", [*DIGITS, "unet.time_embedding_dim=-1"], "unet.time_embedding_dim must be >= 0"),
+        ("mnist-ddpm", [*DIGITS, "data.channels=-1"], "data.channels must be 0 (infer), 1 or 3"),
+        ("mnist-ddpm", [*DIGITS, "unet.cross_attention_levels=[0]"], "set unet.class_conditioning=cross or both"),
+        ("mnist-cfg", [*DIGITS, "guidance.n_sweep=0"], "guidance.n_sweep >= 2"),
+        ("mnist-cfg", [*DIGITS, "guidance.grid_per_digit=0"], "guidance.grid_per_digit and guidance.steps"),
+    ],
+)
+def test_settings_that_used_to_fail_deep_inside_are_refused_up_front(
+    tmp_path: Path, capsys, recipe: str, overrides: list[str], expected: str
+) -> None:
+    run_dir = tmp_path / "run"
+    line = fails_in_one_line(capsys, ["run", recipe, f"run_dir={run_dir}", *overrides])
+    assert expected in line
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_command_line_values_are_checked_in_one_line(swissroll_run: Path, tmp_path: Path, capsys) -> None:
+    run = str(swissroll_run)
+    assert "must be a finite number" in fails_in_one_line(capsys, ["sample", run, "--eta", "nan"])
+    assert "must be a finite number" in fails_in_one_line(capsys, ["likelihood", run, "--rtol", "nan"])  # once a hang
+    assert "--option eta must be a finite number" in fails_in_one_line(capsys, ["sample", run, "--option", "eta=inf"])
+    assert "a port is 0 to 65535" in fails_in_one_line(capsys, ["serve", run, "--port", "70000"])
+    assert "invalid int value" in fails_in_one_line(capsys, ["sample", run, "--seed", "abc"])  # argparse: one line
+    assert "is a folder" in fails_in_one_line(capsys, ["sample", run, "--out", str(tmp_path)])
+    (tmp_path / "file").write_text("x")
+    line = fails_in_one_line(capsys, ["run", "swissroll", f"run_dir={tmp_path / 'file'}"])
+    assert "is a file, not a folder" in line
+    assert "is a folder, not a YAML file" in fails_in_one_line(capsys, ["run", "swissroll", "--config", str(tmp_path)])
+
+
+def test_compare_samplers_refuses_a_plan_with_nothing_to_draw_before_writing(swissroll_run: Path, capsys) -> None:
+    out = swissroll_run / "compare_samplers"
+    shutil.rmtree(out, ignore_errors=True)
+    run = str(swissroll_run)
+    assert "names none" in fails_in_one_line(capsys, ["compare-samplers", run, "--samplers", ","])
+    line = fails_in_one_line(capsys, ["compare-samplers", run, "--samplers", "ddim", "--nfe", "10000", "--no-full"])
+    assert "a budget buys at most T steps" in line and "T = 100" in line
+    assert not out.exists()
+
+
+def test_damaged_run_folders_are_named_not_tracebacks(swissroll_run: Path, tmp_path: Path, capsys) -> None:
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(swissroll_run, tmp_path / name))
+
+    listed = copy("listed")
+    (listed / "run.json").write_text("[1]")
+    for command in ("sample", "likelihood", "report"):
+        assert "run.json is damaged (not a JSON object)" in fails_in_one_line(capsys, [command, str(listed)])
+    nameless = copy("nameless")
+    (nameless / "run.json").write_text(json.dumps({"status": "complete"}))
+    assert "it names no recipe" in fails_in_one_line(capsys, ["report", str(nameless)])
+    empty = copy("empty")
+    (empty / "config.yaml").write_text("")
+    assert "empty or names no recipe" in fails_in_one_line(capsys, ["sample", str(empty)])
+    # a report from this difflab's defaults would describe another run
+    assert "config.yaml is missing, empty or of another recipe" in fails_in_one_line(capsys, ["report", str(empty)])
+    numbers = copy("numbers")
+    (numbers / "metrics.json").write_text("[1, 2]")
+    assert "metrics.json is damaged" in fails_in_one_line(capsys, ["report", str(numbers)])
+    other = copy("other")
+    line = fails_in_one_line(capsys, ["run", "spiral", f"run_dir={other}", *TINY_SWISSROLL])
+    assert "holds a 'swissroll' run, not a 'spiral' one" in line
+    (other / "config.yaml").write_text("a: [")
+    line = fails_in_one_line(capsys, ["run", "swissroll", f"run_dir={other}", *TINY_SWISSROLL])
+    assert "has a damaged config.yaml" in line
+
+
+def test_a_binary_metrics_log_is_read_around_and_the_report_rebuilds(swissroll_run: Path, tmp_path: Path) -> None:
+    run = Path(shutil.copytree(swissroll_run, tmp_path / "run"))
+    log = run / "metrics.jsonl"
+    steps, values = read_series(log, "denoiser/train_loss")
+    assert steps
+    log.write_bytes(b"\x83\xff garbage\n[1]\n" + log.read_bytes() + b'\n"text"\n\x00\x01')
+    assert read_series(log, "denoiser/train_loss") == (steps, values)
+    assert "denoiser/train_loss" in read_all_series(log)
+    assert main(["report", str(run)]) == 0
+
+
+def test_images_beside_class_subfolders_are_reported_as_such(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (8, 8), 40).save(tmp_path / name / "x.png")
+    Image.new("L", (8, 8), 90).save(tmp_path / "loose.png")
+    (tmp_path / "notes.txt").write_text("x")
+    said: list[str] = []
+    images = load_image_folder(tmp_path, 8, echo=said.append)
+    assert len(images) == 2 and images.class_names == ("a", "b")
+    assert any("1 image(s) outside the class subfolders" in line and "loose.png" in line for line in said)
+    assert any("1 non-image file(s)" in line and "notes.txt" in line for line in said)
