@@ -63,6 +63,14 @@ def swissroll_run(tmp_path_factory) -> Path:
         ("mnist-ddpm", [*DIGITS, "unet.cross_attention_levels=[0]"], "set unet.class_conditioning=cross or both"),
         ("mnist-cfg", [*DIGITS, "guidance.n_sweep=0"], "guidance.n_sweep >= 2"),
         ("mnist-cfg", [*DIGITS, "guidance.grid_per_digit=0"], "guidance.grid_per_digit and guidance.steps"),
+        ("states-ncsn", ["figures.grid=0"], "figures.grid must be >= 2"),
+        ("swissroll-ncsn", ["figures.trajectory_levels=[]"], "must list at least one noise level"),
+        ("mnist-ncsn", ["data.source=digits", "unet.num_classes=-1"], "unet.num_classes >= 0"),
+        ("mnist-ncsn", ["data.source=digits", "unet.in_channels=0"], "unet.in_channels and unet.out_channels"),
+        ("mnist-ncsn", ["data.source=digits", "unet.cross_attention_levels=[0]"], "unet.class_conditioning=cross"),
+        ("mnist-ncsn", ["data.source=digits", "sweep.grid_per_cell=0"], "sweep.grid_per_cell must be >= 1"),
+        ("rgb2ir", ["regressor.unet.out_channels=-1"], "regressor.unet: unet.in_channels and unet.out_channels"),
+        ("rgb2ir", ["inversion.unet.cross_attention_levels=[0]"], "set inversion.unet.class_conditioning=cross"),
     ],
 )
 def test_settings_that_used_to_fail_deep_inside_are_refused_up_front(

@@ -271,6 +271,7 @@ def _resolve_run_target(target: str, config_file: str | None) -> tuple[str, str 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from difflab.config import config_from
+    from difflab.experiments.images import check_label_context
 
     recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
     recipe = _recipe(recipe_name)
@@ -280,6 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--table is for recipes with a comparison table (mnist-ldm), not {recipe_name!r}")
         overrides.append("table=true")
     config = config_from(recipe.config_class(), config_file, overrides)
+    check_label_context(config)
     run = recipe.run(config, fresh=args.fresh)
     if run.main:
         print(f"report: {run.path / 'report.md'}")
@@ -289,10 +291,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from difflab.config import config_from
+    from difflab.experiments.images import check_label_context
 
     recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
     recipe = _recipe(recipe_name)
     config = config_from(recipe.config_class(), config_file, args.overrides)
+    check_label_context(config)
     run = recipe.train(config, fresh=args.fresh)
     if run.main:
         print(f"weights: {run.path / 'checkpoints'}")

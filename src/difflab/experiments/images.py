@@ -126,13 +126,24 @@ def build_unet(config: UNetConfig, data: ImageSet, learned_variance: bool = Fals
         )
     if config.num_classes and config.num_classes != data.num_classes:
         raise ConfigError(f"unet.num_classes={config.num_classes} but the data has {data.num_classes} classes")
-    if config.has_cross_attention and config.class_conditioning == "add":
-        # UNet.forward takes any context, but a recipe's only context is the label's tokens
-        raise ConfigError(
-            "unet.cross_attention_levels / unet.mid_cross_attention attend to the label: set "
-            "unet.class_conditioning=cross or both (a class-conditional recipe), or remove the cross-attention"
-        )
+    check_label_context(config)
     return UNet(config)
+
+
+def check_label_context(config: Any, key: str = "") -> None:
+    """Every U-Net in a recipe's ``config`` (searched through its nested sections; ``key`` the path so far) that
+    has cross-attention must take the label as its context: :meth:`UNet.forward` accepts any context, but no
+    recipe passes one, so ``class_conditioning=add`` with cross-attention would fail at the first step."""
+    if isinstance(config, UNetConfig):
+        key = key or "unet"
+        if config.has_cross_attention and config.class_conditioning == "add":
+            raise ConfigError(
+                f"{key}.cross_attention_levels / {key}.mid_cross_attention attend to the label: set "
+                f"{key}.class_conditioning=cross or both (a class-conditional model), or remove the cross-attention"
+            )
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        for item in dataclasses.fields(config):
+            check_label_context(getattr(config, item.name), f"{key}.{item.name}" if key else item.name)
 
 
 def image_validation(

@@ -729,10 +729,8 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train
                     "train_seconds": models[variant.name]["train_seconds"],
                 }
             )
-            echo(
-                f"[mnist-ldm] {row.label}: FID {scores.get('fid', float('nan')):.2f}, "
-                f"{results[-1]['seconds_per_1000']:.1f} s per 1,000 images"
-            )
+            fid = f"FID {scores['fid']:.2f}" if "fid" in scores else "not scored (no evaluator for this data)"
+            echo(f"[mnist-ldm] {row.label}: {fid}, {results[-1]['seconds_per_1000']:.1f} s per 1,000 images")
         if not run.main:  # rank 0 alone scores, draws and reports
             logger.close()
             return run

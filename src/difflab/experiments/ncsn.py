@@ -76,6 +76,8 @@ class SweepConfig:
             raise ConfigError("sweep.c must be > 0 and sweep.steps_per_level >= 1")
         if self.n_samples < 2:
             raise ConfigError("sweep.n_samples must be >= 2 (the evaluator needs two images)")
+        if self.grid_per_cell < 1:
+            raise ConfigError(f"sweep.grid_per_cell must be >= 1, got {self.grid_per_cell}")
 
 
 @dataclass(frozen=True)

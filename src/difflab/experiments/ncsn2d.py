@@ -123,6 +123,10 @@ class PointsNCSNConfig:
             bad = [i for i in getattr(self.figures, key) if not 0 <= i < levels]
             if bad:
                 raise ConfigError(f"figures.{key} {bad} outside the noise levels 0..{levels - 1}")
+            if not getattr(self.figures, key):
+                raise ConfigError(f"figures.{key} must list at least one noise level (0..{levels - 1})")
+        if self.figures.grid < 2:
+            raise ConfigError(f"figures.grid must be >= 2 (points per side of the score map), got {self.figures.grid}")
         if self.sampling.n < 3:
             raise ConfigError("sampling.n must be >= 3 (the KDE metrics need more points than dimensions)")
 

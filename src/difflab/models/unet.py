@@ -84,6 +84,11 @@ class UNetConfig:
             raise ConfigError(f"unet.channel_mults must be positive integers, got {list(self.channel_mults)}")
         if self.base_channels < 1 or self.num_res_blocks < 1:
             raise ConfigError("unet.base_channels and unet.num_res_blocks must be >= 1")
+        if self.in_channels < 1 or self.out_channels < 1 or self.num_classes < 0:
+            raise ConfigError(
+                "unet.in_channels and unet.out_channels must be >= 1 and unet.num_classes >= 0, got "
+                f"{self.in_channels}, {self.out_channels} and {self.num_classes}"
+            )
         if self.time_embedding_dim < 0:
             raise ConfigError(f"unet.time_embedding_dim must be >= 0 (0 = 4 x base), got {self.time_embedding_dim}")
         if self.norm_groups < 1 or self.attention_head_channels < 1:
