@@ -64,6 +64,7 @@ def swissroll_run(tmp_path_factory) -> Path:
         ("mnist-cfg", [*DIGITS, "guidance.n_sweep=0"], "guidance.n_sweep >= 2"),
         ("mnist-cfg", [*DIGITS, "guidance.grid_per_digit=0"], "guidance.grid_per_digit and guidance.steps"),
         ("states-ncsn", ["figures.grid=0"], "figures.grid must be >= 2"),
+        ("states-ncsn", ["data.n_train=200"], "states-ncsn trains on the shipped STATES points: data.n_train does not"),
         ("swissroll-ncsn", ["figures.trajectory_levels=[]"], "must list at least one noise level"),
         ("mnist-ncsn", ["data.source=digits", "unet.num_classes=-1"], "unet.num_classes >= 0"),
         ("mnist-ncsn", ["data.source=digits", "unet.in_channels=0"], "unet.in_channels and unet.out_channels"),

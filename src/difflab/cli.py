@@ -581,6 +581,17 @@ def os_error_message(exc: OSError) -> str:
     return f"{exc.strerror}: {path.with_name(match.group(1)) if match else path}"
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error gets a line of its own: in a terminal the bars
+    clear their line; in a log file their last state stays, so a newline ends it."""
+    tqdm = sys.modules.get("tqdm")
+    bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
+    for bar in bars:
+        bar.close()
+    if bars and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        print(file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may follow a flag (`difflab run mnist-ldm --table seed=1`): argparse leaves them over as extras.
@@ -608,9 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         succeeded = True
         return code
     except DifflabError as exc:
+        _close_progress_bars()
         print(f"difflab: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the machine's doing (a full disk, a permission), not a bug: one line too
+        _close_progress_bars()
         print(f"difflab: error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

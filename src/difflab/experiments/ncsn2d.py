@@ -42,8 +42,9 @@ OUTPUT_WORDS = {"scaled": "the MLP predicts sigma s, divided by sigma", "direct"
 
 @dataclass(frozen=True)
 class PointsNCSNDataConfig:
-    """STATES: the shipped 5,000 training / 5,000 held-out points (``n_train``, ``n_heldout`` and ``noise`` are
-    not used). Swiss roll: ``n_train`` points (seed 0) and ``n_heldout`` (seed 1) with ``noise``.
+    """STATES: the shipped 5,000 training / 5,000 held-out points (``n_train``, ``n_heldout`` and ``noise`` do not
+    apply; values other than the defaults are refused). Swiss roll: ``n_train`` points (seed 0) and ``n_heldout``
+    (seed 1) with ``noise``.
     ``val_fraction`` of the training points is held back for the validation loss."""
 
     n_train: int = 5000
@@ -118,6 +119,11 @@ class PointsNCSNConfig:
     def __post_init__(self) -> None:
         if self.recipe not in POINT_RECIPES:
             raise ConfigError(f"recipe must be one of {', '.join(POINT_RECIPES)}, got {self.recipe!r}")
+        shipped = PointsNCSNDataConfig()
+        changed = [k for k in ("n_train", "n_heldout", "noise") if getattr(self.data, k) != getattr(shipped, k)]
+        if POINT_RECIPES[self.recipe] == "states" and changed:
+            keys, verb = " and ".join(f"data.{k}" for k in changed), "does" if len(changed) == 1 else "do"
+            raise ConfigError(f"states-ncsn trains on the shipped STATES points: {keys} {verb} not apply")
         levels = self.noise.num_levels
         for key in ("score_levels", "trajectory_levels"):
             bad = [i for i in getattr(self.figures, key) if not 0 <= i < levels]
