@@ -44,6 +44,7 @@ from difflab.report.document import Report
 from difflab.report.markdown import environment
 from difflab.report.render import write_report
 from difflab.report.rundata import RunContents, load_run
+from difflab.report.rundata import read_run_record as read_run  # the name the recipes and the CLI use
 from difflab.training import distributed
 from difflab.training.checkpoint import atomic_write_bytes, tensor_digest
 from difflab.training.trainer import RESUMABLE_CHANGES, TrainConfig
@@ -311,23 +312,6 @@ class RunFolder:
         for name in FINAL_OUTPUTS:
             (self.path / name).unlink(missing_ok=True)
         self._write_status("failed", message)
-
-
-def read_run(path: str | Path) -> dict[str, Any]:
-    """``run.json`` of a run folder, with a clear error when the folder is not one."""
-    path = Path(path)
-    record = path / "run.json"
-    if not record.is_file():
-        raise ConfigError(f"{path} is not a difflab run folder (no run.json)")
-    try:
-        data = json.loads(record.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"{record} is damaged (not valid JSON)") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{record} is damaged (not a JSON object)")
-    if not isinstance(data.get("recipe"), str) or not data["recipe"]:
-        raise ConfigError(f"{record} is damaged (it names no recipe)")
-    return data
 
 
 def read_run_config(path: str | Path, default: C) -> C:

@@ -77,6 +77,20 @@ def is_run_folder(path: str | Path) -> bool:
     return (Path(path) / "run.json").is_file()
 
 
+def read_run_record(path: str | Path) -> dict[str, Any]:
+    """``run.json`` of run folder ``path``, refused in one line when the folder is not a run folder or the record is
+    damaged (not a JSON object, or naming no recipe)."""
+    path = Path(path)
+    if not is_run_folder(path):
+        raise ConfigError(f"{path} is not a difflab run folder (no run.json)")
+    record = _read_json(path / "run.json")
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path / 'run.json'} is damaged (not a JSON object)")
+    if not isinstance(record.get("recipe"), str) or not record["recipe"]:
+        raise ConfigError(f"{path / 'run.json'} is damaged (it names no recipe)")
+    return record
+
+
 def load_run(path: str | Path, require_complete: bool = True) -> RunContents:
     """Read a run folder; refuses (one-line :class:`ConfigError`) a folder that is not a completed run.
 
@@ -86,13 +100,7 @@ def load_run(path: str | Path, require_complete: bool = True) -> RunContents:
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path} is not a folder")
-    if not is_run_folder(path):
-        raise ConfigError(f"{path} is not a difflab run folder (no run.json)")
-    record = _read_json(path / "run.json")
-    if not isinstance(record, dict):
-        raise ConfigError(f"{path / 'run.json'} is damaged (not a JSON object)")
-    if not isinstance(record.get("recipe"), str) or not record["recipe"]:
-        raise ConfigError(f"{path / 'run.json'} is damaged (it names no recipe)")
+    record = read_run_record(path)
     status = record.get("status", "unknown")
     if require_complete and status != "complete":
         raise ConfigError(f"{path} is not a completed run (status: {status}); only completed runs have a report")
