@@ -40,6 +40,7 @@ from difflab.viz import plots2d
 from difflab.viz.images import image_rows_figure
 
 PSNR_TARGET, SSIM_TARGET = 22.0, 0.90
+VAE_KINDS = ("train", "run", "diffusers")  # where a recipe's VAE comes from (mnist-ldm, rgb2ir)
 
 
 @dataclass(frozen=True)

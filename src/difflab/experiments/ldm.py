@@ -36,10 +36,11 @@ import torch
 
 from difflab.data.images import ImageSet
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
-from difflab.diffusion.vlb import full_vlb
+from difflab.diffusion.vlb import FIXED_VARIANCES, full_vlb
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.autoencoder import (
+    VAE_KINDS,
     AutoencoderTrainingConfig,
     build_autoencoder,
     compression,
@@ -62,9 +63,6 @@ from difflab.training.precision import to_fast_layout
 from difflab.training.trainer import TrainConfig
 from difflab.viz import plots2d
 from difflab.viz.images import image_rows_figure, save_grid
-
-VAE_KINDS = ("train", "run", "diffusers")
-FIXED_VARIANCES = ("beta", "posterior")
 
 
 @dataclass(frozen=True)

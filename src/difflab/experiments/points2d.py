@@ -14,6 +14,7 @@ from difflab.data.batches import ShuffledBatches
 from difflab.data.points import PointCloud, split_points
 from difflab.diffusion.objectives import NoisyPairs, epsilon_loss, pairs_loss
 from difflab.diffusion.schedule import NoiseSchedule
+from difflab.diffusion.vlb import FIXED_VARIANCES
 from difflab.errors import ConfigError
 from difflab.experiments.runs import RunFolder
 from difflab.models.mlp import DenoiserMLP
@@ -31,32 +32,30 @@ TRAIN_MODES = ("fresh", "pairs")
 SAMPLERS = ("ddpm", "ddim")
 
 
-DDPM_VARIANCES = ("beta", "posterior")
-
-
-def check_timesteps(key: str, steps: tuple[int, ...], num_timesteps: int, first: int = 0) -> None:
-    """``steps`` (a figure's timesteps) must be non-empty and within ``[first, num_timesteps]``."""
-    if not steps or any(not first <= t <= num_timesteps for t in steps):
+def check_timesteps(key: str, steps: tuple[int, ...], num_timesteps: int) -> None:
+    """``steps`` (a figure's timesteps) must be non-empty and within ``[0, num_timesteps]``."""
+    if not steps or any(not 0 <= t <= num_timesteps for t in steps):
         raise ConfigError(
-            f"{key} must be a non-empty list of timesteps in [{first}, {num_timesteps}] "
+            f"{key} must be a non-empty list of timesteps in [0, {num_timesteps}] "
             f"(schedule.num_timesteps = {num_timesteps}), got {list(steps)}"
         )
 
 
-def check_sampling(prefix: str, sampler: str, steps: int, eta: float = 0.0) -> None:
-    """The settings ``<prefix>sampler``, ``<prefix>steps`` (0 = all T) and ``<prefix>eta`` of a sampling stage."""
+def check_sampling(prefix: str, sampler: str, steps: int, num_timesteps: int, eta: float = 0.0) -> None:
+    """The settings ``<prefix>sampler``, ``<prefix>steps`` (0 = all T, at most T) and ``<prefix>eta`` of a sampling
+    stage, checked before any training."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"{prefix}sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if steps < 0:
-        raise ConfigError(f"{prefix}steps must be >= 0 (0 = all T), got {steps}")
+    if not 0 <= steps <= num_timesteps:
+        raise ConfigError(f"{prefix}steps must be in 0..{num_timesteps} (schedule.num_timesteps; 0 = all), got {steps}")
     if eta < 0:
         raise ConfigError(f"{prefix}eta must be >= 0, got {eta}")
 
 
 def check_variance(key: str, variance: str) -> None:
     """DDPM's fixed variance: ``beta`` or ``posterior`` (beta tilde)."""
-    if variance not in DDPM_VARIANCES:
-        raise ConfigError(f"{key} must be one of {', '.join(DDPM_VARIANCES)}, got {variance!r}")
+    if variance not in FIXED_VARIANCES:
+        raise ConfigError(f"{key} must be one of {', '.join(FIXED_VARIANCES)}, got {variance!r}")
 
 
 @dataclass(frozen=True)

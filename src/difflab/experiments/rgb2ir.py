@@ -45,7 +45,12 @@ from difflab.data.images import ImageSet
 from difflab.data.paired import PairedData, PairedSet, load_paired_folders, name_seed
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import CheckpointError, ConfigError
-from difflab.experiments.autoencoder import AutoencoderTrainingConfig, load_autoencoder_run, train_autoencoder
+from difflab.experiments.autoencoder import (
+    VAE_KINDS,
+    AutoencoderTrainingConfig,
+    load_autoencoder_run,
+    train_autoencoder,
+)
 from difflab.experiments.runs import RunFolder, read_run_config, resolve_device, setup_ranks, trained_only
 from difflab.metrics.image_quality import at_low_resolution, guided_filter, psnr, ssim
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_diffusers_autoencoder
@@ -73,7 +78,6 @@ from difflab.training.trainer import TrainConfig, Trainer
 from difflab.viz import plots2d
 from difflab.viz.images import image_rows_figure
 
-VAE_KINDS = ("train", "run", "diffusers")
 NOISE_MODES = ("shared", "independent")
 SCORINGS = ("t_start", "denoised", "t0")  # the inversion-based scoring "inversion" is added when enabled
 PSNR_TARGET, SSIM_TARGET, SECONDS_TARGET = 20.0, 0.60, 1800.0

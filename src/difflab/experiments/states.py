@@ -91,8 +91,6 @@ class GuidedSamplingConfig:
     def __post_init__(self) -> None:
         if self.n_uncond < 1 or self.n_cond < 0 or self.batch_size < 1:
             raise ConfigError("sampling needs n_uncond >= 1, n_cond >= 0 and batch_size >= 1")
-        points2d.check_sampling("sampling.uncond_", self.uncond_sampler, self.uncond_steps)
-        points2d.check_sampling("sampling.cond_", self.cond_sampler, self.cond_steps, self.cond_eta)
         points2d.check_variance("sampling.ddpm_variance", self.ddpm_variance)
 
 
@@ -162,9 +160,9 @@ class StatesConfig:
         for key in ("forward_steps", "reverse_steps"):
             points2d.check_timesteps(f"figures.{key}", getattr(self.figures, key), steps)
         points2d.check_timesteps("figures.prediction_map_steps", self.figures.prediction_map_steps, steps)
-        for key in ("uncond_steps", "cond_steps"):
-            if (value := getattr(self.sampling, key)) > steps:
-                raise ConfigError(f"sampling.{key}={value} exceeds schedule.num_timesteps={steps}")
+        sampling = self.sampling
+        points2d.check_sampling("sampling.uncond_", sampling.uncond_sampler, sampling.uncond_steps, steps)
+        points2d.check_sampling("sampling.cond_", sampling.cond_sampler, sampling.cond_steps, steps, sampling.cond_eta)
 
 
 def load_data(config: PointsDataConfig, seed: int) -> tuple[PointCloud, PointCloud, bool]:

@@ -60,7 +60,6 @@ class ToySamplingConfig:
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1:
             raise ConfigError(f"sampling.n and sampling.batch_size must be >= 1, got {self.n} and {self.batch_size}")
-        points2d.check_sampling("sampling.", self.sampler, self.steps, self.eta)
         points2d.check_variance("sampling.ddpm_variance", self.ddpm_variance)
 
 
@@ -110,12 +109,10 @@ class ToyConfig:
     def __post_init__(self) -> None:
         if self.recipe not in TOY_DATASETS:
             raise ConfigError(f"recipe must be one of {', '.join(TOY_DATASETS)}, got {self.recipe!r}")
+        steps, sampling = self.schedule.num_timesteps, self.sampling
         for key in ("forward_steps", "reverse_steps"):
-            points2d.check_timesteps(f"figures.{key}", getattr(self.figures, key), self.schedule.num_timesteps)
-        if self.sampling.steps > self.schedule.num_timesteps:
-            raise ConfigError(
-                f"sampling.steps={self.sampling.steps} exceeds schedule.num_timesteps={self.schedule.num_timesteps}"
-            )
+            points2d.check_timesteps(f"figures.{key}", getattr(self.figures, key), steps)
+        points2d.check_sampling("sampling.", sampling.sampler, sampling.steps, steps, sampling.eta)
 
 
 def toy_config_class(name: str) -> Any:
