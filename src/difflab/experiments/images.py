@@ -329,8 +329,8 @@ def sample_images(
     if options and sampler in ("ddpm", "ddim"):
         raise ConfigError(f"sampler options are for the registry samplers: {sampler} is the recipe's own sampler here")
     spec.check_options(options or {})
-    if not 0 <= steps <= schedule.num_timesteps:  # 0: all T steps
-        raise ConfigError(f"{sampler} takes 1 to T={schedule.num_timesteps} steps, got {steps}")
+    if steps != 0:  # 0: all T steps
+        spec.check_steps(steps, schedule.num_timesteps)
     check_precision(precision, torch.device(device), SAMPLING_PRECISIONS)
     if precision != "fp32":
         model = AutocastModel(model, device, precision)

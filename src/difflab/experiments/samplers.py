@@ -178,9 +178,7 @@ def draw_samples(
     starts from the same noise for the same seed. ``info`` holds the NFE per batch, steps and seconds.
     """
     spec = get_sampler(sampler)
-    limit = spec.max_steps(target.schedule.num_timesteps)
-    if steps < 1 or (limit is not None and steps > limit):
-        raise ConfigError(f"{sampler} takes 1 to T={limit} steps, got {steps}")
+    spec.check_steps(steps, target.schedule.num_timesteps)
     if n < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
     outputs, nfe = [], 0

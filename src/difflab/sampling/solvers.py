@@ -662,6 +662,12 @@ class SamplerSpec:
     def max_steps(self, num_timesteps: int) -> int | None:
         return num_timesteps if self.discrete else None
 
+    def check_steps(self, steps: int, num_timesteps: int) -> None:
+        """A ConfigError for a step count this sampler cannot take on a schedule of ``num_timesteps`` steps."""
+        limit = self.max_steps(num_timesteps)
+        if steps < 1 or (limit is not None and steps > limit):
+            raise ConfigError(f"{self.name} takes 1 to T={limit} steps, got {steps}")
+
     def steps_for_nfe(self, nfe: int, num_timesteps: int) -> int | None:
         """The most steps whose NFE is at most ``nfe``; None when even 1 step costs more or T is exceeded."""
         steps = (nfe + self.evals_saved) // self.evals_per_step
