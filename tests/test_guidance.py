@@ -72,3 +72,32 @@ def test_classifier_free_guidance_batches_cond_and_null() -> None:
         out = ClassifierFreeGuidance(model, labels, null_label=4, w=w)(x, t)
         expected = cfg_combine(model(x, t, null), model(x, t, labels), w)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_free_guidance_on_exact_conditional_and_unconditional_models() -> None:
+    """Two overlapping 1-D classes N(-+0.5, 0.7^2), mixed equally; the model's exact eps is each class's Gaussian
+    eps for labels 0 / 1 and the mixture's for the null label 2. DDIM with CFG at w = 0 draws the mixture (half
+    on each side, std sqrt(0.7^2 + 0.5^2)), at w = 1 the requested class (mean 0.5, std 0.7, 76% above 0), and at
+    w = 3 a sharper distribution pushed further to the requested side (the trade of diversity for fidelity)."""
+    means, std, null = torch.tensor([-0.5, 0.5]), 0.7, 2
+
+    def exact_eps(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        alpha_bar = SCHEDULE.alpha_bar[t][:, None]
+        variance = alpha_bar * std**2 + 1 - alpha_bar
+        centres = alpha_bar.sqrt() * means[None, :]
+        weights = torch.softmax(-0.5 * (x - centres) ** 2 / variance, dim=1)  # p(class | x_t) of the mixture
+        chosen = torch.nn.functional.one_hot(labels.clamp(max=1), 2).float()
+        weights = torch.where((labels == null)[:, None], weights, chosen)
+        score = (weights * (centres - x)).sum(1, keepdim=True) / variance
+        return -(1 - alpha_bar).sqrt() * score
+
+    def draw(w: float) -> torch.Tensor:
+        guided = ClassifierFreeGuidance(exact_eps, 1, null_label=null, w=w)
+        return ddim_sample(guided, SCHEDULE, (8000, 1), steps=100, generator=torch.Generator().manual_seed(0))
+
+    unconditional, conditional, guided = draw(0.0), draw(1.0), draw(3.0)
+    assert abs(float(unconditional.mean())) < 0.03 and abs(float(unconditional.std()) - (0.49 + 0.25) ** 0.5) < 0.03
+    assert abs(float((unconditional > 0).float().mean()) - 0.5) < 0.03
+    assert abs(float(conditional.mean()) - 0.5) < 0.03 and abs(float(conditional.std()) - 0.7) < 0.03
+    assert abs(float((conditional > 0).float().mean()) - 0.7602) < 0.03  # Phi(0.5 / 0.7)
+    assert float(guided.mean()) > 1.0 and float(guided.std()) < 0.6 and float((guided > 0).float().mean()) > 0.97

@@ -90,3 +90,33 @@ def test_input_perturbation_noises_the_input_but_not_the_target() -> None:
 def test_bad_objective_options_are_config_errors(options: dict) -> None:
     with pytest.raises(ConfigError):
         ObjectiveConfig(**options)
+
+
+def test_label_dropout_swaps_a_fraction_p_of_labels_for_the_null_label() -> None:
+    """Classifier-free guidance training (Ho & Salimans 2022): each label becomes the null label with
+    probability p, independently; the others reach the model unchanged; p = 0 changes nothing; the same seed
+    drops the same examples."""
+    seen: list[torch.Tensor] = []
+
+    def model(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(labels.clone())
+        return torch.zeros_like(x_t)
+
+    schedule = NoiseSchedule.linear(100, 1e-3, 0.2)
+    n, p, null = 20_000, 0.2, 10
+    labels = torch.arange(n) % 10
+    x0 = torch.zeros(n, 2)
+    epsilon_loss(model, schedule, x0, torch.Generator().manual_seed(0), labels, label_dropout=p, null_label=null)
+    dropped = seen[-1] == null
+    standard_error = (p * (1 - p) / n) ** 0.5
+    assert abs(float(dropped.float().mean()) - p) < 4 * standard_error
+    assert torch.equal(seen[-1][~dropped], labels[~dropped])
+    for digit in range(10):  # independent of the class
+        share = float(dropped[labels == digit].float().mean())
+        assert abs(share - p) < 4 * (p * (1 - p) / (n / 10)) ** 0.5
+    epsilon_loss(model, schedule, x0, torch.Generator().manual_seed(0), labels, label_dropout=p, null_label=null)
+    assert torch.equal(seen[-1] == null, dropped)
+    epsilon_loss(model, schedule, x0, torch.Generator().manual_seed(0), labels, label_dropout=0.0, null_label=null)
+    assert torch.equal(seen[-1], labels)
+    with pytest.raises(ValueError, match="null label"):
+        epsilon_loss(model, schedule, x0, torch.Generator().manual_seed(0), labels, label_dropout=p)

@@ -100,6 +100,51 @@ def test_ddpm_loop_matches_diffusers(monkeypatch, fixed_eps, variance: str) -> N
     torch.testing.assert_close(ours.double(), x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+@pytest.mark.parametrize(("spacing", "steps"), [("trailing", 10), ("trailing", 37), ("leading", 20), ("linspace", 7)])
+def test_respaced_ddpm_loop_matches_diffusers(monkeypatch, fixed_eps, variance: str, spacing: str, steps: int) -> None:
+    """``sample_ddpm`` with fewer steps than T against diffusers' DDPMScheduler on the same timesteps (its
+    ``previous_timestep`` is the next listed one, and its beta is ``1 - a_t / a_prev``). diffusers draws noise at
+    every t > 0, also on the last step, where the respaced chain (and difflab) ends at the mean: that step is fed
+    zero noise."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    from difflab.sampling.solvers import sample_ddpm
+
+    schedule = NoiseSchedule.cosine(200)
+    oracle = float64_oracle(
+        DDPMScheduler(
+            200,
+            beta_schedule="squaredcos_cap_v2",
+            variance_type=VARIANCE_NAMES[variance],
+            clip_sample=False,
+            timestep_spacing=spacing,
+        )
+    )
+    oracle.set_timesteps(steps)
+    timesteps = oracle.timesteps.tolist()
+    assert timesteps == timestep_list(200, steps, spacing)
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn((8, 2), generator=generator).double()
+    monkeypatch.setattr(ddpm_module, "randn_tensor", NoiseQueue(generator))
+    with torch.no_grad():
+        for k, t in enumerate(timesteps):
+            if k == len(timesteps) - 1:
+                monkeypatch.setattr(ddpm_module, "randn_tensor", lambda shape, **_: torch.zeros(tuple(shape)))
+            eps = fixed_eps(x.float(), torch.full((8,), t)).double()
+            x = oracle.step(eps, t, x).prev_sample
+    ours = sample_ddpm(
+        fixed_eps,
+        schedule,
+        (8, 2),
+        steps=steps,
+        spacing=spacing,
+        variance=variance,
+        generator=torch.Generator().manual_seed(11),
+    )
+    torch.testing.assert_close(ours.double(), x, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [1, 10, 50, 1000])
 def test_timestep_lists_match_diffusers(spacing: str, steps: int) -> None:

@@ -445,6 +445,61 @@ def test_ddim_matches_diffusers_step_by_step(spacing: str, steps: int) -> None:
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def sigma_space_oracle(name: str, levels: torch.Tensor):
+    """diffusers' Euler / Heun / Euler-ancestral scheduler on difflab's noise levels (float64; Heun's list
+    interleaved as diffusers lays it out: every level but the first and the final 0 twice)."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+
+    kind = {"euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler}
+    # diffusers' Euler ancestral takes no x0-predictions: it is fed the same random outputs as eps-predictions
+    oracle = kind[name](1000, prediction_type="epsilon" if name == "euler-a" else "sample")
+    oracle.set_timesteps(len(levels) - 1)
+    if name == "heun":
+        levels = torch.cat([levels[:1], levels[1:-1].repeat_interleave(2), levels[-1:]])
+    assert len(oracle.sigmas) == len(levels)
+    oracle.sigmas = levels.double()
+    return oracle
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 18])
+@pytest.mark.parametrize("name", ["euler", "heun", "euler-a"])
+def test_sigma_space_samplers_match_diffusers_step_by_step(monkeypatch, name: str, steps: int) -> None:
+    """Random network outputs at every call, on a Karras ladder: each output agrees with diffusers'
+    EulerDiscreteScheduler, HeunDiscreteScheduler (x0-predictions; EDM Algorithm 1: 2 steps - 1 calls, Euler on
+    the last step) and EulerAncestralDiscreteScheduler (eps-predictions, eta = 1, fed the noise difflab draws)."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ancestral_module
+
+    from test_samplers import NoiseQueue
+
+    levels = karras_sigmas(0.03, 80.0, steps)
+    oracle = sigma_space_oracle(name, levels)
+    generator = torch.Generator().manual_seed(steps)
+    outputs = [torch.randn(8, 3, generator=generator, dtype=torch.float64) for _ in oracle.timesteps]
+    x_T = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+    monkeypatch.setattr(ancestral_module, "randn_tensor", NoiseQueue(torch.Generator().manual_seed(5)))
+    expected, x = [], x_T * math.sqrt(1 + float(levels[0]) ** 2)
+    for k, t in enumerate(oracle.timesteps):
+        if name != "heun" or oracle.state_in_first_order:  # the state at the start of each level's step, in VP
+            expected.append(x / math.sqrt(1 + float(levels[len(expected)]) ** 2))
+        x = oracle.step(outputs[k], t, x).prev_sample.double()
+    sampler = {"euler": sample_euler, "heun": sample_heun, "euler-a": sample_euler_ancestral}[name]
+    model = DiffusionModel(QueuedOutputs(outputs), NoiseSchedule.linear(1000), "eps" if name == "euler-a" else "x0")
+    visited: list[torch.Tensor] = []
+    ours = sampler(
+        model,
+        NoiseSchedule.linear(1000),
+        (8, 3),
+        sigmas=levels,
+        x_T=x_T,
+        generator=torch.Generator().manual_seed(5),
+        callback=lambda i, sigma, x_vp, x0: visited.append(x_vp),
+    )
+    assert model.nfe == len(outputs) == (2 * steps - 1 if name == "heun" else steps)
+    # the last step lands on sigma = 0, i.e. on that call's x0-prediction: the path before it is what differs
+    for got, want in zip([*visited, ours], [*expected, x], strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_dpmpp_first_order_is_ddim() -> None:
     """With one step DPM-Solver++ is DDIM; both land on x0_pred."""
     schedule = NoiseSchedule.linear(200, 1e-3, 0.05)

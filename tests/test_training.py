@@ -237,3 +237,33 @@ def test_train_config_validation() -> None:
         1.0 * (0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(0.09 * 3.141592653589793))), rel=1e-6
     )
     assert config.lr_at(100) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_follows_its_closed_form(warmup: bool) -> None:
+    """``shadow <- d_k shadow + (1 - d_k) p_k`` with ``d_k = min(d, (1 + k) / (10 + k))`` (or ``d`` without warm-up),
+    checked against the sum ``shadow_n = prod(d) s_0 + sum_k (1 - d_k) prod_{j > k} d_j p_k``; buffers are copied."""
+    from difflab.training.ema import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.register_buffer("counter", torch.zeros(()))
+    start = float(model.weight.detach())
+    ema = EMA(model, decay=0.9, warmup=warmup)
+    values = torch.linspace(-3.0, 5.0, 120, dtype=torch.float64) ** 2
+    decays = []
+    for k, value in enumerate(values.tolist()):
+        decays.append(ema.current_decay())
+        with torch.no_grad():
+            model.weight.fill_(value)
+            model.counter.fill_(k)
+        ema.update(model)
+    expected_decays = [min(0.9, (1 + k) / (10 + k)) if warmup else 0.9 for k in range(len(values))]
+    assert decays == pytest.approx(expected_decays, abs=1e-12)
+    if warmup:
+        assert decays[:3] == pytest.approx([0.1, 2 / 11, 3 / 12]) and decays[-1] == 0.9
+    d = torch.tensor(expected_decays, dtype=torch.float64)
+    later = torch.cat([torch.flip(torch.cumprod(torch.flip(d[1:], [0]), 0), [0]), torch.ones(1, dtype=torch.float64)])
+    expected = torch.prod(d) * start + ((1 - d) * later * values).sum()
+    assert float(ema.shadow.weight) == pytest.approx(float(expected), rel=1e-5)
+    assert float(ema.shadow.counter) == len(values) - 1  # the last buffer, not an average
+    assert ema.num_updates == len(values)
