@@ -103,6 +103,13 @@ def test_the_vae_learns_and_its_latents_are_scaled_to_unit_std() -> None:
         after = reconstruction_metrics(lambda x: vae.decode(vae.encode(x)), digits.images[:256])
         latents = vae.encode(digits.images)
     assert after["psnr"] > before["psnr"] + 6 and after["ssim"] > before["ssim"] + 0.3
+    # and beats the plain 2 x 2 average-pool "codec" of the same downsampling, which ignores the data (measured
+    # 2026-12-06: the VAE 20.6 dB / SSIM 0.95, the pool 13.7 dB / 0.76, untrained 6.5 dB / -0.02)
+    pooled = reconstruction_metrics(
+        lambda x: torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2), scale_factor=2),
+        digits.images[:256],
+    )
+    assert after["psnr"] > pooled["psnr"] + 4 and after["ssim"] > pooled["ssim"] + 0.1
     assert float(latents.std()) == pytest.approx(1.0, rel=1e-4)
 
 

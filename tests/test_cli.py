@@ -210,6 +210,9 @@ def test_swissroll_walkthrough_learns(tmp_path: Path) -> None:
     train = make_toy("swissroll", 5000, 0.0, seed=0)
     noise_score = KDE(train.data).nll(torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)))
     assert metrics["samples"]["nll_course"] < noise_score - 1.0
+    # on the roll and covering it (measured 2026-12-06: this run 2.92 / 2.61; real held-out points 2.07 / 2.46;
+    # a Gaussian fitted to the data 3.85 / 2.86, N(0, 0.7^2 I) 3.18 / 3.03, one point repeated 1.88 / 1.5e5)
+    assert metrics["samples"]["nll_course"] < 3.05 and metrics["samples"]["nll_reverse"] < 2.75
     for name in ["forward_process.png", "reverse_process.png", "samples.png", "loss.png"]:
         assert (run_dir / "figures" / name).is_file()
 

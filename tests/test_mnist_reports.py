@@ -135,8 +135,10 @@ def test_forward_statistics_and_the_eps_x0_identity(runs: dict[str, Path]) -> No
         assert row["x0_mse"] == pytest.approx(row["eps_mse_over_snr"], rel=1e-3)
         assert row["elbo_weight"] > 0
     assert metrics["objective"]["rows"][0]["elbo_weight"] == pytest.approx(0.5, abs=0.01)  # 1 / (2 alpha_0)
-    # learning: the trained eps-model beats predicting zero (MSE 1) at the mid timesteps
-    assert metrics["objective"]["rows"][3]["eps_mse"] < 0.6
+    # learning: at t = 50 the trained eps-model (0.16, measured 2026-12-06) beats predicting zero (MSE 1) and
+    # eps = sqrt(1 - a) x_t, which ignores the data (0.41); the exact eps of a Gaussian fit to the digits scores
+    # 0.14, which 100 steps do not reach (test_unet's longer training beats it)
+    assert metrics["objective"]["rows"][3]["eps_mse"] < 0.25
 
 
 def test_ddpm_run_keeps_an_image_trajectory_for_the_browser(runs: dict[str, Path]) -> None:

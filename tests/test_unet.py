@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from baselines import gaussian_eps
 from difflab.data.images import load_digits_8x8
 from difflab.diffusion.objectives import epsilon_loss
 from difflab.diffusion.schedule import NoiseSchedule
@@ -56,7 +57,7 @@ def test_the_unet_learns_to_denoise_digits() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(120):
+    for _ in range(240):
         batch = digits.images[torch.randint(0, len(digits), (64,), generator=generator)]
         loss = epsilon_loss(model, schedule, batch, generator)
         optimizer.zero_grad()
@@ -64,6 +65,17 @@ def test_the_unet_learns_to_denoise_digits() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:5]) / 5
+
+    # On the same images, timesteps and noise, it beats the best linear denoiser (the exact eps of a Gaussian with
+    # the digits' mean and covariance, 0.219; eps = sqrt(1 - a) x_t, which ignores the data, 0.458; the U-Net
+    # 0.201 after 120 steps, 0.175 after 240, measured 2026-12-06): it learned more than the data's two moments.
+    def held_loss(eps_model) -> float:
+        images = digits.images[:512].repeat(4, 1, 1, 1)
+        with torch.no_grad():
+            return float(epsilon_loss(eps_model, schedule, images, torch.Generator().manual_seed(123)))
+
+    model.eval()
+    assert held_loss(model) < 0.9 * held_loss(gaussian_eps(digits.images, schedule))
 
 
 def test_bad_configs_fail_at_construction() -> None:
