@@ -313,7 +313,7 @@ def test_inversion_based_translation_is_scored_beside_the_others(tmp_path: Path)
     # close to invertible: the round trip returns the latents far closer than their spread.
     for name in ("eps_rgb", "eps_ir"):
         assert metrics["inversion"]["models"][name]["final_validation"]["loss"] < 0.9
-    assert metrics["inversion"]["round_trip_latent_mse"] < 0.1
+    assert metrics["inversion"]["round_trip_latent_mse"] < 1e-3  # 6.6e-5 measured 2026-12-06
     inverted = metrics["regressors"]["regressor_inverted"]
     assert inverted["test_mse"] < inverted["identity_mse"]
     assert "Inversion-based translation" in (run_dir / "report.md").read_text()
