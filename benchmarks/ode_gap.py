@@ -7,10 +7,16 @@ noise, and the reverse. Every variant starts from the same x_T and draws the sam
 evaluator (MNIST test as reference, real held-out digits at the same n printed as the floor).
 
     python benchmarks/ode_gap.py RUN [--n 500] [--steps 50] [--taus 800 500 200] [--temperatures 0.97 0.94]
+        [--teleports 920 900]
 
 ``--temperatures`` adds DDIM (eta = 0) rows from the same x_T scaled by each factor: an ODE that maps typical noise
 to over-inked, speckled digits (an eps model whose x_0 predictions at high noise carry amplified errors) scores far
 better from a slightly shrunken x_T, a well-behaved one barely changes.
+
+``--teleports`` adds rows that replace the network's steps above each t = tau by the exact probability-flow ODE
+of a Gaussian with the training images' mean and covariance (Wang & Vastola 2023's "analytical teleportation"),
+then take the DDIM steps at t <= tau: the network's high-noise eps errors, not its flow below tau, decide how much
+that recovers.
 
 RUN is a finished mnist-ddpm or mnist-cfg run (a mnist-cfg run is sampled unconditionally, with its null label).
 """
@@ -23,6 +29,7 @@ import time
 
 import torch
 
+from difflab.experiments.images import load_image_data
 from difflab.experiments.mnist import NullLabel, image_shape, load_run_model
 from difflab.metrics.image_eval import ImageEvaluator
 from difflab.sampling.common import randn, timestep_list
@@ -60,6 +67,43 @@ def hybrid_sample(
     return torch.cat(parts)
 
 
+class GaussianFlow:
+    """The probability-flow ODE of data ``N(m, S)`` solved exactly: with ``S = U diag(l) U^T`` each eigen-direction
+    of ``x_t - sqrt(a_t) m`` scales by ``sqrt((a_s l + 1 - a_s) / (a_t l + 1 - a_t))`` from t to s (a = alpha_bar)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        flat = images.reshape(len(images), -1).double()
+        self.mean = flat.mean(0)
+        eigenvalues, self.basis = torch.linalg.eigh(torch.cov(flat.T))
+        self.eigenvalues = eigenvalues.clamp(min=0)
+
+    def __call__(self, x: torch.Tensor, alpha_bar_from: float, alpha_bar_to: float) -> torch.Tensor:
+        """x: (B, ...) at alpha_bar_from -> the same shape at alpha_bar_to."""
+        gain = (alpha_bar_to * self.eigenvalues + 1 - alpha_bar_to) / (
+            alpha_bar_from * self.eigenvalues + 1 - alpha_bar_from
+        )
+        centred = x.reshape(len(x), -1).double() - alpha_bar_from**0.5 * self.mean
+        moved = alpha_bar_to**0.5 * self.mean + ((centred @ self.basis) * gain.sqrt()) @ self.basis.T
+        return moved.to(x.dtype).reshape(x.shape)
+
+
+def teleport_sample(
+    model, schedule, shape: tuple[int, ...], n: int, steps: int, tau: int, seed: int, flow: GaussianFlow
+) -> torch.Tensor:
+    """(n, *shape) samples: x_T (the same draws as :func:`hybrid_sample`) carried by ``flow`` from the first of the
+    ``steps`` leading timesteps to the last one <= tau, then DDIM (eta = 0, x_0 clipped) over the rest."""
+    generator = torch.Generator().manual_seed(seed)
+    timesteps = timestep_list(schedule.num_timesteps, steps, "leading")
+    below = [t for t in timesteps if t <= tau]
+    alpha_bar = schedule.alpha_bar.double()
+    parts = []
+    for start in range(0, n, 500):
+        batch = (min(500, n - start), *shape)
+        x_tau = flow(randn(batch, generator, "cpu"), float(alpha_bar[timesteps[0]]), float(alpha_bar[below[0]]))
+        parts.append(ddim_sample(model, schedule, batch, timesteps=below, clip_x0=1.0, x_T=x_tau))
+    return torch.cat(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
@@ -67,6 +111,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--taus", type=int, nargs="*", default=[800, 500, 200])
     parser.add_argument("--temperatures", type=float, nargs="*", default=[])
+    parser.add_argument("--teleports", type=int, nargs="*", default=[])
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="")
@@ -90,6 +135,15 @@ def main() -> None:
             (f"eta 0 above t = {tau}, 1 below", hybrid(0.0, 1.0, tau)),
         ]
     variants += [(f"DDIM from {s:g} x_T", hybrid(0.0, 0.0, -1, s)) for s in args.temperatures]
+    if args.teleports:
+        flow = GaussianFlow(load_image_data(config.data, config.seed)[0].images)
+        variants += [
+            (
+                f"Gaussian flow to t = {tau}, then DDIM",
+                lambda tau=tau: teleport_sample(model, schedule, shape, args.n, args.steps, tau, args.seed, flow),
+            )
+            for tau in args.teleports
+        ]
     rows = []
     for name, draw in variants:
         start = time.perf_counter()
@@ -97,9 +151,9 @@ def main() -> None:
         result = evaluator.evaluate(samples)
         seconds = time.perf_counter() - start
         rows.append({"variant": name, "fid": result["fid"], "fid_std": result.get("fid_std"), "seconds": seconds})
-        print(f"{name:32s} FID {result['fid']:7.2f} (sd {result.get('fid_std', float('nan')):.2f})", flush=True)
+        print(f"{name:36s} FID {result['fid']:7.2f} (sd {result.get('fid_std', float('nan')):.2f})", flush=True)
     floor = evaluator.calibration(args.n)[0]
-    print(f"{'real held-out digits':32s} FID {floor['fid']:7.2f}  (n = {args.n}, {args.steps} steps, seed {args.seed})")
+    print(f"{'real held-out digits':36s} FID {floor['fid']:7.2f}  (n = {args.n}, {args.steps} steps, seed {args.seed})")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"run": args.run, "n": args.n, "steps": args.steps, "rows": rows, "floor": floor["fid"]}, handle)
