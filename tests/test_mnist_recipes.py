@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from difflab.cli import main
+from difflab.data.images import load_digits_8x8
 from difflab.experiments.mnist import sample_from_run
 from difflab.sampling.trajectory import Trajectory
 from difflab.viz.images import load_image
@@ -71,6 +72,15 @@ def test_cfg_run_writes_its_artefacts_and_learns(cfg_run: Path) -> None:
     samples = torch.load(cfg_run / "samples" / "cfg_w2.pt", weights_only=True)
     assert samples["images"].shape == (100, 1, 8, 8) and samples["labels"].tolist()[:3] == [0, 1, 2]
     assert samples["images"].abs().max() <= 1
+    # guidance steers the trained model: a logistic-regression digit reader fitted on the real 8 x 8 digits (93% on
+    # held-out ones in 5-fold cross-validation) reads the intended digit in 51% of the w = 2 samples after 150 steps
+    # (measured 2026-12-06; chance is 10%)
+    from sklearn.linear_model import LogisticRegression
+
+    digits = load_digits_8x8()
+    reader = LogisticRegression(max_iter=2000).fit(digits.images.flatten(1).numpy(), digits.labels.numpy())
+    read = torch.from_numpy(reader.predict(samples["images"].flatten(1).numpy()))
+    assert float((read == samples["labels"]).float().mean()) > 0.3
     grid = load_image(cfg_run / "figures" / "digits_grid.png")
     assert grid.shape[-2] > grid.shape[-1]  # 10 rows of 3 digits
     trajectory = Trajectory.load(cfg_run / "samples" / "trajectory.safetensors")
