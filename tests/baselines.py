@@ -30,3 +30,11 @@ def gaussian_eps(data: torch.Tensor, schedule: NoiseSchedule) -> Callable[[torch
         return out.to(x_t.dtype).reshape(x_t.shape)
 
     return eps
+
+
+def gaussian_samples(points: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` samples (n, D) of the Gaussian with the mean and covariance of ``points`` (N, D)."""
+    points = points.double()
+    root = torch.linalg.cholesky(torch.cov(points.T))
+    noise = torch.randn(n, points.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (points.mean(0) + noise @ root.T).float()

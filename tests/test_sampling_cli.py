@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from baselines import gaussian_samples
 from difflab.cli import main
 from difflab.experiments.samplers import heldout_likelihood, load_target
 from difflab.sampling.likelihood import batched_likelihood
@@ -55,21 +56,13 @@ def on_the_moons(run: Path, samples: torch.Tensor) -> bool:
     return metrics["nll_course"](samples) < MOONS_BAR and metrics["nll_reverse"](samples) < MOONS_BAR
 
 
-def gaussian_fit(points: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` samples of the Gaussian with the mean and covariance of ``points`` (N, D)."""
-    points = points.double()
-    root = torch.linalg.cholesky(torch.cov(points.T))
-    noise = torch.randn(n, points.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (points.mean(0) + noise @ root.T).float()
-
-
 def test_the_moons_bar_refuses_what_learned_no_moons(moons_run: Path) -> None:
     heldout = load_target(moons_run, "cpu").heldout
     assert on_the_moons(
         moons_run, heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[:400]]
     )
     blob = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
-    for baseline in (gaussian_fit(heldout, 400), 0.5 * blob, 0.7 * blob, heldout[:1].repeat(400, 1) + 0.01 * blob):
+    for baseline in (gaussian_samples(heldout, 400), 0.5 * blob, 0.7 * blob, heldout[:1].repeat(400, 1) + 0.01 * blob):
         assert not on_the_moons(moons_run, baseline)
 
 
