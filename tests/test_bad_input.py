@@ -126,6 +126,11 @@ def test_damaged_run_folders_are_named_not_tracebacks(swissroll_run: Path, tmp_p
     numbers = copy("numbers")
     (numbers / "metrics.json").write_text("[1, 2]")
     assert "metrics.json is damaged" in fails_in_one_line(capsys, ["report", str(numbers)])
+    record = copy("record")
+    (record / "checkpoints" / "denoiser.json").write_text("[]")
+    assert "denoiser.json must hold a JSON object" in fails_in_one_line(capsys, ["sample", str(record)])
+    (record / "checkpoints" / "denoiser.json").write_bytes(b"\xff\xfe{")
+    assert "denoiser.json is not valid JSON" in fails_in_one_line(capsys, ["sample", str(record)])
     other = copy("other")
     line = fails_in_one_line(capsys, ["run", "spiral", f"run_dir={other}", *TINY_SWISSROLL])
     assert "holds a 'swissroll' run, not a 'spiral' one" in line

@@ -233,10 +233,14 @@ def load_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
     info: dict[str, Any] = {}
     if info_path.is_file():
         try:
-            info = json.loads(info_path.read_text())
-        except json.JSONDecodeError:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{info_path} is not valid JSON") from None
-        recorded = info.get("sha256") if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            raise CheckpointError(
+                f"{info_path} must hold a JSON object (the export's record), not {type(info).__name__}"
+            )
+        recorded = info.get("sha256")
         if recorded is not None and recorded != metadata["sha256"]:  # verified_tensors ensured the latter
             raise CheckpointError(
                 f"{info_path} does not describe {path} (checksums differ: an interrupted export?); "
