@@ -114,3 +114,19 @@ def test_toy_sets_are_standardised_and_seeded(name: str) -> None:
     heldout = make_toy(name, 2000, 0.05, seed=1)
     assert not torch.equal(a.data, heldout.data)
     assert heldout.data.mean(0).abs().max() < 0.1
+
+
+def test_likelihood_bin_widths_are_the_spacing_of_each_sources_levels() -> None:
+    """Dequantisation adds uniform noise of one bin's width: it must be the step between the data's levels (MNIST's
+    and image folders' 2 / 255, the 8 x 8 digits' 2 / 16), so the boxes tile [-1, 1] and the Jacobian is exact."""
+    from difflab.data.images import load_digits_8x8
+    from difflab.data.mnist import load_mnist
+    from difflab.experiments.mnist import BIN_WIDTHS
+
+    for source, images in (("mnist", load_mnist("val").images), ("digits", load_digits_8x8().images)):
+        levels = torch.unique(images.double())
+        steps = levels[1:] - levels[:-1]
+        assert float(levels[0]) == -1.0 and float(levels[-1]) == 1.0
+        # float32 images: the steps agree to rounding
+        assert float(steps.min()) == pytest.approx(BIN_WIDTHS[source], rel=1e-4)
+        assert float(steps.max()) == pytest.approx(BIN_WIDTHS[source], rel=1e-4)

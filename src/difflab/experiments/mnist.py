@@ -918,9 +918,9 @@ def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str =
 
 
 # -------------------------------------------------------------------------------------- sampler comparison, likelihood
-# Width of one quantisation bin in [-1, 1] units: MNIST's pixels are k / 256, sklearn's digits v / 16 and image
-# folders k / 255 (k integer), each mapped to [-1, 1] by 2 x - 1.
-BIN_WIDTHS = {"mnist": 2.0 / 256.0, "digits": 2.0 / 16.0, "imagefolder": 2.0 / 255.0}
+# Width of one quantisation bin in [-1, 1] units: MNIST's 8-bit levels k (data.mnist decodes the file's k / 256 to
+# k) and image folders' map to 2 k / 255 - 1, sklearn's digits v in 0..16 to 2 v / 16 - 1.
+BIN_WIDTHS = {"mnist": 2.0 / 255.0, "digits": 2.0 / 16.0, "imagefolder": 2.0 / 255.0}
 
 
 class BalancedGuidance(torch.nn.Module):
