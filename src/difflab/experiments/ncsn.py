@@ -8,7 +8,7 @@ model divides by sigma. K levels geometric from sigma_max to sigma_min = 0.01; t
 lambda(sigma) = sigma^2 and sigma drawn uniformly from the levels. Data are in [-1, 1], a range of 2, but two
 MNIST images lie about 20 apart: the reference's sigma_max = 1 (10 levels; ``configs/mnist-ncsn.yaml``) never
 connects the digit modes, so its chains start from uniform noise on [-1, 1] (NCSN's start). The CPU defaults
-follow NCSNv2's technique 1 instead: sigma_max = 10 over 20 levels, chains from N(0, sigma_max^2).
+move toward NCSNv2's technique 1 instead: sigma_max = 10 over 20 levels, chains from N(0, sigma_max^2).
 
 The run trains the network, sweeps the Langevin step constant c and the steps per level T (FID, IS and wall
 time at each of the grid's cells, all from the same starting chains), draws the final samples at the best
@@ -102,7 +102,7 @@ class MnistNCSNConfig:
     """``mnist-ncsn``: the CPU-sized defaults (``configs/mnist-ncsn-cpu.yaml``); ``configs/mnist-ncsn.yaml``
     holds the reference sizes (base width 64, 40 epochs, Adam lr 1e-4).
 
-    CPU sizes: base width 16 (0.27 M parameters), 2,500 steps, K = 20 levels from sigma_max = 10 (NCSNv2's
+    CPU sizes: base width 16 (0.27 M parameters), 2,500 steps, K = 20 levels from sigma_max = 10 (toward NCSNv2's
     technique 1; the reference's sigma_max = 1 over 10 levels misses every MNIST figure, see the README), chains
     from N(0, sigma_max^2), the sweep c in {0.05, 0.1, 0.2} x T in {25, 35, 50} with 64 samples per cell, and
     2,000 final samples: 34.5 minutes measured alone on two cores (see the README).
@@ -114,8 +114,9 @@ class MnistNCSNConfig:
     run_dir: str = "runs/mnist-ncsn-cpu"
     progress: bool = True
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
-    # NCSNv2 technique 1: sigma_max near the largest distance between two images (MNIST in [-1, 1]: about 30,
-    # median 20), and (technique 2) a ratio of 10^(3/19) = 1.44 between levels; the reference has 1.0 over 10
+    # Toward NCSNv2's technique 1 (sigma_max near the largest distance between two images; MNIST in [-1, 1]: about
+    # 30, median 20); the reference has 1.0 over 10 levels. The ratio 10^(3/19) = 1.44 between levels is coarser
+    # than technique 2's gamma = 1.08 for D = 784 (about 88 levels from 10 to 0.01), which the CPU budget does not hold
     noise: NoiseLevelsConfig = field(default_factory=lambda: NoiseLevelsConfig(sigma_max=10.0, num_levels=20))
     unet: UNetConfig = field(
         default_factory=lambda: UNetConfig(
@@ -458,7 +459,7 @@ def _sigma_max_words(sigma_max: float) -> str:
         )
     return (
         f"sigma_max = {sigma_max:g} is of the order of the distance between two images (median about 20, largest "
-        "about 30; NCSNv2's technique 1), so the largest level connects the digit modes."
+        "about 30; NCSNv2's technique 1 asks for the largest), so the largest level connects the digit modes."
     )
 
 

@@ -4,8 +4,9 @@ Both networks are called as ``model(x, sigma)`` with ``sigma`` (B,) float noise 
 score of the shape of ``x``. They see the level through ``log sigma``, and their output is read in one
 of two ways (``output``):
 
-- ``"scaled"`` (default, NCSNv2, Song & Ermon 2020 technique 3): the network predicts ``sigma s`` and
-  the model returns ``f_theta(x, log sigma) / sigma``. ``sigma s`` is of order 1 at every level (the DSM
+- ``"scaled"`` (default; after NCSNv2's technique 3, Song & Ermon 2020, which divides an unconditional network's
+  output by sigma, while this network still sees the level): the network predicts ``sigma s`` and the model returns
+  ``f_theta(x, log sigma) / sigma``. ``sigma s`` is of order 1 at every level (the DSM
   target is ``-z``), so the network's output range does not have to span 1 / sigma_min = 100x;
 - ``"direct"``: the network's output is the score itself.
 """
