@@ -161,6 +161,7 @@ def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
     report = (run_dir / "report.md").read_text()  # rewritten with the round trips, each row's numbers in it
     assert "## DDIM round trips (difflab invert)" in report and "figures/inversion.png" in report
     assert all(f"{r['psnr_db']:.2f}" in report for r in rows)
+    assert all(r["psnr_db_mean_per_image"] >= r["psnr_db"] - 1e-9 for r in rows)  # the mean of logs, Jensen
     plain, refined = rows[:2], rows[2:]
     assert [r["fixed_point_iterations"] for r in rows] == [0, 0, 1, 1]
     assert [r["nfe"] for r in rows] == [10, 100, 15, 150]

@@ -47,3 +47,14 @@ def test_nearest_labels() -> None:
 def test_nan_samples_are_reported() -> None:
     with pytest.raises(DataError, match="NaN or infinite"):
         nll_course(torch.tensor([[0.0, float("nan")]] * 10), load_states("train").data)
+
+
+def test_psnr_of_the_pooled_mse_and_per_image() -> None:
+    """Two images whose [0, 1] errors are 0.1 and 0.01 everywhere: MSEs 1e-2 and 1e-4, so 20 and 40 dB each (mean
+    30 dB), and 10 log10(1 / 5.05e-3) = 22.97 dB of the pooled MSE."""
+    from difflab.metrics.image_quality import psnr, psnr_per_image
+
+    target = torch.zeros(2, 1, 8, 8)  # 0.5 in [0, 1]
+    prediction = target + torch.tensor([0.2, 0.02]).reshape(2, 1, 1, 1)  # errors 0.1 and 0.01 in [0, 1] units
+    assert psnr_per_image(prediction, target).tolist() == pytest.approx([20.0, 40.0], abs=1e-4)
+    assert psnr(prediction, target) == pytest.approx(10 * np.log10(1 / 5.05e-3), abs=1e-4)

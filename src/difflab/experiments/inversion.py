@@ -15,7 +15,7 @@ from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.runs import read_run, resolve_device
-from difflab.metrics.image_quality import psnr, ssim
+from difflab.metrics.image_quality import psnr, psnr_per_image, ssim
 from difflab.sampling.inversion import INVERSION_ORDERS, INVERSION_SPACINGS, ddim_round_trip, default_inversion_end
 from difflab.viz.images import image_rows_figure
 
@@ -83,8 +83,9 @@ def round_trip_rows(
     fields: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, torch.Tensor]]]:
     """Every round trip of ``cases`` (:func:`round_trip_cases`) of ``x0`` (N, ...) to ``t_end`` under the eps
-    ``model``: one row each (its settings, NFE, MSE of the round trip, PSNR / SSIM, std of the inverted x_t, wall
-    time) and the first 8 reconstructions for a figure, as ``(rows, [(label, images (8, C, H, W))])``.
+    ``model``: one row each (its settings, NFE, MSE of the round trip, PSNR of the MSE pooled over the images and
+    the mean of the images' own PSNRs, SSIM, std of the inverted x_t, wall time) and the first 8 reconstructions
+    for a figure, as ``(rows, [(label, images (8, C, H, W))])``.
 
     ``x0`` are images in [-1, 1] (``mse``), or latents that ``decode`` maps to images (``latent_mse``; PSNR and
     SSIM then compare the decoded round trip with the decoded original, the inversion's own error without the
@@ -109,7 +110,8 @@ def round_trip_rows(
             "n": len(x0),
             # pixels: of the reconstruction clipped to [-1, 1], as it is shown; latents: as they are
             error: float(((reconstruction if decode else images.to(x0.device)) - x0).square().mean()),
-            "psnr_db": psnr(images, original),
+            "psnr_db": psnr(images, original),  # of the pooled MSE
+            "psnr_db_mean_per_image": float(psnr_per_image(images, original).mean()),
             "ssim": ssim(images, original),
             "latent_std": float(latent.std()),
             "seconds": seconds,
@@ -118,7 +120,8 @@ def round_trip_rows(
         figure_rows.append((label, images[:8]))
         echo(
             f"[invert] {name}{label}: {'latent ' if decode else ''}MSE {row[error]:.2e}, "
-            f"{'decoded ' if decode else ''}PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.4f}, "
+            f"{'decoded ' if decode else ''}PSNR {row['psnr_db']:.2f} dB (mean per image "
+            f"{row['psnr_db_mean_per_image']:.2f}), SSIM {row['ssim']:.4f}, "
             f"latent std {row['latent_std']:.3f}, {seconds:.1f} s"
         )
     return rows, figure_rows

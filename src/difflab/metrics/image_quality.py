@@ -10,10 +10,19 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of images (B, C, H, W) in [-1, 1], over [0, 1] pixels (data range 1)."""
+    """Peak signal-to-noise ratio in dB of images (B, C, H, W) in [-1, 1], over [0, 1] pixels (data range 1), of
+    the MSE pooled over all images (:func:`psnr_per_image` gives each image's)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     return float(peak_signal_noise_ratio(_unit(prediction), _unit(target), data_range=1.0))
+
+
+def psnr_per_image(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each image (B, C, H, W) in [-1, 1] over [0, 1] pixels: (B,). Their mean is at least
+    :func:`psnr` of the pooled MSE (the log of a mean is at least the mean of the logs)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return peak_signal_noise_ratio(_unit(prediction), _unit(target), data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
 def ssim(prediction: torch.Tensor, target: torch.Tensor) -> float:
