@@ -38,3 +38,20 @@ def gaussian_samples(points: torch.Tensor, n: int, seed: int = 0) -> torch.Tenso
     root = torch.linalg.cholesky(torch.cov(points.T))
     noise = torch.randn(n, points.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return (points.mean(0) + noise @ root.T).float()
+
+
+def gaussian_score(data: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The exact score of data ``N(m, S)`` (the mean and covariance of ``data`` (N, ...)) blurred by noise of std
+    sigma: ``grad log p_sigma(x) = -(S + sigma^2 I)^-1 (x - m)``. Returns ``score(x, sigma)`` for x (B, ...),
+    sigma (B,), as the NCSN models are called."""
+    flat = data.reshape(len(data), -1).double()
+    mean = flat.mean(0)
+    eigenvalues, basis = torch.linalg.eigh(torch.cov(flat.T))
+    eigenvalues = eigenvalues.clamp(min=0)
+
+    def score(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        centred = x.reshape(len(x), -1).double() - mean
+        scaled = (centred @ basis) / (eigenvalues + sigma.double()[:, None] ** 2)
+        return (-(scaled @ basis.T)).to(x.dtype).reshape(x.shape)
+
+    return score

@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from baselines import gaussian_score
 from difflab.cli import main
+from difflab.config import config_from
 from difflab.data.states import load_states
-from difflab.experiments.ncsn import best_cell, read_comparison, targets
-from difflab.experiments.ncsn_common import LangevinConfig
+from difflab.experiments.images import load_image_data
+from difflab.experiments.ncsn import MnistNCSNConfig, best_cell, read_comparison, targets
+from difflab.experiments.ncsn_common import LangevinConfig, dsm_level_validation
 from difflab.metrics.points import KDE
 from reportcheck import assert_rebuilds
 
@@ -110,7 +113,7 @@ def test_swissroll_ncsn_runs_and_bad_figure_levels_are_refused(tmp_path: Path, c
 
 
 DIGITS_TINY = [
-    "data.source=digits", "progress=false", "train.steps=200", "train.lr=2e-3", "train.eval_every=50",
+    "data.source=digits", "progress=false", "train.steps=400", "train.lr=2e-3", "train.eval_every=50",
     "train.log_every=10", "unet.base_channels=8", "sweep.c=[0.1,0.2]", "sweep.steps_per_level=[2,3]",
     "sweep.n_samples=8", "evaluation.n_samples=24", "evaluation.grid_size=16", "langevin.steps_per_level=4",
 ]  # fmt: skip
@@ -132,6 +135,13 @@ def test_mnist_ncsn_recipe_on_digits(tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), name
     losses = logged(run_dir)  # s = 0 scores D / 2 = 32
     assert losses[-1] < 0.85 * losses[0] and losses[-1] < 0.8 * 32
+    # It learned more than the digits' two moments: its validation DSM loss (the recipe's held-out images, levels and
+    # noise) is below that of the exact score of a Gaussian with their mean and covariance (measured 2026-12-06:
+    # 12.55 after 400 steps against 13.81; a per-pixel Gaussian 15.09; 200 steps reached only 16.6).
+    config = config_from(MnistNCSNConfig(), None, ["data.source=digits"])
+    train, heldout = load_image_data(config.data, config.seed)
+    validate = dsm_level_validation(config.noise.sigmas(), heldout.images[:256], torch.device("cpu"), config.seed)
+    assert losses[-1] < 0.95 * validate(gaussian_score(train.images))["loss"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [(r["c"], r["steps_per_level"]) for r in metrics["sweep"]] == [(0.1, 2), (0.1, 3), (0.2, 2), (0.2, 3)]
     # K = 20 levels by default: K T + 1 network calls per sample
