@@ -224,6 +224,13 @@ def test_module_entry_point_and_help() -> None:
         [sys.executable, "-m", "difflab", "config", "moons"], capture_output=True, text=True, check=True
     )
     assert "recipe: moons" in result.stdout
+    # --version names the installed distribution's version, which the package's __version__ must match
+    from importlib.metadata import version
+
+    import difflab
+
+    result = subprocess.run([sys.executable, "-m", "difflab", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"difflab {difflab.__version__}" and difflab.__version__ == version("difflab")
 
 
 def test_an_os_error_names_the_file_asked_for_not_the_atomic_writers_temporary(tmp_path: Path) -> None:

@@ -63,9 +63,12 @@ def _port(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from difflab import __version__
+
     parser = _Parser(
         prog="difflab", description="Diffusion models you can train, sample, evaluate and explain on a laptop."
     )
+    parser.add_argument("--version", action="version", version=f"difflab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a recipe end to end into a run folder")
     run.add_argument("recipe", help="a recipe name (see `difflab recipes`) or a YAML config file with a recipe key")
