@@ -18,7 +18,7 @@ TINY = [
     "progress=false",
     "vae.training.model.base_channels=8",
     "vae.training.model.channel_mults=[1,2]",
-    "vae.training.train.steps=60",
+    "vae.training.train.steps=150",
     "vae.training.train.warmup_steps=10",
     "vae.training.train.lr=3e-3",
     "vae.training.train.eval_every=20",
@@ -73,6 +73,10 @@ def test_one_latent_model_end_to_end(ldm_run: Path) -> None:
     assert val[-1] < 0.95 * val[0]  # measured 0.92 between steps 20 and 40
     ae = [r["value"] for r in records(ldm_run) if r["tag"] == "autoencoder/val_l1"]
     assert ae[-1] < ae[0]
+    # the autoencoder beats the 2 x 2 average pool of the same downsampling (13.7 dB / SSIM 0.76 on these digits,
+    # test_autoencoder.py); measured 2026-12-06: 17.4 dB / 0.90 after 150 steps (12.7 dB / 0.69 after 60)
+    reconstruction = metrics["autoencoder"]["reconstruction"]
+    assert reconstruction["psnr"] > 15.5 and reconstruction["ssim"] > 0.85
     samples = torch.load(ldm_run / "samples" / "latent-cfg-learned_ddpmT_w2.pt", weights_only=True)
     assert samples["images"].shape == (20, 1, 8, 8) and samples["images"].abs().max() <= 1
     assert samples["labels"].tolist()[:3] == [0, 1, 2]
@@ -95,7 +99,7 @@ def test_one_latent_model_end_to_end(ldm_run: Path) -> None:
 def test_the_table_reuses_the_folder(ldm_run: Path, capsys) -> None:
     assert main(["run", "mnist-ldm", "--table", f"run_dir={ldm_run}", *TINY, "diffusion.learned_variance=true"]) == 0
     out = capsys.readouterr().out
-    assert "[autoencoder] resumed from step 60 of 60 (training already complete)" in out
+    assert "[autoencoder] resumed from step 150 of 150 (training already complete)" in out
     assert "[latent-cfg-learned] resumed from step 40 of 40 (training already complete)" in out
     metrics = json.loads((ldm_run / "metrics.json").read_text())
     assert metrics["latents"]["cached"]
