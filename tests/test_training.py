@@ -76,6 +76,16 @@ def test_loss_falls(tmp_path: Path) -> None:
     val_steps, val = read_series(tmp_path / "metrics.jsonl", "denoiser/val_loss")
     assert val[-1] < val[0]
     assert result.final_validation["loss"] == pytest.approx(val[-1])
+
+    # on the same points, timesteps and noise it beats eps = sqrt(1 - a) x_t, which ignores the data (measured
+    # 2026-12-06: 0.228 against 0.257; the best linear denoiser, a Gaussian fit, 0.215: this MLP with raw t
+    # learns slowly, and learning the moons is held by the sampling tests)
+    def held_loss(model) -> float:
+        with torch.no_grad():
+            return float(epsilon_loss(model, SCHEDULE, moons()[:500].repeat(8, 1), torch.Generator().manual_seed(0)))
+
+    agnostic = held_loss(lambda x, t: (1 - SCHEDULE.alpha_bar[t])[:, None].sqrt() * x)
+    assert held_loss(trainer.model.eval()) < 0.95 * agnostic
     assert (tmp_path / "checkpoints" / "denoiser.safetensors").is_file()
     info = json.loads((tmp_path / "checkpoints" / "denoiser.json").read_text())
     assert info["step"] == 300
