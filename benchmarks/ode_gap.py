@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from difflab.diffusion.gaussian import GaussianData
 from difflab.experiments.images import load_image_data
 from difflab.experiments.mnist import NullLabel, image_shape, load_run_model
 from difflab.metrics.image_eval import ImageEvaluator
@@ -67,31 +68,12 @@ def hybrid_sample(
     return torch.cat(parts)
 
 
-class GaussianFlow:
-    """The probability-flow ODE of data ``N(m, S)`` solved exactly: with ``S = U diag(l) U^T`` each eigen-direction
-    of ``x_t - sqrt(a_t) m`` scales by ``sqrt((a_s l + 1 - a_s) / (a_t l + 1 - a_t))`` from t to s (a = alpha_bar)."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        flat = images.reshape(len(images), -1).double()
-        self.mean = flat.mean(0)
-        eigenvalues, self.basis = torch.linalg.eigh(torch.cov(flat.T))
-        self.eigenvalues = eigenvalues.clamp(min=0)
-
-    def __call__(self, x: torch.Tensor, alpha_bar_from: float, alpha_bar_to: float) -> torch.Tensor:
-        """x: (B, ...) at alpha_bar_from -> the same shape at alpha_bar_to."""
-        gain = (alpha_bar_to * self.eigenvalues + 1 - alpha_bar_to) / (
-            alpha_bar_from * self.eigenvalues + 1 - alpha_bar_from
-        )
-        centred = x.reshape(len(x), -1).double() - alpha_bar_from**0.5 * self.mean
-        moved = alpha_bar_to**0.5 * self.mean + ((centred @ self.basis) * gain.sqrt()) @ self.basis.T
-        return moved.to(x.dtype).reshape(x.shape)
-
-
 def teleport_sample(
-    model, schedule, shape: tuple[int, ...], n: int, steps: int, tau: int, seed: int, flow: GaussianFlow
+    model, schedule, shape: tuple[int, ...], n: int, steps: int, tau: int, seed: int, gaussian: GaussianData
 ) -> torch.Tensor:
-    """(n, *shape) samples: x_T (the same draws as :func:`hybrid_sample`) carried by ``flow`` from the first of the
-    ``steps`` leading timesteps to the last one <= tau, then DDIM (eta = 0, x_0 clipped) over the rest."""
+    """(n, *shape) samples: x_T (the same draws as :func:`hybrid_sample`) carried by the exact flow of ``gaussian``
+    from the first of the ``steps`` leading timesteps to the last one <= tau, then DDIM (eta = 0, x_0 clipped) over
+    the rest."""
     generator = torch.Generator().manual_seed(seed)
     timesteps = timestep_list(schedule.num_timesteps, steps, "leading")
     below = [t for t in timesteps if t <= tau]
@@ -99,7 +81,8 @@ def teleport_sample(
     parts = []
     for start in range(0, n, 500):
         batch = (min(500, n - start), *shape)
-        x_tau = flow(randn(batch, generator, "cpu"), float(alpha_bar[timesteps[0]]), float(alpha_bar[below[0]]))
+        x_T = randn(batch, generator, "cpu")
+        x_tau = gaussian.flow(x_T, float(alpha_bar[timesteps[0]]), float(alpha_bar[below[0]]))
         parts.append(ddim_sample(model, schedule, batch, timesteps=below, clip_x0=1.0, x_T=x_tau))
     return torch.cat(parts)
 
@@ -136,11 +119,11 @@ def main() -> None:
         ]
     variants += [(f"DDIM from {s:g} x_T", hybrid(0.0, 0.0, -1, s)) for s in args.temperatures]
     if args.teleports:
-        flow = GaussianFlow(load_image_data(config.data, config.seed)[0].images)
+        gaussian = GaussianData.fit(load_image_data(config.data, config.seed)[0].images)
         variants += [
             (
                 f"Gaussian flow to t = {tau}, then DDIM",
-                lambda tau=tau: teleport_sample(model, schedule, shape, args.n, args.steps, tau, args.seed, flow),
+                lambda tau=tau: teleport_sample(model, schedule, shape, args.n, args.steps, tau, args.seed, gaussian),
             )
             for tau in args.teleports
         ]
