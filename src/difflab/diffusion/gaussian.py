@@ -47,18 +47,19 @@ class GaussianData:
         """``x`` (B, ...) flattened to (B, D) in float64, minus ``shift * mean`` (shift (B, 1)), in the eigenbasis."""
         return (x.reshape(len(x), -1).double() - shift * self.mean) @ self.basis
 
+    def _x0_flat(self, x_t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``E[x_0 | x_t]`` as (B, D) float64, ``a`` the (B, 1) column of alpha_bar."""
+        gain = a.sqrt() * self.eigenvalues / (a * self.eigenvalues + 1 - a)
+        return self.mean + (self._centred(x_t, a.sqrt()) * gain) @ self.basis.T
+
     def x0_mean(self, x_t: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
         """``E[x_0 | x_t]`` for x_t (B, ...) at ``alpha_bar`` (a float or (B,)); the shape and dtype of x_t."""
-        a = _column(alpha_bar, len(x_t))
-        gain = a.sqrt() * self.eigenvalues / (a * self.eigenvalues + 1 - a)
-        x0 = self.mean + (self._centred(x_t, a.sqrt()) * gain) @ self.basis.T
-        return x0.to(x_t.dtype).reshape(x_t.shape)
+        return self._x0_flat(x_t, _column(alpha_bar, len(x_t))).to(x_t.dtype).reshape(x_t.shape)
 
     def eps(self, x_t: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
         """The exact eps-prediction ``(x_t - sqrt(a) E[x_0 | x_t]) / sqrt(1 - a)``; x_t (B, ...), a float or (B,)."""
         a = _column(alpha_bar, len(x_t))
-        x0 = self.x0_mean(x_t, alpha_bar).reshape(len(x_t), -1).double()
-        out = (x_t.reshape(len(x_t), -1).double() - a.sqrt() * x0) / (1 - a).sqrt()
+        out = (x_t.reshape(len(x_t), -1).double() - a.sqrt() * self._x0_flat(x_t, a)) / (1 - a).sqrt()
         return out.to(x_t.dtype).reshape(x_t.shape)
 
     def score(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
