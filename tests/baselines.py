@@ -11,6 +11,11 @@ from difflab.diffusion.gaussian import GaussianData
 from difflab.diffusion.schedule import NoiseSchedule
 
 
+def agnostic_eps(schedule: NoiseSchedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``eps(x_t, t) = sqrt(1 - alpha_bar_t) x_t``, the optimum for data at 0: a model that ignores the data."""
+    return lambda x_t, t: (1 - schedule.alpha_bar[t]).sqrt().reshape((-1,) + (1,) * (x_t.ndim - 1)) * x_t
+
+
 def gaussian_eps(data: torch.Tensor, schedule: NoiseSchedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``eps(x_t, t)`` (x_t (B, ...), t (B,)) of a Gaussian with the mean and covariance of ``data`` (N, ...): the
     best linear denoiser."""
