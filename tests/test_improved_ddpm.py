@@ -21,6 +21,7 @@ from difflab.diffusion.vlb import (
     learned_log_variance,
     normal_kl,
     split_output,
+    vlb_terms,
 )
 from difflab.errors import ConfigError
 from difflab.sampling.ddim import ddim_sample
@@ -45,20 +46,43 @@ def test_gaussian_log_likelihood_matches_torch() -> None:
     torch.testing.assert_close(gaussian_log_likelihood(x, mean, log_variance), expected)
 
 
+@pytest.mark.parametrize("count", [256, 17])
 @pytest.mark.parametrize(("mean", "std"), [(0.0, 0.5), (0.3, 0.01), (-0.99, 0.002), (0.7, 3.0), (0.999, 1e-4)])
-def test_discretized_likelihood_is_a_distribution_over_the_256_levels(mean: float, std: float) -> None:
-    """Ho et al. eq. 13: bins of width 2/255 around each level, the end bins open; probabilities sum to one and
-    equal the normal CDF differences (scipy, float64)."""
-    levels = torch.arange(256, dtype=torch.float64) * 2 / 255 - 1
+def test_discretized_likelihood_is_a_distribution_over_the_levels(mean: float, std: float, count: int) -> None:
+    """Ho et al. eq. 13: bins of width 2/(L-1) around each of the L levels (2/255 for 8-bit images, 2/16 for
+    sklearn's 17-level digits), the end bins open; probabilities sum to one and equal the normal CDF differences
+    (scipy, float64)."""
+    levels = torch.arange(count, dtype=torch.float64) * 2 / (count - 1) - 1
     log_p = discretized_gaussian_log_likelihood(
-        levels, torch.tensor(mean, dtype=torch.float64), torch.tensor(math.log(std), dtype=torch.float64)
+        levels, torch.tensor(mean, dtype=torch.float64), torch.tensor(math.log(std), dtype=torch.float64), count
     )
     assert torch.isfinite(log_p).all() or std < 1e-3  # far tails may underflow to the 1e-12-ish clamp
     torch.testing.assert_close(log_p.exp().sum(), torch.tensor(1.0).double(), rtol=0, atol=1e-6)
-    upper = norm.cdf((levels.numpy() + 1 / 255 - mean) / std)
-    lower = norm.cdf((levels.numpy() - 1 / 255 - mean) / std)
+    half_bin = 1 / (count - 1)
+    upper = norm.cdf((levels.numpy() + half_bin - mean) / std)
+    lower = norm.cdf((levels.numpy() - half_bin - mean) / std)
     upper[-1], lower[0] = 1.0, 0.0
     torch.testing.assert_close(log_p.exp(), torch.from_numpy(upper - lower), rtol=1e-6, atol=1e-9)
+
+
+def test_vlb_decoder_term_uses_the_datas_levels() -> None:
+    """``vlb_terms`` at t = 0 is the discretised decoder NLL with the bins of the data's own levels: on 17-level
+    data a decoder of 256 levels would put its mass in bins 15x too narrow and overstate the NLL by about
+    log2(255 / 16) bits/dim."""
+    schedule = NoiseSchedule(NoiseSchedule.cosine(50).betas.double())
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 17, (4, 1, 8, 8), generator=generator).double() * 2 / 16 - 1
+    mean = x0 + 0.01 * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    log_variance = torch.full_like(x0, 2 * math.log(0.02))
+    t = torch.zeros(4, dtype=torch.long)
+    x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=generator, dtype=torch.float64))
+    bits = {}
+    for count in (17, 256):
+        bits[count] = vlb_terms(schedule, x0, x_t, t, mean, log_variance, "discretized", count)
+        expected = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_variance, count).mean((1, 2, 3))
+        torch.testing.assert_close(bits[count], expected / math.log(2))
+    assert float(bits[17].max()) < 0.01  # a mean within 0.01 of the level: nearly all mass in its bin of width 1/8
+    assert float((bits[256] - bits[17]).mean()) > 2.0
 
 
 def test_discretized_likelihood_stays_finite_in_the_tails() -> None:

@@ -118,6 +118,7 @@ def test_the_table_reuses_the_folder(ldm_run: Path, capsys) -> None:
     reused = {r["label"] for r in metrics["rows"] if r["reused_samples"]}
     assert reused == {"+ learned variance, w = 2", "+ learned variance, w = 2, DDPM-5 respaced"}
     assert metrics["vlb"]["pixel"]["decoder"] == "discretized" and metrics["vlb"]["latent-cfg"]["decoder"] == "gaussian"
+    assert metrics["vlb"]["pixel"]["decoder_levels"] == 17  # sklearn's digits: 0..16
     targets = [t["target"] for t in metrics["targets"]]
     assert any("VLB below the fixed-variance" in t for t in targets)
     assert any("throughput" in t for t in targets)

@@ -146,6 +146,7 @@ def hybrid_loss(
     null_label: int | None = None,
     vlb_weight: float = 0.001,
     decoder: str = "discretized",
+    levels: int = 256,
 ) -> torch.Tensor:
     """Nichol & Dhariwal's ``L_hybrid = L_simple + lambda L_vlb`` for a model returning ``[eps, v]`` (B, 2C, ...).
 
@@ -153,8 +154,9 @@ def hybrid_loss(
     (:func:`~difflab.diffusion.vlb.vlb_terms`, bits/dim, the decoder NLL at t = 0) is evaluated with the mean
     computed from a *detached* eps (stop-gradient, their sec. 3.1) and the learned variance of v. As
     ``L_vlb = sum_t L_t = T E_t[L_t]``, the sampled term is weighted by ``vlb_weight * T`` (with lambda = 0.001 and
-    T = 1000 this is their code's ``mse + vb``). ``decoder``: ``discretized`` for 8-bit images in [-1, 1],
-    ``gaussian`` for continuous data such as latents. Noise, timesteps and label dropout as :func:`epsilon_loss`.
+    T = 1000 this is their code's ``mse + vb``). ``decoder``: ``discretized`` for images in [-1, 1] quantised to
+    ``levels`` gray levels (256 for 8-bit), ``gaussian`` for continuous data such as latents. Noise, timesteps and
+    label dropout as :func:`epsilon_loss`.
     """
     t, noise, x_t, labels = _noised(schedule, x0, generator, labels, label_dropout, null_label)
     output = model(x_t, t) if labels is None else model(x_t, t, labels)
@@ -164,7 +166,7 @@ def hybrid_loss(
     simple = F.mse_loss(eps, noise)
     mean = reverse_mean(schedule, eps.detach(), x_t, t)
     log_variance = learned_log_variance(schedule, values, t)
-    vlb = vlb_terms(schedule, x0, x_t, t, mean, log_variance, decoder)
+    vlb = vlb_terms(schedule, x0, x_t, t, mean, log_variance, decoder, levels)
     return simple + vlb_weight * schedule.num_timesteps * vlb.mean()
 
 

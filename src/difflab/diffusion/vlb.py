@@ -6,8 +6,9 @@ The negative ELBO of a T-step model is ``L_vlb = L_T + sum_{t>=1} L_{t-1} + L_0`
 - ``L_T = KL(q(x_T | x_0) || N(0, I))`` (the prior term, no parameters),
 - ``L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))`` (two Gaussians, closed form),
 - ``L_0 = -log p_theta(x_0 | x_1)``: for 8-bit images in [-1, 1] the discretised Gaussian of Ho et al. eq. 13
-  (each of the 256 levels owns a bin of width 2/255, the end bins reach to -inf / +inf); for continuous data
-  (e.g. VAE latents) the Gaussian density.
+  (each of the 256 levels owns a bin of width 2/255, the end bins reach to -inf / +inf; images of L levels, such
+  as sklearn's 17-level digits, bins of width 2/(L-1)); for continuous data (e.g. VAE latents) the Gaussian
+  density.
 
 Indices are 0-based as everywhere in difflab: index ``t`` is DDPM's step ``t + 1``, so the decoder term sits at
 index 0 and ``L_T`` is taken at index ``T - 1``. Every term is reported per dimension in bits (nats / ln 2), so
@@ -58,7 +59,7 @@ def _log_ndtr_difference(upper: torch.Tensor, lower: torch.Tensor) -> torch.Tens
 def discretized_gaussian_log_likelihood(
     x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, levels: int = 256
 ) -> torch.Tensor:
-    """``log p(x)`` per element of 8-bit data rescaled to [-1, 1] under a Gaussian discretised to ``levels`` bins
+    """``log p(x)`` per element of quantised data rescaled to [-1, 1] under a Gaussian discretised to ``levels`` bins
     (Ho et al. 2020, eq. 13), in nats.
 
     x: data on the grid ``2 k / (levels - 1) - 1``; mean, log_scale (log standard deviation) broadcast to x.
@@ -151,10 +152,11 @@ def vlb_terms(
     model_mean: torch.Tensor,
     model_log_variance: torch.Tensor,
     decoder: str = "discretized",
+    levels: int = 256,
 ) -> torch.Tensor:
     """``L_{t}`` per sample in bits/dim, (B,): the KL of the true posterior to ``p_theta(x_{t-1} | x_t)`` for
     ``t > 0`` and the decoder NLL ``-log p_theta(x_0 | x_1)`` at ``t = 0`` (``decoder`` = ``discretized`` for
-    8-bit data in [-1, 1], ``gaussian`` for continuous data).
+    data in [-1, 1] quantised to ``levels`` gray levels, 256 for 8-bit, ``gaussian`` for continuous data).
 
     x0, x_t, model_mean: (B, ...); model_log_variance broadcasts to them; t: (B,) indices.
     """
@@ -165,7 +167,7 @@ def vlb_terms(
     kl = mean_flat(normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)) / LN2
     log_variance = model_log_variance.expand_as(x0)
     if decoder == "discretized":
-        log_likelihood = discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * log_variance)
+        log_likelihood = discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * log_variance, levels)
     else:
         log_likelihood = gaussian_log_likelihood(x0, model_mean, log_variance)
     decoder_nll = -mean_flat(log_likelihood) / LN2
@@ -212,6 +214,7 @@ def full_vlb(
     fixed_variances: tuple[str, ...] = FIXED_VARIANCES,
     batch_size: int = 0,
     clip_x0: float | None = None,
+    levels: int = 256,
 ) -> VLBResult:
     """The negative ELBO of ``x0`` (B, ...) in bits/dim: ``L_T + sum_t L_t + L_0`` over all T timesteps.
 
@@ -222,7 +225,8 @@ def full_vlb(
     fixed-variance one with every kind in ``fixed_variances`` from the same evaluations, the lowest reported as
     the result (the fairest to the fixed model). ``batch_size`` > 0 evaluates ``x0`` in chunks. ``clip_x0``
     scores the model that samples with x_0 predictions clipped to ``[-clip_x0, clip_x0]`` (improved-diffusion's
-    ``clip_denoised`` in its NLL evaluation); None scores the unclipped mean.
+    ``clip_denoised`` in its NLL evaluation); None scores the unclipped mean. ``levels``: the gray levels of the
+    discretised decoder (256 for 8-bit images).
     """
     device = x0.device
     n = x0.shape[0]
@@ -245,7 +249,7 @@ def full_vlb(
                 for kind in fixed_variances:
                     variants[kind] = NoiseSchedule.gather(fixed_log_variance(schedule, kind), t, x_t.ndim)
             for kind, log_variance in variants.items():
-                terms = vlb_terms(schedule, part, x_t, t, mean, log_variance, decoder)
+                terms = vlb_terms(schedule, part, x_t, t, mean, log_variance, decoder, levels)
                 sums.setdefault(kind, torch.zeros(schedule.num_timesteps, dtype=torch.float64))
                 sums[kind][t_index] += float(terms.double().sum())
     prior = float(prior_kl_bits(schedule, x0).double().mean())

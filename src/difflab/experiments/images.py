@@ -36,6 +36,10 @@ from difflab.training.precision import SAMPLING_PRECISIONS, AutocastModel, check
 from difflab.training.trainer import TrainConfig, Trainer, TrainResult
 
 DATA_SOURCES = ("mnist", "imagefolder", "digits")
+# The gray levels of each source's images in [-1, 1], on the grid 2 k / (levels - 1) - 1: MNIST's 8-bit k (data.mnist
+# decodes the file's k / 256 to k) and image folders' 8-bit pixels, sklearn's digits v in 0..16. They set the
+# discretised decoder's bins (vlb) and the dequantisation width 2 / (levels - 1) of the likelihood.
+QUANTISATION_LEVELS = {"mnist": 256, "imagefolder": 256, "digits": 17}
 
 
 @dataclass(frozen=True)
@@ -193,11 +197,13 @@ def train_image_denoiser(
     vlb_weight: float = 0.001,
     decoder: str = "discretized",
     objective: ObjectiveConfig | None = None,
+    decoder_levels: int = 256,
 ) -> tuple[Trainer, TrainResult]:
     """Train (or resume) the eps U-Net; conditional when ``unet_config.num_classes`` > 0.
 
     ``learned_variance``: the U-Net outputs ``[eps, v]`` and is trained with the hybrid loss
-    ``L_simple + vlb_weight L_vlb`` (``decoder``: ``discretized`` for 8-bit images, ``gaussian`` for latents).
+    ``L_simple + vlb_weight L_vlb`` (``decoder``: ``discretized`` for quantised images, with ``decoder_levels`` gray
+    levels (:data:`QUANTISATION_LEVELS`), ``gaussian`` for latents).
     ``name`` names the checkpoints (several models can share a run folder). The weights take the layout
     :func:`~difflab.training.precision.memory_format_for` picks for the device and ``train_config.precision``
     (channels-last for fp32 on CPU, NCHW for bf16). ``objective``: Min-SNR
@@ -232,6 +238,7 @@ def train_image_denoiser(
                 null_label if conditional else None,
                 vlb_weight,
                 decoder,
+                decoder_levels,
             )
         if not conditional:
             return epsilon_loss(net, schedule, images, generator, objective=objective)
@@ -240,6 +247,8 @@ def train_image_denoiser(
     signature = {"model": "UNet", "config": repr(unet_config), "num_timesteps": schedule.num_timesteps}
     if learned_variance:
         signature.update(objective="hybrid", vlb_weight=vlb_weight, decoder=decoder)
+        if decoder == "discretized" and decoder_levels != 256:
+            signature.update(decoder_levels=decoder_levels)
     elif objective != ObjectiveConfig():
         signature.update(objective=repr(objective))
     trainer = Trainer(

@@ -47,7 +47,7 @@ from difflab.experiments.autoencoder import (
     load_autoencoder_run,
     train_autoencoder,
 )
-from difflab.experiments.images import ImageDataConfig
+from difflab.experiments.images import QUANTISATION_LEVELS, ImageDataConfig
 from difflab.experiments.runs import RunFolder, setup_ranks, trained_only
 from difflab.metrics.reconstruction import reconstruction_metrics
 from difflab.models.autoencoder import load_diffusers_autoencoder
@@ -520,7 +520,8 @@ def training_seconds(run: RunFolder, name: str, result: Any) -> float:
 
 
 def decoder_of(variant: Variant) -> str:
-    """The L_0 decoder of a variant's VLB: 8-bit pixels are discretised, latents continuous."""
+    """The L_0 decoder of a variant's VLB: pixels are discretised (to their source's gray levels), latents
+    continuous."""
     return "discretized" if variant.space == "pixel" else "gaussian"
 
 
@@ -637,6 +638,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train
                     learned_variance=variant.learned_variance,
                     vlb_weight=config.diffusion.vlb_weight,
                     decoder=decoder_of(variant),
+                    decoder_levels=QUANTISATION_LEVELS[config.data.source],
                 )
             model = trainer.eval_model.eval()
             trained[variant.name] = (model, schedule)
@@ -750,6 +752,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train
                     decoder=decoder_of(variant),
                     batch_size=count,
                     clip_x0=clip_of[variant.space],
+                    levels=QUANTISATION_LEVELS[config.data.source],
                 )
                 vlb[variant.name] = {
                     "bits_per_dim": result.total,
@@ -760,6 +763,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train
                     "decoder_nll": result.decoder,
                     "n": count,
                     "decoder": decoder_of(variant),
+                    "decoder_levels": QUANTISATION_LEVELS[config.data.source] if variant.space == "pixel" else None,
                     "space": variant.space,
                 }
         with run.stage("throughput"):

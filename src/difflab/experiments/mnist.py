@@ -32,7 +32,7 @@ from difflab.diffusion.prediction import wrap_prediction
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError
 from difflab.experiments import images as stages
-from difflab.experiments.images import ImageDataConfig
+from difflab.experiments.images import QUANTISATION_LEVELS, ImageDataConfig
 from difflab.experiments.points2d import trajectory_recorder
 from difflab.experiments.runs import (
     RunFolder,
@@ -918,9 +918,8 @@ def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str =
 
 
 # -------------------------------------------------------------------------------------- sampler comparison, likelihood
-# Width of one quantisation bin in [-1, 1] units: MNIST's 8-bit levels k (data.mnist decodes the file's k / 256 to
-# k) and image folders' map to 2 k / 255 - 1, sklearn's digits v in 0..16 to 2 v / 16 - 1.
-BIN_WIDTHS = {"mnist": 2.0 / 255.0, "digits": 2.0 / 16.0, "imagefolder": 2.0 / 255.0}
+# Width of one quantisation bin in [-1, 1] units: the step between a source's gray levels.
+BIN_WIDTHS = {source: 2.0 / (levels - 1) for source, levels in QUANTISATION_LEVELS.items()}
 
 
 class BalancedGuidance(torch.nn.Module):
