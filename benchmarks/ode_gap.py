@@ -7,7 +7,7 @@ noise, and the reverse. Every variant starts from the same x_T and draws the sam
 evaluator (MNIST test as reference, real held-out digits at the same n printed as the floor).
 
     python benchmarks/ode_gap.py RUN [--n 500] [--steps 50] [--taus 800 500 200] [--temperatures 0.97 0.94]
-        [--teleports 920 900]
+        [--teleports 920 900] [--guidance W]
 
 ``--temperatures`` adds DDIM (eta = 0) rows from the same x_T scaled by each factor: an ODE that maps typical noise
 to over-inked, speckled digits (an eps model whose x_0 predictions at high noise carry amplified errors) scores far
@@ -18,7 +18,9 @@ of a Gaussian with the training images' mean and covariance (Wang & Vastola 2023
 then take the DDIM steps at t <= tau: the network's high-noise eps errors, not its flow below tau, decide how much
 that recovers.
 
-RUN is a finished mnist-ddpm or mnist-cfg run (a mnist-cfg run is sampled unconditionally, with its null label).
+RUN is a finished mnist-ddpm or mnist-cfg run. A mnist-cfg run is sampled unconditionally, with its null label, or
+with ``--guidance W`` class-conditionally: the ten digits in turn, guided at W (1 = the plain conditional model), so
+the same rows show how much of the gap the unconditional flow's split between the digits holds.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 
 from difflab.diffusion.gaussian import GaussianData
 from difflab.experiments.images import load_image_data
-from difflab.experiments.mnist import NullLabel, image_shape, load_run_model
+from difflab.experiments.mnist import BalancedGuidance, NullLabel, image_shape, load_run_model
 from difflab.metrics.image_eval import ImageEvaluator
 from difflab.sampling.common import randn, timestep_list
 from difflab.sampling.ddim import ddim_sample
@@ -98,11 +100,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="")
+    parser.add_argument("--guidance", type=float, default=None, help="mnist-cfg runs: every digit in turn at this w")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config, network, schedule = load_run_model(args.run)
     classes = config.unet.num_classes
-    model = NullLabel(network, classes) if classes else network
+    if args.guidance is not None and not classes:
+        parser.error("--guidance needs a class-conditional (mnist-cfg) run")
+    if args.guidance is not None and args.teleports:
+        parser.error("--teleports flows a Gaussian of all the digits: leave out --guidance")
+    if args.guidance is not None:
+        model = BalancedGuidance(network, classes, args.guidance)
+    else:
+        model = NullLabel(network, classes) if classes else network
     evaluator = ImageEvaluator.for_mnist()
     shape = image_shape(config)
 
@@ -139,7 +149,17 @@ def main() -> None:
     print(f"{'real held-out digits':36s} FID {floor['fid']:7.2f}  (n = {args.n}, {args.steps} steps, seed {args.seed})")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"run": args.run, "n": args.n, "steps": args.steps, "rows": rows, "floor": floor["fid"]}, handle)
+            json.dump(
+                {
+                    "run": args.run,
+                    "n": args.n,
+                    "steps": args.steps,
+                    "rows": rows,
+                    "floor": floor["fid"],
+                    "guidance": args.guidance,
+                },
+                handle,
+            )
 
 
 if __name__ == "__main__":
