@@ -58,3 +58,22 @@ def test_psnr_of_the_pooled_mse_and_per_image() -> None:
     prediction = target + torch.tensor([0.2, 0.02]).reshape(2, 1, 1, 1)  # errors 0.1 and 0.01 in [0, 1] units
     assert psnr_per_image(prediction, target).tolist() == pytest.approx([20.0, 40.0], abs=1e-4)
     assert psnr(prediction, target) == pytest.approx(10 * np.log10(1 / 5.05e-3), abs=1e-4)
+
+
+def test_ssim_per_image_is_each_images_ssim() -> None:
+    """Per-image SSIM in one batched call: each entry is the SSIM of that image alone, their mean the batch's; an
+    exact copy scores 1 and a constant shift of a textured image, which keeps its structure, scores higher than the
+    same image under noise."""
+    from difflab.metrics.image_quality import ssim, ssim_per_image
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 1, 32, 32, generator=generator) * 1.6 - 0.8
+    prediction = torch.stack(
+        [target[0], target[1] + 0.1, target[2] + 0.5 * torch.randn(1, 32, 32, generator=generator)]
+    )
+    values = ssim_per_image(prediction, target)
+    assert values.shape == (3,) and float(values[0]) == pytest.approx(1.0, abs=1e-6)
+    assert float(values[1]) > float(values[2])
+    for i in range(3):
+        assert float(values[i]) == pytest.approx(ssim(prediction[i : i + 1], target[i : i + 1]), abs=1e-6)
+    assert float(values.mean()) == pytest.approx(ssim(prediction, target), abs=1e-6)

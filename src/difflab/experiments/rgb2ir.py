@@ -52,7 +52,7 @@ from difflab.experiments.autoencoder import (
     train_autoencoder,
 )
 from difflab.experiments.runs import RunFolder, read_run_config, resolve_device, setup_ranks, trained_only
-from difflab.metrics.image_quality import at_low_resolution, guided_filter, psnr, ssim
+from difflab.metrics.image_quality import at_low_resolution, guided_filter, psnr_per_image, ssim_per_image
 from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
 from difflab.report.document import (
@@ -766,14 +766,8 @@ def score_images(
 ) -> dict[str, Any]:
     """PSNR (dB) and SSIM of each predicted image (N, 1, H, W) against its target, both in [-1, 1] (scored on [0, 1]
     pixels); the means are over images."""
-    rows = [
-        {
-            "name": n,
-            "psnr": psnr(prediction[i : i + 1], target[i : i + 1]),
-            "ssim": ssim(prediction[i : i + 1], target[i : i + 1]),
-        }
-        for i, n in enumerate(names)
-    ]
+    psnrs, ssims = psnr_per_image(prediction, target).tolist(), ssim_per_image(prediction, target).tolist()
+    rows = [{"name": n, "psnr": p, "ssim": s} for n, p, s in zip(names, psnrs, ssims, strict=True)]
     scores: dict[str, Any] = {
         "n": len(rows),
         "psnr": sum(r["psnr"] for r in rows) / len(rows),

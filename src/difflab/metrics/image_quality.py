@@ -32,6 +32,14 @@ def ssim(prediction: torch.Tensor, target: torch.Tensor) -> float:
     return float(structural_similarity_index_measure(_unit(prediction), _unit(target), data_range=1.0))
 
 
+def ssim_per_image(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Structural similarity of each image (B, C, H, W) in [-1, 1], as :func:`ssim` computes it: (B,). Their mean
+    is :func:`ssim` of the batch."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(_unit(prediction), _unit(target), data_range=1.0, reduction="none")
+
+
 def box_mean(images: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean of each pixel's ``(2 radius + 1)^2`` window, edges replicated: (B, C, H, W) -> (B, C, H, W)."""
     if radius < 1:
