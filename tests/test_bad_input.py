@@ -59,6 +59,8 @@ def swissroll_run(tmp_path_factory) -> Path:
         ("states", ["sampling.ddpm_variance=large"], "sampling.ddpm_variance must be one of beta, posterior"),
         ("mnist-ddpm", [*DIGITS, "schedule.num_timesteps=10"], "metrics.ddim_steps=50 exceeds"),
         ("mnist-ddpm", [*DIGITS, "unet.time_embedding_dim=-1"], "unet.time_embedding_dim must be >= 0"),
+        ("mnist-ddpm", [*DIGITS, "unet.time_scale=0"], "unet.time_scale must be a positive finite number"),
+        ("mnist-ddpm", [*DIGITS, "unet.time_scale=-1"], "unet.time_scale must be a positive finite number"),
         ("mnist-ddpm", [*DIGITS, "data.channels=-1"], "data.channels must be 0 (infer), 1 or 3"),
         ("mnist-ddpm", [*DIGITS, "unet.cross_attention_levels=[0]"], "set unet.class_conditioning=cross or both"),
         ("mnist-cfg", [*DIGITS, "guidance.n_sweep=0"], "guidance.n_sweep >= 2"),

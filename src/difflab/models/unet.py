@@ -91,6 +91,11 @@ class UNetConfig:
             )
         if self.time_embedding_dim < 0:
             raise ConfigError(f"unet.time_embedding_dim must be >= 0 (0 = 4 x base), got {self.time_embedding_dim}")
+        if not (0 < self.time_scale < math.inf):
+            raise ConfigError(
+                f"unet.time_scale must be a positive finite number, got {self.time_scale} "
+                "(unet.time_conditioning=none drops t)"
+            )
         if self.norm_groups < 1 or self.attention_head_channels < 1:
             raise ConfigError(
                 f"unet.norm_groups and unet.attention_head_channels must be >= 1, got {self.norm_groups} and "
