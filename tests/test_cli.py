@@ -13,6 +13,7 @@ import torch
 from difflab.cli import main
 from difflab.data.states import load_states
 from difflab.metrics.points import KDE, nearest_label_fraction
+from difflab.training.logging import read_series
 
 QUICK_STATES = [
     "progress=false",
@@ -244,6 +245,11 @@ def test_an_os_error_names_the_file_asked_for_not_the_atomic_writers_temporary(t
 
 
 TRAIN_THEN_RUN = {
+    "swissroll": (
+        ["denoiser_train.steps=5", "denoiser_train.eval_every=5", "sampling.n=50", "data.n_train=200",
+         "data.n_heldout=200", "denoiser.hidden=[16]", "figures.trajectory_points=10"],
+        ["denoiser"],
+    ),
     "autoencoder": (["data.source=digits", "autoencoder.train.steps=20"], ["autoencoder"]),
     "states-ncsn": (
         ["model.hidden=[32,32]", "train.steps=30", "sampling.n=50", "langevin.steps_per_level=2", "figures.grid=5"],
@@ -282,8 +288,9 @@ TRAIN_THEN_RUN = {
 
 @pytest.mark.parametrize("recipe", list(TRAIN_THEN_RUN))
 def test_train_command_trains_alone_and_run_goes_on_from_it(recipe: str, tmp_path: Path, capsys) -> None:
-    """`difflab train` of the NCSN, autoencoder, latent and rgb2ir recipes: exported weights and a complete run with
-    no samples, scores or report; `difflab run` with the same config then resumes every network as trained."""
+    """`difflab train` of a 2-D walkthrough and of the NCSN, autoencoder, latent and rgb2ir recipes: exported weights
+    and a complete run with no samples, scores or report; `difflab run` with the same config then resumes every
+    network as trained (the walkthrough's report once failed on the training loss, which that call had not logged)."""
     overrides, networks = TRAIN_THEN_RUN[recipe]
     run_dir = tmp_path / recipe
     assert main(["train", recipe, f"run_dir={run_dir}", "progress=false", *overrides]) == 0
@@ -298,3 +305,6 @@ def test_train_command_trains_alone_and_run_goes_on_from_it(recipe: str, tmp_pat
     for name in networks:
         assert f"[{name}] resumed from step" in output and "(training already complete)" in output, name
     assert (run_dir / "report.html").is_file()
+    if recipe == "swissroll":  # the final training loss comes from the log of the call that trained
+        _, logged = read_series(run_dir / "metrics.jsonl", "denoiser/train_loss")
+        assert f"Final training loss {logged[-1]:.4f}," in (run_dir / "report.md").read_text()

@@ -336,12 +336,16 @@ def build_report(contents: RunContents) -> Report:
             + ", ".join(map(str, config.figures.reverse_steps)),
         ),
     )
-    validation = (train.get("final_validation") or {}).get("loss", float("nan"))
+
+    def number(value: Any) -> float:
+        return float(value) if isinstance(value, (int, float)) else float("nan")
+
+    validation = number((train.get("final_validation") or {}).get("loss"))
     report.section(
         "Training",
         Paragraph(
-            f"Final training loss {train.get('final_train_loss', float('nan')):.4f}, validation loss "
-            f"{validation:.4f}, {train.get('seconds', float('nan')):.1f} s."
+            f"Final training loss {number(train.get('final_train_loss')):.4f}, validation loss "
+            f"{validation:.4f}, {number(train.get('seconds')):.1f} s."
         ),
         sections.curves_table(contents),
         sections.figure_if(contents, "figures/loss.png", "Training and validation loss"),

@@ -36,7 +36,7 @@ from difflab.seeding import RowGenerator, mix_seed
 from difflab.training import checkpoint as ckpt
 from difflab.training import distributed
 from difflab.training.ema import EMA
-from difflab.training.logging import RunLogger
+from difflab.training.logging import RunLogger, read_series
 from difflab.training.precision import PRECISIONS, autocast, check_precision, cpu_has_native_bf16
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -639,6 +639,8 @@ class Trainer:
                 self.logger.flush()
         if resumed >= config.steps and self.validate is not None and main:
             validation = self._last_validation()
+        if last_logged is None and main:  # nothing logged in this call (a finished training resumed): the log's
+            last_logged = self._last_logged_train_loss()
         distributed.on_main(self.export, self.dist)
         return TrainResult(
             name=self.name,
@@ -650,6 +652,12 @@ class Trainer:
             skipped_steps=self._window.skipped,
             world_size=self.dist.world_size,
         )
+
+    def _last_logged_train_loss(self) -> float | None:
+        """The newest training loss the log holds at or before the current step, or None."""
+        steps, values = read_series(self.logger.path, f"{self.name}/train_loss")
+        logged = [value for step, value in zip(steps, values, strict=True) if step <= self.step]
+        return logged[-1] if logged else None
 
     def _last_validation(self) -> dict[str, float]:
         """The validation scalars logged at the final step (used when nothing was left to train)."""
