@@ -586,6 +586,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train
         seed_everything(config.seed)
         logger = RunLogger(run.path)
         image_shape = tuple(train.images.shape[1:])
+        pixel_levels = QUANTISATION_LEVELS[config.data.source]  # the pixel model's discretised decoder
         echo(
             f"[mnist-ldm] run folder {run.path} | {len(train):,} training images {image_shape} | device {device}"
             f"{' | the full table' if config.table else ''}"
@@ -638,7 +639,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train
                     learned_variance=variant.learned_variance,
                     vlb_weight=config.diffusion.vlb_weight,
                     decoder=decoder_of(variant),
-                    decoder_levels=QUANTISATION_LEVELS[config.data.source],
+                    decoder_levels=pixel_levels,
                 )
             model = trainer.eval_model.eval()
             trained[variant.name] = (model, schedule)
@@ -752,7 +753,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train
                     decoder=decoder_of(variant),
                     batch_size=count,
                     clip_x0=clip_of[variant.space],
-                    levels=QUANTISATION_LEVELS[config.data.source],
+                    levels=pixel_levels,
                 )
                 vlb[variant.name] = {
                     "bits_per_dim": result.total,
@@ -763,7 +764,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train
                     "decoder_nll": result.decoder,
                     "n": count,
                     "decoder": decoder_of(variant),
-                    "decoder_levels": QUANTISATION_LEVELS[config.data.source] if variant.space == "pixel" else None,
+                    "decoder_levels": pixel_levels if variant.space == "pixel" else None,
                     "space": variant.space,
                 }
         with run.stage("throughput"):
