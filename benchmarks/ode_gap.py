@@ -21,7 +21,7 @@ that recovers.
 ``--mean-start`` adds a DDIM row whose start is the marginal of its first timestep t_1 (980 for 50 leading steps of
 1,000), ``x_{t_1} = sqrt(alpha_bar) mu + sqrt(1 - alpha_bar) x_T`` with mu the mean training image, instead of
 x_T ~ N(0, I): DDIM (and diffusers' leading spacing) treats t_1 as pure noise, but alpha_bar_980 = 8.8e-4 of the
-cosine schedule leaves a shift of sqrt(alpha_bar) |mu| (0.6 standard deviations for MNIST) along the mean image,
+cosine schedule leaves a shift of sqrt(alpha_bar) |mu| (0.67 standard deviations for MNIST) along the mean image,
 which a deterministic sampler keeps. With ``--teleports`` it also adds rows whose Gaussian flow starts at t = T - 1
 (alpha_bar 2e-9), where N(0, I) is the marginal.
 
