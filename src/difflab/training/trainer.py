@@ -36,7 +36,7 @@ from difflab.seeding import RowGenerator, mix_seed
 from difflab.training import checkpoint as ckpt
 from difflab.training import distributed
 from difflab.training.ema import EMA
-from difflab.training.logging import RunLogger, read_series
+from difflab.training.logging import RunLogger, read_all_series, read_series
 from difflab.training.precision import PRECISIONS, autocast, check_precision, cpu_has_native_bf16
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -661,14 +661,9 @@ class Trainer:
 
     def _last_validation(self) -> dict[str, float]:
         """The validation scalars logged at the final step (used when nothing was left to train)."""
-        values: dict[str, float] = {}
         prefix = f"{self.name}/val_"
-        if self.logger.path.is_file():
-            for line in self.logger.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if str(record.get("tag", "")).startswith(prefix) and record.get("step") == self.step:
-                    values[record["tag"][len(prefix) :]] = float(record["value"])
-        return values
+        return {
+            tag[len(prefix) :]: values[steps.index(self.step)]
+            for tag, (steps, values) in read_all_series(self.logger.path).items()
+            if tag.startswith(prefix) and self.step in steps
+        }
