@@ -67,13 +67,13 @@ def hybrid_sample(
     generator = torch.Generator().manual_seed(seed)
     timesteps = timestep_list(schedule.num_timesteps, steps, "leading")
     etas = [eta_above if t > tau else eta_below for t in timesteps]
+    first_alpha_bar = schedule.alpha_bar.double()[timesteps[0]]
     parts = []
     for start in range(0, n, 500):
         batch = (min(500, n - start), *shape)
         x_T = temperature * randn(batch, generator, "cpu")
         if data_mean is not None:
-            alpha_bar = schedule.alpha_bar.double()[timesteps[0]]
-            x_T = (alpha_bar.sqrt() * data_mean.double() + (1 - alpha_bar).sqrt() * x_T.double()).float()
+            x_T = (first_alpha_bar.sqrt() * data_mean.double() + (1 - first_alpha_bar).sqrt() * x_T.double()).float()
         parts.append(
             ddim_sample(
                 model, schedule, batch, timesteps=timesteps, eta=etas, generator=generator, clip_x0=1.0, x_T=x_T
@@ -100,12 +100,12 @@ def teleport_sample(
     timesteps = timestep_list(schedule.num_timesteps, steps, "leading")
     below = [t for t in timesteps if t <= tau]
     alpha_bar = schedule.alpha_bar.double()
+    flow_from = float(alpha_bar[schedule.num_timesteps - 1 if from_prior else timesteps[0]])
     parts = []
     for start in range(0, n, 500):
         batch = (min(500, n - start), *shape)
         x_T = randn(batch, generator, "cpu")
-        start = schedule.num_timesteps - 1 if from_prior else timesteps[0]
-        x_tau = gaussian.flow(x_T, float(alpha_bar[start]), float(alpha_bar[below[0]]))
+        x_tau = gaussian.flow(x_T, flow_from, float(alpha_bar[below[0]]))
         parts.append(ddim_sample(model, schedule, batch, timesteps=below, clip_x0=1.0, x_T=x_tau))
     return torch.cat(parts)
 
