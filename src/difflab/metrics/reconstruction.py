@@ -1,4 +1,4 @@
-"""Reconstruction quality of an autoencoder: PSNR and SSIM (torchmetrics' functional implementations)."""
+"""Reconstruction quality of an autoencoder: PSNR and SSIM per image (:mod:`difflab.metrics.image_quality`), MSE, L1."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from difflab.data.images import to_unit
 from difflab.errors import DataError
+from difflab.metrics.image_quality import psnr_per_image, ssim_per_image
 
 
 @torch.no_grad()
@@ -23,8 +24,6 @@ def reconstruction_metrics(
     PSNR is ``10 log10(1 / MSE)`` per image, averaged; SSIM uses the standard 11 x 11 Gaussian window
     (sigma 1.5, k1 = 0.01, k2 = 0.03), averaged over the images. Also returns ``mse`` and ``l1`` per pixel.
     """
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
     if images.ndim != 4 or len(images) == 0:
         raise DataError(f"reconstruction metrics need images (N, C, H, W), got {tuple(images.shape)}")
     psnr_sum = ssim_sum = mse_sum = l1_sum = 0.0
@@ -33,11 +32,9 @@ def reconstruction_metrics(
         output = reconstruct(target)
         if output.shape != target.shape:
             raise DataError(f"reconstructions {tuple(output.shape)} differ in shape from images {tuple(target.shape)}")
+        psnr_sum += float(psnr_per_image(output, target).double().sum())
+        ssim_sum += float(ssim_per_image(output, target).double().sum())
         prediction, reference = to_unit(output.float()).clamp(0, 1), to_unit(target.float())
-        n = len(target)
-        psnr = peak_signal_noise_ratio(prediction, reference, data_range=1.0, reduction="none", dim=(1, 2, 3))
-        psnr_sum += float(psnr.double().sum())
-        ssim_sum += float(structural_similarity_index_measure(prediction, reference, data_range=1.0)) * n
         mse_sum += float(((prediction - reference) ** 2).double().mean(dim=(1, 2, 3)).sum())
         l1_sum += float((prediction - reference).abs().double().mean(dim=(1, 2, 3)).sum())
     n = len(images)
