@@ -78,3 +78,17 @@ def test_flow_is_the_limit_of_ddim_and_keeps_the_marginals() -> None:
 
     coarse, fine = ddim_error(50), ddim_error(200)
     assert fine < 0.4 * coarse and fine < 0.02
+
+
+def test_isotropic_eps_and_flow_against_their_closed_forms() -> None:
+    """For N(m, s^2 I): eps(x_t) = sqrt(1 - a) (x_t - sqrt(a) m) / (a s^2 + 1 - a), and the flow from the data
+    x_a = sqrt(a) m + sqrt(a s^2 + 1 - a) (x_0 - m) / s."""
+    mean, std = torch.tensor([1.0, -2.0]), 0.5
+    model = GaussianData.isotropic(mean, std)
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
+    a = torch.rand(32, generator=torch.Generator().manual_seed(4)) * 0.98 + 0.01
+    column = a[:, None]
+    expected_eps = (1 - column).sqrt() * (x - column.sqrt() * mean) / (column * std**2 + 1 - column)
+    torch.testing.assert_close(model.eps(x, a), expected_eps)
+    expected_flow = column.sqrt() * mean + (column * std**2 + 1 - column).sqrt() * (x - mean) / std
+    torch.testing.assert_close(model.flow(x, 1.0, a), expected_flow)

@@ -10,6 +10,7 @@ import torch
 from diffusers import DDPMScheduler
 from scipy.stats import norm
 
+from difflab.diffusion.gaussian import GaussianData
 from difflab.diffusion.objectives import epsilon_loss, hybrid_loss
 from difflab.diffusion.respacing import kept_timesteps, respace, respaced
 from difflab.diffusion.schedule import NoiseSchedule
@@ -225,10 +226,10 @@ def test_vlb_on_gaussian_data_is_a_tight_bound_and_the_optimal_learned_variance_
     schedule = NoiseSchedule.linear(200, 1e-3, 0.1)
     alpha_bar_all = schedule.alpha_bar.double()
 
+    data = GaussianData.isotropic(mean, std)
+
     def exact_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha_bar = alpha_bar_all[t][:, None]
-        variance = alpha_bar * std**2 + (1 - alpha_bar)
-        return (1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * mean) / variance
+        return data.eps(x, alpha_bar_all[t])
 
     def optimal(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         alpha_bar = alpha_bar_all[t][:, None]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from difflab.cli import main
+from difflab.diffusion.gaussian import GaussianData
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
 from difflab.sampling.ddim import ddim_sample
@@ -24,13 +25,12 @@ from difflab.sampling.inversion import (
 
 SCHEDULE = NoiseSchedule.linear(1000)
 MEAN, STD = torch.tensor([1.0, -2.0]), 0.5
+DATA = GaussianData.isotropic(MEAN, STD)
 
 
 def exact_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The optimal eps for data N(MEAN, STD^2 I)."""
-    alpha_bar = SCHEDULE.alpha_bar[t][:, None]
-    variance = alpha_bar * STD**2 + (1 - alpha_bar)
-    return (1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * MEAN) / variance
+    return DATA.eps(x, SCHEDULE.alpha_bar[t])
 
 
 def test_inversion_maps_data_to_the_prior_and_back() -> None:
@@ -39,7 +39,7 @@ def test_inversion_maps_data_to_the_prior_and_back() -> None:
         latent, _ = ddim_round_trip(exact_eps, SCHEDULE, x0, steps=200, t_end=t_end)
         # The probability-flow map of a Gaussian is affine: x_t = sqrt(a) m + sqrt(a s^2 + 1 - a) (x_0 - m) / s.
         a = SCHEDULE.alpha_bar[t_end]
-        expected = a.sqrt() * MEAN + (a * STD**2 + 1 - a).sqrt() * (x0 - MEAN) / STD
+        expected = DATA.flow(x0, 1.0, a)
         assert (latent - expected).abs().mean() < 0.01
     errors = [float((ddim_round_trip(exact_eps, SCHEDULE, x0, steps)[1] - x0).abs().mean()) for steps in (10, 50, 200)]
     # The only approximation is eps taken at the start of each step: the error shrinks with the step size.
@@ -79,12 +79,11 @@ def test_second_order_flow_converges_faster_than_ddim(schedule: NoiseSchedule) -
     at the same NFE."""
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha_bar = schedule.alpha_bar[t][:, None]
-        return (1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * MEAN) / (alpha_bar * STD**2 + (1 - alpha_bar))
+        return DATA.eps(x, schedule.alpha_bar[t])
 
     x0 = (MEAN + STD * torch.randn(4000, 2, generator=torch.Generator().manual_seed(3))).double()
     a = schedule.alpha_bar[600].double()
-    expected = a.sqrt() * MEAN + (a * STD**2 + 1 - a).sqrt() * (x0 - MEAN) / STD
+    expected = DATA.flow(x0, 1.0, a)
 
     def inversion_error(steps: int, order: int) -> float:
         levels = [None, *inversion_timesteps(1000, steps, 600)]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from difflab.diffusion.gaussian import GaussianData
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
 from difflab.sampling.common import timestep_list
@@ -255,11 +256,10 @@ def test_ddpm_on_gaussian_data_with_the_exact_eps_recovers_the_distribution() ->
     mean, std = torch.tensor([1.0, -2.0]), 0.5
     schedule = NoiseSchedule.linear(1000)
 
+    data = GaussianData.isotropic(mean, std)
+
     def exact_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha_bar = schedule.alpha_bar[t][:, None]
-        variance = alpha_bar * std**2 + (1 - alpha_bar)
-        score = -(x - alpha_bar.sqrt() * mean) / variance
-        return -(1 - alpha_bar).sqrt() * score
+        return data.eps(x, schedule.alpha_bar[t])
 
     for variance in ("beta", "posterior"):
         samples = ddpm_sample(

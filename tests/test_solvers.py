@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+from difflab.diffusion.gaussian import GaussianData
 from difflab.diffusion.schedule import NoiseSchedule, linear_betas
 from difflab.errors import ConfigError
 from difflab.sampling.common import timestep_list
@@ -60,15 +61,14 @@ def gaussian_eps(schedule: NoiseSchedule, mean: torch.Tensor = MEAN, std: float 
     """The exact eps of data N(mean, std^2 I) at integer or fractional timesteps (the wrapper's continuous
     alpha_bar between steps): eps = sqrt(1 - a) (x - sqrt(a) m) / (a s^2 + 1 - a)."""
     continuous = DiffusionModel(None, schedule)
+    data = GaussianData.isotropic(mean, std)
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if t.is_floating_point():
             alpha_bar = continuous.alpha_bar_at(t)
         else:
             alpha_bar = schedule.alpha_bar.double()[t]
-        alpha_bar = alpha_bar[:, None].to(x.dtype)
-        variance = alpha_bar * std**2 + (1 - alpha_bar)
-        return (1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * mean.to(x.dtype)) / variance
+        return data.eps(x, alpha_bar)
 
     return eps
 

@@ -43,6 +43,12 @@ class GaussianData:
         eigenvalues, basis = torch.linalg.eigh(torch.cov(flat.T).reshape(flat.shape[1], flat.shape[1]))
         return cls(flat.mean(0), eigenvalues.clamp(min=0), basis)
 
+    @classmethod
+    def isotropic(cls, mean: torch.Tensor, std: float) -> GaussianData:
+        """``N(mean, std^2 I)`` for mean (D,)."""
+        mean = mean.double().flatten()
+        return cls(mean, torch.full_like(mean, std**2), torch.eye(len(mean), dtype=torch.float64))
+
     def _centred(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """``x`` (B, ...) flattened to (B, D) in float64, minus ``shift * mean`` (shift (B, 1)), in the eigenbasis."""
         return (x.reshape(len(x), -1).double() - shift * self.mean) @ self.basis
