@@ -299,7 +299,7 @@ def test_inversion_based_translation_is_scored_beside_the_others(tmp_path: Path)
         "data.max_pairs=24",
         "inversion.enabled=true",
         "inversion.steps=8",
-        "inversion.train.steps=60",
+        "inversion.train.steps=300",
         "inversion.train.batch_size=16",
         "inversion.train.warmup_steps=10",
         "inversion.unet.base_channels=16",
@@ -309,11 +309,13 @@ def test_inversion_based_translation_is_scored_beside_the_others(tmp_path: Path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["scores"]) == {*rgb2ir.SCORINGS, "inversion"}
     assert len(metrics["scores"]["inversion"]["per_image"]) == metrics["data"]["test_pairs"]
-    # The eps models learned (held-out eps MSE well below the 1.0 of predicting zero), and DDIM with eta = 0 is
-    # close to invertible: the round trip returns the latents far closer than their spread.
+    # The eps models learned: their held-out eps-MSE beats the data-agnostic eps sqrt(1 - alpha_bar) x_t's on the
+    # same timesteps and noise (measured 0.63x and 0.72x; 60 steps scored 1.4x and 1.6x of it). DDIM with eta = 0
+    # is close to invertible: the round trip returns the latents far closer than their spread (unit variance).
     for name in ("eps_rgb", "eps_ir"):
-        assert metrics["inversion"]["models"][name]["final_validation"]["loss"] < 0.9
-    assert metrics["inversion"]["round_trip_latent_mse"] < 1e-3  # 6.6e-5 measured 2026-12-06
+        model = metrics["inversion"]["models"][name]
+        assert model["final_validation"]["loss"] < 0.8 * model["agnostic_validation"]["loss"], model
+    assert metrics["inversion"]["round_trip_latent_mse"] < 0.01  # 0.0029 measured 2026-12-06
     inverted = metrics["regressors"]["regressor_inverted"]
     assert inverted["test_mse"] < inverted["identity_mse"]
     assert "Inversion-based translation" in (run_dir / "report.md").read_text()

@@ -664,7 +664,7 @@ def inversion_translation(
     """Inversion-based translation (see :class:`InversionConfig`): returns the translated test IR latents
     (N, c, h, w) at t = 0 and what to report (the eps models, the DDIM round trip of the test IR latents under the
     IR model, the regressor on inverted latents)."""
-    from difflab.experiments.images import train_image_denoiser
+    from difflab.experiments.images import image_validation, train_image_denoiser
     from difflab.sampling.inversion import invert, reconstruct, round_trip_timesteps
 
     settings, t_start = config.inversion, config.latents.t_start
@@ -702,10 +702,16 @@ def inversion_translation(
                 decoder="gaussian",
             )
         models[side] = trainer.eval_model.eval()
+        # The same validation (timesteps, noise) of eps = sqrt(1 - alpha_bar_t) x_t, the exact eps of N(0, I) data:
+        # what knowing only that the latents are scaled to unit variance scores.
+        validate = image_validation(schedule, held.images, None, device, config.seed)
+        with torch.inference_mode():
+            agnostic = validate(lambda x_t, t: (1 - schedule.gather(schedule.alpha_bar, t, x_t.ndim)).sqrt() * x_t)
         info["models"][name] = {
             "steps": result.step,
             "train_seconds": round(result.seconds, 1),
             "final_validation": result.final_validation,
+            "agnostic_validation": agnostic,
             "description": describe(unet, held.size),
         }
     with run.stage("inversion"):
@@ -1168,7 +1174,15 @@ def build_report(contents: Any) -> Report:
             prose(
                 "Two eps-prediction U-Nets, one on the RGB latents and one on the IR latents (",
                 str(lookup(m, "inversion.models.eps_ir.description")),
-                "), invert both sides with ",
+                "; held-out eps-MSE ",
+                metric(m, "inversion.models.eps_rgb.final_validation.loss", 4),
+                " and ",
+                metric(m, "inversion.models.eps_ir.final_validation.loss", 4),
+                ", against ",
+                metric(m, "inversion.models.eps_rgb.agnostic_validation.loss", 4),
+                " and ",
+                metric(m, "inversion.models.eps_ir.agnostic_validation.loss", 4),
+                " for the data-agnostic eps sqrt(1 - alpha_bar) x_t), invert both sides with ",
                 metric(m, "inversion.steps", 0),
                 f"{integrator} from t = 0 to t = {t_start}; a regressor of the same size as "
                 f"the others maps the inverted RGB latent to the inverted IR latent, and {method} with the IR model "
