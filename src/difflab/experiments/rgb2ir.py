@@ -1169,19 +1169,21 @@ def build_report(contents: Any) -> Report:
             else " deterministic DDIM steps (eta = 0)"
         )
         method = "the same flow" if second_order else "DDIM"
+
+        def eps_losses(key: str) -> tuple[Any, str, Any]:
+            """The RGB and the IR eps model's held-out loss under ``key``, as "a and b"."""
+            rgb, ir = (metric(m, f"inversion.models.eps_{side}.{key}.loss", 4) for side in ("rgb", "ir"))
+            return rgb, " and ", ir
+
         report.section(
             "Inversion-based translation",
             prose(
                 "Two eps-prediction U-Nets, one on the RGB latents and one on the IR latents (",
                 str(lookup(m, "inversion.models.eps_ir.description")),
                 "; held-out eps-MSE ",
-                metric(m, "inversion.models.eps_rgb.final_validation.loss", 4),
-                " and ",
-                metric(m, "inversion.models.eps_ir.final_validation.loss", 4),
+                *eps_losses("final_validation"),
                 ", against ",
-                metric(m, "inversion.models.eps_rgb.agnostic_validation.loss", 4),
-                " and ",
-                metric(m, "inversion.models.eps_ir.agnostic_validation.loss", 4),
+                *eps_losses("agnostic_validation"),
                 " for the data-agnostic eps sqrt(1 - alpha_bar) x_t), invert both sides with ",
                 metric(m, "inversion.steps", 0),
                 f"{integrator} from t = 0 to t = {t_start}; a regressor of the same size as "
