@@ -308,3 +308,32 @@ def test_train_command_trains_alone_and_run_goes_on_from_it(recipe: str, tmp_pat
     if recipe == "swissroll":  # the final training loss comes from the log of the call that trained
         _, logged = read_series(run_dir / "metrics.jsonl", "denoiser/train_loss")
         assert f"Final training loss {logged[-1]:.4f}," in (run_dir / "report.md").read_text()
+
+
+def test_an_allocation_that_fails_is_one_line_not_a_traceback(monkeypatch, capsys) -> None:
+    """torch's CPU allocator and numpy raise on a size the machine cannot hold (here 1 PiB, refused at once):
+    the CLI says so in one line, with the size, and exits 1; other RuntimeErrors stay bugs with their traceback."""
+    import numpy as np
+
+    from difflab import cli
+
+    def torch_allocation(args) -> int:
+        torch.empty(2**50, dtype=torch.uint8)
+        return 0
+
+    def numpy_allocation(args) -> int:
+        np.empty(2**50)
+        return 0
+
+    for handler, size in ((torch_allocation, "1048576.00 GiB"), (numpy_allocation, "8.00 PiB")):
+        monkeypatch.setattr(cli, "cmd_recipes", handler)
+        assert cli.main(["recipes"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("difflab: error: out of memory") and size in err, err
+
+    def bug(args) -> int:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(cli, "cmd_recipes", bug)
+    with pytest.raises(RuntimeError, match="shapes"):
+        cli.main(["recipes"])

@@ -584,6 +584,30 @@ def os_error_message(exc: OSError) -> str:
     return f"{exc.strerror}: {path.with_name(match.group(1)) if match else path}"
 
 
+def out_of_memory_message(exc: BaseException) -> str | None:
+    """One line for an allocation that failed (a ``MemoryError``, torch's CPU allocator's or CUDA's out-of-memory
+    ``RuntimeError``), or None for any other error."""
+    text = str(exc)
+    if not (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "out of memory" in text.lower()
+    ):
+        return None
+    match = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([\d.]+ [KMGTPE]i?B)", text)
+    if match is None:
+        size = ""
+    elif match.group(1).isdigit():
+        size = f" ({int(match.group(1)) / 2**30:.2f} GiB in one allocation)"
+    else:
+        size = f" ({match.group(1)} in one allocation)"
+    return (
+        f"out of memory{size}: lower the sizes asked for (batch sizes, sample or point counts, image size, "
+        "model width) or free memory"
+    )
+
+
 def _close_progress_bars() -> None:
     """Close the progress bars an error interrupted, so the error gets a line of its own: in a terminal the bars
     clear their line; in a log file their last state stays, so a newline ends it."""
@@ -628,6 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the machine's doing (a full disk, a permission), not a bug: one line too
         _close_progress_bars()
         print(f"difflab: error: {os_error_message(exc)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as exc:
+        message = out_of_memory_message(exc)
+        if message is None:
+            raise
+        _close_progress_bars()
+        print(f"difflab: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)
