@@ -93,6 +93,14 @@ def test_command_line_values_are_checked_in_one_line(swissroll_run: Path, tmp_pa
     assert "a port is 0 to 65535" in fails_in_one_line(capsys, ["serve", run, "--port", "70000"])
     assert "invalid int value" in fails_in_one_line(capsys, ["sample", run, "--seed", "abc"])  # argparse: one line
     assert "is a folder" in fails_in_one_line(capsys, ["sample", run, "--out", str(tmp_path)])
+    # --out may not overwrite the run's own files (it once wrote samples over the trained weights, exit 0).
+    weights = swissroll_run / "checkpoints" / "denoiser.safetensors"
+    before = weights.read_bytes()
+    assert "give a .pt or .png" in fails_in_one_line(capsys, ["sample", run, "--out", str(weights)])
+    for target in ("checkpoints/denoiser.pt", "figures/samples.png", "run.pt"):
+        line = fails_in_one_line(capsys, ["sample", run, "--out", str(swissroll_run / target)])
+        assert "among the run's own files" in line, line
+    assert weights.read_bytes() == before and not (swissroll_run / "checkpoints" / "denoiser.pt").exists()
     (tmp_path / "file").write_text("x")
     line = fails_in_one_line(capsys, ["run", "swissroll", f"run_dir={tmp_path / 'file'}"])
     assert "is a file, not a folder" in line

@@ -436,6 +436,32 @@ def cmd_sample_score(args: argparse.Namespace) -> int:
     return 0
 
 
+# Folders of a run folder that the run writes itself; `difflab sample --out` may not write into them.
+RUN_OWNED_FOLDERS = ("checkpoints", "figures", "tensorboard", "latents", "compare_samplers")
+
+
+def check_sample_out(out: str, run: str) -> None:
+    """``difflab sample --out FILE`` writes FILE's ``.pt`` (the samples) and ``.png`` (their figure): refuse another
+    suffix, a folder, and, inside the run folder, its top level and the folders the run writes itself
+    (:data:`RUN_OWNED_FOLDERS`), where the two files could overwrite the run's own (its checkpoints, figures)."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a folder: give a file name (e.g. {path / 'samples.png'})")
+    if path.suffix not in (".pt", ".png"):
+        raise ConfigError(f"--out {out}: give a .pt or .png file name (both are written: the samples and their figure)")
+    run_dir = Path(run).resolve()
+    for written in (path.with_suffix(".pt"), path.with_suffix(".png")):
+        resolved = written.resolve()
+        if not resolved.is_relative_to(run_dir):
+            continue
+        parts = resolved.relative_to(run_dir).parts
+        if len(parts) == 1 or parts[0] in RUN_OWNED_FOLDERS:
+            raise ConfigError(
+                f"--out {out} would write {written} among the run's own files: write under "
+                f"{Path(run) / 'samples'}, a new subfolder of the run, or outside it"
+            )
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.experiments.runs import read_run
 
@@ -443,8 +469,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    if args.out and Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out} is a folder: give a file name (e.g. {Path(args.out) / 'samples.png'})")
+    if args.out:
+        check_sample_out(args.out, args.run)
     from difflab.experiments.score_runs import SCORE_RECIPES
     from difflab.sampling.solvers import get_sampler
 

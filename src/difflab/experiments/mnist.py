@@ -847,7 +847,7 @@ def sample_from_run(
     tags = option_tags({**({"eta": eta} if eta else {}), **(options or {})}, "_")
     tags += "_bf16" if precision != "fp32" else ""
     name = f"sample_{digit_tag}w{guidance:g}_{sampler}{steps}{tags}_seed{seed}"
-    path = Path(out) if out else Path(run_dir) / "samples" / f"{name}.png"
+    path = Path(out).with_suffix(".png") if out else Path(run_dir) / "samples" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(result.images, path, nrow=max(1, int(n**0.5)))
     stages.save_samples(path.with_suffix(".pt"), result)

@@ -234,7 +234,7 @@ def sample_run(
         target = replace(target, model=model, metrics={} if digit is not None else target.metrics)
     samples, info = draw_samples(target, sampler, steps, n, seed, options, show_progress=show_progress)
     stem = f"{sampler}{option_tags({**steer, **(options or {})})}-{steps}steps-seed{seed}"
-    pt_path = Path(out) if out else target.path / "samples" / f"{stem}.pt"
+    pt_path = Path(out).with_suffix(".pt") if out else target.path / "samples" / f"{stem}.pt"
     pt_path.parent.mkdir(parents=True, exist_ok=True)
     if target.decode is None:
         torch.save(samples, pt_path)

@@ -85,7 +85,7 @@ def sample_score_run(
     )
     settings = drawn.settings
     stem = f"langevin{option_tags({'c': settings['c'], 'T': settings['steps_per_level']})}-n{n}-seed{seed}"
-    pt_path = Path(out) if out else path / "samples" / f"{stem}.pt"
+    pt_path = Path(out).with_suffix(".pt") if out else path / "samples" / f"{stem}.pt"
     pt_path.parent.mkdir(parents=True, exist_ok=True)
     png = pt_path.with_suffix(".png")
     record: dict[str, Any] = {
