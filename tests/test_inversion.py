@@ -4,6 +4,7 @@ improve with the number of steps on a trained model."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,16 @@ def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
     assert "--order must be among 1, 2, got 3" in capsys.readouterr().err
     assert main(["invert", str(run_dir), "--t-end", "100"]) == 2  # T = 100 here
     assert "--t-end must be in [0, 99], got 100" in capsys.readouterr().err
+    # More steps than timesteps below --t-end are refused, before anything is written (they once fell back to the
+    # default spacing up to t = 38 while inversion.json said t_end = 5).
+    before = (run_dir / "inversion.json").read_bytes()
+    assert main(["invert", str(run_dir), "--steps", "20", "--t-end", "5"]) == 2
+    assert "--steps 20 do not fit between t = 0 and --t-end 5: use at most 5" in capsys.readouterr().err
+    assert (run_dir / "inversion.json").read_bytes() == before
+    # A `difflab train` run (complete, nothing scored, no report) is inverted without a report to rewrite.
+    trained = tmp_path / "trained"
+    shutil.copytree(run_dir, trained)
+    for name in ("metrics.json", "report.md", "report.html"):
+        (trained / name).unlink()
+    assert main(["invert", str(trained), "--steps", "5", "--n", "4"]) == 0
+    assert (trained / "inversion.json").is_file() and not (trained / "report.md").exists()

@@ -351,8 +351,9 @@ def cmd_invert(args: argparse.Namespace) -> int:
 
     record = read_run(args.run_dir)
     recipe = recipes().get(record.get("recipe"))
-    if record.get("status") == "complete" and recipe is not None:
-        md_path, _ = report_run(args.run_dir)  # the report gains its "DDIM round trips" section
+    # A completed run's report gains its "DDIM round trips" section; a `difflab train` run has no report yet.
+    if record.get("status") == "complete" and recipe is not None and (Path(args.run_dir) / "metrics.json").is_file():
+        md_path, _ = report_run(args.run_dir)
         print(f"report: {md_path}")
     return 0
 

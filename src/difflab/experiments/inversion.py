@@ -62,12 +62,15 @@ def round_trip_cases(
     ]
 
 
-def resolved_t_end(schedule: NoiseSchedule, t_end: int | None) -> int:
-    """``--t-end`` checked against the schedule, or its default (:func:`default_inversion_end`) when None."""
+def resolved_t_end(schedule: NoiseSchedule, t_end: int | None, steps: tuple[int, ...]) -> int:
+    """``--t-end`` checked against the schedule, or its default (:func:`default_inversion_end`) when None; each of
+    ``steps`` must fit below it (every step spans at least one timestep)."""
     if t_end is None:
-        return default_inversion_end(schedule)
-    if not 0 <= t_end < schedule.num_timesteps:
+        t_end = default_inversion_end(schedule)
+    elif not 0 <= t_end < schedule.num_timesteps:
         raise ConfigError(f"--t-end must be in [0, {schedule.num_timesteps - 1}], got {t_end}")
+    if max(steps) > t_end:
+        raise ConfigError(f"--steps {max(steps)} do not fit between t = 0 and --t-end {t_end}: use at most {t_end}")
     return t_end
 
 
@@ -202,7 +205,7 @@ def invert_run(
     resolved = resolve_device(device)
     config, model, schedule = load_run_model(run_dir, resolved)
     cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
-    t_end = resolved_t_end(schedule, t_end)
+    t_end = resolved_t_end(schedule, t_end, steps)
     _, heldout = stages.load_image_data(config.data, config.seed)
     index = held_out_choice(len(heldout), n, seed)
     x0 = heldout.images[index].to(resolved)
@@ -242,7 +245,7 @@ def _invert_ldm_run(
     target = load_target(run_dir, device)
     cases = round_trip_cases(steps, n, fixed_point, spacings, orders)
     schedule = target.schedule
-    t_end = resolved_t_end(schedule, t_end)
+    t_end = resolved_t_end(schedule, t_end, steps)
     if target.heldout is None or target.decode is None or target.likelihood_model is None:
         raise ConfigError(f"{run_dir} holds no held-out latents and decoder to invert")
     index = held_out_choice(len(target.heldout), n, seed)

@@ -301,6 +301,11 @@ class RGB2IRConfig:
                 f"latents.t_start={self.latents.t_start} must be below schedule.num_timesteps="
                 f"{self.schedule.num_timesteps}"
             )
+        if self.inversion.enabled and self.inversion.steps > self.latents.t_start:
+            raise ConfigError(
+                f"inversion.steps={self.inversion.steps} do not fit between t = 0 and latents.t_start="
+                f"{self.latents.t_start}: use at most {self.latents.t_start} steps"
+            )
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -1328,7 +1333,7 @@ def invert_latent_run(
         raise ConfigError(f"{run_dir} has no complete rgb2ir latent cache to invert (finish the run first)")
     vae = load_run_autoencoder(config, run_dir, resolved)
     schedule = NoiseSchedule.from_config(config.schedule).to(resolved)
-    t_end = resolved_t_end(schedule, t_end)
+    t_end = resolved_t_end(schedule, t_end, steps)
     test = splits["test"]
     rows: list[dict[str, Any]] = []
     figure_rows: list[tuple[str, torch.Tensor]] = []

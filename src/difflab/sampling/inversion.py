@@ -33,7 +33,7 @@ import torch
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.diffusion.vlb import split_output
 from difflab.errors import ConfigError
-from difflab.sampling.common import EpsModel, StepCallback, sampling_mode, timestep_list
+from difflab.sampling.common import EpsModel, StepCallback, sampling_mode
 from difflab.sampling.ddim import ddim_sample
 
 INVERSION_ORDERS = (1, 2)
@@ -52,13 +52,14 @@ def default_inversion_end(schedule: NoiseSchedule, min_alpha_bar: float = 1e-3) 
 def inversion_timesteps(num_timesteps: int, steps: int, t_end: int | None = None) -> list[int]:
     """The increasing timesteps of an inversion with ``steps`` steps ending at ``t_end`` (default T - 1).
 
-    Evenly spaced from ``t_end / steps`` to ``t_end`` (so that DDIM over the reversed list undoes it)."""
+    Evenly spaced from ``t_end / steps`` to ``t_end`` (so that DDIM over the reversed list undoes it); at most
+    ``t_end`` steps, each at least one timestep long."""
     end = num_timesteps - 1 if t_end is None else t_end
     if not 0 <= end < num_timesteps:
         raise ValueError(f"t_end must be in [0, {num_timesteps - 1}], got {t_end}")
-    if end + 1 < steps:
-        return timestep_list(num_timesteps, steps)[::-1]
-    return sorted({round(end * (i + 1) / steps) for i in range(steps)})
+    if not 1 <= steps <= end:
+        raise ConfigError(f"{steps} inversion steps do not fit between t = 0 and t_end = {end}: use 1 to {end} steps")
+    return [round(end * (i + 1) / steps) for i in range(steps)]
 
 
 INVERSION_SPACINGS = ("uniform", "logsnr")
