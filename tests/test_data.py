@@ -79,6 +79,11 @@ def test_user_point_file_round_trip(tmp_path: Path) -> None:
         ({"data": torch.randn(5, 2), "labels": torch.zeros(5)}, "must be integers"),
         ({"data": torch.full((5, 2), float("nan")), "labels": torch.zeros(5, dtype=torch.long)}, "NaN"),
         ([1, 2, 3], "must hold a dict"),
+        (
+            {"data": torch.randn(4, 2), "labels": torch.tensor([1_000_000, 1_000_001, 1_000_000, 1_000_001])},
+            r"found 2 distinct labels \(1000000, 1000001\) up to 1000001: renumber them 0 to 1",
+        ),
+        ({"data": torch.randn(3, 2), "labels": torch.tensor([0, 2, 2])}, "must number the classes 0 to K-1"),
     ],
 )
 def test_bad_point_files(tmp_path: Path, content, message: str) -> None:

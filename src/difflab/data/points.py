@@ -69,7 +69,14 @@ def load_point_file(path: str | Path, names: tuple[str, ...] | None = None) -> P
         raise DataError(f"{path}: 'data' holds NaN or infinite values")
     if data.shape[0] == 0 or labels.min() < 0:
         raise DataError(f"{path}: needs at least one point and labels >= 0")
-    num_classes = int(labels.max()) + 1
+    present = labels.unique()
+    num_classes = int(present[-1]) + 1
+    if len(present) != num_classes:  # labels {1000000, 1000001} once built a classifier of a million classes
+        shown = ", ".join(str(int(v)) for v in present[:5]) + (", ..." if len(present) > 5 else "")
+        raise DataError(
+            f"{path}: 'labels' must number the classes 0 to K-1 with a point in each; found {len(present)} "
+            f"distinct labels ({shown}) up to {num_classes - 1}: renumber them 0 to {len(present) - 1}"
+        )
     if names is None or len(names) != num_classes:
         names = tuple(f"class {i}" for i in range(num_classes))
     return PointCloud(data.float(), labels.long(), names)
