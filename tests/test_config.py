@@ -106,6 +106,11 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
         config_from(StatesConfig(), listed)
     with pytest.raises(ConfigError, match="does not exist"):
         config_from(StatesConfig(), tmp_path / "missing.yaml")
+    # A key given twice is refused, at any depth (PyYAML would keep the last one silently).
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("seed: 0\nsampling:\n  n_uncond: 5\n  n_uncond: 6\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key 'n_uncond' is given twice \(line 4\)"):
+        config_from(StatesConfig(), twice)
 
 
 def test_parse_and_merge() -> None:

@@ -371,6 +371,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
         (["evaluation.headline=inversion"], "needs inversion.enabled=true"),
         (["inversion.order=3"], "inversion.order must be 1 or 2, got 3"),
         (["inversion.enabled=true", "latents.t_start=10", "inversion.steps=20"], "use at most 10 steps"),
+        (["data.input=", "data.target="], "data.input and data.target must name the two image folders"),
     ]
     for overrides, message in cases:
         assert main(["run", "rgb2ir", f"run_dir={tmp_path / 'run'}", "progress=false", *overrides, "--fresh"]) == 2

@@ -272,10 +272,23 @@ def _resolve_run_target(target: str, config_file: str | None) -> tuple[str, str 
     return target, config_file
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def recipe_config(recipe_name: str, config_file: str | None, overrides: list[str]) -> Any:
+    """The typed config of ``difflab run|train RECIPE``: the recipe's defaults, the config file, the overrides;
+    refused when it names another recipe or an empty ``run_dir``, or asks a model for labels it cannot have."""
     from difflab.config import config_from
     from difflab.experiments.images import check_label_context
 
+    config = config_from(_recipe(recipe_name).config_class(), config_file, overrides)
+    named = getattr(config, "recipe", recipe_name)
+    if named != recipe_name:
+        raise ConfigError(f"the config names recipe {named!r} but the command asked for {recipe_name!r}: name one")
+    if getattr(config, "run_dir", None) == "":
+        raise ConfigError(f"run_dir is empty: name a folder (the default is runs/{recipe_name})")
+    check_label_context(config)
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
     recipe = _recipe(recipe_name)
     overrides = list(args.overrides)
@@ -283,8 +296,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not hasattr(recipe.config_class(), "table"):
             raise ConfigError(f"--table is for recipes with a comparison table (mnist-ldm), not {recipe_name!r}")
         overrides.append("table=true")
-    config = config_from(recipe.config_class(), config_file, overrides)
-    check_label_context(config)
+    config = recipe_config(recipe_name, config_file, overrides)
     run = recipe.run(config, fresh=args.fresh)
     if run.main:
         print(f"report: {run.path / 'report.md'}")
@@ -293,13 +305,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from difflab.config import config_from
-    from difflab.experiments.images import check_label_context
-
     recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
     recipe = _recipe(recipe_name)
-    config = config_from(recipe.config_class(), config_file, args.overrides)
-    check_label_context(config)
+    config = recipe_config(recipe_name, config_file, args.overrides)
     run = recipe.train(config, fresh=args.fresh)
     if run.main:
         print(f"weights: {run.path / 'checkpoints'}")

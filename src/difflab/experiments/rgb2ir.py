@@ -101,6 +101,8 @@ class PairedDataConfig:
     def __post_init__(self) -> None:
         if self.kind != "paired":
             raise ConfigError(f"data.kind must be 'paired' for rgb2ir, got {self.kind!r}")
+        if not self.input.strip() or not self.target.strip():
+            raise ConfigError("data.input and data.target must name the two image folders (RGB inputs, IR targets)")
         if self.size < 8 or self.size % 4:
             raise ConfigError(f"data.size must be a multiple of 4 and >= 8, got {self.size}")
         if not 0 < self.test_fraction < 1 or self.max_pairs < 0:
