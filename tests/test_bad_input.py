@@ -95,6 +95,9 @@ def test_command_line_values_are_checked_in_one_line(swissroll_run: Path, tmp_pa
     assert "a port is 0 to 65535" in fails_in_one_line(capsys, ["serve", run, "--port", "70000"])
     assert "invalid int value" in fails_in_one_line(capsys, ["sample", run, "--seed", "abc"])  # argparse: one line
     assert "is a folder" in fails_in_one_line(capsys, ["sample", run, "--out", str(tmp_path)])
+    # An --n beyond the held-out set is scored on all of it, and says so (2-D likelihood: 200 points, loose ODE).
+    assert main(["likelihood", run, "--n", "100000000", "--rtol", "1e-2", "--atol", "1e-2"]) == 0
+    assert "(--n 100000000: the run holds 200 held-out points, all scored)" in capsys.readouterr().out
     # --out may not overwrite the run's own files (it once wrote samples over the trained weights, exit 0).
     weights = swissroll_run / "checkpoints" / "denoiser.safetensors"
     before = weights.read_bytes()

@@ -196,5 +196,8 @@ def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
     shutil.copytree(run_dir, trained)
     for name in ("metrics.json", "report.md", "report.html"):
         (trained / name).unlink()
-    assert main(["invert", str(trained), "--steps", "5", "--n", "4"]) == 0
+    capsys.readouterr()
+    assert main(["invert", str(trained), "--steps", "5", "--n", "100000"]) == 0
     assert (trained / "inversion.json").is_file() and not (trained / "report.md").exists()
+    held = json.loads((trained / "inversion.json").read_text())["rows"][0]["n"]  # all held-out digits, said so
+    assert f"(--n 100000: the run holds {held} held-out items, all round-tripped)" in capsys.readouterr().out

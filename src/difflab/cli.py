@@ -353,6 +353,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
     )
     header, values = inversion_table(result["rows"])
     print(table(list(header), [list(row) for row in values], digits=4))
+    if result["rows"] and result["rows"][0]["n"] < args.n:
+        print(f"(--n {args.n}: the run holds {result['rows'][0]['n']} held-out items, all round-tripped)")
     print(f"written: {args.run_dir}/inversion.json, {args.run_dir}/figures/inversion.png")
     from difflab.experiments import recipes, report_run
     from difflab.experiments.runs import read_run
@@ -581,6 +583,8 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
         f"rtol {model['rtol']:g} atol {model['atol']:g}, {model['nfe']} ODE evaluations, {model['seconds']:.0f} s; "
         f"density of the data convolved with N(0, {model['noise_floor_sigma_vp']:.3g}^2), t_min {model['t_min']:g})"
     )
+    if model["n"] < args.n:
+        print(f"  (--n {args.n}: the run holds {model['n']} held-out points, all scored)")
     if "bits_per_dim" in model:
         print(f"  {model['bits_per_dim']:.3f} bits/dim ({model['dequantization']})")
     if "vlb" in record:
