@@ -302,9 +302,9 @@ def test_sampling_commands_load_a_latent_run_and_reproduce_its_samples(ldm_run: 
     assert torch.allclose(target.decode(latents), recorded, atol=1e-5)
     # `difflab sample` on the run: latents and decoded images in the .pt, a decoded grid beside it.
     out = ldm_run / "sampled" / "dpmpp.pt"
-    assert main(["sample", str(ldm_run), "--sampler", "dpmpp-2m", "--steps", "4", "--n", "6", "--out", str(out)]) == 0
-    saved = torch.load(out, weights_only=True)
-    assert saved["latents"].shape == (6, 4, 4, 4) and saved["images"].shape == (6, 1, 8, 8)
+    assert main(["sample", str(ldm_run), "--sampler", "dpmpp-2m", "--steps", "4", "--out", str(out)]) == 0
+    saved = torch.load(out, weights_only=True)  # without --n a grid of 16, as for pixel models (not 5,000 points)
+    assert saved["latents"].shape == (16, 4, 4, 4) and saved["images"].shape == (16, 1, 8, 8)
     assert saved["images"].abs().max() <= 1 and out.with_suffix(".png").is_file()
     # --digit / --guidance steer the conditional latent model: the label reaches every network call, the null
     # label only the unconditional half of guidance; the file name and the record say what was asked for.

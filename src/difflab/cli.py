@@ -527,7 +527,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.run,
         sampler,
         args.steps or 20,
-        args.n or 5000,
+        args.n or (16 if recipe == "mnist-ldm" else 5000),  # a latent model's images: a grid, not a point cloud
         args.seed,
         args.out,
         args.device,
