@@ -671,7 +671,7 @@ def inversion_translation(
     """Inversion-based translation (see :class:`InversionConfig`): returns the translated test IR latents
     (N, c, h, w) at t = 0 and what to report (the eps models, the DDIM round trip of the test IR latents under the
     IR model, the regressor on inverted latents)."""
-    from difflab.experiments.images import image_validation, train_image_denoiser
+    from difflab.experiments.images import train_image_denoiser
     from difflab.sampling.inversion import invert, reconstruct, round_trip_timesteps
 
     settings, t_start = config.inversion, config.latents.t_start
@@ -709,11 +709,12 @@ def inversion_translation(
                 decoder="gaussian",
             )
         models[side] = trainer.eval_model.eval()
-        # The same validation (timesteps, noise) of eps = sqrt(1 - alpha_bar_t) x_t, the exact eps of N(0, I) data:
-        # what knowing only that the latents are scaled to unit variance scores.
-        validate = image_validation(schedule, held.images, None, device, config.seed)
+        # The trainer's validation (timesteps, noise) of eps = sqrt(1 - alpha_bar_t) x_t, the exact eps of N(0, I)
+        # data: what knowing only that the latents are scaled to unit variance scores.
         with torch.inference_mode():
-            agnostic = validate(lambda x_t, t: (1 - schedule.gather(schedule.alpha_bar, t, x_t.ndim)).sqrt() * x_t)
+            agnostic = trainer.validate(
+                lambda x_t, t: (1 - schedule.gather(schedule.alpha_bar, t, x_t.ndim)).sqrt() * x_t
+            )
         info["models"][name] = {
             "steps": result.step,
             "train_seconds": round(result.seconds, 1),
