@@ -37,8 +37,12 @@ browser:
 run: install
 	$(BIN)/difflab run states
 
+# The tests run one torch thread each (tests/conftest.py), so two pytest-xdist workers use both of this machine's
+# cores; --dist loadfile keeps a file's module-scoped fixtures (one trained run shared by its tests) in one worker.
+TEST_WORKERS ?= 2
+
 test: dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: dev
 	$(BIN)/ruff check src tests benchmarks
