@@ -190,7 +190,7 @@ def test_diffusers_vae_errors(tmp_path: Path, monkeypatch) -> None:
         load_diffusers_autoencoder(tmp_path / "broken", (1, 28, 28))
 
 
-def test_autoencoder_recipe_on_digits(tmp_path: Path) -> None:
+def test_autoencoder_recipe_on_digits(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "ae"
     assert (
         main(
@@ -206,10 +206,12 @@ def test_autoencoder_recipe_on_digits(tmp_path: Path) -> None:
                 "autoencoder.train.eval_every=40",
                 "autoencoder.train.lr=3e-3",
                 "autoencoder.train.warmup_steps=10",
+                "autoencoder.crop=8",  # as large as the 8 x 8 digits: whole images, and said so
             ]
         )
         == 0
     )
+    assert "crop 8 is not smaller than the 8 x 8 images: training on whole images" in capsys.readouterr().out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["compression"]["latent_shape"] == [4, 4, 4] and metrics["compression"]["spatial_factor"] == 2
     assert metrics["reconstruction"]["psnr"] > 15 and metrics["latents"]["std"] == pytest.approx(1.0, rel=1e-3)

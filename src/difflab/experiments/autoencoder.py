@@ -145,6 +145,11 @@ def train_autoencoder(
     batches = ShuffledBatches((images.to(device),), config.train.batch_size, seed=mix_seed(seed, 0, 72))
     check = check.to(device)
     crop = config.crop if 0 < config.crop < min(image_shape[1:]) else 0
+    if config.crop >= min(image_shape[1:]):
+        echo(
+            f"autoencoder crop {config.crop} is not smaller than the {image_shape[1]} x {image_shape[2]} images: "
+            "training on whole images"
+        )
 
     def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         x = random_crops(batch[0], crop, generator) if crop else batch[0]
