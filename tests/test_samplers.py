@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from difflab.diffusion.gaussian import GaussianData
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
-from difflab.sampling.common import timestep_list
+from difflab.sampling.common import available_memory_bytes, check_output_fits, timestep_list
 from difflab.sampling.ddim import ddim_sample, ddim_step
 from difflab.sampling.ddpm import ddpm_sample, ddpm_step
 
@@ -281,3 +281,53 @@ def test_bad_sampler_arguments() -> None:
         timestep_list(10, 11)
     with pytest.raises(ConfigError, match="variance"):
         ddpm_sample(lambda x, t: x, schedule, (2, 2), variance="learned")
+
+
+def test_an_output_that_cannot_be_held_is_refused_before_sampling(monkeypatch, fixed_eps) -> None:
+    from difflab.experiments import images, points2d
+    from difflab.sampling import common
+
+    available = available_memory_bytes()
+    assert available is not None and 2**26 < available < 2**50  # read from /proc/meminfo on Linux
+    check_output_fits(1000, (1, 28, 28))
+    monkeypatch.setattr(common, "available_memory_bytes", lambda: 10 * 2**20)  # 10 MiB left
+    check_output_fits(1000, (2,))  # 16 kB: fine
+    with pytest.raises(
+        ConfigError,
+        match=r"2000 images of 1 x 28 x 28 values need at least 12.0 MiB, and 10.0 MiB of memory is available",
+    ):
+        check_output_fits(2000, (1, 28, 28), "images")  # 12.5 MB twice
+    schedule = NoiseSchedule.linear(50)
+    calls = []
+
+    def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    with pytest.raises(ConfigError, match="2000 images"):
+        images.sample_images(
+            counted,
+            schedule,
+            2000,
+            (1, 28, 28),
+            sampler="ddim",
+            steps=5,
+            eta=0.0,
+            batch_size=100,
+            seed=0,
+            device=torch.device("cpu"),
+        )
+    with pytest.raises(ConfigError, match="10000000 points"):
+        points2d.sample_points(
+            fixed_eps,
+            schedule,
+            10**7,
+            sampler="ddim",
+            steps=5,
+            eta=0.0,
+            ddpm_variance="beta",
+            batch_size=1000,
+            generator=torch.Generator(),
+            device=torch.device("cpu"),
+        )
+    assert not calls

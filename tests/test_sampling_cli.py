@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,8 @@ def test_sampling_commands_reject_bad_input(moons_run: Path, tmp_path: Path, cap
     # zero steps or budgets are refused, not taken as the default or left to fail inside matplotlib
     assert "--steps must be >= 1, got 0" in refused("sample", "--steps", "0")
     assert "--nfe budgets and --n must be >= 1" in refused("compare-samplers", "--nfe", "0")
+    # a count whose output alone cannot be held is refused before any sampling, not after hours of it
+    start = time.perf_counter()
+    huge = refused("sample", "--n", str(10**13), "--sampler", "ddim", "--steps", "5")
+    assert "10000000000000 samples of 2 values need at least 149011.6 GiB" in huge and huge.count("\n") == 1
+    assert time.perf_counter() - start < 5 and not list((moons_run / "samples").glob("ddim-5steps-seed0*"))

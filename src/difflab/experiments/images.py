@@ -24,7 +24,7 @@ from difflab.errors import ConfigError, DataError
 from difflab.experiments.runs import RunFolder
 from difflab.metrics.frechet import fid_ratio_std
 from difflab.models.unet import UNet, UNetConfig
-from difflab.sampling.common import EpsModel, batched
+from difflab.sampling.common import EpsModel, batched, check_output_fits
 from difflab.sampling.ddim import ddim_sample
 from difflab.sampling.ddpm import ddpm_sample
 from difflab.sampling.guidance import ClassifierFreeGuidance
@@ -341,6 +341,7 @@ def sample_images(
     if steps != 0:  # 0: all T steps
         spec.check_steps(steps, schedule.num_timesteps)
     check_precision(precision, torch.device(device), SAMPLING_PRECISIONS)
+    check_output_fits(n, shape, "images")
     if precision != "fp32":
         model = AutocastModel(model, device, precision)
     respacing = respaced(schedule, steps) if sampler == "ddpm" and 0 < steps < schedule.num_timesteps else None

@@ -18,7 +18,7 @@ from difflab.diffusion.vlb import FIXED_VARIANCES
 from difflab.errors import ConfigError
 from difflab.experiments.runs import RunFolder
 from difflab.models.mlp import DenoiserMLP
-from difflab.sampling.common import EpsModel, StepCallback, batched, timestep_list
+from difflab.sampling.common import EpsModel, StepCallback, batched, check_output_fits, timestep_list
 from difflab.sampling.ddim import ddim_sample
 from difflab.sampling.ddpm import ddpm_sample
 from difflab.sampling.trajectory import TrajectoryRecorder, choose_frames
@@ -197,6 +197,7 @@ def sample_points(
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    check_output_fits(n, (2,), "points")
     outputs, snapshots = [], []
     wanted = set(snapshot_steps)
     for b, size in enumerate(batched(n, batch_size)):

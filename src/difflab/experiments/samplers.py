@@ -27,7 +27,7 @@ from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments.runs import option_tags, read_run, read_run_config, resolve_device
 from difflab.report.markdown import fmt, table
-from difflab.sampling.common import batched
+from difflab.sampling.common import batched, check_output_fits
 from difflab.sampling.likelihood import LikelihoodSettings, batched_likelihood, bits_per_dim
 from difflab.sampling.solvers import SAMPLERS, get_sampler
 from difflab.sampling.wrappers import DiffusionModel
@@ -181,6 +181,7 @@ def draw_samples(
     spec.check_steps(steps, target.schedule.num_timesteps)
     if n < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
+    check_output_fits(n, target.sample_shape)
     outputs, nfe = [], 0
     start = time.perf_counter()
     for b, size in enumerate(batched(n, target.batch_size)):
