@@ -53,10 +53,11 @@ class GaussianData:
         """``x`` (B, ...) flattened to (B, D) in float64, minus ``shift * mean`` (shift (B, 1)), in the eigenbasis."""
         return (x.reshape(len(x), -1).double() - shift * self.mean) @ self.basis
 
-    def _x0_flat(self, x_t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``E[x_0 | x_t]`` as (B, D) float64, ``a`` the (B, 1) column of alpha_bar."""
-        gain = a.sqrt() * self.eigenvalues / (a * self.eigenvalues + 1 - a)
-        return self.mean + (self._centred(x_t, a.sqrt()) * gain) @ self.basis.T
+    def _x0_flat(self, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """``E[x_0 | x_t]`` as (B, D) float64, ``alpha_bar`` a (B, 1) column. Per eigendirection of variance lambda:
+        ``E[x_0 | x_t] = m + sqrt(alpha_bar) lambda / (alpha_bar lambda + 1 - alpha_bar) (x_t - sqrt(alpha_bar) m)``."""
+        gain = alpha_bar.sqrt() * self.eigenvalues / (alpha_bar * self.eigenvalues + 1 - alpha_bar)
+        return self.mean + (self._centred(x_t, alpha_bar.sqrt()) * gain) @ self.basis.T
 
     def x0_mean(self, x_t: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
         """``E[x_0 | x_t]`` for x_t (B, ...) at ``alpha_bar`` (a float or (B,)); the shape and dtype of x_t."""
@@ -64,8 +65,8 @@ class GaussianData:
 
     def eps(self, x_t: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
         """The exact eps-prediction ``(x_t - sqrt(a) E[x_0 | x_t]) / sqrt(1 - a)``; x_t (B, ...), a float or (B,)."""
-        a = _column(alpha_bar, len(x_t))
-        out = (x_t.reshape(len(x_t), -1).double() - a.sqrt() * self._x0_flat(x_t, a)) / (1 - a).sqrt()
+        column = _column(alpha_bar, len(x_t))
+        out = (x_t.reshape(len(x_t), -1).double() - column.sqrt() * self._x0_flat(x_t, column)) / (1 - column).sqrt()
         return out.to(x_t.dtype).reshape(x_t.shape)
 
     def score(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -76,7 +77,8 @@ class GaussianData:
 
     def flow(self, x: torch.Tensor, alpha_bar_from: float, alpha_bar_to: float) -> torch.Tensor:
         """The probability-flow ODE solved exactly from ``alpha_bar_from`` to ``alpha_bar_to``; x (B, ...)."""
-        a, a_next = _column(alpha_bar_from, len(x)), _column(alpha_bar_to, len(x))
-        gain = ((a_next * self.eigenvalues + 1 - a_next) / (a * self.eigenvalues + 1 - a)).sqrt()
-        out = a_next.sqrt() * self.mean + (self._centred(x, a.sqrt()) * gain) @ self.basis.T
+        # per eigendirection x_t - sqrt(alpha_bar) m scales as the marginal's std sqrt(alpha_bar lambda + 1 - alpha_bar)
+        start, end = _column(alpha_bar_from, len(x)), _column(alpha_bar_to, len(x))
+        gain = ((end * self.eigenvalues + 1 - end) / (start * self.eigenvalues + 1 - start)).sqrt()
+        out = end.sqrt() * self.mean + (self._centred(x, start.sqrt()) * gain) @ self.basis.T
         return out.to(x.dtype).reshape(x.shape)

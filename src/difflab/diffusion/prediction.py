@@ -89,7 +89,9 @@ class VPrediction(nn.Module):
         # a = 1 / (1 + sigma^2) = sigmoid(-2 log sigma)
         return torch.sigmoid(-2 * log_sigma).reshape(log_sigma.shape + (1,) * (like.ndim - 1))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *conditioning: torch.Tensor, raw: bool = False):
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, *conditioning: torch.Tensor, raw: bool = False
+    ) -> torch.Tensor:
         """x_t: (B, C, ...), t: (B,) or scalar -> eps (B, C, ...), or v with ``raw=True``."""
         v = self.net(x_t, t, *conditioning)
         if raw:

@@ -151,17 +151,18 @@ class NoiseSchedule:
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Invert the forward process: ``x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)``."""
+        """Invert the forward process: ``x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)``.
+        x_t, eps: (B, ...), t: (B,) -> (B, ...)."""
         alpha_bar = self.gather(self.alpha_bar, t, x_t.ndim)
         return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """``eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)``."""
+        """``eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)``. x_t, x0: (B, ...), t: (B,) -> (B, ...)."""
         alpha_bar = self.gather(self.alpha_bar, t, x_t.ndim)
         return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Mean of ``q(x_{t-1} | x_t, x_0)`` (Ho et al. eq. 7)."""
+        """Mean of ``q(x_{t-1} | x_t, x_0)`` (Ho et al. eq. 7). x0, x_t: (B, ...), t: (B,) -> (B, ...)."""
         coef1 = self.gather(self.posterior_mean_coef1, t, x_t.ndim)
         coef2 = self.gather(self.posterior_mean_coef2, t, x_t.ndim)
         return coef1 * x0 + coef2 * x_t

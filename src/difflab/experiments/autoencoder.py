@@ -12,6 +12,7 @@ The stages (:func:`train_autoencoder`, :func:`load_autoencoder_run`) are reused 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,7 +246,10 @@ def latent_statistics(vae: Any, images: torch.Tensor, batch_size: int = 500) -> 
 
 # --------------------------------------------------------------------------------------------------------------
 def run_autoencoder(
-    config: AutoencoderRecipeConfig, fresh: bool = False, echo=print, train_only: bool = False
+    config: AutoencoderRecipeConfig,
+    fresh: bool = False,
+    echo: Callable[[str], object] = print,
+    train_only: bool = False,
 ) -> RunFolder:
     """Train and evaluate the VAE into ``config.run_dir`` (``train_only``: ``difflab train``, no evaluation)."""
     wall = time.perf_counter()
@@ -330,7 +334,9 @@ def run_autoencoder(
     return run
 
 
-def train_autoencoder_recipe(config: AutoencoderRecipeConfig, fresh: bool = False, echo=print) -> RunFolder:
+def train_autoencoder_recipe(
+    config: AutoencoderRecipeConfig, fresh: bool = False, echo: Callable[[str], object] = print
+) -> RunFolder:
     """``difflab train autoencoder``: the VAE's training and its exported weights alone."""
     return run_autoencoder(config, fresh, echo, train_only=True)
 

@@ -172,7 +172,7 @@ def invert_run(
     t_end: int | None = None,
     seed: int = 0,
     device: str = "auto",
-    echo=print,
+    echo: Callable[[str], object] = print,
     fixed_point: int = 0,
     spacings: tuple[str, ...] = ("uniform",),
     orders: tuple[int, ...] = (1,),

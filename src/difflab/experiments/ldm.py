@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -572,7 +573,9 @@ def measure_throughput(
 
 
 # --------------------------------------------------------------------------------------------------------------
-def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train_only: bool = False) -> RunFolder:
+def run_mnist_ldm(
+    config: MnistLDMConfig, fresh: bool = False, echo: Callable[[str], object] = print, train_only: bool = False
+) -> RunFolder:
     """Latent diffusion (one model, or the whole comparison with ``config.table``) into ``config.run_dir``
     (``train_only``: ``difflab train``, the autoencoder, the latent cache and the diffusion models alone)."""
     wall = time.perf_counter()
@@ -811,7 +814,7 @@ def run_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print, train
     return run
 
 
-def train_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo=print) -> RunFolder:
+def train_mnist_ldm(config: MnistLDMConfig, fresh: bool = False, echo: Callable[[str], object] = print) -> RunFolder:
     """``difflab train mnist-ldm`` (``table=true`` too): the autoencoder and every diffusion model, exported."""
     return run_mnist_ldm(config, fresh, echo, train_only=True)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,11 +261,11 @@ def _train_only(config: Any, recipe: str, fresh: bool, echo, **extra: Any) -> Ru
     return run
 
 
-def train_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> RunFolder:
+def train_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo: Callable[[str], object] = print) -> RunFolder:
     return _train_only(config, "mnist-ddpm", fresh, echo)
 
 
-def train_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> RunFolder:
+def train_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo: Callable[[str], object] = print) -> RunFolder:
     return _train_only(config, "mnist-cfg", fresh, echo, label_dropout=config.guidance.label_dropout)
 
 
@@ -305,7 +306,7 @@ def _loss_figure(run: RunFolder, logger: RunLogger, objective: ObjectiveConfig) 
 
 
 # --------------------------------------------------------------------------------------------------------------
-def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo=print) -> RunFolder:
+def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo: Callable[[str], object] = print) -> RunFolder:
     """The Micro-UNet walkthrough into ``config.run_dir``."""
     wall = time.perf_counter()
     config, device, train, heldout, run, echo = _setup(config, "mnist-ddpm", fresh, echo)
@@ -552,7 +553,7 @@ class ProgressGrids:
         return image_rows_figure(rows, path, f"Samples from fixed noise after every epoch (DDIM-{self.steps})")
 
 
-def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo=print) -> RunFolder:
+def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo: Callable[[str], object] = print) -> RunFolder:
     """The class-conditional CFG recipe into ``config.run_dir``."""
     wall = time.perf_counter()
     config, device, train, heldout, run, echo = _setup(config, "mnist-cfg", fresh, echo)
@@ -871,7 +872,9 @@ def _image_size(config: Any) -> int:
 EVALUATED_RECIPES = ("mnist-ddpm", "mnist-cfg", "mnist-ncsn", "mnist-ldm")
 
 
-def evaluate_run(run_dir: str | Path, inception_weights: str = "", device: str = "auto", echo=print) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, inception_weights: str = "", device: str = "auto", echo: Callable[[str], object] = print
+) -> dict[str, Any]:
     """``difflab evaluate RUN``: score every sample file of an image run (:data:`EVALUATED_RECIPES`;
     ``samples/*.pt`` holding ``images`` and optionally ``labels``) with the built-in evaluator, with calibration
     rows at each sample count; writes ``RUN/evaluation.json`` and returns its content."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,9 @@ def targets(main: dict[str, Any], comparison: dict[str, Any] | None) -> list[dic
     return rows
 
 
-def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print, train_only: bool = False) -> RunFolder:
+def run_mnist_ncsn(
+    config: MnistNCSNConfig, fresh: bool = False, echo: Callable[[str], object] = print, train_only: bool = False
+) -> RunFolder:
     """The NCSN recipe into ``config.run_dir`` (``train_only``: ``difflab train``, the score network alone)."""
     wall = time.perf_counter()
     device, echo = setup_ranks(config.device, echo)
@@ -410,7 +413,7 @@ def run_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print, tra
     return run
 
 
-def train_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo=print) -> RunFolder:
+def train_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo: Callable[[str], object] = print) -> RunFolder:
     """``difflab train mnist-ncsn``: the score network's training and its exported weights alone."""
     return run_mnist_ncsn(config, fresh, echo, train_only=True)
 

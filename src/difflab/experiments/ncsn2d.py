@@ -9,6 +9,7 @@ to the exact score of the noised training set, the Langevin trajectory and the l
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,9 @@ def empirical_score(points: torch.Tensor, data: torch.Tensor, sigma: float, chun
     return torch.cat(out)
 
 
-def run_points_ncsn(config: PointsNCSNConfig, fresh: bool = False, echo=print, train_only: bool = False) -> RunFolder:
+def run_points_ncsn(
+    config: PointsNCSNConfig, fresh: bool = False, echo: Callable[[str], object] = print, train_only: bool = False
+) -> RunFolder:
     """Run a 2-D NCSN recipe into ``config.run_dir``; returns the completed run folder (``train_only``:
     ``difflab train``, the score network alone)."""
     wall = time.perf_counter()
@@ -195,7 +198,9 @@ def run_points_ncsn(config: PointsNCSNConfig, fresh: bool = False, echo=print, t
     return run
 
 
-def train_points_ncsn(config: PointsNCSNConfig, fresh: bool = False, echo=print) -> RunFolder:
+def train_points_ncsn(
+    config: PointsNCSNConfig, fresh: bool = False, echo: Callable[[str], object] = print
+) -> RunFolder:
     """``difflab train states-ncsn`` (``swissroll-ncsn``): the score network's training and its weights alone."""
     return run_points_ncsn(config, fresh, echo, train_only=True)
 

@@ -34,6 +34,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -794,7 +795,9 @@ def score_images(
 
 
 # ------------------------------------------------------------------------------------------------------ the run
-def run_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print, train_only: bool = False) -> RunFolder:
+def run_rgb2ir(
+    config: RGB2IRConfig, fresh: bool = False, echo: Callable[[str], object] = print, train_only: bool = False
+) -> RunFolder:
     """Translate RGB to IR in latent space into ``config.run_dir`` (see the module docstring); ``train_only``:
     ``difflab train``, the autoencoder, the latent cache and every network (with the inversion they need) alone."""
     wall = time.perf_counter()
@@ -1280,7 +1283,7 @@ def build_report(contents: Any) -> Report:
 
 
 # ------------------------------------------------------------------------------------------- difflab invert RUN
-def train_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo=print) -> RunFolder:
+def train_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo: Callable[[str], object] = print) -> RunFolder:
     """``difflab train rgb2ir``: the autoencoder, the latent cache and the regressors (and, with
     ``inversion.enabled``, the eps models and the regressor on inverted latents), trained and exported."""
     return run_rgb2ir(config, fresh, echo, train_only=True)

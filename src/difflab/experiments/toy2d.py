@@ -7,6 +7,7 @@ sampling, the loss curve, the samples and their KDE negative log-likelihoods.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def _open(config: ToyConfig, fresh: bool, echo):
     return device, train, heldout, run, echo
 
 
-def run_toy(config: ToyConfig, fresh: bool = False, echo=print) -> RunFolder:
+def run_toy(config: ToyConfig, fresh: bool = False, echo: Callable[[str], object] = print) -> RunFolder:
     """Run the 2-D walkthrough on ``config.recipe`` into ``config.run_dir``."""
     wall_start = time.perf_counter()
     device, train, heldout, run, echo = _open(config, fresh, echo)
@@ -148,7 +149,7 @@ def run_toy(config: ToyConfig, fresh: bool = False, echo=print) -> RunFolder:
     return run
 
 
-def train_toy(config: ToyConfig, fresh: bool = False, echo=print) -> RunFolder:
+def train_toy(config: ToyConfig, fresh: bool = False, echo: Callable[[str], object] = print) -> RunFolder:
     """``difflab train swissroll`` (spiral, moons): train the denoiser and export its weights, nothing else."""
     wall_start = time.perf_counter()
     device, train, heldout, run, echo = _open(config, fresh, echo)

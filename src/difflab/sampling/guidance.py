@@ -56,6 +56,8 @@ class ClassifierGuidance:
         return grad
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, ...), t: (B,) -> the guided eps (B, ...): ``eps - scale sigma_t grad log p(y | x_t)`` (Dhariwal &
+        Nichol 2021, Algorithm 2); a learned variance's extra channels pass through unchanged."""
         output = self.model(x, t)
         if self.scale == 0:
             return output
@@ -66,7 +68,7 @@ class ClassifierGuidance:
 
 
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022), difflab's convention:
+    """Classifier-free guidance (Ho & Salimans 2022), difflab's convention; both eps (B, ...) -> (B, ...):
 
     ``eps_hat = eps_u + w (eps_c - eps_u)``: ``w = 0`` is unconditional, ``w = 1`` purely conditional,
     ``w > 1`` extrapolates. The paper's form ``(1 + w') eps_c - w' eps_u`` is the same with ``w = 1 + w'``.
@@ -86,6 +88,8 @@ class ClassifierFreeGuidance:
         self.w = w
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, ...), t: (B,) -> the guided eps (B, ...); ``w`` = 0 or 1 cost one network call, others one call
+        on the doubled batch (2B, ...)."""
         labels = self.labels
         if not isinstance(labels, torch.Tensor):
             labels = torch.full((x.shape[0],), int(labels), device=x.device, dtype=torch.long)

@@ -105,7 +105,8 @@ class LikelihoodResult:
 
 
 def bits_per_dim(nll_nats: torch.Tensor | float, dims: int, bin_width: float = 1 / 127.5) -> torch.Tensor | float:
-    """Bits per dimension of 8-bit data from the NLL (nats) of its dequantised, rescaled version.
+    """Bits per dimension of 8-bit data from the NLL (nats) of its dequantised, rescaled version; ``nll_nats`` of any
+    shape (one NLL per item of D = ``dims`` values), returned in that shape.
 
     With ``x = a (k + u) + b`` (bin width ``a`` in x; ``a = 1/127.5`` for ``x = (k + u)/127.5 - 1``), the
     density of the dequantised integers is ``p_x(x) a^D``, so
@@ -227,7 +228,8 @@ def batched_likelihood(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> LikelihoodResult:
-    """:func:`probability_flow_likelihood` over ``x`` in batches of ``batch_size``; results concatenated."""
+    """:func:`probability_flow_likelihood` over ``x`` (N, ...) in batches of ``batch_size``; results concatenated
+    (``nll`` (N,))."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     parts = [

@@ -206,6 +206,8 @@ def sample_ddpm(
     (``variance="beta"``) or ``beta (1 - a') / (1 - a)`` (``"posterior"``); no noise at the end. With
     ``steps = T`` (the default) this is Ho et al.'s Algorithm 2, identical to :func:`ddpm_sample`.
     ``corrector_steps > 0`` adds Langevin steps (snr rule) after every predictor step but the last.
+
+    ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``.
     """
     if variance not in VARIANCES:
         raise ConfigError(f"DDPM variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
@@ -269,7 +271,8 @@ def sample_ddim(
     """DDIM (:func:`~difflab.sampling.ddim.ddim_step`) over ``steps`` timesteps, optionally with Langevin
     corrector steps after every predictor step but the last. Defaults to ``trailing`` spacing, which starts
     at T-1 (unlike :func:`ddim_sample`'s ``leading`` default). ``eta`` may be one value per step (``eta[k]`` for
-    the update from the k-th visited timestep); noise is drawn only at steps with ``eta > 0``."""
+    the update from the k-th visited timestep); noise is drawn only at steps with ``eta > 0``.
+    ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``."""
     _check_corrector(corrector_steps, snr)
     net = as_diffusion_model(model, schedule)
     timesteps = timestep_list(schedule.num_timesteps, steps, spacing)
@@ -327,7 +330,8 @@ def sample_ode_ancestral(
     Ancestral noise corrects errors of the network that the ODE carries to the end (Karras et al. 2022,
     sec. 4); at high noise the ODE's errors matter little and its determinism keeps x_T's content. On the
     v-prediction MNIST model this beats both pure forms at 50 steps (``benchmarks/ode_gap.py``, README).
-    ``switch = 0`` is DDIM (eta 0), ``switch = 1`` DDIM with eta 1 everywhere."""
+    ``switch = 0`` is DDIM (eta 0), ``switch = 1`` DDIM with eta 1 everywhere.
+    ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``."""
     timesteps = timestep_list(schedule.num_timesteps, steps, spacing)
     etas = ode_ancestral_etas(timesteps, schedule.num_timesteps, switch)
     return sample_ddim(
@@ -389,6 +393,8 @@ def sample_dpmpp_2m(
     + sigma_next sqrt(1 - e^{-2 eta h}) z``, so 1 is the SDE above and 0 the ODE; every eta keeps the marginals
     of an exact model. Both options act only with ``sde=True``. ``ladder_sigma_max`` caps the karras and logsnr
     spacings (:func:`dpm_solver_timesteps`).
+
+    ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``.
     """
     if final_sigma not in FINAL_SIGMAS:
         raise ConfigError(f"final_sigma must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
@@ -519,7 +525,8 @@ def sample_euler(
 ) -> torch.Tensor:
     """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma`` (EDM eq. 3,
     first order; one evaluation per step), optionally with Langevin corrector steps after each step that
-    does not end at sigma = 0. ``sigmas``: ``"karras"`` (rho), ``"uniform"`` in t, or an explicit tensor."""
+    does not end at sigma = 0. ``sigmas``: ``"karras"`` (rho), ``"uniform"`` in t, or an explicit tensor.
+    ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``."""
     _check_corrector(corrector_steps, snr)
     net = as_diffusion_model(model, schedule)
     levels = _sigmas_for(net, steps, sigmas, rho).tolist()
@@ -562,6 +569,8 @@ def sample_heun(
     ``d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat``, Euler to ``x' = x_hat + (sigma_next - sigma_hat) d``
     and, unless ``sigma_next = 0``, the trapezoidal correction with ``d' = (x' - D(x'; sigma_next)) / sigma_next``.
     ``steps`` noise levels cost ``2 steps - 1`` evaluations.
+
+    ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``.
     """
     net = as_diffusion_model(model, schedule)
     levels = _sigmas_for(net, steps, sigmas, rho).tolist()
@@ -615,7 +624,8 @@ def sample_euler_ancestral(
 ) -> torch.Tensor:
     """Euler ancestral (k-diffusion's ``sample_euler_ancestral``): an Euler step of the ODE down to
     ``sigma_down``, then fresh noise of std ``sigma_up`` (:func:`ancestral_step`); ``eta = 1`` matches the
-    DDPM posterior. One evaluation per step."""
+    DDPM posterior. One evaluation per step.
+    ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``."""
     _check_corrector(corrector_steps, snr)
     net = as_diffusion_model(model, schedule)
     levels = _sigmas_for(net, steps, sigmas, rho).tolist()
@@ -708,6 +718,7 @@ class SamplerSpec:
                 raise ConfigError(f"sampler {self.name}: option {name} takes a {type(default).__name__}, got {value!r}")
 
     def __call__(self, model: Any, schedule: NoiseSchedule, shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
+        """The sampler's function with this entry's fixed options under ``kwargs``; x_0 of ``shape`` (B, ...)."""
         return self.function(model, schedule, shape, **{**self.options, **kwargs})
 
 
@@ -816,7 +827,8 @@ def get_sampler(name: str) -> SamplerSpec:
 def sample(
     name: str, model: Any, schedule: NoiseSchedule, shape: tuple[int, ...], *, steps: int, **kwargs: Any
 ) -> torch.Tensor:
-    """Run the registered sampler ``name`` with ``steps`` steps; keyword options go to its function."""
+    """Run the registered sampler ``name`` with ``steps`` steps; keyword options go to its function.
+    ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``."""
     spec = get_sampler(name)
     limit = spec.max_steps(schedule.num_timesteps)
     if steps < 1 or (limit is not None and steps > limit):

@@ -102,11 +102,13 @@ class DiffusionModel:
 
     # -- the continuous schedule -----------------------------------------------------------------------
     def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
-        """VE sigma at (fractional) timestep ``t`` in [0, T-1]: ``log sigma`` linear between the steps. float64."""
+        """VE sigma at (fractional) timesteps ``t`` in [0, T-1]: ``log sigma`` linear between the steps. float64, the
+        shape of ``t``."""
         return interpolated_log_sigma(self.log_sigmas, torch.as_tensor(t).cpu()).exp()
 
     def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        """The inverse of :meth:`t_to_sigma`; sigmas outside [sigma_min, sigma_max] clamp to 0 or T-1. float64."""
+        """The inverse of :meth:`t_to_sigma`; sigmas outside [sigma_min, sigma_max] clamp to 0 or T-1. float64, the
+        shape of ``sigma``."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
         if self.num_timesteps == 1:
             return torch.zeros_like(sigma)
@@ -118,7 +120,8 @@ class DiffusionModel:
         return low.double() + weight
 
     def alpha_bar_at(self, t: torch.Tensor | float) -> torch.Tensor:
-        """``alpha_bar = 1 / (1 + sigma(t)^2)`` at (fractional) timesteps, the schedule's at integers. float64."""
+        """``alpha_bar = 1 / (1 + sigma(t)^2)`` at (fractional) timesteps, the schedule's at integers. float64, the
+        shape of ``t``."""
         return 1 / (1 + self.t_to_sigma(t) ** 2)
 
     def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

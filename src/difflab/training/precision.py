@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,7 +85,8 @@ class AutocastModel(nn.Module):
         self.device = torch.device(device)
         self.precision = precision
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The wrapped model's output for the same arguments (e.g. x_t (B, ...), t (B,) -> (B, ...)), as float32."""
         with autocast(self.device, self.precision):
             out = self.model(*args, **kwargs)
         return out.float()
