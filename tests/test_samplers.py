@@ -281,6 +281,15 @@ def test_bad_sampler_arguments() -> None:
         timestep_list(10, 11)
     with pytest.raises(ConfigError, match="variance"):
         ddpm_sample(lambda x, t: x, schedule, (2, 2), variance="learned")
+    from difflab.sampling.solvers import sample_ddpm
+
+    # the registry's DDPM sees eps only: a learned variance is refused, not silently taken as the posterior one
+    with_v = lambda x, t: torch.cat([x, torch.ones_like(x)], 1)  # noqa: E731  an [eps, v] model
+    for model in (lambda x, t: x, with_v):
+        with pytest.raises(ConfigError, match="learned variance is sampled by the recipe's own DDPM"):
+            sample_ddpm(model, schedule, (2, 2), variance="learned")
+    with pytest.raises(ConfigError, match="must be one of beta, posterior, got 'fixed'"):
+        sample_ddpm(lambda x, t: x, schedule, (2, 2), variance="fixed")
 
 
 def test_an_output_that_cannot_be_held_is_refused_before_sampling(monkeypatch, fixed_eps) -> None:

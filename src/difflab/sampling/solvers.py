@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from difflab.diffusion.schedule import NoiseSchedule
+from difflab.diffusion.vlb import FIXED_VARIANCES
 from difflab.errors import ConfigError
 from difflab.sampling.common import StepCallback, check_eta, progress, randn, sampling_mode, timestep_list
 from difflab.sampling.ddim import ddim_step, per_step_etas
-from difflab.sampling.ddpm import VARIANCES
 from difflab.sampling.wrappers import DiffusionModel, as_diffusion_model
 
 SIGMA_SCHEDULES = ("karras", "uniform")
@@ -209,8 +209,14 @@ def sample_ddpm(
 
     ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``.
     """
-    if variance not in VARIANCES:
-        raise ConfigError(f"DDPM variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
+    if variance == "learned":
+        # this sampler sees the model through DiffusionModel, which keeps only eps, not the variance channels
+        raise ConfigError(
+            "the registry's ddpm sampler takes variance beta or posterior; a learned variance is sampled by the "
+            "recipe's own DDPM (difflab.sampling.ddpm.ddpm_sample with variance='learned')"
+        )
+    if variance not in FIXED_VARIANCES:
+        raise ConfigError(f"DDPM variance must be one of {', '.join(FIXED_VARIANCES)}, got {variance!r}")
     _check_corrector(corrector_steps, snr)
     net = as_diffusion_model(model, schedule)
     timesteps = timestep_list(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
