@@ -211,12 +211,17 @@ def test_dpm_ladders_cap_sigma_max_and_start_at_pure_noise() -> None:
 
 
 def test_ddim_timesteps_match_diffusers_for_every_step_count() -> None:
-    """Rounding ties (e.g. 499.5) and float steps of arange must come out as diffusers computes them."""
-    for spacing in ("linspace", "trailing"):
+    """Rounding ties (e.g. 499.5) and float steps of arange must come out as diffusers computes them, for the
+    samplers' lists and for the respaced DDPM's (``respaced``), which must visit the same timesteps."""
+    from difflab.diffusion.respacing import kept_timesteps
+
+    for spacing in ("linspace", "trailing", "leading"):
+        oracle = DDIMScheduler(500, timestep_spacing=spacing)
         for steps in range(1, 501):
-            oracle = DDIMScheduler(500, timestep_spacing=spacing)
             oracle.set_timesteps(steps)
-            assert timestep_list(500, steps, spacing) == oracle.timesteps.tolist(), (spacing, steps)
+            expected = oracle.timesteps.tolist()
+            assert timestep_list(500, steps, spacing) == expected, (spacing, steps)
+            assert kept_timesteps(500, steps, spacing) == sorted(set(expected)), (spacing, steps)
 
 
 class QueuedOutputs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from difflab.diffusion.schedule import NoiseSchedule
@@ -21,18 +22,19 @@ SPACINGS = ("linspace", "leading", "trailing")
 
 
 def kept_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
-    """``steps`` increasing indices out of ``num_timesteps``. ``linspace`` (improved DDPM's ``space_timesteps``
-    with one section): ``round(i (T - 1) / (K - 1))``, first and last kept; ``leading``: ``0, r, 2r, ...`` with
-    ``r = T // K``; ``trailing``: ``T - 1, T - 1 - r, ...`` with ``r = T / K`` (rounded)."""
+    """``steps`` increasing indices out of ``num_timesteps`` (fewer where rounding makes two coincide), computed with
+    numpy's arithmetic exactly as diffusers' schedulers' ``timestep_spacing`` (float ties included):
+    ``linspace``: ``round(linspace(0, T - 1, K))``, first and last kept (improved DDPM's ``space_timesteps`` with one
+    section, up to its rounding of ties); ``leading``: ``0, r, 2r, ...`` with ``r = T // K``; ``trailing``:
+    ``round(arange(T, 0, -T / K)) - 1``, from T - 1 down."""
     if not 1 <= steps <= num_timesteps:
         raise ConfigError(f"respacing needs 1 <= steps <= {num_timesteps}, got {steps}")
     if spacing == "linspace":
-        kept = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long().tolist()
+        kept = np.linspace(0, num_timesteps - 1, steps).round().astype(np.int64).tolist()
     elif spacing == "leading":
         kept = [i * (num_timesteps // steps) for i in range(steps)]
     elif spacing == "trailing":
-        ratio = num_timesteps / steps
-        kept = [round(num_timesteps - i * ratio) - 1 for i in range(steps)]
+        kept = (np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1).tolist()
     else:
         raise ConfigError(f"respacing spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     return sorted(set(kept))

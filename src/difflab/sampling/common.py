@@ -7,9 +7,9 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-import numpy as np
 import torch
 
+from difflab.diffusion.respacing import kept_timesteps
 from difflab.errors import ConfigError
 from difflab.progress import progress_bar
 
@@ -42,17 +42,10 @@ def timestep_list(num_timesteps: int, steps: int, spacing: str = "leading") -> l
     """
     if not 1 <= steps <= num_timesteps:
         raise ConfigError(f"steps must be between 1 and the schedule's {num_timesteps} timesteps, got {steps}")
-    if spacing == "leading":
-        ratio = num_timesteps // steps
-        timesteps = [i * ratio for i in range(steps)]
-    elif spacing == "trailing":
-        # numpy's arange and round, exactly as diffusers computes them (ties and float steps included)
-        timesteps = (np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1).tolist()
-    elif spacing == "linspace":
-        timesteps = np.linspace(0, num_timesteps - 1, steps).round().astype(np.int64).tolist()
-    else:
+    if spacing not in SPACINGS:
         raise ConfigError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
-    return sorted(set(timesteps), reverse=True)
+    # the respacing's own list, so a respaced DDPM and these samplers visit the same timesteps for the same K
+    return kept_timesteps(num_timesteps, steps, spacing)[::-1]
 
 
 def needs_grad(model: object) -> bool:
