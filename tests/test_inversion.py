@@ -23,6 +23,7 @@ from difflab.sampling.inversion import (
     logsnr_inversion_timesteps,
     round_trip_timesteps,
 )
+from test_samplers import float64_oracle
 
 SCHEDULE = NoiseSchedule.linear(1000)
 MEAN, STD = torch.tensor([1.0, -2.0]), 0.5
@@ -99,6 +100,45 @@ def test_second_order_flow_converges_faster_than_ddim(schedule: NoiseSchedule) -
         ddim = ddim_round_trip(eps, schedule, x0.float(), steps, t_end=600)[1]
         adams = ddim_round_trip(eps, schedule, x0.float(), steps, t_end=600, order=2)[1]
         assert (adams - x0).abs().mean() < (ddim - x0).abs().mean() / 10
+
+
+class QueuedEps:
+    """A stand-in network returning pre-drawn outputs in turn, whatever its input; records the t it is given."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        self.outputs, self.seen = iter(outputs), []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.seen.append(int(t[0]))
+        return next(self.outputs)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize(("kind", "beta_schedule"), [("linear", "linear"), ("cosine", "squaredcos_cap_v2")])
+def test_ddim_inversion_matches_diffusers_inverse_scheduler(kind: str, beta_schedule: str, spacing: str) -> None:
+    """Step for step against diffusers' DDIMInverseScheduler on the same targets and eps: ``x_next = sqrt(a_next)
+    x0_pred + sqrt(1 - a_next) eps`` from alpha_bar = 1 up. The one convention that differs is which t the network
+    sees: difflab the step's start (its target on the first step), diffusers' pipelines the step's target."""
+    from diffusers import DDIMInverseScheduler
+
+    schedule = NoiseSchedule.linear(1000) if kind == "linear" else NoiseSchedule.cosine(1000)
+    oracle = float64_oracle(
+        DDIMInverseScheduler(
+            1000, beta_schedule=beta_schedule, clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing
+        )
+    )
+    oracle.set_timesteps(20)
+    targets = oracle.timesteps.tolist()
+    generator = torch.Generator().manual_seed(len(targets))
+    outputs = [torch.randn(8, 3, generator=generator) for _ in targets]
+    x0 = torch.randn(8, 3, generator=generator)
+    expected = x0.double()
+    for eps, t in zip(outputs, targets):
+        expected = oracle.step(eps.double(), t, expected).prev_sample
+    network = QueuedEps(outputs)
+    ours = ddim_invert(network, schedule, x0, targets)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)
+    assert network.seen == [targets[0], *targets[:-1]]
 
 
 def test_inversion_timesteps() -> None:

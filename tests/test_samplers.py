@@ -154,15 +154,25 @@ def test_timestep_lists_match_diffusers(spacing: str, steps: int) -> None:
     assert timestep_list(1000, steps, spacing) == oracle.timesteps.tolist()
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize(("t", "t_prev"), [(999, 979), (500, 480), (20, 0), (0, None)])
-def test_ddim_step_matches_diffusers(eta: float, t: int, t_prev: int | None) -> None:
+def test_ddim_step_matches_diffusers(eta: float, t: int, t_prev: int | None, clip: float | None) -> None:
+    """With ``clip_x0`` the step re-derives eps from the clipped x_0: diffusers' ``clip_sample=True`` with
+    ``use_clipped_model_output=True`` (its default, False, keeps the network's eps in the direction term)."""
     schedule = NoiseSchedule.linear(1000)
-    oracle = float64_oracle(DDIMScheduler(1000, clip_sample=False, set_alpha_to_one=True))
+    oracle = float64_oracle(
+        DDIMScheduler(1000, clip_sample=clip is not None, clip_sample_range=clip or 1.0, set_alpha_to_one=True)
+    )
     oracle.set_timesteps(50)  # step ratio 20, so diffusers' prev = t - 20 agrees with the list
-    x_t, eps, noise = torch.randn(16, 3), torch.randn(16, 3), torch.randn(16, 3)
-    expected = oracle.step(eps.double(), t, x_t.double(), eta=eta, variance_noise=noise.double()).prev_sample
-    ours, _ = ddim_step(schedule, eps, t, t_prev, x_t, eta, noise)
+    generator = torch.Generator().manual_seed(t)
+    x_t, eps, noise = (torch.randn(16, 3, generator=generator) * 1.5 for _ in range(3))
+    expected = oracle.step(
+        eps.double(), t, x_t.double(), eta=eta, variance_noise=noise.double(), use_clipped_model_output=True
+    ).prev_sample
+    ours, x0 = ddim_step(schedule, eps, t, t_prev, x_t, eta, noise, clip_x0=clip)
+    if clip is not None and t > 20:
+        assert x0.abs().max() == clip  # the clip acts: the x_0 predictions of these draws leave [-1, 1]
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)
 
 
