@@ -95,6 +95,7 @@ def test_cfg_report_is_self_contained_and_traced(cfg_run: Path) -> None:
     for title in ("Samples at w = 2", "Guidance sweep", "How the samples form", "Training", "Environment"):
         assert f"## {title}\n" in md
     assert "| w = 0 | 50 |" in md and "Share classified as each digit" not in md  # no evaluator on digits
+    assert "a class embedding of 10 digits and a learned null label" in md
 
 
 def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
@@ -364,6 +365,7 @@ def test_image_folder_runs_are_scored_with_inception_weights(tmp_path: Path, cap
     assert [row["name"] for row in metrics["calibration"]["4"]][0] == "real training images"
     report = (run_dir / "report.md").read_text()
     assert "InceptionV3's 2048-d pool features" in report and "accuracy of the intended digit" not in report
+    assert "a class embedding of 10 classes and a learned null label" in report
     assert main(["evaluate", str(run_dir)]) == 0
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["samples"]["cfg_w2.pt"]["fid"] == pytest.approx(metrics["main"]["fid"], rel=1e-6)

@@ -181,6 +181,13 @@ def test_sampling_commands_reject_bad_input(moons_run: Path, tmp_path: Path, cap
         "compare-samplers", "--samplers", "ddim,heun", "--option", "spacing=karras"
     )
     assert "spacing must be one of" in refused("sample", "--sampler", "dpmpp-2m", "--option", "spacing=diagonal")
+    # a value one compared sampler refuses is named with that sampler, before any sampling or writing
+    results = moons_run / "compare_samplers" / "results.json"
+    before = results.read_bytes() if results.exists() else None
+    assert "sampler ddpm: spacing must be one of leading, trailing, linspace, got 'karras'" in refused(
+        "compare-samplers", "--samplers", "dpmpp-2m,ddpm", "--option", "spacing=karras", "--n", "10", "--no-full"
+    )
+    assert (results.read_bytes() if results.exists() else None) == before
     assert "option eta takes a float, got 'lots'" in refused(
         "sample", "--sampler", "dpmpp-2m-sde", "--option", "eta=lots"
     )

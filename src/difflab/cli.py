@@ -225,7 +225,8 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a keyword option given to every compared sampler, e.g. spacing=karras (repeatable)",
+        help="a keyword option given to every compared sampler, e.g. spacing=karras with --samplers dpmpp-2m,dpmpp-3m "
+        "(repeatable; each sampler must take it)",
     )
     compare.add_argument("--n", type=int, default=5000, help="samples per sampler and budget (default 5000)")
     compare.add_argument("--seed", type=int, default=0)

@@ -363,7 +363,8 @@ def build_cfg_report(contents: RunContents) -> Report:
         Paragraph(
             f"{lookup(m, 'model.description') or 'U-Net'}; the time embedding "
             f"{TIME_INPUT[config.unet.time_conditioning]}; a class embedding of {config.unet.num_classes} "
-            f"{_class_word(config)}s and a learned null label, label dropout {guidance.label_dropout}; "
+            f"{'digits' if _class_word(config) == 'digit' else 'classes'} and a learned null label, label dropout "
+            f"{guidance.label_dropout}; "
             f"{config.schedule.kind} schedule, T = {config.schedule.num_timesteps:,}; AdamW lr {config.train.lr}, "
             f"weight decay {config.train.weight_decay}, clip {config.train.grad_clip}, EMA {config.train.ema_decay}. "
             "Guidance: `eps_hat = eps_u + w (eps_c - eps_u)` (w = 0 unconditional, w = 1 conditional, w > 1 guided)."

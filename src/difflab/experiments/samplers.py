@@ -297,6 +297,12 @@ def compare_samplers(
             f"none of the samplers {', '.join(samplers)} can spend any NFE budget in {sorted(nfes)} on this run "
             f"(T = {full}: a budget buys at most T steps)"
         )
+    if options:  # their values are checked by the samplers' functions: one step on one sample each, before any work
+        for name in dict.fromkeys(name for name, _, _ in plan):
+            try:
+                draw_samples(target, name, 1, 1, seed, options)
+            except ConfigError as exc:
+                raise ConfigError(f"sampler {name}: {exc}") from None
     rows = []
     for name, budget, steps in plan:
         samples, info = draw_samples(target, name, steps, n, seed, options)
