@@ -87,6 +87,17 @@ def test_settings_that_used_to_fail_deep_inside_are_refused_up_front(
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
 
 
+def test_a_config_file_of_another_recipe_is_refused_as_such(tmp_path: Path, capsys) -> None:
+    """``difflab config states > my.yaml; difflab run moons --config my.yaml`` names the two recipes, not the first
+    of the states keys that moons does not have."""
+    assert main(["config", "states"]) == 0
+    config = tmp_path / "my.yaml"
+    config.write_text(capsys.readouterr().out)
+    line = fails_in_one_line(capsys, ["run", "moons", "--config", str(config), f"run_dir={tmp_path / 'run'}"])
+    assert "the config names recipe 'states' but the command asked for 'moons'" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_command_line_values_are_checked_in_one_line(swissroll_run: Path, tmp_path: Path, capsys) -> None:
     run = str(swissroll_run)
     assert "must be a finite number" in fails_in_one_line(capsys, ["sample", run, "--eta", "nan"])

@@ -273,12 +273,34 @@ def _resolve_run_target(target: str, config_file: str | None) -> tuple[str, str 
     return target, config_file
 
 
+def _check_named_recipe(recipe_name: str, config_file: str | None, overrides: list[str]) -> None:
+    """A :class:`ConfigError` when the config file's ``recipe:`` or a ``recipe=`` override names another recipe. A file
+    that cannot be read is left to the config loader, which says why."""
+    named = None
+    if config_file:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(config_file).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("recipe"), str):
+            named = data["recipe"]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.strip() == "recipe":
+            named = value.strip()
+    if named is not None and named != recipe_name:
+        raise ConfigError(f"the config names recipe {named!r} but the command asked for {recipe_name!r}: name one")
+
+
 def recipe_config(recipe_name: str, config_file: str | None, overrides: list[str]) -> Any:
     """The typed config of ``difflab run|train RECIPE``: the recipe's defaults, the config file, the overrides;
     refused when it names another recipe or an empty ``run_dir``, or asks a model for labels it cannot have."""
     from difflab.config import config_from
     from difflab.experiments.images import check_label_context
 
+    _check_named_recipe(recipe_name, config_file, overrides)  # before the keys: another recipe's are unknown here
     config = config_from(_recipe(recipe_name).config_class(), config_file, overrides)
     named = getattr(config, "recipe", recipe_name)
     if named != recipe_name:
