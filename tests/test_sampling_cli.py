@@ -156,7 +156,12 @@ def test_likelihood_command_scores_heldout_points_above_noise(moons_run: Path, c
     heldout = target.heldout.double()
     gaussian = torch.distributions.MultivariateNormal(heldout.mean(0), torch.cov(heldout.T))
     assert record["model"]["nll_nats"] < float(-gaussian.log_prob(heldout).mean()) - 0.15
-    assert heldout_likelihood(target, n=10)["model"]["n"] == 10
+    # the KDE scores beside it are of the same points: 100 here, 10 below, not the run's whole held-out set
+    assert record["kde"] == pytest.approx(target.kde_scores(target.heldout[:100]), rel=1e-12)
+    assert set(record["kde"]) == {"heldout_under_training_kde", "heldout_under_sample_kde"}
+    ten = heldout_likelihood(target, n=10)
+    assert ten["model"]["n"] == 10 and ten["kde"] == pytest.approx(target.kde_scores(target.heldout[:10]), rel=1e-12)
+    assert ten["kde"]["heldout_under_training_kde"] != record["kde"]["heldout_under_training_kde"]
 
 
 def test_sampling_commands_reject_bad_input(moons_run: Path, tmp_path: Path, capsys) -> None:

@@ -74,6 +74,8 @@ class SamplingTarget:
     # model that samples class ``label`` (an index, or an image folder's class name; None: every class in turn)
     # at guidance ``w`` (None: the run's own).
     conditioned: Callable[[int | str | None, float | None], DiffusionModel] | None = None
+    # 2-D runs: KDE scores of given held-out points (N, 2), beside their exact likelihood in ``difflab likelihood``
+    kde_scores: Callable[[torch.Tensor], dict[str, float]] | None = None
 
     def score(self, samples: torch.Tensor) -> dict[str, float]:
         return {name: float(metric(samples)) for name, metric in self.metrics.items()}
@@ -146,6 +148,19 @@ def load_points_run(path: Path, config: Any, device: torch.device) -> SamplingTa
         return KDE(samples).nll(heldout.data)
 
     references = {"nll_course": train_kde.nll(heldout.data), "nll_reverse": KDE(train.data).nll(heldout.data)}
+
+    def kde_scores(points: torch.Tensor) -> dict[str, float]:
+        """``points`` (N, 2) under the KDE of the training points and under that of the run's own samples."""
+        scores = {"heldout_under_training_kde": train_kde.nll(points.cpu())}
+        for name in ("uncond_gen_samples.pt", "samples.pt"):  # the STATES recipe's, the walkthroughs'
+            file = path / "samples" / name
+            if file.is_file():
+                samples = torch.load(file, map_location="cpu", weights_only=True)
+                if isinstance(samples, torch.Tensor) and samples.ndim == 2 and samples.shape[1] == 2:
+                    scores["heldout_under_sample_kde"] = KDE(samples).nll(points.cpu())
+                break
+        return scores
+
     return SamplingTarget(
         path=path,
         recipe=config.recipe,
@@ -157,6 +172,7 @@ def load_points_run(path: Path, config: Any, device: torch.device) -> SamplingTa
         plot=lambda samples, out, title: plots2d.scatter_over_data(samples, train.data, out, title),
         heldout=heldout.data,
         references=references,
+        kde_scores=kde_scores,
     )
 
 
@@ -424,14 +440,7 @@ def heldout_likelihood(
     if target.variational_bound is not None:
         start = time.perf_counter()
         record["vlb"] = {**target.variational_bound(clean), "seconds": round(time.perf_counter() - start, 2)}
-    metrics_path = target.path / "metrics.json"
-    if metrics_path.is_file() and target.bin_width is None and points.ndim == 2:
-        metrics = json.loads(metrics_path.read_text())
-        real = metrics.get("real", {})
-        uncond = metrics.get("uncond", metrics.get("samples", {}))
-        record["kde"] = {
-            "heldout_under_training_kde": real.get("nll_course"),
-            "heldout_under_sample_kde": uncond.get("nll_reverse"),
-        }
+    if target.kde_scores is not None:  # the same points as the exact likelihood
+        record["kde"] = target.kde_scores(clean)
     atomic_write_bytes(target.path / "likelihood.json", (json.dumps(record, indent=2) + "\n").encode())
     return record
