@@ -263,3 +263,29 @@ def test_a_page_that_fails_is_a_500_and_the_server_serves_on(runs_root: Path, mo
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_damaged_file_of_a_run_is_a_500_naming_it(runs_root: Path, tmp_path: Path, capsys) -> None:
+    """A run whose metrics.json or trajectory cannot be read is marked damaged in the list, and its page is a 500
+    that names the file: not a page with the section silently missing."""
+    root = tmp_path / "runs"
+    for name, damage in (("metrics", "metrics.json"), ("trajectory", "samples/trajectory.safetensors")):
+        shutil.copytree(runs_root / "roll", root / name)
+        (root / name / damage).write_bytes(b"{not json, nor safetensors")
+    httpd = make_server(root, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = ("127.0.0.1", httpd.server_address[1])
+        status, index, _ = request(address, "/")
+        assert status == 200 and index.decode().count('class="status-damaged">damaged<') == 1
+        status, body, _ = request(address, "/run?id=metrics")
+        assert status == 500 and b"run metrics: metrics.json cannot be read (Expecting" in body
+        status, body, _ = request(address, "/run?id=trajectory")
+        assert status == 500 and b"samples/trajectory.safetensors of run trajectory cannot be read" in body
+        assert body.count(b"\n") == 1
+        printed = capsys.readouterr().err
+        assert "cannot show /run: DifflabError: run metrics: metrics.json cannot be read" in printed
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

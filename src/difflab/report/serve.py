@@ -127,27 +127,40 @@ def find_runs(root: Path) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class RunView:
     """What the browser shows of one run folder, read leniently (running and failed runs too)."""
 
     def __init__(self, run_id: str, path: Path) -> None:
         self.id, self.path = run_id, path
+        self.problems: list[str] = []  # files that exist but cannot be read: the run page is then refused
         self.record = self._json("run.json")
         self.metrics = self._json("metrics.json")
         config_path = path / "config.yaml"
         self.config_text = config_path.read_text(errors="replace") if config_path.is_file() else ""
         try:
             config = yaml.safe_load(self.config_text) or {}
-        except yaml.YAMLError:
+        except yaml.YAMLError as exc:
+            self.problems.append(f"config.yaml is not valid YAML ({_first_line(exc)})")
             config = {}
         self.config = config if isinstance(config, dict) else {}
 
     def _json(self, name: str) -> dict[str, Any]:
-        try:
-            data = json.loads((self.path / name).read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        path = self.path / name
+        if not path.is_file():
             return {}
-        return data if isinstance(data, dict) else {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.problems.append(f"{name} cannot be read ({_first_line(exc)})")
+            return {}
+        if not isinstance(data, dict):
+            self.problems.append(f"{name} holds a {type(data).__name__}, not a JSON object")
+            return {}
+        return data
 
     @property
     def recipe(self) -> str:
@@ -155,6 +168,8 @@ class RunView:
 
     @property
     def status(self) -> str:
+        if self.problems:
+            return "damaged"
         return str(self.record.get("status", "damaged" if (self.path / "run.json").is_file() else "?"))
 
     def series(self) -> dict[str, tuple[list[int], list[float]]]:
@@ -254,6 +269,8 @@ class RunBrowser:
         return _page("difflab runs", body)
 
     def run_page(self, view: RunView) -> bytes:
+        if view.problems:  # answered 500 with this line: a page with a section silently missing would mislead
+            raise DifflabError(f"run {view.id}: {'; '.join(view.problems)}")
         record = view.record
         body = [f"<h1>{esc(view.id)}</h1>", "<table>"]
         for label, value in (
@@ -417,8 +434,8 @@ class RunBrowser:
             if key not in self._trajectories:
                 try:
                     self._trajectories[key] = Trajectory.load(path)
-                except DifflabError:
-                    return None
+                except DifflabError as exc:
+                    raise DifflabError(f"{TRAJECTORY_FILE} of run {view.id} cannot be read: {exc}") from None
             return self._trajectories[key]
 
     def frame_png(self, view: RunView, frame: int) -> bytes | None:
