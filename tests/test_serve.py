@@ -3,6 +3,7 @@ in headless Chromium (Debian's chromium + chromedriver, which `make dev` install
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -58,14 +59,23 @@ def runs_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(runs_root: Path) -> Iterator[tuple[str, int]]:
-    httpd = make_server(runs_root, "127.0.0.1", 0)
+@contextlib.contextmanager
+def serving(root: Path) -> Iterator[tuple[str, int]]:
+    """``difflab serve ROOT`` on a free port in a thread, for the length of the block: its (host, port)."""
+    httpd = make_server(root, "127.0.0.1", 0)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield "127.0.0.1", httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield "127.0.0.1", httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(runs_root: Path) -> Iterator[tuple[str, int]]:
+    with serving(runs_root) as address:
+        yield address
 
 
 def request(server: tuple[str, int], path: str, method: str = "GET") -> tuple[int, bytes, dict[str, str]]:
@@ -248,11 +258,7 @@ def test_a_page_that_fails_is_a_500_and_the_server_serves_on(runs_root: Path, mo
     def broken(self, view) -> bytes:
         raise ValueError("metrics.json holds a list")
 
-    httpd = make_server(runs_root, "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        address = ("127.0.0.1", httpd.server_address[1])
+    with serving(runs_root) as address:
         _, index, _ = request(address, "/")
         run_id = index.decode().split("/run?id=")[1].split('"')[0]
         monkeypatch.setattr(RunBrowser, "run_page", broken)
@@ -260,9 +266,6 @@ def test_a_page_that_fails_is_a_500_and_the_server_serves_on(runs_root: Path, mo
         assert status == 500 and b"ValueError: metrics.json holds a list" in body
         assert request(address, "/")[0] == 200  # the server is still up
         assert "cannot show /run" in capsys.readouterr().err
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_a_damaged_file_of_a_run_is_a_500_naming_it(runs_root: Path, tmp_path: Path, capsys) -> None:
@@ -272,11 +275,7 @@ def test_a_damaged_file_of_a_run_is_a_500_naming_it(runs_root: Path, tmp_path: P
     for name, damage in (("metrics", "metrics.json"), ("trajectory", "samples/trajectory.safetensors")):
         shutil.copytree(runs_root / "roll", root / name)
         (root / name / damage).write_bytes(b"{not json, nor safetensors")
-    httpd = make_server(root, "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        address = ("127.0.0.1", httpd.server_address[1])
+    with serving(root) as address:
         status, index, _ = request(address, "/")
         assert status == 200 and index.decode().count('class="status-damaged">damaged<') == 1
         status, body, _ = request(address, "/run?id=metrics")
@@ -286,6 +285,3 @@ def test_a_damaged_file_of_a_run_is_a_500_naming_it(runs_root: Path, tmp_path: P
         assert body.count(b"\n") == 1
         printed = capsys.readouterr().err
         assert "cannot show /run: DifflabError: run metrics: metrics.json cannot be read" in printed
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
