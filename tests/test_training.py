@@ -92,6 +92,36 @@ def test_loss_falls(tmp_path: Path) -> None:
     assert info["step"] == 300
 
 
+def test_training_time_adds_up_over_a_kill_and_a_resume(tmp_path: Path, monkeypatch) -> None:
+    """A clock that advances 1 s per training step: killed during step 61 (checkpoint at 50), resumed to 100, the
+    result counts the 50 kept steps' time and the 50 trained again, not only the last process's, nor the 10 lost."""
+    from difflab.training import trainer as trainer_module
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+
+    def with_clock(trainer: Trainer, die_at: int | None = None) -> Trainer:
+        original = trainer.loss_fn
+
+        def timed(net, batch, generator):
+            if trainer.step == die_at:
+                raise KeyboardInterrupt
+            clock[0] += 1.0
+            return original(net, batch, generator)
+
+        trainer.loss_fn = timed
+        return trainer
+
+    with pytest.raises(KeyboardInterrupt):
+        with_clock(make_trainer(tmp_path, 100, checkpoint_every=50), die_at=60).fit()
+    result = with_clock(make_trainer(tmp_path, 100, checkpoint_every=50)).fit()
+    assert (result.resumed_from, result.step) == (50, 100)
+    assert result.seconds == 100.0 and result.session_seconds == 50.0
+    assert result.images_per_second(256) == 256.0
+    again = with_clock(make_trainer(tmp_path, 100, checkpoint_every=50)).fit()  # complete: nothing trained
+    assert again.resumed_from == 100 and again.seconds == 100.0 and again.session_seconds == 0.0
+
+
 @pytest.mark.parametrize(("stop_at", "checkpoint"), [(30, 25), (75, 75), (99, 75)])
 def test_resume_gives_bit_identical_weights(tmp_path: Path, stop_at: int, checkpoint: int) -> None:
     straight = make_trainer(tmp_path / "a", 100, ema=0.9)

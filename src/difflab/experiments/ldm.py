@@ -407,7 +407,7 @@ def prepare_autoencoder(
             config.progress,
             echo,
         )
-        info["train_seconds"] = training_seconds(run, "autoencoder", result)
+        info["train_seconds"] = round(result.seconds, 1)
     else:
         vae = _given_autoencoder(vae_config, shape, device)
         record = Path(vae_config.path) / "metrics.json"
@@ -505,19 +505,6 @@ def cached_latents(
         ImageSet(tensors["heldout"], tensors["heldout_labels"], heldout.class_names),
         info,
     )
-
-
-def training_seconds(run: RunFolder, name: str, result: Any) -> float:
-    """Total training seconds of ``name`` over every session (kept in ``checkpoints/<name>.time.json``)."""
-    path = run.sub("checkpoints", f"{name}.time.json")
-    previous = 0.0
-    if result.resumed_from and path.is_file():
-        previous = float(json.loads(path.read_text()).get("seconds", 0.0))
-    trained = result.step > result.resumed_from
-    total = previous + (result.seconds if trained else 0.0)
-    if run.main:  # rank 0 alone keeps the record (another rank could read it back already updated)
-        ckpt.atomic_write_bytes(path, json.dumps({"seconds": total, "step": result.step}).encode())
-    return round(total, 1)
 
 
 def decoder_of(variant: Variant) -> str:
@@ -653,7 +640,7 @@ def run_mnist_ldm(
                 "learned_variance": variant.learned_variance,
                 "description": describe(variant.unet, data.size),
                 "parameters": count_parameters(model),
-                "train_seconds": training_seconds(run, variant.name, result),
+                "train_seconds": round(result.seconds, 1),
                 "steps": result.step,
                 "batch_size": variant.train.batch_size,
                 "final_validation": result.final_validation,

@@ -414,7 +414,7 @@ def run_mnist_ddpm(config: MnistDDPMConfig, fresh: bool = False, echo: Callable[
             "seconds": round(result.seconds, 1),
             "final_train_loss": result.final_train_loss,
             "validation": result.final_validation,
-            "images_per_second": _images_per_second(result, config.train),
+            "images_per_second": result.images_per_second(config.train.batch_size),
         }
         metrics["timings_seconds"] = {k: round(v, 1) for k, v in run.timings.items()}
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
@@ -436,11 +436,6 @@ def _sampling_model(model: torch.nn.Module, device: torch.device, precision: str
     """The trained model, in the layout bf16 sampling is fastest in; an fp32 sampler keeps the training layout
     (which the recorded figures were measured with)."""
     return model if precision == "fp32" else to_fast_layout(model, device, precision)
-
-
-def _images_per_second(result: Any, train: TrainConfig) -> float | None:
-    trained = result.step - result.resumed_from
-    return round(trained * train.batch_size / result.seconds, 1) if trained and result.seconds else None
 
 
 def _data_summary(data: ImageDataConfig, train: Any, heldout: Any) -> dict[str, Any]:
@@ -694,7 +689,7 @@ def run_mnist_cfg(config: MnistCFGConfig, fresh: bool = False, echo: Callable[[s
             "seconds": round(result.seconds, 1),
             "final_train_loss": result.final_train_loss,
             "validation": result.final_validation,
-            "images_per_second": _images_per_second(result, config.train),
+            "images_per_second": result.images_per_second(config.train.batch_size),
         }
         metrics["timings_seconds"] = {k: round(v, 1) for k, v in run.timings.items()}
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)

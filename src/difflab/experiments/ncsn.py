@@ -396,7 +396,7 @@ def run_mnist_ncsn(
             "seconds": round(result.seconds, 1),
             "final_train_loss": result.final_train_loss,
             "validation": result.final_validation,
-            "images_per_second": _images_per_second(result, config.train),
+            "images_per_second": result.images_per_second(config.train.batch_size),
         }
         metrics["timings_seconds"] = {k: round(v, 1) for k, v in run.timings.items()}
         metrics["timings_seconds"]["total"] = round(time.perf_counter() - wall, 1)
@@ -416,11 +416,6 @@ def run_mnist_ncsn(
 def train_mnist_ncsn(config: MnistNCSNConfig, fresh: bool = False, echo: Callable[[str], object] = print) -> RunFolder:
     """``difflab train mnist-ncsn``: the score network's training and its exported weights alone."""
     return run_mnist_ncsn(config, fresh, echo, train_only=True)
-
-
-def _images_per_second(result: Any, train: TrainConfig) -> float | None:
-    trained = result.step - result.resumed_from
-    return round(trained * train.batch_size / result.seconds, 1) if trained and result.seconds else None
 
 
 def _figures(

@@ -149,7 +149,12 @@ ValidateFn = Callable[[nn.Module], dict[str, float]]
 
 @dataclass
 class TrainResult:
-    """What a call to :meth:`Trainer.fit` did."""
+    """What a call to :meth:`Trainer.fit` did.
+
+    ``seconds``: the training time of all ``step`` steps, summed over every process that trained them (each
+    checkpoint records it, so a resumed run adds its time to that of the steps it kept; the time of steps lost to
+    a kill is not counted); ``session_seconds``: the wall time of this call.
+    """
 
     name: str
     step: int
@@ -159,6 +164,11 @@ class TrainResult:
     final_validation: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
     world_size: int = 1
+    session_seconds: float = 0.0
+
+    def images_per_second(self, batch_size: int) -> float | None:
+        """Training throughput over all ``step`` steps of ``batch_size`` images, or None before any step."""
+        return round(self.step * batch_size / self.seconds, 1) if self.step and self.seconds > 0 else None
 
 
 @dataclass
@@ -274,6 +284,10 @@ class Trainer:
         self._ddp: nn.Module | None = None
         self._sketch: DataSketch | None = None
         self._window = _LogWindow()
+        # the training seconds of the steps before this call (from the checkpoint resumed) and the start of this
+        # call's training loop: together the time a checkpoint records
+        self._seconds_before = 0.0
+        self._loop_start: float | None = None
 
     def _check_execution_settings(self) -> None:
         config, world = self.config, self.dist.world_size
@@ -326,6 +340,7 @@ class Trainer:
             "ema_updates": str(self.ema.num_updates if self.ema is not None else 0),
             "world_size": str(self.dist.world_size),
             "log_window": json.dumps(asdict(self._window)),
+            "train_seconds": repr(self.training_seconds()),
         }
         if sketch is not None:
             metadata["data_rows"] = str(sketch.rows)
@@ -388,6 +403,7 @@ class Trainer:
         found = ckpt.latest_training_state(self.state_dir, warn=self._say)
         step = 0
         self._window = _LogWindow()
+        self._seconds_before, self._loop_start = 0.0, None
         if found is not None:
             step = self._load_state(*found)
         elif damaged := len(ckpt.step_files(self.state_dir)):
@@ -426,6 +442,10 @@ class Trainer:
             self._window = _LogWindow(**json.loads(metadata.get("log_window", "{}")))
         except (TypeError, ValueError):
             self._window = _LogWindow()
+        try:  # checkpoints written before the time was recorded count from 0
+            self._seconds_before = max(0.0, float(metadata.get("train_seconds", "0")))
+        except ValueError:
+            self._seconds_before = 0.0
         step = int(metadata["step"])
         self.last_checkpoint = (step, self.state_dir / f"step-{step:08d}.safetensors")
         return step
@@ -571,6 +591,8 @@ class Trainer:
         bar = progress_bar(
             total=config.steps, initial=self.step, desc=self.name, disable=not (self.show_progress and main)
         )
+        if self.step < config.steps:
+            self._loop_start = time.perf_counter()
         try:
             while self.step < config.steps:
                 lr = config.lr_at(self.step)
@@ -637,6 +659,7 @@ class Trainer:
             bar.close()
             if main:
                 self.logger.flush()
+        self._seconds_before, self._loop_start = self.training_seconds(), None  # the loop's time, as checkpointed
         if resumed >= config.steps and self.validate is not None and main:
             validation = self._last_validation()
         if last_logged is None and main:  # nothing logged in this call (a finished training resumed): the log's
@@ -646,12 +669,20 @@ class Trainer:
             name=self.name,
             step=self.step,
             resumed_from=resumed,
-            seconds=time.perf_counter() - start,
+            seconds=self.training_seconds(),
             final_train_loss=last_logged,
             final_validation=validation,
             skipped_steps=self._window.skipped,
             world_size=self.dist.world_size,
+            session_seconds=time.perf_counter() - start,
         )
+
+    def training_seconds(self) -> float:
+        """The training time of the steps done so far: that recorded by the checkpoint resumed, plus this call's
+        time in its training loop (none when the training was already complete)."""
+        if self._loop_start is None:
+            return self._seconds_before
+        return self._seconds_before + time.perf_counter() - self._loop_start
 
     def _last_logged_train_loss(self) -> float | None:
         """The newest training loss the log holds at or before the current step, or None."""
