@@ -114,8 +114,10 @@ def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
     assert "--digit must be between 0 and 9" in capsys.readouterr().err
     # --guidance without --digit: every digit in turn, guided at w
     assert main(["sample", str(cfg_run), "--guidance", "2", "--n", "4", "--steps", "5"]) == 0
-    every = torch.load(cfg_run / "samples" / "sample_w2_ddim5_seed0.pt", weights_only=True)
+    every = torch.load(cfg_run / "samples" / "sample_everydigit_w2_ddim5_seed0.pt", weights_only=True)
     assert every["labels"].tolist() == [0, 1, 2, 3]
+    assert main(["sample", str(cfg_run), "--n", "2", "--steps", "5"]) == 0  # the null label: unconditional
+    assert (cfg_run / "samples" / "sample_uncond_ddim5_seed0.pt").is_file()
     # registry samplers take their options (here the Karras ladder and half the SDE's noise) by --option / --eta
     command = ["sample", str(cfg_run), "--digit", "3", "--n", "4", "--sampler", "dpmpp-2m-sde", "--steps", "5"]
     assert main([*command, "--eta", "0.5", "--option", "spacing=karras"]) == 0

@@ -839,10 +839,16 @@ def sample_from_run(
         options=options,
         precision=precision,
     )
-    digit_tag = f"digit{digit}_" if digit is not None else ""
+    word = "digit" if config.data.source in ("mnist", "digits") else "class"
+    if not classes:
+        digit_tag = ""  # an unconditional model: no label, no guidance
+    elif digit is not None:
+        digit_tag = f"{word}{digit}_w{guidance:g}_"
+    else:  # the null label (w = 1: unconditional), or every class in turn at w
+        digit_tag = "uncond_" if guidance == 1.0 else f"every{word}_w{guidance:g}_"
     tags = option_tags({**({"eta": eta} if eta else {}), **(options or {})}, "_")
     tags += "_bf16" if precision != "fp32" else ""
-    name = f"sample_{digit_tag}w{guidance:g}_{sampler}{steps}{tags}_seed{seed}"
+    name = f"sample_{digit_tag}{sampler}{steps}{tags}_seed{seed}"
     path = Path(out).with_suffix(".png") if out else Path(run_dir) / "samples" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(result.images, path, nrow=max(1, int(n**0.5)))

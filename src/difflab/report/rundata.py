@@ -105,6 +105,12 @@ def load_run(path: str | Path, require_complete: bool = True) -> RunContents:
     if require_complete and status != "complete":
         raise ConfigError(f"{path} is not a completed run (status: {status}); only completed runs have a report")
     if not (path / "metrics.json").is_file():
+        if str(record.get("message", "")).startswith("trained (difflab train)"):
+            command = f"difflab run {record.get('recipe', 'RECIPE')} --config {path / 'config.yaml'}"
+            raise ConfigError(
+                f"{path} holds trained weights only (difflab train): `{command}` samples, scores and writes its "
+                "report in the same folder"
+            )
         raise ConfigError(f"{path} has no metrics.json; only completed runs have a report")
     metrics = _read_json(path / "metrics.json")
     if not isinstance(metrics, dict):
