@@ -197,6 +197,10 @@ def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
     assert main(["invert", str(run_dir), "--steps", "5", "50", "--n", "32", "--fixed-point", "1"]) == 0
     printed = capsys.readouterr().out
     assert "PSNR" in printed and f"report: {run_dir / 'report.md'}" in printed
+    # the size of the work first: 5 and 50 steps there and back (10 + 100 NFE), and refined by one fixed-point
+    # iteration per inversion step (15 + 150)
+    assert "[invert] 32 item(s), 4 round trip(s) to t = " in printed
+    assert ": 275 network calls on the batch of them" in printed
     rows = json.loads((run_dir / "inversion.json").read_text())["rows"]
     report = (run_dir / "report.md").read_text()  # rewritten with the round trips, each row's numbers in it
     assert "## DDIM round trips (difflab invert)" in report and "figures/inversion.png" in report

@@ -16,6 +16,7 @@ from difflab.errors import ConfigError
 from difflab.experiments import images as stages
 from difflab.experiments.runs import read_run, resolve_device
 from difflab.metrics.image_quality import psnr, psnr_per_image, ssim
+from difflab.progress import progress_bar
 from difflab.sampling.inversion import INVERSION_ORDERS, INVERSION_SPACINGS, ddim_round_trip, default_inversion_end
 from difflab.viz.images import image_rows_figure
 
@@ -97,6 +98,12 @@ def round_trip_rows(
     error = "mse" if decode is None else "latent_mse"
     rows: list[dict[str, Any]] = []
     figure_rows: list[tuple[str, torch.Tensor]] = []
+    calls = sum(case[4] for case in cases)
+    echo(
+        f"[invert] {name}{len(x0)} item(s), {len(cases)} round trip(s) to t = {t_end}: {calls} network calls on the "
+        "batch of them"
+    )
+    bar = progress_bar(total=calls, desc="invert (NFE)", unit="NFE", disable=calls * len(x0) < 20_000)
     for spacing, order, iterations, count, nfe, label in cases:
         start = time.perf_counter()
         with torch.no_grad():
@@ -121,12 +128,14 @@ def round_trip_rows(
         }
         rows.append(row)
         figure_rows.append((label, images[:8]))
+        bar.update(nfe)
         echo(
             f"[invert] {name}{label}: {'latent ' if decode else ''}MSE {row[error]:.2e}, "
             f"{'decoded ' if decode else ''}PSNR {row['psnr_db']:.2f} dB (mean per image "
             f"{row['psnr_db_mean_per_image']:.2f}), SSIM {row['ssim']:.4f}, "
             f"latent std {row['latent_std']:.3f}, {seconds:.1f} s"
         )
+    bar.close()
     return rows, figure_rows
 
 
