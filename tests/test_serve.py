@@ -285,3 +285,23 @@ def test_a_damaged_file_of_a_run_is_a_500_naming_it(runs_root: Path, tmp_path: P
         assert body.count(b"\n") == 1
         printed = capsys.readouterr().err
         assert "cannot show /run: DifflabError: run metrics: metrics.json cannot be read" in printed
+
+
+def test_a_run_left_running_by_a_killed_process_is_shown_as_stopped(runs_root: Path, tmp_path: Path) -> None:
+    """run.json names the process that writes it: a run still marked running whose process is gone was killed."""
+    import socket
+
+    root = tmp_path / "runs"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name, pid in (("killed", gone.pid), ("alive", os.getpid())):
+        shutil.copytree(runs_root / "roll", root / name)
+        record = json.loads((root / name / "run.json").read_text())
+        assert record["host"] == socket.gethostname() and isinstance(record["pid"], int)  # written by the recipe
+        record.update(status="running", pid=pid)
+        (root / name / "run.json").write_text(json.dumps(record))
+    with serving(root) as address:
+        index = request(address, "/")[1].decode()
+        assert index.count('class="status-stopped">stopped<') == 1 and 'class="status-running">running<' in index
+        page = request(address, "/run?id=killed")[1].decode()
+        assert f"stopped: marked running, but its process (pid {gone.pid}) is gone" in page

@@ -26,7 +26,9 @@ In a data-parallel run (torchrun) every rank gets a :class:`RunFolder`, but only
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -239,6 +241,9 @@ class RunFolder:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "timings_seconds": {k: round(v, 3) for k, v in self.timings.items()},
             "environment": environment(),
+            # who writes it: a "running" record whose process is gone was killed (the run browser says so)
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
         }
         atomic_write_bytes(self.path / "run.json", (json.dumps(record, indent=2) + "\n").encode())
 

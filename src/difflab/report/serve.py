@@ -21,6 +21,8 @@ import errno
 import html
 import json
 import math
+import os
+import socket
 import sys
 import threading
 from collections import OrderedDict
@@ -66,7 +68,7 @@ PAGE_CSS = (
     + """
 body{max-width:1300px}
 .top{font-size:.9em;margin-bottom:1em}.top a{margin-right:1em}
-.status-complete{color:#286a2e}.status-failed{color:#a33}.status-running{color:#a66a00}
+.status-complete{color:#286a2e}.status-failed{color:#a33}.status-running{color:#a66a00}.status-stopped{color:#a33}
 .differs td{background:#fff6e0!important}
 .viewer{border:1px solid #e3e3e3;padding:.8em;margin:.5em 0 1.5em}
 .viewer input[type=range]{width:60%;vertical-align:middle}
@@ -131,6 +133,21 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _process_gone(record: dict[str, Any]) -> bool:
+    """Whether the process a run record names (``pid`` on ``host``) no longer exists: a run left ``running`` by a
+    kill. False when that cannot be told (another host, an older record without a pid)."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or record.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
 class RunView:
     """What the browser shows of one run folder, read leniently (running and failed runs too)."""
 
@@ -170,7 +187,8 @@ class RunView:
     def status(self) -> str:
         if self.problems:
             return "damaged"
-        return str(self.record.get("status", "damaged" if (self.path / "run.json").is_file() else "?"))
+        status = str(self.record.get("status", "damaged" if (self.path / "run.json").is_file() else "?"))
+        return "stopped" if status == "running" and _process_gone(self.record) else status
 
     def series(self) -> dict[str, tuple[list[int], list[float]]]:
         return read_all_series(self.path / "metrics.jsonl")
@@ -275,7 +293,13 @@ class RunBrowser:
         body = [f"<h1>{esc(view.id)}</h1>", "<table>"]
         for label, value in (
             ("recipe", view.recipe),
-            ("status", view.status),
+            (
+                "status",
+                f"stopped: marked running, but its process (pid {record.get('pid')}) is gone; run its command again "
+                "to resume from the last checkpoint"
+                if view.status == "stopped"
+                else view.status,
+            ),
             ("message", record.get("message", "")),
             ("updated", record.get("updated", "")),
             ("command", record.get("command", "")),
