@@ -200,6 +200,7 @@ def test_sampling_commands_reject_bad_input(moons_run: Path, tmp_path: Path, cap
     # zero steps or budgets are refused, not taken as the default or left to fail inside matplotlib
     assert "--steps must be >= 1, got 0" in refused("sample", "--steps", "0")
     assert "--nfe budgets and --n must be >= 1" in refused("compare-samplers", "--nfe", "0")
+    assert "--no-full gives it to none: pass one" in refused("compare-samplers", "--full", "ddpm", "--no-full")
     # a count whose output alone cannot be held is refused before any sampling, not after hours of it
     start = time.perf_counter()
     huge = refused("sample", "--n", str(10**13), "--sampler", "ddim", "--steps", "5")

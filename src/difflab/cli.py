@@ -573,6 +573,8 @@ def cmd_compare_samplers(args: argparse.Namespace) -> int:
     if min(nfes) < 1 or args.n < 1:
         raise ConfigError(f"--nfe budgets and --n must be >= 1, got --nfe {' '.join(map(str, nfes))} --n {args.n}")
     print(f"[compare-samplers] {target.recipe} run {target.path}: {len(names)} samplers, NFE {list(nfes)}, n={args.n}")
+    if args.full and args.no_full:
+        raise ConfigError("--full names samplers to give the T-step budget and --no-full gives it to none: pass one")
     full_for = [n.strip() for n in args.full.split(",") if n.strip()] if args.full else None
     options = parse_options(args.option)
     rows = experiment.compare_samplers(
