@@ -57,6 +57,7 @@ def swissroll_run(tmp_path_factory) -> Path:
         ("swissroll", ["denoiser_train.batch_size=1e30"], "denoiser_train.batch_size must be an integer within"),
         ("swissroll", ["recipe=spiral"], "the config names recipe 'spiral' but the command asked for 'swissroll'"),
         ("swissroll", ["run_dir="], "run_dir is empty: name a folder (the default is runs/swissroll)"),
+        ("moons", ["denoiser.hidden=[64,0]"], "denoiser: hidden layer widths must be >= 1, got [64, 0]"),
         ("states", ["sampling.cond_steps=900"], "sampling.cond_steps must be in 0..500 (schedule.num_timesteps; 0"),
         ("states", ["sampling.ddpm_variance=large"], "sampling.ddpm_variance must be one of beta, posterior"),
         ("mnist-ddpm", [*DIGITS, "schedule.num_timesteps=10"], "metrics.ddim_steps=50 exceeds"),

@@ -684,6 +684,13 @@ def _close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # one line at a time also into a file or pipe (`difflab run ... > log`): a killed run keeps every line it printed
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(line_buffering=True)
+        except (ValueError, OSError):
+            pass
     parser = _parser()
     # Overrides may follow a flag (`difflab run mnist-ldm --table seed=1`): argparse leaves them over as extras.
     args, extras = parser.parse_known_args(argv)

@@ -66,6 +66,10 @@ class MLPConfig:
     activation: str = "silu"
     time_encoding: str = "centered"
 
+    def __post_init__(self) -> None:
+        if any(width < 1 for width in self.hidden):  # checked before the run folder is made; [] is a linear map
+            raise ConfigError(f"hidden layer widths must be >= 1, got {list(self.hidden)}")
+
 
 @dataclass(frozen=True)
 class DenoiserTrainConfig(TrainConfig):

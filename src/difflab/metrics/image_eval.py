@@ -132,7 +132,7 @@ def train_reference_cnn(
                 step += 1
                 bar.update(1)
                 if step % 100 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
     model.eval()
     seconds = time.perf_counter() - start

@@ -646,7 +646,7 @@ class Trainer:
                         last_logged = window.loss_sum / window.loss_count
                         if main:
                             self.logger.log(f"{self.name}/train_loss", self.step, last_logged)
-                        bar.set_postfix(loss=f"{last_logged:.4f}")
+                        bar.set_postfix(loss=f"{last_logged:.4f}", refresh=False)  # drawn at the bar's own interval
                     window.loss_sum, window.loss_count = 0.0, 0
                 if self.step % config.eval_every == 0 or self.step == config.steps:
                     validation = self._run_validation()
