@@ -273,9 +273,9 @@ def _resolve_run_target(target: str, config_file: str | None) -> tuple[str, str 
     return target, config_file
 
 
-def _check_named_recipe(recipe_name: str, config_file: str | None, overrides: list[str]) -> None:
-    """A :class:`ConfigError` when the config file's ``recipe:`` or a ``recipe=`` override names another recipe. A file
-    that cannot be read is left to the config loader, which says why."""
+def _named_recipe(config_file: str | None, overrides: list[str]) -> str | None:
+    """The recipe a config file's ``recipe:`` or a ``recipe=`` override names (the override wins), None if neither
+    does; a file that cannot be read names none (the config loader says why it cannot be read)."""
     named = None
     if config_file:
         import yaml
@@ -290,6 +290,10 @@ def _check_named_recipe(recipe_name: str, config_file: str | None, overrides: li
         key, _, value = override.partition("=")
         if key.strip() == "recipe":
             named = value.strip()
+    return named
+
+
+def _refuse_other_recipe(named: str | None, recipe_name: str) -> None:
     if named is not None and named != recipe_name:
         raise ConfigError(f"the config names recipe {named!r} but the command asked for {recipe_name!r}: name one")
 
@@ -300,11 +304,12 @@ def recipe_config(recipe_name: str, config_file: str | None, overrides: list[str
     from difflab.config import config_from
     from difflab.experiments.images import check_label_context
 
-    _check_named_recipe(recipe_name, config_file, overrides)  # before the keys: another recipe's are unknown here
-    config = config_from(_recipe(recipe_name).config_class(), config_file, overrides)
-    named = getattr(config, "recipe", recipe_name)
-    if named != recipe_name:
-        raise ConfigError(f"the config names recipe {named!r} but the command asked for {recipe_name!r}: name one")
+    try:
+        config = config_from(_recipe(recipe_name).config_class(), config_file, overrides)
+    except ConfigError:  # another recipe's config fails on its keys first: name the recipes instead
+        _refuse_other_recipe(_named_recipe(config_file, overrides), recipe_name)
+        raise
+    _refuse_other_recipe(getattr(config, "recipe", recipe_name), recipe_name)
     if getattr(config, "run_dir", None) == "":
         raise ConfigError(f"run_dir is empty: name a folder (the default is runs/{recipe_name})")
     check_label_context(config)

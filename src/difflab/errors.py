@@ -26,3 +26,10 @@ class CheckpointError(DifflabError):
 
 class TrainingDiverged(DifflabError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first non-empty line of ``exc``'s message (its type's name when it has none), cut to ``limit`` characters
+    when given: for one-line reports of errors raised by other libraries."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.errors import CheckpointError, ConfigError
+from difflab.errors import CheckpointError, ConfigError, first_line
 
 
 @runtime_checkable
@@ -293,6 +293,5 @@ def load_diffusers_autoencoder(
     try:
         vae: Any = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load a diffusers AutoencoderKL from {folder}: {first}") from None
+        raise CheckpointError(f"cannot load a diffusers AutoencoderKL from {folder}: {first_line(exc)}") from None
     return DiffusersAutoencoder(vae, image_shape, scaling_factor, source=str(folder))

@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import yaml
 
-from difflab.errors import ConfigError, DifflabError
+from difflab.errors import ConfigError, DifflabError, first_line
 from difflab.report.markdown import fmt
 from difflab.report.references import HEADLINE_METRICS
 from difflab.report.render import CSS
@@ -129,10 +129,6 @@ def find_runs(root: Path) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _process_gone(record: dict[str, Any]) -> bool:
     """Whether the process a run record names (``pid`` on ``host``) no longer exists: a run left ``running`` by a
     kill. False when that cannot be told (another host, an older record without a pid)."""
@@ -161,7 +157,7 @@ class RunView:
         try:
             config = yaml.safe_load(self.config_text) or {}
         except yaml.YAMLError as exc:
-            self.problems.append(f"config.yaml is not valid YAML ({_first_line(exc)})")
+            self.problems.append(f"config.yaml is not valid YAML ({first_line(exc)})")
             config = {}
         self.config = config if isinstance(config, dict) else {}
 
@@ -172,7 +168,7 @@ class RunView:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            self.problems.append(f"{name} cannot be read ({_first_line(exc)})")
+            self.problems.append(f"{name} cannot be read ({first_line(exc)})")
             return {}
         if not isinstance(data, dict):
             self.problems.append(f"{name} holds a {type(data).__name__}, not a JSON object")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from difflab import errors
-from difflab.errors import ConfigError, DifflabError
+from difflab.errors import ConfigError, DifflabError, first_line
 from difflab.seeding import mix_seed
 
 T = TypeVar("T")
@@ -88,8 +88,7 @@ def init_from_env(device: torch.device) -> tuple[torch.device, DistContext]:
         try:
             dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
         except (RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"cannot join the torchrun process group ({backend}): {first}") from None
+            raise ConfigError(f"cannot join the torchrun process group ({backend}): {first_line(exc)}") from None
     return device, current()
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from difflab.data.batches import DataSketch
-from difflab.errors import CheckpointError, ConfigError, TrainingDiverged
+from difflab.errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from difflab.progress import progress_bar
 from difflab.seeding import RowGenerator, mix_seed
 from difflab.training import checkpoint as ckpt
@@ -190,11 +190,6 @@ def _compile(module: nn.Module) -> nn.Module:
 def _is_compile_failure(exc: BaseException) -> bool:
     """Whether ``exc`` comes from torch.compile's machinery (dynamo tracing or an inductor backend)."""
     return any(cls.__module__.startswith(("torch._dynamo", "torch._inductor")) for cls in type(exc).__mro__)
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _batch_rows(batch: Any) -> int | None:
@@ -605,7 +600,7 @@ class Trainer:
                 except Exception as exc:
                     if config.compile and _is_compile_failure(exc):
                         raise ConfigError(
-                            f"'{self.name}': compile=true failed ({type(exc).__name__}: {_first_line(exc)}); "
+                            f"'{self.name}': compile=true failed ({type(exc).__name__}: {first_line(exc, 200)}); "
                             "run with compile=false"
                         ) from None
                     raise
