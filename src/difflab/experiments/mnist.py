@@ -31,7 +31,7 @@ from difflab.data.images import image_folder_classes
 from difflab.diffusion.objectives import ObjectiveConfig
 from difflab.diffusion.prediction import wrap_prediction
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
-from difflab.errors import ConfigError
+from difflab.errors import ConfigError, first_line
 from difflab.experiments import images as stages
 from difflab.experiments.images import QUANTISATION_LEVELS, ImageDataConfig
 from difflab.experiments.points2d import trajectory_recorder
@@ -908,7 +908,7 @@ def evaluate_run(
         try:
             content = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged or foreign file
-            raise ConfigError(f"cannot read {file}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+            raise ConfigError(f"cannot read {file}: {first_line(exc)}") from None
         if not isinstance(content, dict) or "images" not in content:
             continue
         results["samples"][file.name] = evaluator.evaluate(content["images"], content.get("labels"))

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from difflab.errors import CheckpointError
+from difflab.errors import CheckpointError, first_line
 
 STEP_FILE = re.compile(r"step-(\d{8})\.safetensors$")
 
@@ -43,7 +43,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         reason = "no space left on device"
     return CheckpointError(f"could not write {path}: {reason}; the file already there (if any) is untouched")
