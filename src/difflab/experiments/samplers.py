@@ -151,7 +151,7 @@ def load_points_run(path: Path, config: Any, device: torch.device) -> SamplingTa
 
     def kde_scores(points: torch.Tensor) -> dict[str, float]:
         """``points`` (N, 2) under the KDE of the training points and under that of the run's own samples."""
-        scores = {"heldout_under_training_kde": train_kde.nll(points.cpu())}
+        scores = {"heldout_under_training_kde": nll_course(points.cpu())}
         for name in ("uncond_gen_samples.pt", "samples.pt"):  # the STATES recipe's, the walkthroughs'
             file = path / "samples" / name
             if file.is_file():
