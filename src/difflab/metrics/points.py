@@ -34,7 +34,7 @@ def check_finite(points: torch.Tensor | np.ndarray, what: str = "samples") -> No
 
 
 class KDE:
-    """A Gaussian KDE (Scott's rule bandwidth) of reference points; ``nll(x)`` is ``mean(-log p(x))``."""
+    """A Gaussian KDE (Scott's rule bandwidth) of reference points (N, D); ``nll(x)`` is ``mean(-log p(x))``."""
 
     def __init__(self, reference: torch.Tensor | np.ndarray) -> None:
         array = _as_array(reference)
@@ -47,17 +47,20 @@ class KDE:
         return self.kde.logpdf(_as_array(points).T)
 
     def nll(self, points: torch.Tensor | np.ndarray) -> float:
+        """Mean ``-log p(x)`` over ``points`` (M, D); refuses NaN or infinite points."""
         check_finite(points)
         return float(-self.log_density(points).mean())
 
 
 def nll_course(samples: torch.Tensor, train_points: torch.Tensor) -> float:
-    """Mean ``-log p_KDE(samples)`` under a KDE of all training points (the reference's grade)."""
+    """Mean ``-log p_KDE(samples)`` of samples (M, 2) under a KDE of all training points (N, 2) (the reference's
+    grade)."""
     return KDE(train_points).nll(samples)
 
 
 def nll_reverse(samples: torch.Tensor, heldout_points: torch.Tensor) -> float:
-    """Mean ``-log q_KDE(heldout)`` under a KDE of the samples: low only if the samples cover the data."""
+    """Mean ``-log q_KDE(heldout)`` of held-out points (N, 2) under a KDE of the samples (M, 2): low only if the
+    samples cover the data."""
     check_finite(samples)
     return KDE(samples).nll(heldout_points)
 
@@ -65,7 +68,8 @@ def nll_reverse(samples: torch.Tensor, heldout_points: torch.Tensor) -> float:
 def nearest_labels(
     points: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor, chunk: int = 4096
 ) -> torch.Tensor:
-    """Label of the nearest reference point for each point, (N,) int64 (batched ``cdist``)."""
+    """Label of the nearest reference point (R, D) with labels (R,) for each point (N, D): (N,) int64 (batched
+    ``cdist``)."""
     points = points.detach().float().cpu()
     reference = reference.float().cpu()
     out = []
@@ -78,14 +82,15 @@ def nearest_labels(
 def nearest_label_fraction(
     samples: torch.Tensor, label: int, reference: torch.Tensor, reference_labels: torch.Tensor
 ) -> float:
-    """Share of ``samples`` whose nearest reference point has label ``label``."""
+    """Share of ``samples`` (N, D) whose nearest reference point (R, D), labels (R,), has label ``label``."""
     return float((nearest_labels(samples, reference, reference_labels) == label).float().mean())
 
 
 def label_histogram(
     samples: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor, num_classes: int
 ) -> list[float]:
-    """Fraction of samples nearest to each class (mode coverage of unconditional samples)."""
+    """Fraction of samples (N, D) nearest to each class, (num_classes,) as a list (mode coverage of unconditional
+    samples); reference (R, D), reference_labels (R,)."""
     labels = nearest_labels(samples, reference, reference_labels)
     counts = torch.bincount(labels, minlength=num_classes).float()
     return (counts / max(len(labels), 1)).tolist()
