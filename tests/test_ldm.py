@@ -313,7 +313,7 @@ def test_sampling_commands_load_a_latent_run_and_reproduce_its_samples(ldm_run: 
     seen = unet_labels
     assert "dpmpp-2m: 3 steps" in capsys.readouterr().out
     steered = torch.load(ldm_run / "samples" / "dpmpp-2m-digit3-w4-3steps-seed0.pt", weights_only=True)
-    assert steered["images"].shape == (5, 1, 8, 8)
+    assert steered["images"].shape == (5, 1, 8, 8) and steered["labels"].tolist() == [3] * 5  # for evaluate
     assert seen and all(set(labels.tolist()) == {3, 10} for labels in seen)
     assert main(["sample", str(ldm_run), "--digit", "10", "--steps", "3", "--n", "2"]) == 2
     assert "--digit must be between 0 and 9" in capsys.readouterr().err

@@ -1234,6 +1234,7 @@ def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.devic
         decode=decode,
         variational_bound=variational_bound,
         conditioned=conditioned if classes else None,
+        class_index=(lambda label: class_index(config.data, label, classes)) if classes else None,
         description=f"{variant.name}: {describe(variant.unet, latent_shape[1])}{guidance}; {clipping}; "
         f"samples decoded by {vae.description}",
     )

@@ -74,6 +74,8 @@ class SamplingTarget:
     # model that samples class ``label`` (an index, or an image folder's class name; None: every class in turn)
     # at guidance ``w`` (None: the run's own).
     conditioned: Callable[[int | str | None, float | None], DiffusionModel] | None = None
+    # ...and the class index a ``--digit`` value names (an index, or an image folder's class name)
+    class_index: Callable[[int | str], int] | None = None
     # 2-D runs: KDE scores of given held-out points (N, 2), beside their exact likelihood in ``difflab likelihood``
     kde_scores: Callable[[torch.Tensor], dict[str, float]] | None = None
 
@@ -256,7 +258,10 @@ def sample_run(
     if target.decode is None:
         torch.save(samples, pt_path)
     else:
-        torch.save({"latents": samples, "images": target.decode(samples)}, pt_path)
+        content = {"latents": samples, "images": target.decode(samples)}
+        if digit is not None and target.class_index is not None:  # so `difflab evaluate` scores the intended class
+            content["labels"] = torch.full((len(samples),), target.class_index(digit), dtype=torch.long)
+        torch.save(content, pt_path)
     record: dict[str, Any] = {**info, **steer, **(options or {}), "n": n, "seed": seed, "samples": str(pt_path)}
     record.update(target.score(samples))
     if target.plot is not None:
