@@ -294,7 +294,9 @@ def test_train_command_trains_alone_and_run_goes_on_from_it(recipe: str, tmp_pat
     overrides, networks = TRAIN_THEN_RUN[recipe]
     run_dir = tmp_path / recipe
     assert main(["train", recipe, f"run_dir={run_dir}", "progress=false", *overrides]) == 0
-    assert f"weights: {run_dir / 'checkpoints'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"[{recipe}] training into run folder {run_dir} (the training stages only)\n")
+    assert f"weights: {run_dir / 'checkpoints'}" in printed
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "complete" and "difflab train" in record["message"]
     for name in networks:

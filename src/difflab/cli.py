@@ -336,6 +336,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
     recipe = _recipe(recipe_name)
     config = recipe_config(recipe_name, config_file, args.overrides)
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks stay quiet, as in the recipes
+        print(f"[{recipe_name}] training into run folder {config.run_dir} (the training stages only)")
     run = recipe.train(config, fresh=args.fresh)
     if run.main:
         print(f"weights: {run.path / 'checkpoints'}")
