@@ -574,14 +574,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_compare_samplers(args: argparse.Namespace) -> int:
     from difflab.experiments import samplers as experiment
 
-    target = experiment.load_target(args.run, args.device)
     names = [n.strip() for n in args.samplers.split(",") if n.strip()] if args.samplers else experiment.DEFAULT_COMPARED
     nfes = tuple(args.nfe) if args.nfe else experiment.DEFAULT_NFES
     if min(nfes) < 1 or args.n < 1:
         raise ConfigError(f"--nfe budgets and --n must be >= 1, got --nfe {' '.join(map(str, nfes))} --n {args.n}")
-    print(f"[compare-samplers] {target.recipe} run {target.path}: {len(names)} samplers, NFE {list(nfes)}, n={args.n}")
     if args.full and args.no_full:
         raise ConfigError("--full names samplers to give the T-step budget and --no-full gives it to none: pass one")
+    target = experiment.load_target(args.run, args.device)  # the arguments first: loading a run takes seconds
+    print(f"[compare-samplers] {target.recipe} run {target.path}: {len(names)} samplers, NFE {list(nfes)}, n={args.n}")
     full_for = [n.strip() for n in args.full.split(",") if n.strip()] if args.full else None
     options = parse_options(args.option)
     rows = experiment.compare_samplers(
