@@ -213,6 +213,7 @@ def test_bad_ldm_input(tmp_path: Path, capsys) -> None:
         == 2
     )
     assert "local folder" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # a bad vae.path is refused before the run folder is made
     assert (
         main(
             [
@@ -227,6 +228,7 @@ def test_bad_ldm_input(tmp_path: Path, capsys) -> None:
         == 2
     )
     assert "not an autoencoder run" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
     assert main(["run", "states", "--table"]) == 2
     assert "--table" in capsys.readouterr().err
     assert main(["run", "mnist-ldm", "table_config.combined_attention_levels=[4]"]) == 2

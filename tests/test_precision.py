@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
+from difflab.cli import main
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
 from difflab.experiments.images import sample_images
@@ -12,7 +16,13 @@ from difflab.experiments.mnist import EvaluationConfig
 from difflab.experiments.runs import option_tags
 from difflab.models.unet import UNet, UNetConfig
 from difflab.sampling.common import check_eta
-from difflab.training.precision import AutocastModel, check_precision, memory_format_for, to_fast_layout
+from difflab.training.precision import (
+    AutocastModel,
+    check_config_precisions,
+    check_precision,
+    memory_format_for,
+    to_fast_layout,
+)
 
 
 def informative_unet() -> UNet:
@@ -45,6 +55,38 @@ def test_precisions_a_device_cannot_run_are_refused() -> None:
         check_precision("fp16", torch.device("cpu"), ("fp32", "bf16"))
     with pytest.raises(ConfigError, match="metrics.precision must be one of fp32, bf16, got 'int8'"):
         EvaluationConfig(precision="int8")
+
+
+def test_every_precision_of_a_config_is_checked_by_its_key() -> None:
+    from difflab.experiments.ldm import MnistLDMConfig
+
+    config = MnistLDMConfig()
+    check_config_precisions(config, torch.device("cpu"))
+    nested = dataclasses.replace(
+        config,
+        vae=dataclasses.replace(
+            config.vae,
+            training=dataclasses.replace(
+                config.vae.training, train=dataclasses.replace(config.vae.training.train, precision="fp16")
+            ),
+        ),
+    )
+    with pytest.raises(ConfigError, match=r"^vae\.training\.train\.precision=fp16 needs a CUDA GPU"):
+        check_config_precisions(nested, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "key"),
+    [("mnist-ddpm", "train.precision"), ("states", "denoiser_train.precision"), ("mnist-ldm", "train.precision")],
+)
+def test_a_recipe_refuses_fp16_on_a_cpu_before_it_makes_a_run_folder(
+    tmp_path: Path, capsys, recipe: str, key: str
+) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["run", recipe, f"run_dir={run_dir}", "device=cpu", f"{key}=fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{key}=fp16 needs a CUDA GPU" in err and len(err.splitlines()) == 1, err
+    assert not run_dir.exists()
 
 
 def test_autocast_model_runs_bf16_and_answers_in_fp32() -> None:

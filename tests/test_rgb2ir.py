@@ -372,8 +372,12 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
         (["inversion.order=3"], "inversion.order must be 1 or 2, got 3"),
         (["inversion.enabled=true", "latents.t_start=10", "inversion.steps=20"], "use at most 10 steps"),
         (["data.input=", "data.target="], "data.input and data.target must name the two image folders"),
+        (["vae.kind=diffusers", f"vae.path={tmp_path / 'no-vae'}"], "must be a local folder holding an AutoencoderKL"),
+        (["vae.kind=run", f"vae.path={tmp_path}"], "not an autoencoder run"),
+        (["vae.training.train.precision=fp16"], "vae.training.train.precision=fp16 needs a CUDA GPU"),
     ]
     for overrides, message in cases:
         assert main(["run", "rgb2ir", f"run_dir={tmp_path / 'run'}", "progress=false", *overrides, "--fresh"]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "run").exists(), f"{overrides} left a run folder behind"

@@ -253,7 +253,7 @@ def run_autoencoder(
 ) -> RunFolder:
     """Train and evaluate the VAE into ``config.run_dir`` (``train_only``: ``difflab train``, no evaluation)."""
     wall = time.perf_counter()
-    device, echo = setup_ranks(config.device, echo)
+    device, echo = setup_ranks(config, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
     run = RunFolder.open(config.run_dir, "autoencoder", config, fresh=fresh)
     with run.guard():

@@ -389,9 +389,11 @@ def prepare_autoencoder(
     heldout: ImageSet,
     device: torch.device,
     echo: Any,
+    given: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The autoencoder of ``config.vae`` (trained here, loaded from a run, or a pretrained diffusers VAE) in eval
-    mode, and what to report about it."""
+    mode, and what to report about it. ``given``: the autoencoder of ``vae.kind=run|diffusers`` when the caller
+    has already loaded it (:func:`given_autoencoder`), else it is loaded here."""
     vae_config = config.vae
     info: dict[str, Any] = {"kind": vae_config.kind, "path": vae_config.path}
     shape = tuple(train.images.shape[1:])
@@ -409,7 +411,7 @@ def prepare_autoencoder(
         )
         info["train_seconds"] = round(result.seconds, 1)
     else:
-        vae = _given_autoencoder(vae_config, shape, device)
+        vae = given if given is not None else given_autoencoder(vae_config, shape, device)
         record = Path(vae_config.path) / "metrics.json"
         if vae_config.kind == "run" and record.is_file():
             info["train_seconds"] = json.loads(record.read_text()).get("training", {}).get("seconds")
@@ -418,8 +420,11 @@ def prepare_autoencoder(
     return vae, info
 
 
-def _given_autoencoder(vae_config: VAEConfig, image_shape: tuple[int, ...], device: torch.device) -> Any:
-    """The autoencoder of ``vae.kind=run`` (an autoencoder run's) or ``vae.kind=diffusers`` (a local AutoencoderKL)."""
+def given_autoencoder(vae_config: VAEConfig, image_shape: tuple[int, ...], device: torch.device) -> Any:
+    """The autoencoder of ``vae.kind=run`` (an autoencoder run's) or ``vae.kind=diffusers`` (a local AutoencoderKL)
+    for images of ``image_shape`` (C, H, W); None for ``vae.kind=train``."""
+    if vae_config.kind == "train":
+        return None
     if vae_config.kind == "run":
         return load_autoencoder_run(vae_config.path, device)
     return load_diffusers_autoencoder(vae_config.path, image_shape, vae_config.scaling_factor)
@@ -566,8 +571,10 @@ def run_mnist_ldm(
     """Latent diffusion (one model, or the whole comparison with ``config.table``) into ``config.run_dir``
     (``train_only``: ``difflab train``, the autoencoder, the latent cache and the diffusion models alone)."""
     wall = time.perf_counter()
-    device, echo = setup_ranks(config.device, echo)
+    device, echo = setup_ranks(config, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
+    # A given autoencoder is loaded before the run folder exists, so a bad vae.path leaves no folder behind.
+    given = given_autoencoder(config.vae, tuple(train.images.shape[1:]), device)
     # The plain run and the table share a folder: the autoencoder, the latents and equal models are reused.
     run = RunFolder.open(
         config.run_dir, "mnist-ldm", config, fresh=fresh, ignore_keys=("run_dir", "table", "table_config")
@@ -584,7 +591,7 @@ def run_mnist_ldm(
         with run.stage("evaluator"):
             evaluator = stages.evaluator_for(config.data, device, echo) if run.main and not train_only else None
         with run.stage("autoencoder"):
-            vae, vae_info = prepare_autoencoder(config, run, logger, train, heldout, device, echo)
+            vae, vae_info = prepare_autoencoder(config, run, logger, train, heldout, device, echo, given)
             scored = heldout.images[: config.vae.eval_images]
             vae_info["reconstruction"] = reconstruction_metrics(
                 lambda x: vae.decode(vae.encode(x)), scored, config.vae.batch_size, device
@@ -1142,7 +1149,7 @@ def build_report(contents: RunContents) -> Report:
 def _finished_autoencoder(config: MnistLDMConfig, path: Path, train: ImageSet, device: torch.device) -> Any:
     """The autoencoder a finished run used, loaded (never trained): its own, an autoencoder run's or diffusers'."""
     if config.vae.kind != "train":
-        return _ready(_given_autoencoder(config.vae, tuple(train.images.shape[1:]), device), config.vae, device)
+        return _ready(given_autoencoder(config.vae, tuple(train.images.shape[1:]), device), config.vae, device)
     weights = path / "checkpoints" / "autoencoder.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path} has no trained autoencoder ({weights} is missing); finish the run")

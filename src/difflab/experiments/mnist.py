@@ -223,7 +223,7 @@ def _setup(config: Any, recipe: str, fresh: bool, echo):
     """The config with its U-Net fitted to the data's channels and classes, device (joining torchrun's process
     group when launched by it), data and run folder; ranks other than 0 get a silent ``echo`` and a run folder
     that writes nothing."""
-    device, echo = setup_ranks(config.device, echo)
+    device, echo = setup_ranks(config, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
     unet, fitted = stages.fit_unet_to_data(config.unet, train)
     if fitted:

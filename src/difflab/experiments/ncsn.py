@@ -259,7 +259,7 @@ def run_mnist_ncsn(
 ) -> RunFolder:
     """The NCSN recipe into ``config.run_dir`` (``train_only``: ``difflab train``, the score network alone)."""
     wall = time.perf_counter()
-    device, echo = setup_ranks(config.device, echo)
+    device, echo = setup_ranks(config, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
     run = RunFolder.open(config.run_dir, "mnist-ncsn", config, fresh=fresh)
     with run.guard():

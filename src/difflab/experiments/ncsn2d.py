@@ -190,7 +190,7 @@ def run_points_ncsn(
     """Run a 2-D NCSN recipe into ``config.run_dir``; returns the completed run folder (``train_only``:
     ``difflab train``, the score network alone)."""
     wall = time.perf_counter()
-    device, echo = setup_ranks(config.device, echo)
+    device, echo = setup_ranks(config, echo)
     train_cloud, heldout_cloud = load_points(config)
     run = RunFolder.open(config.run_dir, config.recipe, config, fresh=fresh)
     with run.guard():

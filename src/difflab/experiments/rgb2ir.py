@@ -365,10 +365,35 @@ def train_paired_autoencoder(
     return train_autoencoder(run, logger, images, check, config.training, seed, device, show_progress, echo)
 
 
+def given_autoencoder(config: RGB2IRConfig, device: torch.device) -> Any:
+    """The autoencoder of ``vae.kind=run`` (an autoencoder run's, which must take 3 channels) or
+    ``vae.kind=diffusers`` (a local AutoencoderKL) on ``device``; None for ``vae.kind=train``."""
+    vae_config = config.vae
+    if vae_config.kind == "train":
+        return None
+    if vae_config.kind == "run":
+        vae = load_autoencoder_run(vae_config.path, device)
+        if vae.config.in_channels != 3:
+            raise ConfigError(
+                f"vae.path={vae_config.path} holds a {vae.config.in_channels}-channel autoencoder; "
+                "rgb2ir needs 3 channels"
+            )
+        return vae
+    shape = (3, config.data.size, config.data.size)
+    return load_diffusers_autoencoder(vae_config.path, shape, vae_config.scaling_factor).to(device)
+
+
 def prepare_autoencoder(
-    config: RGB2IRConfig, run: RunFolder, logger: RunLogger, data: PairedData, device: torch.device, echo: Any
+    config: RGB2IRConfig,
+    run: RunFolder,
+    logger: RunLogger,
+    data: PairedData,
+    device: torch.device,
+    echo: Any,
+    given: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The autoencoder of ``config.vae`` in eval mode, and what the report says about it."""
+    """The autoencoder of ``config.vae`` in eval mode, and what the report says about it. ``given``: the
+    autoencoder of ``vae.kind=run|diffusers`` when the caller has loaded it (:func:`given_autoencoder`)."""
     vae_config = config.vae
     info: dict[str, Any] = {"kind": vae_config.kind, "path": vae_config.path}
     shape = (3, config.data.size, config.data.size)
@@ -377,15 +402,8 @@ def prepare_autoencoder(
             run, logger, data, vae_config, config.seed, device, config.progress, echo
         )
         info.update(steps=result.step, train_seconds=round(result.seconds, 1), crop=vae_config.training.crop)
-    elif vae_config.kind == "run":
-        vae = load_autoencoder_run(vae_config.path, device)
-        if vae.config.in_channels != 3:
-            raise ConfigError(
-                f"vae.path={vae_config.path} holds a {vae.config.in_channels}-channel autoencoder; "
-                "rgb2ir needs 3 channels"
-            )
     else:
-        vae = load_diffusers_autoencoder(vae_config.path, shape, vae_config.scaling_factor).to(device)
+        vae = given if given is not None else given_autoencoder(config, device)
     if vae_config.scaling_factor > 0:
         vae.scaling_factor = vae_config.scaling_factor
     vae.eval().requires_grad_(False)
@@ -801,23 +819,27 @@ def run_rgb2ir(
     """Translate RGB to IR in latent space into ``config.run_dir`` (see the module docstring); ``train_only``:
     ``difflab train``, the autoencoder, the latent cache and every network (with the inversion they need) alone."""
     wall = time.perf_counter()
-    device, echo = setup_ranks(config.device, echo)
+    device, echo = setup_ranks(config, echo)
+    # The data and a given autoencoder are read before the run folder exists: a bad path leaves no folder behind.
+    started = time.perf_counter()
+    data = load_data(config.data, echo)
+    data_seconds = time.perf_counter() - started
+    given = given_autoencoder(config, device)
     # Enabling the inversion or changing what is scored reuses the folder: the autoencoder, the latent cache and the
     # regressors are resumed as they are (their checkpoints check their own settings).
     run = RunFolder.open(
         config.run_dir, "rgb2ir", config, fresh=fresh, ignore_keys=("run_dir", "inversion", "evaluation")
     )
+    run.timings["data"] = data_seconds
     with run.guard():
         seed_everything(config.seed)
-        with run.stage("data"):
-            data = load_data(config.data, echo)
         logger = RunLogger(run.path)
         echo(
             f"[rgb2ir] run folder {run.path} | {len(data.train)} training and {len(data.test)} test pairs at "
             f"{config.data.size} x {config.data.size} | device {device}"
         )
         with run.stage("autoencoder"):
-            vae, vae_info = prepare_autoencoder(config, run, logger, data, device, echo)
+            vae, vae_info = prepare_autoencoder(config, run, logger, data, device, echo, given)
         schedule = NoiseSchedule.from_config(config.schedule)
         t_start = config.latents.t_start
         alpha_bar = float(schedule.alpha_bar[t_start])
@@ -1291,17 +1313,14 @@ def train_rgb2ir(config: RGB2IRConfig, fresh: bool = False, echo: Callable[[str]
 
 def load_run_autoencoder(config: RGB2IRConfig, run_dir: Path, device: torch.device) -> Any:
     """The autoencoder a finished ``rgb2ir`` run used (its exported weights for ``vae.kind=train``)."""
-    shape = (3, config.data.size, config.data.size)
     if config.vae.kind == "train":
         path = run_dir / "checkpoints" / "autoencoder.safetensors"
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist: the rgb2ir run has not trained its autoencoder")
         vae = KLAutoencoder(config.vae.training.model)
         ckpt.load_weights(vae, path)
-    elif config.vae.kind == "run":
-        vae = load_autoencoder_run(config.vae.path, device)
     else:
-        vae = load_diffusers_autoencoder(config.vae.path, shape, config.vae.scaling_factor)
+        vae = given_autoencoder(config, device)
     if config.vae.scaling_factor > 0:
         vae.scaling_factor = config.vae.scaling_factor
     return vae.to(device).eval().requires_grad_(False)

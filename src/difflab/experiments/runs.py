@@ -49,6 +49,7 @@ from difflab.report.rundata import RunContents, load_run
 from difflab.report.rundata import read_run_record as read_run  # the name the recipes and the CLI use
 from difflab.training import distributed
 from difflab.training.checkpoint import atomic_write_bytes, tensor_digest
+from difflab.training.precision import check_config_precisions
 from difflab.training.trainer import RESUMABLE_CHANGES, TrainConfig
 
 C = TypeVar("C")
@@ -93,10 +94,13 @@ def setup_device(name: str) -> torch.device:
     return device
 
 
-def setup_ranks(name: str, echo: Callable[[str], object]) -> tuple[torch.device, Callable[[str], object]]:
-    """:func:`setup_device`, and this rank's ``echo``: the given one on rank 0 (or a single process), a silent one
-    on the other ranks of a torchrun job (rank 0 alone speaks)."""
-    device = setup_device(name)
+def setup_ranks(config: Any, echo: Callable[[str], object]) -> tuple[torch.device, Callable[[str], object]]:
+    """:func:`setup_device` of ``config.device``, and this rank's ``echo``: the given one on rank 0 (or a single
+    process), a silent one on the other ranks of a torchrun job (rank 0 alone speaks). Every ``precision`` of the
+    config is checked on that device first, so a precision the device cannot run is refused before any run folder
+    exists."""
+    check_config_precisions(config, resolve_device(config.device))
+    device = setup_device(config.device)
     return device, (echo if distributed.current().is_main else _silent)
 
 

@@ -256,7 +256,7 @@ def train_classifier(
 
 
 def _open(config: StatesConfig, fresh: bool, echo):
-    device, echo = setup_ranks(config.device, echo)
+    device, echo = setup_ranks(config, echo)
     train_cloud, heldout_cloud, shipped = load_data(config.data, config.seed)
     run = RunFolder.open(config.run_dir, "states", config, fresh=fresh)
     return device, train_cloud, heldout_cloud, shipped, run, echo

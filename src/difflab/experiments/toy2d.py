@@ -133,7 +133,7 @@ def toy_config_class(name: str) -> Any:
 
 
 def _open(config: ToyConfig, fresh: bool, echo):
-    device, echo = setup_ranks(config.device, echo)
+    device, echo = setup_ranks(config, echo)
     train = make_toy(config.recipe, config.data.n_train, config.data.noise, seed=0)
     heldout = make_toy(config.recipe, config.data.n_heldout, config.data.noise, seed=1)
     run = RunFolder.open(config.run_dir or f"runs/{config.recipe}", config.recipe, config, fresh=fresh)
