@@ -171,6 +171,35 @@ def test_logsnr_spacing_keeps_the_end_points_and_spaces_evenly_in_log_snr() -> N
         round_trip_timesteps(SCHEDULE, 10, None, "karras")
 
 
+def test_round_trips_go_through_the_network_in_batches_with_each_items_own_label() -> None:
+    from difflab.experiments.inversion import WithLabels, round_trip_cases, round_trip_rows
+    from difflab.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    network = UNet(UNetConfig(in_channels=1, out_channels=1, base_channels=8, channel_mults=(1, 2), num_classes=3))
+    for module in network.modules():  # break the zero-initialised output so eps depends on x, t and the label
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    network.eval()
+    schedule = NoiseSchedule.cosine(100)
+    x0 = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    cases = round_trip_cases((4,), len(x0))
+    said: list[str] = []
+    whole, _ = round_trip_rows(network, schedule, x0, cases, 90, echo=said.append, labels=labels, batch_size=64)
+    batched, figure = round_trip_rows(network, schedule, x0, cases, 90, echo=said.append, labels=labels, batch_size=3)
+    assert "on each of 3 batch(es) of at most 3" in said[-2]
+    for key in ("mse", "psnr_db", "psnr_db_mean_per_image", "ssim", "latent_std"):
+        assert batched[0][key] == pytest.approx(whole[0][key], rel=1e-5), key
+    # the batches keep each item's own label: item 4 alone, with label 1, round-trips to the same image
+    _, alone = ddim_round_trip(WithLabels(network, labels[4:5]), schedule, x0[4:5], 4, 90)
+    torch.testing.assert_close(figure[0][1][4:5], alone.clamp(-1, 1), atol=1e-4, rtol=0)
+    _, wrong = ddim_round_trip(WithLabels(network, torch.tensor([2])), schedule, x0[4:5], 4, 90)
+    assert (figure[0][1][4:5] - wrong.clamp(-1, 1)).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="batch size must be >= 1"):
+        round_trip_rows(network, schedule, x0, cases, 90, echo=said.append, batch_size=0)
+
+
 def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "ddpm"
     assert (
@@ -200,7 +229,7 @@ def test_invert_command_on_a_trained_run(tmp_path: Path, capsys) -> None:
     # the size of the work first: 5 and 50 steps there and back (10 + 100 NFE), and refined by one fixed-point
     # iteration per inversion step (15 + 150)
     assert "[invert] 32 item(s), 4 round trip(s) to t = " in printed
-    assert ": 275 network calls on the batch of them" in printed
+    assert ": 275 network calls on each of 1 batch(es) of at most 256" in printed
     rows = json.loads((run_dir / "inversion.json").read_text())["rows"]
     report = (run_dir / "report.md").read_text()  # rewritten with the round trips, each row's numbers in it
     assert "## DDIM round trips (difflab invert)" in report and "figures/inversion.png" in report

@@ -75,6 +75,9 @@ def resolved_t_end(schedule: NoiseSchedule, t_end: int | None, steps: tuple[int,
     return t_end
 
 
+INVERSION_BATCH = 256  # items per network batch: bounds the memory of a round trip of any number of items
+
+
 def round_trip_rows(
     model: Any,
     schedule: NoiseSchedule,
@@ -85,6 +88,8 @@ def round_trip_rows(
     echo: Any = print,
     name: str = "",
     fields: dict[str, Any] | None = None,
+    labels: torch.Tensor | None = None,
+    batch_size: int = INVERSION_BATCH,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, torch.Tensor]]]:
     """Every round trip of ``cases`` (:func:`round_trip_cases`) of ``x0`` (N, ...) to ``t_end`` under the eps
     ``model``: one row each (its settings, NFE, MSE of the round trip, PSNR of the MSE pooled over the images and
@@ -93,21 +98,36 @@ def round_trip_rows(
 
     ``x0`` are images in [-1, 1] (``mse``), or latents that ``decode`` maps to images (``latent_mse``; PSNR and
     SSIM then compare the decoded round trip with the decoded original, the inversion's own error without the
-    autoencoder's). ``fields`` are added to every row; ``name`` starts each printed line."""
+    autoencoder's). ``fields`` are added to every row; ``name`` starts each printed line. ``labels`` (N,): a
+    class-conditional ``model(x, t, labels)`` is conditioned on each item's own label. The items go through the
+    network ``batch_size`` at a time (each item's round trip is independent of the others'), so memory stays
+    bounded for any N; the scores are of all N together."""
+    if batch_size < 1:
+        raise ConfigError(f"the inversion batch size must be >= 1, got {batch_size}")
     original = x0.cpu() if decode is None else decode(x0)
     error = "mse" if decode is None else "latent_mse"
     rows: list[dict[str, Any]] = []
     figure_rows: list[tuple[str, torch.Tensor]] = []
     calls = sum(case[4] for case in cases)
+    chunks = [slice(start, start + batch_size) for start in range(0, len(x0), batch_size)]
     echo(
-        f"[invert] {name}{len(x0)} item(s), {len(cases)} round trip(s) to t = {t_end}: {calls} network calls on the "
-        "batch of them"
+        f"[invert] {name}{len(x0)} item(s), {len(cases)} round trip(s) to t = {t_end}: {calls} network calls on "
+        f"each of {len(chunks)} batch(es) of at most {batch_size}"
     )
-    bar = progress_bar(total=calls, desc="invert (NFE)", unit="NFE", disable=calls * len(x0) < 20_000)
+    bar = progress_bar(total=calls * len(chunks), desc="invert (NFE)", unit="NFE", disable=calls * len(x0) < 20_000)
     for spacing, order, iterations, count, nfe, label in cases:
         start = time.perf_counter()
+        latents, reconstructions = [], []
         with torch.no_grad():
-            latent, reconstruction = ddim_round_trip(model, schedule, x0, count, t_end, iterations, spacing, order)
+            for chunk in chunks:
+                network = model if labels is None else WithLabels(model, labels[chunk])
+                latent, reconstruction = ddim_round_trip(
+                    network, schedule, x0[chunk], count, t_end, iterations, spacing, order
+                )
+                latents.append(latent)
+                reconstructions.append(reconstruction)
+                bar.update(nfe)
+            latent, reconstruction = torch.cat(latents), torch.cat(reconstructions)
             images = reconstruction.clamp(-1, 1).cpu() if decode is None else decode(reconstruction)
         seconds = time.perf_counter() - start
         row = {
@@ -128,7 +148,6 @@ def round_trip_rows(
         }
         rows.append(row)
         figure_rows.append((label, images[:8]))
-        bar.update(nfe)
         echo(
             f"[invert] {name}{label}: {'latent ' if decode else ''}MSE {row[error]:.2e}, "
             f"{'decoded ' if decode else ''}PSNR {row['psnr_db']:.2f} dB (mean per image "
@@ -218,9 +237,9 @@ def invert_run(
     _, heldout = stages.load_image_data(config.data, config.seed)
     index = held_out_choice(len(heldout), n, seed)
     x0 = heldout.images[index].to(resolved)
-    if config.unet.num_classes:  # a mnist-cfg model, conditioned on each image's own label (guidance w = 1)
-        model = WithLabels(model, heldout.labels[index].to(resolved))
-    rows, figure_rows = round_trip_rows(model, schedule, x0, cases, t_end, echo=echo)
+    # a mnist-cfg model is conditioned on each image's own label (guidance w = 1)
+    labels = heldout.labels[index].to(resolved) if config.unet.num_classes else None
+    rows, figure_rows = round_trip_rows(model, schedule, x0, cases, t_end, echo=echo, labels=labels)
     figure_rows.insert(0, ("original", x0[:8].cpu()))
     return write_inversion(
         run_dir,
