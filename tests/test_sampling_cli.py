@@ -133,6 +133,11 @@ def test_compare_samplers_writes_table_json_and_plot(moons_run: Path, capsys) ->
     again = json.loads((out / "results.json").read_text())["rows"]
     assert [(row["sampler"], row["budget"]) for row in again] == [("dpmpp-2m", 5)]
     assert again[0]["nll_course"] == rows[("dpmpp-2m", 5)]["nll_course"]
+    # the first comparison is kept, whole, under earlier/<time>/, not overwritten
+    kept = [folder for folder in (out / "earlier").iterdir() if (folder / "results.json").is_file()]
+    first = [json.loads((folder / "results.json").read_text())["rows"] for folder in kept]
+    assert results["rows"] in first and "the earlier comparison is kept in" in capsys.readouterr().out
+    assert all((folder / "table.md").is_file() and (folder / "quality_vs_nfe.png").is_file() for folder in kept)
     # --full ddpm: the T-step budget for DDPM only, the fast sampler at its own budgets
     argv = ["compare-samplers", str(moons_run), "--samplers", "ddpm,dpmpp-2m", "--nfe", "5", "--n", "300"]
     assert main([*argv, "--full", "ddpm"]) == 0

@@ -355,10 +355,37 @@ def comparison_table(rows: list[dict[str, Any]], metrics: Sequence[str], num_tim
     return table(headers, lines)
 
 
-def write_comparison(target: SamplingTarget, rows: list[dict[str, Any]], n: int, seed: int) -> dict[str, Path]:
-    """RUN/compare_samplers/{table.md, results.json, quality_vs_nfe.png}."""
+COMPARISON_FILES = ("table.md", "results.json", "quality_vs_nfe.png")
+
+
+def keep_earlier_comparison(out: Path) -> Path | None:
+    """Move the comparison ``out`` holds (:data:`COMPARISON_FILES`) to ``out/earlier/<its UTC time>/`` so a new
+    one does not overwrite it; returns where it went (None when there was none)."""
+    present = [out / name for name in COMPARISON_FILES if (out / name).is_file()]
+    if not present:
+        return None
+    written = max(path.stat().st_mtime for path in present)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(written))
+    folder, k = out / "earlier" / stamp, 1
+    while folder.exists():
+        k += 1
+        folder = out / "earlier" / f"{stamp}-{k}"
+    folder.mkdir(parents=True)
+    for path in present:
+        path.replace(folder / path.name)
+    return folder
+
+
+def write_comparison(
+    target: SamplingTarget, rows: list[dict[str, Any]], n: int, seed: int, echo: Callable[[str], object] = print
+) -> dict[str, Path]:
+    """RUN/compare_samplers/{table.md, results.json, quality_vs_nfe.png}; an earlier comparison there is kept in
+    ``RUN/compare_samplers/earlier/<time>/`` (:func:`keep_earlier_comparison`), not overwritten."""
     out = target.path / "compare_samplers"
     out.mkdir(parents=True, exist_ok=True)
+    kept = keep_earlier_comparison(out)
+    if kept is not None:
+        echo(f"[compare-samplers] the earlier comparison is kept in {kept}")
     metrics = list(target.metrics)
     references = target.references_at(n) if target.references_at is not None else target.references
     notes = [
@@ -381,7 +408,14 @@ def write_comparison(target: SamplingTarget, rows: list[dict[str, Any]], n: int,
     ]
     paths = {"table": out / "table.md", "results": out / "results.json", "figure": out / "quality_vs_nfe.png"}
     atomic_write_bytes(paths["table"], "\n".join(notes).encode())
-    record = {"recipe": target.recipe, "n": n, "seed": seed, "references": references, "rows": rows}
+    record = {
+        "recipe": target.recipe,
+        "n": n,
+        "seed": seed,
+        "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "references": references,
+        "rows": rows,
+    }
     atomic_write_bytes(paths["results"], (json.dumps(record, indent=2) + "\n").encode())
     series = {
         metric: {
