@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from difflab.cli import main
+from difflab.cli import main, recipe_config
 from difflab.data.states import load_states
 from difflab.metrics.points import KDE, nearest_label_fraction
 from difflab.training.logging import read_series
@@ -84,17 +84,20 @@ def test_states_run_learns(states_run: Path) -> None:
 
 
 def test_rerun_resumes_and_changed_config_is_refused(states_run: Path, capsys) -> None:
-    # Settings that say how training runs (log_every, device) may change on a rerun; the trainer resumes.
-    resumable = ["denoiser_train.log_every=100", "device=cpu"]
+    # Settings that say how training runs (log_every, device) may change on a rerun; the trainer resumes. So may
+    # those training never reads (sampling.*, figures.*): the rerun samples the trained model with them.
+    resumable = ["denoiser_train.log_every=100", "device=cpu", "sampling.batch_size=700"]
     assert main(["run", "states", f"run_dir={states_run}", *QUICK_STATES, *resumable]) == 0
     output = capsys.readouterr().out
     assert "resumed from step 1500 of 1500 (training already complete)" in output
+    assert "batch_size: 700" in (states_run / "config.yaml").read_text()
     assert main(["run", "states", f"run_dir={states_run}", *QUICK_STATES, "denoiser_train.lr=0.1"]) == 2
     assert "different config (differs in: denoiser_train.lr)" in capsys.readouterr().err
 
 
 def test_a_run_folder_accepts_exactly_the_changes_a_resumed_training_accepts(tmp_path: Path) -> None:
     from dataclasses import dataclass, field, replace
+    from typing import ClassVar
 
     from difflab.errors import ConfigError
     from difflab.experiments.runs import RunFolder
@@ -106,11 +109,20 @@ def test_a_run_folder_accepts_exactly_the_changes_a_resumed_training_accepts(tmp
         train: TrainConfig = field(default_factory=TrainConfig)
 
     @dataclass(frozen=True)
+    class Sampling:
+        n: int = 10
+        steps: int = 50
+
+    @dataclass(frozen=True)
     class Recipe:
+        AFTER_TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("metrics", "sampling.n")
+
         run_dir: str = ""
         device: str = "auto"
         progress: bool = True
         vae: Stage = field(default_factory=Stage)
+        metrics: Sampling = field(default_factory=Sampling)
+        sampling: Sampling = field(default_factory=Sampling)
 
     first = Recipe(run_dir=str(tmp_path / "r"))
     RunFolder.open(first.run_dir, "t", first)
@@ -118,25 +130,37 @@ def test_a_run_folder_accepts_exactly_the_changes_a_resumed_training_accepts(tmp
     longer = replace(first, device="cpu", progress=False, vae=replace(first.vae, train=TrainConfig(steps=5000)))
     RunFolder.open(first.run_dir, "t", longer)  # more steps, another device, no bars: resumes
     assert "steps: 5000" in (tmp_path / "r" / "config.yaml").read_text()
+    # what training never reads (a whole section, or one key of a section) may change too
+    resampled = replace(longer, metrics=Sampling(n=99, steps=7), sampling=Sampling(n=99))
+    RunFolder.open(first.run_dir, "t", resampled)
+    assert "n: 99" in (tmp_path / "r" / "config.yaml").read_text()
     for changed, key in [
-        (replace(longer, vae=replace(longer.vae, width=16)), "vae.width"),
-        (replace(longer, vae=replace(longer.vae, train=TrainConfig(steps=5000, lr=0.1))), "vae.train.lr"),
+        (replace(resampled, vae=replace(longer.vae, width=16)), "vae.width"),
+        (replace(resampled, vae=replace(longer.vae, train=TrainConfig(steps=5000, lr=0.1))), "vae.train.lr"),
+        (replace(resampled, sampling=Sampling(n=99, steps=7)), "sampling.steps"),
     ]:
         with pytest.raises(ConfigError, match=f"differs in: {key}\\)"):
             RunFolder.open(first.run_dir, "t", changed)
 
 
 def test_a_run_that_stopped_before_writing_anything_is_started_over_with_a_new_config(tmp_path: Path, capsys) -> None:
-    """A mistyped data path fails after the folder opens; the corrected command must not be refused for it."""
+    """A run that failed after its folder opened but before it wrote anything (say, an input only its first stage
+    reads) must not make the corrected command refuse the folder."""
+    from difflab.errors import DataError
+    from difflab.experiments.runs import RunFolder
+
     run_dir = tmp_path / "r"
-    assert main(["run", "rgb2ir", f"run_dir={run_dir}", f"data.input={tmp_path / 'typo'}"]) == 2
-    assert "input folder" in capsys.readouterr().err
+    run = RunFolder.open(run_dir, "states", recipe_config("states", None, ["denoiser_train.lr=0.5"]))
+    with pytest.raises(DataError), run.guard():
+        raise DataError("the first stage's input is unreadable")
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
-    assert main(["run", "rgb2ir", f"run_dir={run_dir}", f"data.input={tmp_path / 'typo2'}"]) == 2
+    RunFolder.open(run_dir, "states", recipe_config("states", None, ["denoiser_train.lr=0.25"]))
     captured = capsys.readouterr()
     assert "held no results of its earlier config; starting it over" in captured.out
-    assert "different config" not in captured.err
-    assert "typo2" in (run_dir / "config.yaml").read_text()
+    assert "lr: 0.25" in (run_dir / "config.yaml").read_text()
+    # a mistyped data folder is refused before any folder exists at all
+    assert main(["run", "rgb2ir", f"run_dir={tmp_path / 'r2'}", f"data.input={tmp_path / 'typo'}"]) == 2
+    assert "input folder" in capsys.readouterr().err and not (tmp_path / "r2").exists()
 
 
 @pytest.mark.parametrize(

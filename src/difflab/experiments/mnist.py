@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -90,6 +90,9 @@ class EvaluationConfig:
 @dataclass(frozen=True)
 class MnistDDPMConfig:
     """``mnist-ddpm``: the CPU-sized defaults; ``configs/mnist-ddpm.yaml`` holds the reference (GPU) sizes."""
+
+    # training never reads these: `difflab run` on a trained folder samples and scores with new values of them
+    AFTER_TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("metrics",)
 
     recipe: str = "mnist-ddpm"
     seed: int = 0
@@ -161,6 +164,16 @@ class GuidanceConfig:
 @dataclass(frozen=True)
 class MnistCFGConfig:
     """``mnist-cfg``: the CPU-sized defaults; ``configs/mnist-cfg.yaml`` holds the reference (GPU) sizes."""
+
+    # guidance.w also draws the per-epoch progress grids during training, so it is not among them
+    AFTER_TRAINING_KEYS: ClassVar[tuple[str, ...]] = (
+        "metrics",
+        "guidance.sweep",
+        "guidance.n_sweep",
+        "guidance.grid_per_digit",
+        "guidance.sampler",
+        "guidance.steps",
+    )
 
     recipe: str = "mnist-cfg"
     seed: int = 0

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -108,6 +108,8 @@ class MnistNCSNConfig:
     from N(0, sigma_max^2), the sweep c in {0.05, 0.1, 0.2} x T in {25, 35, 50} with 64 samples per cell, and
     2,000 final samples: 34.5 minutes measured alone on two cores (see the README).
     """
+
+    AFTER_TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("langevin", "sweep", "evaluation")  # not read by training
 
     recipe: str = "mnist-ncsn"
     seed: int = 0

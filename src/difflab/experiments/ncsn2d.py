@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -90,6 +90,8 @@ class PointsNCSNConfig:
     technique 1; data standardised to unit variance), so the Langevin chain starts from
     N(0, sigma_max^2), which covers every outline.
     """
+
+    AFTER_TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("langevin", "sampling", "figures")  # training never reads them
 
     recipe: str = "states-ncsn"
     seed: int = 0

@@ -15,7 +15,8 @@ Layout::
 
 Re-running the same command resumes in the same folder; a folder made with a different config is
 refused (use another ``run_dir`` or ``--fresh``), except for the settings a resumed training may change
-(:data:`RESUMABLE_RUN_KEYS` at the top level, ``trainer.RESUMABLE_CHANGES`` in any training section). A folder
+(:data:`RESUMABLE_RUN_KEYS` at the top level, ``trainer.RESUMABLE_CHANGES`` in any training section) and those
+training never reads (a recipe config's ``AFTER_TRAINING_KEYS``: a rerun samples and scores with them). A folder
 that holds nothing but its ``config.yaml`` and ``run.json`` (a run that stopped before writing anything, say at a
 mistyped data path) is started over with the new config instead of refused.
 
@@ -145,6 +146,11 @@ def resumable_difference(config: Any, key: str) -> bool:
     return isinstance(section, TrainConfig) and leaf in RESUMABLE_CHANGES
 
 
+def matches_key(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether the dotted ``key`` is one of ``prefixes`` or lies inside one (``metrics`` holds ``metrics.n``)."""
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     a, b = _flatten(old), _flatten(new)
@@ -177,7 +183,10 @@ class RunFolder:
         fresh: bool = False,
         ignore_keys: tuple[str, ...] = ("run_dir",),
     ) -> RunFolder:
-        """Create (or reopen, to resume) the folder for ``config``; refuses a folder of another config.
+        """Create (or reopen, to resume) the folder for ``config``; refuses a folder of another config, except for
+        differences in ``ignore_keys``, in the keys a resumed training may change, and in the config class's
+        ``AFTER_TRAINING_KEYS`` (dotted keys or sections that training never reads: sampling and scoring settings,
+        which a rerun applies to the trained model).
 
         Across processes rank 0 does this while the others wait; they get a folder that writes nothing.
         """
@@ -209,10 +218,11 @@ class RunFolder:
             elif old.get("recipe") != new.get("recipe"):
                 problem = f"holds a {old.get('recipe')!r} run, not a {new.get('recipe')!r} one"
             else:
+                rerun_keys = (*ignore_keys, *getattr(config, "AFTER_TRAINING_KEYS", ()))
                 differences = [
                     k
                     for k in config_differences(old, new)
-                    if k.split(".")[0] not in ignore_keys and not resumable_difference(config, k)
+                    if not matches_key(k, rerun_keys) and not resumable_difference(config, k)
                 ]
                 if differences:
                     shown = ", ".join(differences[:6]) + (" ..." if len(differences) > 6 else "")

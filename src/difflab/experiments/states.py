@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -118,6 +118,8 @@ class FigureConfig:
 @dataclass(frozen=True)
 class StatesConfig:
     """Everything the STATES recipe does; ``configs/states.yaml`` holds these defaults."""
+
+    AFTER_TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("sampling", "figures")  # training never reads them
 
     recipe: str = "states"
     seed: int = 0

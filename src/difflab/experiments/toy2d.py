@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -83,6 +83,8 @@ class ToyFigureConfig:
 class ToyConfig:
     """A 2-D walkthrough run. The schedule is DDPM's linear one rescaled to T = 100 (betas 1e-3 to 0.2,
     i.e. Ho et al.'s 1e-4 to 0.02 times 1000 / T), so ``x_T`` is pure noise."""
+
+    AFTER_TRAINING_KEYS: ClassVar[tuple[str, ...]] = ("sampling", "figures")  # training never reads them
 
     recipe: str = "swissroll"
     seed: int = 0
