@@ -120,3 +120,42 @@ def test_label_dropout_swaps_a_fraction_p_of_labels_for_the_null_label() -> None
     assert torch.equal(seen[-1], labels)
     with pytest.raises(ValueError, match="null label"):
         epsilon_loss(model, schedule, x0, torch.Generator().manual_seed(0), labels, label_dropout=p)
+
+
+class TwoPointPosterior(torch.nn.Module):
+    """The exact ``p(y | x_t, t)`` for data at -m (label 0) and +m (label 1), equally likely: logits
+    ``[0, 2 sqrt(a_t) m x_t / (1 - a_t)]``, the log-ratio of ``N(+-sqrt(a_t) m, 1 - a_t)``. ``use_t=False`` is a
+    classifier that ignores t and assumes the middle timestep's a_t."""
+
+    def __init__(self, schedule: NoiseSchedule, m: float, use_t: bool = True) -> None:
+        super().__init__()
+        self.alpha_bar, self.m, self.use_t = schedule.alpha_bar.double(), m, use_t
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alpha_bar[t if self.use_t else torch.full_like(t, len(self.alpha_bar) // 2)]
+        log_ratio = 2 * a.sqrt() * self.m * x[:, 0].double() / (1 - a)
+        return torch.stack([torch.zeros_like(log_ratio), log_ratio], 1)
+
+
+def test_noisy_classifier_loss_is_the_conditional_entropy_under_the_exact_posterior() -> None:
+    """With the Bayes classifier the loss is E_t H(y | x_t): per t, with r = a_t m^2 / (1 - a_t) and u ~ N(0, 1),
+    H_t = E softplus(-2 r - 2 sqrt(r) u) (Gauss-Hermite quadrature); any other classifier scores higher."""
+    import numpy as np
+
+    from difflab.diffusion.objectives import noisy_classifier_loss
+
+    schedule, m, n = NoiseSchedule.linear(200), 0.5, 400_000
+    labels = torch.arange(n) % 2
+    x0 = (labels.double() * 2 - 1).mul(m).float()[:, None]
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    r = (schedule.alpha_bar.double() * m**2 / (1 - schedule.alpha_bar.double())).numpy()[:, None]
+    entropy = (weights * np.logaddexp(0, -2 * r - 2 * np.sqrt(r) * nodes)).sum(1) / weights.sum()
+    expected = float(entropy.mean())  # t ~ U{0, ..., T-1}
+    generator = torch.Generator().manual_seed(3)
+    loss = float(noisy_classifier_loss(TwoPointPosterior(schedule, m), schedule, x0, labels, generator))
+    # Monte Carlo over 400k (t, eps) draws: the per-sample loss has sd < 0.7, so the mean's sd is < 0.0012
+    assert loss == pytest.approx(expected, abs=0.004), (loss, expected)
+    assert 0.05 < expected < 0.69  # between certain (early t) and a coin toss (late t)
+    generator = torch.Generator().manual_seed(3)
+    blind = float(noisy_classifier_loss(TwoPointPosterior(schedule, m, False), schedule, x0, labels, generator))
+    assert blind > loss + 0.02, (blind, loss)  # the same draws: the classifier that ignores t pays for it
