@@ -65,6 +65,7 @@ class TimeEncoding(nn.Module):
         self.dim = dim if kind == "sinusoidal" else 1
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (B,) -> (B, dim) features (dim = 1 for ``centered`` and ``raw``)."""
         t = t.float()
         if self.kind == "centered":
             return (2 * (t - self.num_timesteps / 2) / self.num_timesteps)[:, None]

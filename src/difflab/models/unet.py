@@ -166,6 +166,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, in_ch, H, W), emb: (B, emb_dim) or None -> (B, out_ch, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))
         if self.emb is None or emb is None:
             h = self.norm2(h)
@@ -197,6 +198,7 @@ class SelfAttention(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W), residual."""
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
         q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, d)
@@ -338,6 +340,8 @@ class UNet(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, context: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """x: (B, C, H, W), t: (B,), y: (B,) or None, context: (B, L, context_dim) or None -> (B, C_out, H, W);
+        H and W need not divide by the downsampling factor (the input is padded and the output cropped)."""
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet expects (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
         if self.config.has_cross_attention and context is None:

@@ -34,7 +34,8 @@ def ddim_step(
 
     ``x_prev = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma^2) eps + sigma z`` with
     ``sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)`` and ``a = alpha_bar``.
-    ``t_prev = None`` means the end of the chain, where ``alpha_bar_prev = 1``.
+    ``t_prev = None`` means the end of the chain, where ``alpha_bar_prev = 1``. ``x_t``, ``eps`` and ``noise``
+    (the z of eta > 0; drawn when None) are (B, ...) alike, and so are both returned tensors.
     """
     device = x_t.device
     alpha_bar = schedule.alpha_bar[t].to(device)
