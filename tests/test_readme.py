@@ -53,3 +53,54 @@ def test_the_readmes_python_examples_run_and_learn(tmp_path: Path, monkeypatch: 
     # the recorded levels, then the final denoising step's output as level K = 10
     recorded = [(level, tuple(x.shape)) for level, _, x in namespace["trajectory"]]
     assert recorded == [(k, (400, 2)) for k in (0, 5, 9, 10)]
+
+
+def readme_commands() -> list[str]:
+    """Every ``difflab ...`` line of the README's ```bash blocks, without its comment, continuation lines joined."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(), flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.split(r"\s+#", line, maxsplit=1)[0].strip()
+            line = re.sub(r"^torchrun .*?-m difflab", "difflab", line)
+            if line.startswith("difflab "):
+                commands.append(line)
+    return commands
+
+
+def as_argv(command: str, folder: Path) -> list[str]:
+    """A README command as the argv ``main`` takes: placeholders (RUN, DIR, FILE, a `runs/...` folder) become
+    ``folder``, an optional ``[...]`` is taken, and of ``a | b`` the first; ``> my.yaml`` is dropped."""
+    command = command.split(" > ")[0]
+    command = re.sub(r"\[([^\[\]|]*?)\s*\|\s*[^\[\]]*\]", r"\1", command)  # [--full ddpm | --no-full]
+    command = re.sub(r"\[(--[^\[\]]*)\]", r"\1", command)  # [--n 5000]
+    words = command.split()[1:]
+    return [
+        str(folder) if word in ("RUN", "DIR", "FILE", "FILE.pt") or word.startswith("runs/") else word for word in words
+    ]
+
+
+def test_every_difflab_command_in_the_readme_parses_and_its_config_loads(tmp_path: Path) -> None:
+    """The flags of every documented command exist, and every documented ``run`` / ``train`` config (recipe,
+    YAML file and key=value overrides) loads: a renamed key or flag fails here, not in a reader's terminal."""
+    from difflab.cli import _parser, _resolve_run_target, recipe_config
+
+    commands = readme_commands()
+    assert len(commands) > 40, "the README's commands are gone"
+    parser = _parser()
+    checked_configs = 0
+    for command in commands:
+        argv = as_argv(command, tmp_path)
+        if argv[0] in ("--version",):
+            continue
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"the README's command does not parse: {command}")
+        if args.command in ("run", "train"):
+            root = README.parent
+            target = str(root / args.recipe) if args.recipe.endswith(".yaml") else args.recipe
+            recipe, config_file = _resolve_run_target(target, args.config)
+            overrides = [o.replace("DIR", str(tmp_path)) for o in args.overrides]
+            recipe_config(recipe, config_file if config_file != "my.yaml" else None, overrides)
+            checked_configs += 1
+    assert checked_configs > 25
