@@ -246,7 +246,8 @@ def test_mnist_run_is_evaluated_against_its_calibration_rows(tmp_path: Path, cap
         alpha_bar = 10 ** r["log10_snr"] / (1 + 10 ** r["log10_snr"])
         agnostic = alpha_bar * (1 - alpha_bar) * second_moment + alpha_bar**2
         assert r["eps_mse"] < 0.6 * agnostic, (r["t"], r["eps_mse"], agnostic)
-    assert [t["target"] for t in metrics["targets"]][0].startswith("DDIM-50 FID within 15%")
+    assert [t["target"] for t in metrics["targets"]][0].startswith("DDIM-50 FID / DDPM-1000 FID <= 1.15")
+    assert metrics["targets"][0]["value"] == pytest.approx(metrics["comparison"]["fid_ddim_over_ddpm"])
     capsys.readouterr()
     assert main(["evaluate", str(run_dir)]) == 0
     printed = capsys.readouterr().out

@@ -381,3 +381,25 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "run").exists(), f"{overrides} left a run folder behind"
+
+
+def test_the_time_target_counts_networks_trained_in_earlier_sessions() -> None:
+    from difflab.experiments.rgb2ir import rgb2ir_targets, whole_run_seconds
+
+    def metrics(timings: dict, autoencoder: float, regressors: tuple[float, float]) -> dict:
+        return {
+            "headline": {"method": "t0", "psnr": 15.0, "ssim": 0.3},
+            "timings_seconds": timings,
+            "autoencoder": {"train_seconds": autoencoder},
+            "regressors": {"regressor_t400": {"train_seconds": regressors[0]}, "regressor_t0": {"train_seconds": 0}},
+            "inversion": None,
+        }
+
+    # one session: its own wall time (the training stages hold the training and a little more)
+    alone = metrics({"autoencoder": 230.0, "train regressor_t400": 50.0, "total": 330.0}, 221.0, (47.0, 0))
+    assert whole_run_seconds(alone) == 330.0
+    # a rerun that reused everything: 72 s of its own plus the 268 s the networks took before
+    rerun = metrics({"autoencoder": 1.0, "train regressor_t400": 0.5, "total": 72.0}, 221.0, (47.0, 0))
+    assert whole_run_seconds(rerun) == pytest.approx(72.0 + 268.0 - 1.5)
+    target = rgb2ir_targets(rerun)[-1]
+    assert target["value"] == pytest.approx((72.0 + 266.5) / 60) and target["met"] and "minutes" in target["target"]

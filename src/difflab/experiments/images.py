@@ -519,18 +519,21 @@ def fid_scoring(
 def with_ratio_noise(
     target: dict[str, Any], base: dict[str, Any], other: dict[str, Any], limit: float
 ) -> dict[str, Any]:
-    """A target on ``other["fid"] / base["fid"] - 1 <= limit`` with the ratio's sampling noise added (``noise``, 1 sd
-    from the two results' bootstrap ``fid_std``, independent sample sets) and, in its text, whether this n can tell
-    (``|ratio - limit| > 2 sd``). Unchanged when either result has no ``fid_std``."""
+    """A target on the FID ratio ``other["fid"] / base["fid"] <= 1 + limit`` with the ratio's sampling noise added
+    (``noise``, 1 sd from the two results' bootstrap ``fid_std``, independent sample sets) and, in its text, whether
+    this n can tell (``|ratio - (1 + limit)| > 2 sd``; ``resolved``). Unchanged when either result has no
+    ``fid_std``. The target's ``met`` stays the verdict of the measured ratio."""
     if "fid_std" not in base or "fid_std" not in other:
         return target
     noise = fid_ratio_std(base["fid"], base["fid_std"], other["fid"], other["fid_std"])
     resolved = abs(other["fid"] / base["fid"] - 1 - limit) > 2 * noise
+    verdict = "so the verdict holds beyond 2 sd" if resolved else "so this n cannot tell the ratio from the limit"
     return {
         **target,
         "noise": noise,
+        "resolved": resolved,
         "target": f"{target['target']}; sampling noise of the ratio at n = {base['n']:,}: {noise:.3f} (1 sd, "
-        f"bootstrap){'' if resolved else ', so this n cannot tell'}",
+        f"bootstrap), {verdict}",
     }
 
 

@@ -263,7 +263,7 @@ def build_ddpm_report(contents: RunContents) -> Report:
     quality_rows: list[tuple[Any, ...]] = []
     for key, label in (
         ("ddpm", f"DDPM-{steps}"),
-        ("ddim_at_ddpm_count", f"DDIM-{ev.ddim_steps}, the first n_ddpm"),
+        ("ddim_at_ddpm_count", f"DDIM-{ev.ddim_steps}, its first {ev.n_ddpm:,} (the DDPM count)"),
         ("ddim", f"DDIM-{ev.ddim_steps}"),
     ):
         if key in m:

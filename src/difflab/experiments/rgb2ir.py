@@ -1004,9 +1004,23 @@ def run_rgb2ir(
     return run
 
 
+def whole_run_seconds(metrics: dict[str, Any]) -> float:
+    """The wall time of the whole run, when this session reused networks trained by earlier ones: this session's
+    total plus the training seconds of every network (over all its sessions, from its checkpoints) beyond what this
+    session's training stages took. A run made in one session is its own total."""
+    timings = metrics["timings_seconds"]
+    trained = [metrics.get("autoencoder", {}).get("train_seconds") or 0.0]
+    trained += [model.get("train_seconds") or 0.0 for model in metrics.get("regressors", {}).values()]
+    inversion = metrics.get("inversion") or {}
+    trained += [model.get("train_seconds") or 0.0 for model in inversion.get("models", {}).values()]
+    trained.append((inversion.get("regressor") or {}).get("train_seconds") or 0.0)
+    this_session = sum(v for k, v in timings.items() if k == "autoencoder" or k.startswith("train "))
+    return float(timings["total"] + max(0.0, sum(trained) - this_session))
+
+
 def rgb2ir_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     head = metrics["headline"]
-    total = metrics["timings_seconds"]["total"]
+    minutes = whole_run_seconds(metrics) / 60
     return [
         {
             "target": f"{head['method']} PSNR >= {PSNR_TARGET:g} dB",
@@ -1018,7 +1032,12 @@ def rgb2ir_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             "value": head["ssim"],
             "met": head["ssim"] >= SSIM_TARGET,
         },
-        {"target": f"whole run under {SECONDS_TARGET / 60:g} minutes", "value": total, "met": total < SECONDS_TARGET},
+        {
+            "target": f"whole run under {SECONDS_TARGET / 60:g} minutes (minutes; networks trained in earlier "
+            "sessions counted at their training time)",
+            "value": minutes,
+            "met": minutes * 60 < SECONDS_TARGET,
+        },
     ]
 
 
@@ -1074,6 +1093,17 @@ def build_report(contents: Any) -> Report:
             " dB and SSIM ",
             Value(reference_value("rgb2ir", "ssim", REFERENCE_LABEL), "reference:rgb2ir.ssim", 2),
             " on M3FD at 256 x 256 (another data set and size: a yardstick, not a like-for-like comparison).",
+            *(
+                (
+                    " The mean training IR image, the same picture for every test pair, scores PSNR ",
+                    metric(m, "baselines.mean_training_image.psnr", 2),
+                    " dB and SSIM ",
+                    metric(m, "baselines.mean_training_image.ssim", 3),
+                    ": a translation is worth only what it adds to that.",
+                )
+                if lookup(m, "baselines.mean_training_image.psnr") is not None
+                else ()
+            ),
         ),
     )
     report.section(
@@ -1121,8 +1151,10 @@ def build_report(contents: Any) -> Report:
         for k in BASELINE_LABELS
         if k in m.get("baselines", {})
     ]
+    scored = [k for k in SCORING_LABELS if k in m.get("scores", {})]
+    count = {2: "Two", 3: "Three", 4: "Four"}.get(len(scored), str(len(scored)))
     report.section(
-        "Three scorings",
+        f"{count} scorings",
         prose(
             f"Both sides are diffused to t = {t_start} (",
             metric(m, "diffusion.schedule"),
@@ -1208,6 +1240,12 @@ def build_report(contents: Any) -> Report:
             rgb, ir = (metric(m, f"inversion.models.eps_{side}.{key}.loss", 4) for side in ("rgb", "ir"))
             return rgb, " and ", ir
 
+        # runs made before the data-agnostic comparison was recorded lack it: say nothing rather than "-"
+        against_agnostic: tuple[Any, ...] = (
+            (", against ", *eps_losses("agnostic_validation"), " for the data-agnostic eps sqrt(1 - alpha_bar) x_t")
+            if lookup(m, "inversion.models.eps_rgb.agnostic_validation") is not None
+            else ()
+        )
         report.section(
             "Inversion-based translation",
             prose(
@@ -1215,9 +1253,8 @@ def build_report(contents: Any) -> Report:
                 str(lookup(m, "inversion.models.eps_ir.description")),
                 "; held-out eps-MSE ",
                 *eps_losses("final_validation"),
-                ", against ",
-                *eps_losses("agnostic_validation"),
-                " for the data-agnostic eps sqrt(1 - alpha_bar) x_t), invert both sides with ",
+                *against_agnostic,
+                "), invert both sides with ",
                 metric(m, "inversion.steps", 0),
                 f"{integrator} from t = 0 to t = {t_start}; a regressor of the same size as "
                 f"the others maps the inverted RGB latent to the inverted IR latent, and {method} with the IR model "

@@ -83,7 +83,9 @@ def timings_table(contents: RunContents) -> Table | Paragraph:
     timings = contents.metrics.get("timings_seconds")
     if not isinstance(timings, dict):
         return Paragraph("No timings were recorded.")
-    return Table(("stage", "seconds"), tuple((k, metric(contents.metrics, f"timings_seconds.{k}", 1)) for k in timings))
+    names = {"total": "total (wall time, stages included)"}
+    rows = tuple((names.get(k, k), metric(contents.metrics, f"timings_seconds.{k}", 1)) for k in timings)
+    return Table(("stage (this session)", "seconds"), rows)
 
 
 def config_block(contents: RunContents) -> Code:
@@ -125,7 +127,7 @@ def inversion_blocks(contents: RunContents) -> list[Block | None]:
         return [Paragraph("`inversion.json` is damaged; rerun `difflab invert` on this run.")]
     about = [str(inverted[key]) for key in ("images", "model") if inverted.get(key)]
     header, values = inversion_table(rows)
-    digits = (5, 2, 4, 1)  # MSE, PSNR, SSIM, seconds
+    digits = (5, 2, 2, 4, 1)  # MSE, pooled PSNR, mean PSNR per image, SSIM, seconds
     return [
         Paragraph(
             f"`difflab invert` on this run: DDIM inversion (or the second-order flow, order 2) to t = {t_end} "
@@ -135,7 +137,7 @@ def inversion_blocks(contents: RunContents) -> list[Block | None]:
         ),
         Table(
             header,
-            tuple(row[:-4] + tuple(Value(v, "inversion.json", d) for v, d in zip(row[-4:], digits)) for row in values),
+            tuple(row[:-5] + tuple(Value(v, "inversion.json", d) for v, d in zip(row[-5:], digits)) for row in values),
         ),
         figure_if(contents, "figures/inversion.png", "Round trips: the originals, then each setting's reconstruction"),
     ]
@@ -143,10 +145,17 @@ def inversion_blocks(contents: RunContents) -> list[Block | None]:
 
 def inversion_table(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
     """Header and rows of ``inversion.json``'s round trips (``difflab invert`` prints them, reports show them);
-    the last four columns are MSE (of latents, for latent runs), PSNR, SSIM and seconds."""
+    the last five columns are MSE (of latents, for latent runs; of [-1, 1] pixels otherwise), the PSNR of the MSE
+    pooled over the items, the mean of the items' own PSNRs (both on [0, 1] pixels), SSIM and seconds."""
     latent = any("latent_mse" in row for row in rows)
     header = ("images", "spacing", "order", "steps", "fixed-point iterations", "NFE", "n")
-    header += ("latent MSE" if latent else "MSE", "PSNR (dB)", "SSIM", "seconds")
+    header += (
+        "latent MSE" if latent else "MSE (pixels in [-1, 1])",
+        "PSNR of the pooled MSE (dB)",
+        "mean PSNR per image (dB)",
+        "SSIM",
+        "seconds",
+    )
     values = [
         (
             str(row.get("side", "pixels")),
@@ -158,6 +167,7 @@ def inversion_table(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[t
             row.get("n"),
             row.get("latent_mse", row.get("mse")),
             row.get("psnr_db"),
+            row.get("psnr_db_mean_per_image"),
             row.get("ssim"),
             row.get("seconds"),
         )
