@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -115,6 +116,9 @@ def assert_sources(run_dir: Path, name: str, metrics: dict[str, dict[str, Any]],
     ]
     assert len(sourced) >= min_values, len(sourced)
     for source, text in sourced:
+        if source.endswith(".json"):  # a whole file a command wrote beside the run (inversion.json, ...)
+            assert text == "-" or text in printed_forms(json.loads((run_dir / source).read_text())), (source, text)
+            continue
         role, _, key = source.rpartition(":")
         value = lookup(metrics[role], key)
         if value is None:  # not measured (no FID on the digits): printed as a dash

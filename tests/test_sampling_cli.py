@@ -13,6 +13,7 @@ from baselines import gaussian_samples
 from difflab.cli import main
 from difflab.experiments.samplers import heldout_likelihood, load_target
 from difflab.sampling.likelihood import batched_likelihood
+from reportcheck import assert_sources
 
 TINY_MOONS = [
     "progress=false",
@@ -133,6 +134,13 @@ def test_compare_samplers_writes_table_json_and_plot(moons_run: Path, capsys) ->
     again = json.loads((out / "results.json").read_text())["rows"]
     assert [(row["sampler"], row["budget"]) for row in again] == [("dpmpp-2m", 5)]
     assert again[0]["nll_course"] == rows[("dpmpp-2m", 5)]["nll_course"]
+    # the report shows the latest comparison, every number traced to its results.json
+    report = (moons_run / "report.md").read_text()
+    assert (
+        "## Sampler comparison (difflab compare-samplers)" in report and "compare_samplers/quality_vs_nfe.png" in report
+    )
+    assert f"| `dpmpp-2m` | 5 | 5 | {again[0]['nll_course']:.3f} |" in report
+    assert_sources(moons_run, "report", {"": json.loads((moons_run / "metrics.json").read_text())}, min_values=5)
     # the first comparison is kept, whole, under earlier/<time>/, not overwritten
     kept = [folder for folder in (out / "earlier").iterdir() if (folder / "results.json").is_file()]
     first = [json.loads((folder / "results.json").read_text())["rows"] for folder in kept]
@@ -153,6 +161,10 @@ def test_likelihood_command_scores_heldout_points_above_noise(moons_run: Path, c
     assert record["model"]["n"] == 100 and record["model"]["divergence"] == "exact"
     assert f"{record['model']['nll_nats']:.3f}" in printed and "KDE" in printed
     assert record["kde"]["heldout_under_training_kde"] is not None
+    # the run's report gains the measurement, every number traced to likelihood.json
+    report = (moons_run / "report.md").read_text()
+    assert "## Exact likelihood (difflab likelihood)" in report and f"{record['model']['nll_nats']:.2f}" in report
+    assert_sources(moons_run, "report", {"": json.loads((moons_run / "metrics.json").read_text())}, min_values=5)
     # the trained model gives held-out points a far higher density than points of the prior, and than the best
     # Gaussian does (the data's own mean and covariance: 2.72 nats; the model 2.41, a KDE of 2,000 points 2.04)
     target = load_target(moons_run, "cpu")

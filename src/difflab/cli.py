@@ -386,16 +386,21 @@ def cmd_invert(args: argparse.Namespace) -> int:
     if result["rows"] and result["rows"][0]["n"] < args.n:
         print(f"(--n {args.n}: the run holds {result['rows'][0]['n']} held-out items, all round-tripped)")
     print(f"written: {args.run_dir}/inversion.json, {args.run_dir}/figures/inversion.png")
+    _refresh_report(args.run_dir)
+    return 0
+
+
+def _refresh_report(run_dir: str | Path) -> None:
+    """Rebuild a completed run's report, which gains the section of the command that just wrote beside it
+    (``invert``, ``compare-samplers``, ``likelihood``); a `difflab train` run has no report yet."""
     from difflab.experiments import recipes, report_run
     from difflab.experiments.runs import read_run
 
-    record = read_run(args.run_dir)
+    record = read_run(run_dir)
     recipe = recipes().get(record.get("recipe"))
-    # A completed run's report gains its "DDIM round trips" section; a `difflab train` run has no report yet.
-    if record.get("status") == "complete" and recipe is not None and (Path(args.run_dir) / "metrics.json").is_file():
-        md_path, _ = report_run(args.run_dir)
+    if record.get("status") == "complete" and recipe is not None and (Path(run_dir) / "metrics.json").is_file():
+        md_path, _ = report_run(run_dir)
         print(f"report: {md_path}")
-    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -598,6 +603,7 @@ def cmd_compare_samplers(args: argparse.Namespace) -> int:
     paths = experiment.write_comparison(target, rows, args.n, args.seed)
     print(experiment.comparison_table(rows, list(target.metrics), target.schedule.num_timesteps))
     print(f"written: {paths['table']}, {paths['results']}, {paths['figure']}")
+    _refresh_report(target.path)
     return 0
 
 
@@ -626,6 +632,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
         if value is not None:
             print(f"  KDE, {name.replace('_', ' ')}: {value:.3f} nats")
     print(f"written: {target.path / 'likelihood.json'}")
+    _refresh_report(target.path)
     return 0
 
 

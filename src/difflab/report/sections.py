@@ -143,6 +143,122 @@ def inversion_blocks(contents: RunContents) -> list[Block | None]:
     ]
 
 
+def _side_file(contents: RunContents, name: str) -> dict[str, Any] | None | str:
+    """The JSON a sampling command wrote beside the run (``name``, relative to the run folder): its content, None when
+    it is absent, or the string "damaged"."""
+    if not contents.has(name):
+        return None
+    try:
+        data = json.loads((contents.path / name).read_text())
+    except (OSError, ValueError):
+        return "damaged"
+    return data if isinstance(data, dict) else "damaged"
+
+
+def _sentence(text: str) -> str:
+    """``text`` as a sentence: its first letter capitalised (the rest as it is), a full stop at the end."""
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def likelihood_blocks(contents: RunContents) -> list[Block | None]:
+    """The exact likelihood ``difflab likelihood`` wrote to ``likelihood.json``, or nothing."""
+    record = _side_file(contents, "likelihood.json")
+    if record is None:
+        return []
+    model = record.get("model") if isinstance(record, dict) else None
+    if not isinstance(model, dict):
+        return [Paragraph("`likelihood.json` is damaged; rerun `difflab likelihood` on this run.")]
+    source = "likelihood.json"
+    rows: list[tuple[Any, ...]] = [
+        (
+            "probability-flow ODE (exact, up to the solver's tolerance)",
+            Value(model.get("n"), source, 0),
+            Value(model.get("nll_nats"), source, 2),
+            Value(model.get("nll_nats_per_dim"), source, 4),
+            Value(model.get("bits_per_dim"), source, 4),
+            Value(model.get("nfe"), source, 0),
+            Value(model.get("seconds"), source, 1),
+        )
+    ]
+    vlb = record.get("vlb")
+    if isinstance(vlb, dict):
+        rows.append(
+            (
+                f"variational bound ({vlb.get('description', 'all T terms')})",
+                Value(vlb.get("n"), source, 0),
+                None,
+                None,
+                Value(vlb.get("bits_per_dim"), source, 4),
+                None,
+                Value(vlb.get("seconds"), source, 1),
+            )
+        )
+    blocks: list[Block | None] = [
+        Paragraph(
+            f"`difflab likelihood` on this run: the negative log-likelihood of held-out data by the probability-flow "
+            f"ODE ({model.get('method', 'RK45')}, rtol {model.get('rtol')}, t_min {model.get('t_min')}, divergence by "
+            f"{model.get('divergence', 'Hutchinson')}). "
+            + (_sentence(str(model["dequantization"])) if model.get("dequantization") else "")
+        ),
+        Table(("estimate", "n", "NLL (nats)", "NLL per dimension (nats)", "bits/dim", "NFE", "seconds"), tuple(rows)),
+    ]
+    kde = record.get("kde")
+    if isinstance(kde, dict) and kde:
+        blocks.append(
+            Table(
+                ("the same points under", "mean NLL (nats)"),
+                tuple((key.replace("_", " "), Value(value, source, 3)) for key, value in kde.items()),
+            )
+        )
+    return blocks
+
+
+METRIC_NAMES = {"fid": "FID"}  # how the comparison's metric keys are shown
+
+
+def comparison_blocks(contents: RunContents) -> list[Block | None]:
+    """The latest sampler comparison ``difflab compare-samplers`` wrote to ``compare_samplers/``, or nothing."""
+    record = _side_file(contents, "compare_samplers/results.json")
+    if record is None:
+        return []
+    rows = record.get("rows") if isinstance(record, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        return [Paragraph("`compare_samplers/results.json` is damaged; rerun `difflab compare-samplers` on this run.")]
+    source = "compare_samplers/results.json"
+    references = record.get("references") if isinstance(record.get("references"), dict) else {}
+    metrics = list(references) or [k for k in rows[0] if k not in ("sampler", "budget", "nfe", "steps", "seconds")]
+    metrics = [m for m in metrics if any(isinstance(row.get(m), (int, float)) for row in rows)]
+    table_rows = tuple(
+        (
+            f"`{row.get('sampler')}`",
+            Value(row.get("budget"), source, 0),
+            Value(row.get("nfe"), source, 0),
+            *(Value(row.get(m), source, 3) for m in metrics),
+            Value(row.get("seconds"), source, 1),
+        )
+        for row in rows
+    )
+    reference_row = (
+        "real held-out data",
+        None,
+        None,
+        *(Value(references.get(m), source, 3) for m in metrics),
+        None,
+    )
+    return [
+        Paragraph(
+            f"`difflab compare-samplers` on this run (the latest call; earlier ones are kept under "
+            f"`compare_samplers/earlier/`): {record.get('n')} samples per sampler and budget, seed "
+            f"{record.get('seed')} (the same starting noise for every sampler); lower is better for every score."
+        ),
+        Table(
+            ("sampler", "NFE budget", "NFE spent", *(METRIC_NAMES.get(m, m) for m in metrics), "seconds"),
+            (*table_rows, reference_row),
+        ),
+        figure_if(contents, "compare_samplers/quality_vs_nfe.png", "Quality against the number of network calls"),
+    ]
+
+
 def inversion_table(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
     """Header and rows of ``inversion.json``'s round trips (``difflab invert`` prints them, reports show them);
     the last five columns are MSE (of latents, for latent runs; of [-1, 1] pixels otherwise), the PSNR of the MSE
@@ -177,10 +293,14 @@ def inversion_table(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[t
 
 
 def closing_sections(contents: RunContents) -> list[tuple[str, list[Block | None]]]:
-    """The sections every report ends with: DDIM round trips (when ``difflab invert`` ran on the run), time, config,
-    environment."""
-    inversion = inversion_blocks(contents)
-    return ([("DDIM round trips (difflab invert)", inversion)] if inversion else []) + [
+    """The sections every report ends with: what the sampling commands measured on the run (``compare-samplers``,
+    ``likelihood``, ``invert``, each when it ran), time, config, environment."""
+    commands = [
+        ("Sampler comparison (difflab compare-samplers)", comparison_blocks(contents)),
+        ("Exact likelihood (difflab likelihood)", likelihood_blocks(contents)),
+        ("DDIM round trips (difflab invert)", inversion_blocks(contents)),
+    ]
+    return [(title, blocks) for title, blocks in commands if blocks] + [
         ("Where the time goes", [timings_table(contents)]),
         ("Configuration", [config_block(contents)]),
         (
