@@ -106,7 +106,7 @@ def load_run(path: str | Path, require_complete: bool = True) -> RunContents:
         raise ConfigError(f"{path} is not a completed run (status: {status}); only completed runs have a report")
     if not (path / "metrics.json").is_file():
         if str(record.get("message", "")).startswith("trained (difflab train)"):
-            command = f"difflab run {record.get('recipe', 'RECIPE')} --config {path / 'config.yaml'}"
+            command = f"difflab run {record.get('recipe', 'RECIPE')} --config {path / 'config.yaml'} run_dir={path}"
             raise ConfigError(
                 f"{path} holds trained weights only (difflab train): `{command}` samples, scores and writes its "
                 "report in the same folder"
