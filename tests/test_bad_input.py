@@ -48,7 +48,10 @@ def swissroll_run(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("recipe", "overrides", "expected"),
     [
-        ("swissroll", ["sampling.n=0"], "sampling.n and sampling.batch_size must be >= 1"),
+        ("swissroll", ["sampling.n=0"], "sampling.n must be >= 3 (a KDE of the samples)"),
+        ("swissroll", ["sampling.n=2"], "sampling.n must be >= 3 (a KDE of the samples)"),
+        ("states", ["sampling.n_cond=1"], "n_cond 0 or >= 3"),
+        ("mnist-ddpm", [*DIGITS, "metrics.n_ddpm=1"], "n_ddpm 0 or >= 2 (a FID needs two samples)"),
         ("swissroll", ["figures.reverse_steps=[]"], "figures.reverse_steps must be a non-empty list"),
         ("swissroll", ["figures.forward_steps=[0,500]"], "timesteps in [0, 100]"),
         ("swissroll", ["sampling.steps=200"], "sampling.steps must be in 0..100 (schedule.num_timesteps; 0 = all)"),
@@ -107,6 +110,20 @@ def test_command_line_values_are_checked_in_one_line(swissroll_run: Path, tmp_pa
     assert "a port is 0 to 65535" in fails_in_one_line(capsys, ["serve", run, "--port", "70000"])
     assert "invalid int value" in fails_in_one_line(capsys, ["sample", run, "--seed", "abc"])  # argparse: one line
     assert "is a folder" in fails_in_one_line(capsys, ["sample", run, "--out", str(tmp_path)])
+    # sampler options out of their range, found by an edge-case audit (rho=0 was a ZeroDivisionError traceback)
+    euler = ["sample", run, "--sampler", "euler", "--steps", "3", "--n", "10"]
+    assert "rho must be finite and > 0, got 0" in fails_in_one_line(capsys, [*euler, "--option", "rho=0"])
+    assert "rho=0.001 is too small" in fails_in_one_line(capsys, [*euler, "--option", "rho=0.001"])
+    ancestral = ["sample", run, "--sampler", "euler-a", "--steps", "3", "--n", "10", "--option", "eta=-1"]
+    assert "eta must be finite and >= 0, got -1" in fails_in_one_line(capsys, ancestral)
+    heun = ["sample", run, "--sampler", "heun", "--steps", "3", "--n", "10", "--option", "churn=-1"]
+    assert "heun needs churn >= 0" in fails_in_one_line(capsys, heun)
+    sde = ["sample", run, "--sampler", "dpmpp-2m-sde", "--steps", "3", "--eta", "0.5", "--option", "eta=1"]
+    assert "give eta once" in fails_in_one_line(capsys, sde)
+    full = ["compare-samplers", run, "--samplers", "ddim", "--nfe", "3", "--full", "ddpm"]
+    assert "--full ddpm: not among the compared samplers (ddim)" in fails_in_one_line(capsys, full)
+    wrapped = ["sample", run, "--seed", str(2**64 - 1)]  # it once gave --seed -1's samples under another name
+    assert "a seed is an integer within +-2^63" in fails_in_one_line(capsys, wrapped)
     # An --n beyond the held-out set is scored on all of it, and says so (2-D likelihood: 200 points, loose ODE).
     assert main(["likelihood", run, "--n", "100000000", "--rtol", "1e-2", "--atol", "1e-2"]) == 0
     assert "(--n 100000000: the run holds 200 held-out points, all scored)" in capsys.readouterr().out
@@ -118,6 +135,14 @@ def test_command_line_values_are_checked_in_one_line(swissroll_run: Path, tmp_pa
         line = fails_in_one_line(capsys, ["sample", run, "--out", str(swissroll_run / target)])
         assert "among the run's own files" in line, line
     assert weights.read_bytes() == before and not (swissroll_run / "checkpoints" / "denoiser.pt").exists()
+    # one sample is drawn and saved, and said to be too few to score (it once failed after writing the file)
+    assert main(["sample", run, "--n", "1", "--steps", "3"]) == 0
+    assert "not scored: n = 1: the scores need at least 3 samples" in capsys.readouterr().out
+    # nor the recipe's samples (they once became 10 points, which `likelihood` then read as the run's samples)
+    samples = swissroll_run / "samples" / "samples.pt"
+    before = samples.read_bytes()
+    line = fails_in_one_line(capsys, ["sample", run, "--n", "10", "--out", str(samples)])
+    assert "would overwrite" in line and samples.read_bytes() == before
     (tmp_path / "file").write_text("x")
     line = fails_in_one_line(capsys, ["run", "swissroll", f"run_dir={tmp_path / 'file'}"])
     assert "is a file, not a folder" in line

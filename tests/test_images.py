@@ -216,6 +216,11 @@ def test_bootstrap_fid_std_matches_the_spread_over_fresh_balanced_sample_sets():
     assert bootstrap_fid_std(x, ref_mean, ref_cov, strata=y, seed=3) == bootstrap_fid_std(
         x, ref_mean, ref_cov, strata=y, seed=3
     )
+    # One sample per class (fewer samples than classes): strata of one row never vary, so the bootstrap falls back to
+    # resampling all rows rather than report no noise at all (it once printed "FID sd 0.00").
+    few, classes = x[::20][:10], y[::20][:10]
+    assert len(set(classes.tolist())) == 10
+    assert bootstrap_fid_std(few, ref_mean, ref_cov, strata=classes) == bootstrap_fid_std(few, ref_mean, ref_cov) > 0
     with pytest.raises(DataError, match="rounds"):
         bootstrap_fid_std(x, ref_mean, ref_cov, rounds=1)
     with pytest.raises(DataError, match="strata"):

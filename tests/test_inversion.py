@@ -141,6 +141,15 @@ def test_ddim_inversion_matches_diffusers_inverse_scheduler(kind: str, beta_sche
     assert network.seen == [targets[0], *targets[:-1]]
 
 
+def test_a_round_trip_needs_an_end_above_zero() -> None:
+    from difflab.experiments.inversion import resolved_t_end
+
+    # it once said "use at most 0" steps, which --steps refuses
+    with pytest.raises(ConfigError, match=r"a round trip needs --t-end >= 1 \(one step up and back\), got 0$"):
+        resolved_t_end(NoiseSchedule.linear(100), 0, (1,))
+    assert resolved_t_end(NoiseSchedule.linear(100), 1, (1,)) == 1
+
+
 def test_inversion_timesteps() -> None:
     steps = inversion_timesteps(1000, 50)
     assert len(steps) == 50 and steps[0] == 20 and steps[-1] == 999 and steps == sorted(set(steps))

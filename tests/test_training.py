@@ -122,6 +122,16 @@ def test_training_time_adds_up_over_a_kill_and_a_resume(tmp_path: Path, monkeypa
     assert again.resumed_from == 100 and again.seconds == 100.0 and again.session_seconds == 0.0
 
 
+def test_fewer_steps_than_already_trained_are_refused(tmp_path: Path) -> None:
+    """It once said "resumed from step 10 of 4" and kept the 10-step weights under a config of 4 steps."""
+    from difflab.errors import ConfigError
+
+    make_trainer(tmp_path, 10, checkpoint_every=5).fit()
+    with pytest.raises(ConfigError, match="has trained 10 steps, more than steps=4: keep steps >= 10"):
+        make_trainer(tmp_path, 4, checkpoint_every=5).fit()
+    assert make_trainer(tmp_path, 10, checkpoint_every=5).fit().resumed_from == 10  # the same steps: complete
+
+
 @pytest.mark.parametrize(("stop_at", "checkpoint"), [(30, 25), (75, 75), (99, 75)])
 def test_resume_gives_bit_identical_weights(tmp_path: Path, stop_at: int, checkpoint: int) -> None:
     straight = make_trainer(tmp_path / "a", 100, ema=0.9)

@@ -51,6 +51,17 @@ def _finite(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed, an integer within +-2^63 as a run's ``seed=`` (larger ones would wrap around)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed is an integer within +-2^63, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     """An argparse type: a TCP port, 0 to 65535 (0 picks a free one)."""
     try:
@@ -127,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         help="integrator of both directions: 1 (DDIM, the default) and/or 2 (second-order Adams-Bashforth on the "
         "same timesteps, same NFE); several give one set of rows each",
     )
-    invert.add_argument("--seed", type=int, default=0)
+    invert.add_argument("--seed", type=_seed, default=0)
     invert.add_argument("--device", default="auto")
     run.add_argument(
         "--table", action="store_true", help="run the recipe's comparison table (sets table=true; mnist-ldm)"
@@ -211,7 +222,7 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
         help="fp32 (default) or bf16: the network under bf16 autocast, the sampler in fp32 (image runs; about 1.6x "
         "faster on CPUs with avx512_bf16)",
     )
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0)
     sample.add_argument("--out", help="output file (default under RUN/samples/)")
     sample.add_argument("--device", default="auto")
     compare = commands.add_parser("compare-samplers", help="sample quality against NFE for many samplers")
@@ -229,7 +240,7 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
         "(repeatable; each sampler must take it)",
     )
     compare.add_argument("--n", type=int, default=5000, help="samples per sampler and budget (default 5000)")
-    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--seed", type=_seed, default=0)
     compare.add_argument(
         "--no-full", action="store_true", help="leave out the budget T (every sampler at T steps: costly on images)"
     )
@@ -245,7 +256,7 @@ def _add_sampling_commands(commands: argparse._SubParsersAction) -> None:
     likelihood.add_argument("--atol", type=_finite, default=1e-5)
     likelihood.add_argument("--t-min", type=_finite, default=1e-5, help="start of the ODE in continuous time")
     likelihood.add_argument("--probe", default="rademacher", help="Hutchinson probes: rademacher or gaussian")
-    likelihood.add_argument("--seed", type=int, default=0)
+    likelihood.add_argument("--seed", type=_seed, default=0)
     likelihood.add_argument("--device", default="auto")
 
 
@@ -361,6 +372,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     floor = results["real_vs_real"]
     rows.append([f"(floor) {floor['name']}", floor["n"], floor["fid"], floor["inception_score"], floor.get("accuracy")])
     print(table(["samples", "n", "FID", "IS", "accuracy"], rows))
+    for name, reason in results.get("skipped", {}).items():
+        print(f"not scored: {name} ({reason})")
     print(f"written: {args.run_dir}/evaluation.json")
     return 0
 
@@ -473,6 +486,7 @@ def cmd_sample_score(args: argparse.Namespace) -> int:
         args.run, args.n, args.seed, args.steps, options.get("c"), args.out, args.device, show_progress=True
     )
     scores = "  ".join(f"{k} {record[k]:.3f}" for k in ("nll_course", "nll_reverse") if k in record)
+    scores += f"  (not scored: {record['not_scored']})" if "not_scored" in record else ""
     print(
         f"annealed Langevin: c = {record['c']:g}, {record['steps_per_level']} steps per level, "
         f"{record['network_evaluations_per_sample']} network evaluations per sample, {record['seconds']:.1f} s"
@@ -489,7 +503,8 @@ RUN_OWNED_FOLDERS = ("checkpoints", "figures", "tensorboard", "latents", "compar
 def check_sample_out(out: str, run: str) -> None:
     """``difflab sample --out FILE`` writes FILE's ``.pt`` (the samples) and ``.png`` (their figure): refuse another
     suffix, a folder, and, inside the run folder, its top level and the folders the run writes itself
-    (:data:`RUN_OWNED_FOLDERS`), where the two files could overwrite the run's own (its checkpoints, figures)."""
+    (:data:`RUN_OWNED_FOLDERS`), where the two files could overwrite the run's own (its checkpoints, figures), and
+    any file that exists there already (the recipe's samples in ``samples/``)."""
     path = Path(out)
     if path.is_dir():
         raise ConfigError(f"--out {out} is a folder: give a file name (e.g. {path / 'samples.png'})")
@@ -505,6 +520,11 @@ def check_sample_out(out: str, run: str) -> None:
             raise ConfigError(
                 f"--out {out} would write {written} among the run's own files: write under "
                 f"{Path(run) / 'samples'}, a new subfolder of the run, or outside it"
+            )
+        if resolved.exists():  # e.g. samples/ddim.pt, which metrics.json and `difflab evaluate` describe
+            raise ConfigError(
+                f"--out {out} would overwrite {written} inside the run folder (the recipe's own samples live "
+                "there): choose a new file name"
             )
 
 
@@ -527,6 +547,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sampler = args.sampler or ("ddim" if image_run else "dpmpp-2m")
     spec = get_sampler(sampler)
     extra = parse_options(args.option)
+    if image_run and extra and sampler in ("ddpm", "ddim"):  # before listing options that could not apply
+        raise ConfigError(
+            f"--option is for the registry samplers: {sampler} is the recipe's own sampler here (--eta sets DDIM's "
+            "eta); pick another --sampler to pass options"
+        )
     spec.check_options(extra)
     if args.eta is not None:
         if "eta" not in spec.option_names():
@@ -534,6 +559,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from difflab.sampling.common import check_eta
 
         check_eta(args.eta, "--eta")
+    if args.eta is not None and "eta" in extra:
+        raise ConfigError("give eta once: --eta or --option eta=..., not both")
     eta_option = {"eta": args.eta} if args.eta is not None else {}
     if image_run:
         from difflab.experiments.mnist import sample_from_run
@@ -571,6 +598,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guidance=args.guidance,
     )
     scores = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("nll") or k == "fid")
+    scores += f"  (not scored: {record['not_scored']})" if "not_scored" in record else ""
     print(f"{sampler}: {record['steps']} steps, {record['nfe']} NFE, {record['seconds']:.1f} s  {scores}")
     print(f"samples: {record['samples']}" + (f"  figure: {record['figure']}" if "figure" in record else ""))
     return 0
@@ -585,9 +613,12 @@ def cmd_compare_samplers(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nfe budgets and --n must be >= 1, got --nfe {' '.join(map(str, nfes))} --n {args.n}")
     if args.full and args.no_full:
         raise ConfigError("--full names samplers to give the T-step budget and --no-full gives it to none: pass one")
+    full_for = [n.strip() for n in args.full.split(",") if n.strip()] if args.full else None
+    stray = [name for name in full_for or [] if name not in names]
+    if stray:
+        raise ConfigError(f"--full {', '.join(stray)}: not among the compared samplers ({', '.join(names)})")
     target = experiment.load_target(args.run, args.device)  # the arguments first: loading a run takes seconds
     print(f"[compare-samplers] {target.recipe} run {target.path}: {len(names)} samplers, NFE {list(nfes)}, n={args.n}")
-    full_for = [n.strip() for n in args.full.split(",") if n.strip()] if args.full else None
     options = parse_options(args.option)
     rows = experiment.compare_samplers(
         target,

@@ -66,10 +66,16 @@ def round_trip_cases(
 def resolved_t_end(schedule: NoiseSchedule, t_end: int | None, steps: tuple[int, ...]) -> int:
     """``--t-end`` checked against the schedule, or its default (:func:`default_inversion_end`) when None; each of
     ``steps`` must fit below it (every step spans at least one timestep)."""
+    given = t_end
     if t_end is None:
         t_end = default_inversion_end(schedule)
     elif not 0 <= t_end < schedule.num_timesteps:
         raise ConfigError(f"--t-end must be in [0, {schedule.num_timesteps - 1}], got {t_end}")
+    if t_end < 1:
+        raise ConfigError(
+            f"a round trip needs --t-end >= 1 (one step up and back), got {t_end}"
+            + (" (the default end of this schedule)" if given is None else "")
+        )
     if max(steps) > t_end:
         raise ConfigError(f"--steps {max(steps)} do not fit between t = 0 and --t-end {t_end}: use at most {t_end}")
     return t_end

@@ -80,8 +80,11 @@ class EvaluationConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.n_samples < 2 or self.n_ddpm < 0 or self.batch_size < 1 or self.ddim_steps < 1:
-            raise ConfigError("evaluation needs n_samples >= 2, n_ddpm >= 0, batch_size >= 1, ddim_steps >= 1")
+        if self.n_samples < 2 or self.n_ddpm in (1,) or self.n_ddpm < 0 or self.batch_size < 1 or self.ddim_steps < 1:
+            raise ConfigError(
+                "evaluation needs n_samples >= 2, n_ddpm 0 or >= 2 (a FID needs two samples), batch_size >= 1, "
+                f"ddim_steps >= 1, got {self.n_samples}, {self.n_ddpm}, {self.batch_size}, {self.ddim_steps}"
+            )
         if self.precision not in SAMPLING_PRECISIONS:
             allowed = ", ".join(SAMPLING_PRECISIONS)
             raise ConfigError(f"metrics.precision must be one of {allowed}, got {self.precision!r}")
@@ -488,14 +491,17 @@ def ddpm_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     fid_ddpm, fid_ddim = metrics["ddpm"]["fid"], metrics["ddim_at_ddpm_count"]["fid"]
     ratio = metrics["ddim"]["seconds_per_1000"] / metrics["ddpm"]["seconds_per_1000"]
+    grids = metrics.get("grids", {})  # the samplers' step counts (the issue's are 50 and 1,000)
+    ddim = f"DDIM-{grids.get('ddim', {}).get('steps', 50)}"
+    ddpm = f"DDPM-{grids.get('ddpm', {}).get('steps', 1000)}"
     fid_target = {
-        "target": "DDIM-50 FID / DDPM-1000 FID <= 1.15 (within 15%, equal n)",
+        "target": f"{ddim} FID / {ddpm} FID <= 1.15 (within 15%, equal n)",
         "value": fid_ddim / fid_ddpm,
         "met": fid_ddim <= 1.15 * fid_ddpm,
     }
     return [
         stages.with_ratio_noise(fid_target, metrics["ddpm"], metrics["ddim_at_ddpm_count"], limit=0.15),
-        {"target": "DDIM-50 time per image <= 1/20 of DDPM-1000 (+10%)", "value": ratio, "met": ratio <= 0.055},
+        {"target": f"{ddim} time per image <= 1/20 of {ddpm} (+10%)", "value": ratio, "met": ratio <= 0.055},
     ]
 
 
@@ -924,7 +930,12 @@ def evaluate_run(
             raise ConfigError(f"cannot read {file}: {first_line(exc)}") from None
         if not isinstance(content, dict) or "images" not in content:
             continue
+        if len(content["images"]) < 2:  # `difflab sample --n 1`: a picture, not a set a FID can describe
+            results.setdefault("skipped", {})[file.name] = f"{len(content['images'])} image(s): a FID needs 2 or more"
+            continue
         results["samples"][file.name] = evaluator.evaluate(content["images"], content.get("labels"))
+    if not results["samples"]:
+        raise ConfigError(f"{run_dir}/samples holds no set of 2 or more images to evaluate")
     counts = sorted({r["n"] for r in results["samples"].values() if r["n"] > 1})
     results["calibration"] = _calibration(evaluator, counts)
     # The floor of the metric itself: (up to) 10,000 real training images against the reference set.

@@ -563,11 +563,12 @@ def _executive_summary(main: RunContents, ablation: RunContents | None) -> list[
             ").**",
         )
     else:
-        takeaway = prose(
-            f"**Takeaway: {ddim} sampled ",
-            *_speed(main, ddpm),
-            "; this run has no FID (its data is not MNIST, which the evaluator needs).**",
+        why = (
+            f"{ddpm} drew no scored samples (metrics.n_ddpm = 0), so the two samplers' FIDs cannot be compared"
+            if _has(main, "ddim.fid")
+            else "this run has no FID (its data is not MNIST, which the evaluator needs)"
         )
+        takeaway = prose(f"**Takeaway: {ddim} sampled ", *_speed(main, ddpm), f"; {why}.**")
     ddim_same = lookup(main.metrics, "determinism.ddim.identical")
     parts: list[Any] = [
         "A U-Net of ",
@@ -877,7 +878,11 @@ def _sampling_section(main: RunContents) -> list[Block | None]:
                     f" ({_verdict(_number(main, 'comparison.fid_ddim_over_ddpm'))}).",
                 )
                 if _has(main, "ddpm.fid") and _has(main, "ddim_at_ddpm_count.fid")
-                else ("No FID was measured.",)
+                else (
+                    (f"{ddpm} drew no scored samples (metrics.n_ddpm = 0): no FID to compare.",)
+                    if _has(main, "ddim.fid")
+                    else ("No FID was measured.",)
+                )
             ),
         ),
         Paragraph(

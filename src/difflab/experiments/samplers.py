@@ -221,6 +221,9 @@ def draw_samples(
     return torch.cat(outputs), {"sampler": sampler, "steps": steps, "nfe": nfe, "seconds": round(seconds, 3)}
 
 
+MIN_SCORED = 3  # samples a score needs: a KDE of 2-D samples more than 2 points, a FID at least 2 images
+
+
 def sample_run(
     run_dir: str | Path,
     sampler: str,
@@ -263,7 +266,10 @@ def sample_run(
             content["labels"] = torch.full((len(samples),), target.class_index(digit), dtype=torch.long)
         torch.save(content, pt_path)
     record: dict[str, Any] = {**info, **steer, **(options or {}), "n": n, "seed": seed, "samples": str(pt_path)}
-    record.update(target.score(samples))
+    if n >= MIN_SCORED:
+        record.update(target.score(samples))
+    elif target.metrics:
+        record["not_scored"] = f"n = {n}: the scores need at least {MIN_SCORED} samples"
     if target.plot is not None:
         title = f"{sampler}, {steps} steps ({info['nfe']} NFE), n = {n}"
         record["figure"] = str(target.plot(samples, pt_path.with_suffix(".png"), title))

@@ -110,7 +110,10 @@ def sample_score_run(
     title = f"annealed Langevin, c = {settings['c']:g}, {settings['steps_per_level']} steps per level, n = {n}"
     plots2d.scatter_over_data(samples, train.data, png, title)
     record["nll_course"] = KDE(train.data).nll(samples)
-    record["nll_reverse"] = KDE(samples).nll(heldout.data)
+    if n > samples.shape[1]:  # a KDE of the samples needs more points than dimensions
+        record["nll_reverse"] = KDE(samples).nll(heldout.data)
+    else:
+        record["not_scored"] = f"nll_reverse: n = {n} samples are too few for a KDE of them"
     return record
 
 

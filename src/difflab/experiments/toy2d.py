@@ -59,8 +59,11 @@ class ToySamplingConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.batch_size < 1:
-            raise ConfigError(f"sampling.n and sampling.batch_size must be >= 1, got {self.n} and {self.batch_size}")
+        if self.n < 3 or self.batch_size < 1:  # the reverse KDE score fits a KDE to the samples: more than 2 points
+            raise ConfigError(
+                f"sampling.n must be >= 3 (a KDE of the samples) and sampling.batch_size >= 1, got {self.n} and "
+                f"{self.batch_size}"
+            )
         points2d.check_variance("sampling.ddpm_variance", self.ddpm_variance)
 
 

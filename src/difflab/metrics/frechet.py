@@ -127,7 +127,9 @@ def bootstrap_fid_std(
     whose FID does not vary with class proportions): without it, the multinomial class counts of an unstratified
     resample add noise that balanced sample sets do not have (measured on MNIST latent-diffusion samples at
     N = 300: 4.8 unstratified vs 2.2 stratified vs 1.7 over six disjoint balanced sets). The estimate is
-    slightly conservative: duplicated rows make each resample's FID noisier than that of N fresh samples.
+    slightly conservative: duplicated rows make each resample's FID noisier than that of N fresh samples. When a
+    stratum holds a single row (fewer samples than classes), the resample is unstratified, which can only
+    overstate the noise, where strata of one row would have hidden it.
     ``reference_root``: ``psd_sqrt(reference_cov)`` when the caller has it (computed here when N >= D if not).
     """
     features = _check_features(features, "features")
@@ -140,6 +142,8 @@ def bootstrap_fid_std(
         if len(strata) != len(features):
             raise DataError(f"{len(strata)} strata labels for {len(features)} feature rows")
         groups = [torch.nonzero(strata == value).flatten() for value in strata.unique()]
+        if min(len(group) for group in groups) < 2:  # a group of one never varies: resample all rows instead
+            groups = [torch.arange(len(features))]
     generator = torch.Generator().manual_seed(seed)
     root = reference_root
     if root is None and len(features) >= features.shape[1]:

@@ -114,9 +114,16 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
     """
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
+    if not (math.isfinite(rho) and rho > 0):
+        raise ConfigError(f"rho must be finite and > 0, got {rho}")
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
-    low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    try:
+        low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    except OverflowError:
+        raise ConfigError(f"rho={rho} is too small: sigma_max^(1/rho) overflows (sigma_max {sigma_max:.4g})") from None
     sigmas = (high + ramp * (low - high)) ** rho
+    if not bool(torch.isfinite(sigmas).all()):
+        raise ConfigError(f"rho={rho} is too small: the Karras noise levels overflow (sigma_max = {sigma_max:.4g})")
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
@@ -578,6 +585,10 @@ def sample_heun(
 
     ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``.
     """
+    if not (churn >= 0 and s_noise >= 0 and s_tmin <= s_tmax):
+        raise ConfigError(
+            f"heun needs churn >= 0, s_noise >= 0 and s_tmin <= s_tmax, got {churn}, {s_noise}, {s_tmin} and {s_tmax}"
+        )
     net = as_diffusion_model(model, schedule)
     levels = _sigmas_for(net, steps, sigmas, rho).tolist()
     count = len(levels) - 1
@@ -632,6 +643,7 @@ def sample_euler_ancestral(
     ``sigma_down``, then fresh noise of std ``sigma_up`` (:func:`ancestral_step`); ``eta = 1`` matches the
     DDPM posterior. One evaluation per step.
     ``shape`` is one batch's (B, ...); returns x_0 of that shape on ``device``."""
+    check_eta(eta)
     _check_corrector(corrector_steps, snr)
     net = as_diffusion_model(model, schedule)
     levels = _sigmas_for(net, steps, sigmas, rho).tolist()

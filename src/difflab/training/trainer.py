@@ -572,6 +572,11 @@ class Trainer:
         config = self.config
         start = time.perf_counter()
         resumed = self._restore()
+        if resumed > config.steps:  # the weights would be those of more steps than the config and report say
+            raise ConfigError(
+                f"[{self.name}] this run has trained {resumed} steps, more than steps={config.steps}: keep steps >= "
+                f"{resumed}, or start over with --fresh"
+            )
         self.step = resumed
         if self.dist.is_main:  # records past the resume point belong to a run that is being redone
             self.logger.truncate(f"{self.name}/", resumed)
