@@ -50,6 +50,11 @@ def swissroll_run(tmp_path_factory) -> Path:
     [
         ("swissroll", ["sampling.n=0"], "sampling.n must be >= 3 (a KDE of the samples)"),
         ("swissroll", ["sampling.n=2"], "sampling.n must be >= 3 (a KDE of the samples)"),
+        ("swissroll", ["data.n_train=2"], "data needs n_train >= 10, n_heldout >= 10 and val_fraction in (0, 1)"),
+        ("swissroll", ["data.val_fraction=0"], "val_fraction in (0, 1), got 5000, 5000 and 0"),
+        ("swissroll-ncsn", ["data.val_fraction=1"], "val_fraction in (0, 1)"),
+        ("states", ["data.val_fraction=0"], "data needs heldout_fraction and val_fraction in (0, 1)"),
+        ("mnist-ddpm", [*DIGITS, "schedule.max_beta=1"], "schedule needs 0 < max_beta < 1"),
         ("states", ["sampling.n_cond=1"], "n_cond 0 or >= 3"),
         ("mnist-ddpm", [*DIGITS, "metrics.n_ddpm=1"], "n_ddpm 0 or >= 2 (a FID needs two samples)"),
         ("swissroll", ["figures.reverse_steps=[]"], "figures.reverse_steps must be a non-empty list"),

@@ -58,6 +58,11 @@ class ScheduleConfig:
             raise ConfigError(
                 f"schedule needs 0 < beta_start <= beta_end < 1, got {self.beta_start} and {self.beta_end}"
             )
+        if self.kind == "cosine" and not (0 < self.max_beta < 1 and 0 <= self.cosine_s < 1):
+            # beta_t = min(1 - alpha_bar(t+1) / alpha_bar(t), max_beta) must lie in (0, 1)
+            raise ConfigError(
+                f"schedule needs 0 < max_beta < 1 and 0 <= cosine_s < 1, got {self.max_beta} and {self.cosine_s}"
+            )
 
 
 class NoiseSchedule:

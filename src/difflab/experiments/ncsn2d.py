@@ -53,6 +53,13 @@ class PointsNCSNDataConfig:
     noise: float = 0.0
     val_fraction: float = 0.1
 
+    def __post_init__(self) -> None:
+        if self.n_train < 10 or self.n_heldout < 10 or not 0 < self.val_fraction < 1:
+            raise ConfigError(
+                "data needs n_train >= 10, n_heldout >= 10 and val_fraction in (0, 1), got "
+                f"{self.n_train}, {self.n_heldout} and {self.val_fraction}"
+            )
+
 
 @dataclass(frozen=True)
 class ScoreMLPConfig:

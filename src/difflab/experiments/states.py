@@ -62,8 +62,11 @@ class PointsDataConfig:
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if not 0 < self.heldout_fraction < 1 or not 0 <= self.val_fraction < 1:
-            raise ConfigError("data needs heldout_fraction in (0, 1) and val_fraction in [0, 1)")
+        if not 0 < self.heldout_fraction < 1 or not 0 < self.val_fraction < 1:  # each split takes a share
+            raise ConfigError(
+                f"data needs heldout_fraction and val_fraction in (0, 1), got {self.heldout_fraction} and "
+                f"{self.val_fraction}"
+            )
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,12 @@ class ToyDataConfig:
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.n_train < 2 or self.n_heldout < 1 or not 0 <= self.val_fraction < 1:  # noise: data.toy checks it
-            raise ConfigError("data needs n_train >= 2, n_heldout >= 1 and val_fraction in [0, 1)")
+        # data.toy draws at least 10 points per set and checks noise; the validation split takes a share in (0, 1)
+        if self.n_train < 10 or self.n_heldout < 10 or not 0 < self.val_fraction < 1:
+            raise ConfigError(
+                "data needs n_train >= 10, n_heldout >= 10 and val_fraction in (0, 1), got "
+                f"{self.n_train}, {self.n_heldout} and {self.val_fraction}"
+            )
 
 
 @dataclass(frozen=True)
