@@ -108,7 +108,8 @@ class FigureConfig:
 
     ``trajectory_frames`` timesteps of the unconditional sampling of the first ``trajectory_points``
     samples are kept in ``samples/trajectory.safetensors`` (x_t and predicted x_0) for the run browser's
-    trajectory viewer; 0 frames keeps none.
+    trajectory viewer; 0 frames keeps none. They come from the first sampling batch, so at most
+    ``sampling.batch_size`` points.
     """
 
     forward_steps: tuple[int, ...] = (0, 25, 50, 100, 200, 500)

@@ -74,7 +74,8 @@ class ToySamplingConfig:
 @dataclass(frozen=True)
 class ToyFigureConfig:
     """Timesteps of the figures; ``trajectory_frames`` timesteps of the first ``trajectory_points`` samples
-    go to ``samples/trajectory.safetensors`` for the run browser (0 frames: none)."""
+    go to ``samples/trajectory.safetensors`` for the run browser (0 frames: none), from the first sampling batch
+    (so at most ``sampling.batch_size`` points)."""
 
     forward_steps: tuple[int, ...] = (0, 33, 66, 100)
     reverse_steps: tuple[int, ...] = (100, 66, 33, 0)
