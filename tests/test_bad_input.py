@@ -61,6 +61,9 @@ def swissroll_run(tmp_path_factory) -> Path:
         ("swissroll", ["figures.forward_steps=[0,500]"], "timesteps in [0, 100]"),
         ("swissroll", ["sampling.steps=200"], "sampling.steps must be in 0..100 (schedule.num_timesteps; 0 = all)"),
         ("swissroll", ["sampling.eta=-1"], "sampling.eta must be >= 0"),
+        ("swissroll", ["sampling.eta=0.5"], "sampling.sampler=ddpm runs all T steps"),  # it was ignored
+        ("swissroll", ["sampling.steps=20"], "set sampling.steps=0 and sampling.eta=0, or sampling.sampler=ddim"),
+        ("states", ["sampling.cond_sampler=ddpm"], "sampling.cond_sampler=ddpm runs all T steps"),
         ("swissroll", ["seed=1e30"], "seed must be an integer within +-2^63"),
         ("swissroll", ["denoiser_train.batch_size=1e30"], "denoiser_train.batch_size must be an integer within"),
         ("swissroll", ["recipe=spiral"], "the config names recipe 'spiral' but the command asked for 'swissroll'"),

@@ -43,13 +43,18 @@ def check_timesteps(key: str, steps: tuple[int, ...], num_timesteps: int) -> Non
 
 def check_sampling(prefix: str, sampler: str, steps: int, num_timesteps: int, eta: float = 0.0) -> None:
     """The settings ``<prefix>sampler``, ``<prefix>steps`` (0 = all T, at most T) and ``<prefix>eta`` of a sampling
-    stage, checked before any training."""
+    stage, checked before any training; DDPM takes all T steps and no eta."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"{prefix}sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if not 0 <= steps <= num_timesteps:
         raise ConfigError(f"{prefix}steps must be in 0..{num_timesteps} (schedule.num_timesteps; 0 = all), got {steps}")
     if eta < 0:
         raise ConfigError(f"{prefix}eta must be >= 0, got {eta}")
+    if sampler == "ddpm" and (steps not in (0, num_timesteps) or eta != 0):  # they would be ignored
+        raise ConfigError(
+            f"{prefix}sampler=ddpm runs all T steps with its fixed variance: {prefix}steps and {prefix}eta are "
+            f"DDIM's (set {prefix}steps=0 and {prefix}eta=0, or {prefix}sampler=ddim), got {steps} and {eta}"
+        )
 
 
 def check_variance(key: str, variance: str) -> None:
