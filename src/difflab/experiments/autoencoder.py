@@ -25,7 +25,7 @@ from difflab.experiments import images as stages
 from difflab.experiments.images import ImageDataConfig
 from difflab.experiments.runs import RunFolder, read_run, read_run_config, setup_ranks, trained_only
 from difflab.metrics.reconstruction import reconstruction_metrics
-from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
+from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_diffusers_autoencoder
 from difflab.models.unet import count_parameters
 from difflab.report import sections
 from difflab.report.document import Report
@@ -202,6 +202,24 @@ def train_autoencoder(
     # The export again, now with the scaling factor: rank 0 alone writes it, as the trainer's own export.
     distributed.on_main(lambda: ckpt.export_weights(trainer.weights_path, vae.state_dict(), info))
     return vae, result
+
+
+def given_autoencoder(vae_config: Any, image_shape: tuple[int, ...], device: torch.device) -> Any:
+    """The autoencoder a recipe's ``vae`` section names instead of training one: ``vae.kind=run`` (an
+    ``autoencoder`` run's, on ``device``, which must take the images' channels) or ``vae.kind=diffusers`` (a local
+    AutoencoderKL for images of ``image_shape`` (C, H, W)); None for ``vae.kind=train``. ``vae_config`` has
+    ``kind``, ``path`` and ``scaling_factor``."""
+    if vae_config.kind == "train":
+        return None
+    if vae_config.kind == "run":
+        vae = load_autoencoder_run(vae_config.path, device)
+        if vae.config.in_channels != image_shape[0]:
+            raise ConfigError(
+                f"vae.path={vae_config.path} holds a {vae.config.in_channels}-channel autoencoder; these images have "
+                f"{image_shape[0]} channels"
+            )
+        return vae
+    return load_diffusers_autoencoder(vae_config.path, image_shape, vae_config.scaling_factor)
 
 
 def load_autoencoder_run(run_dir: str | Path, device: torch.device | str = "cpu") -> KLAutoencoder:

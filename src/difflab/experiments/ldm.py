@@ -45,13 +45,12 @@ from difflab.experiments.autoencoder import (
     AutoencoderTrainingConfig,
     build_autoencoder,
     compression,
-    load_autoencoder_run,
+    given_autoencoder,
     train_autoencoder,
 )
 from difflab.experiments.images import QUANTISATION_LEVELS, ImageDataConfig
 from difflab.experiments.runs import RunFolder, setup_ranks, trained_only
 from difflab.metrics.reconstruction import reconstruction_metrics
-from difflab.models.autoencoder import load_diffusers_autoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
 from difflab.report import sections
 from difflab.report.document import Report
@@ -418,16 +417,6 @@ def prepare_autoencoder(
     vae = _ready(vae, vae_config, device)
     info.update(description=vae.description, scaling_factor=vae.scaling_factor, compression=compression(vae, shape))
     return vae, info
-
-
-def given_autoencoder(vae_config: VAEConfig, image_shape: tuple[int, ...], device: torch.device) -> Any:
-    """The autoencoder of ``vae.kind=run`` (an autoencoder run's) or ``vae.kind=diffusers`` (a local AutoencoderKL)
-    for images of ``image_shape`` (C, H, W); None for ``vae.kind=train``."""
-    if vae_config.kind == "train":
-        return None
-    if vae_config.kind == "run":
-        return load_autoencoder_run(vae_config.path, device)
-    return load_diffusers_autoencoder(vae_config.path, image_shape, vae_config.scaling_factor)
 
 
 def _ready(vae: Any, vae_config: VAEConfig, device: torch.device) -> Any:

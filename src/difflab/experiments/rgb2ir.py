@@ -49,12 +49,12 @@ from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments.autoencoder import (
     VAE_KINDS,
     AutoencoderTrainingConfig,
-    load_autoencoder_run,
+    given_autoencoder,
     train_autoencoder,
 )
 from difflab.experiments.runs import RunFolder, read_run_config, resolve_device, setup_ranks, trained_only
 from difflab.metrics.image_quality import at_low_resolution, guided_filter, psnr_per_image, ssim_per_image
-from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_diffusers_autoencoder
+from difflab.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from difflab.models.unet import UNet, UNetConfig, count_parameters, describe
 from difflab.report.document import (
     Figure,
@@ -365,22 +365,11 @@ def train_paired_autoencoder(
     return train_autoencoder(run, logger, images, check, config.training, seed, device, show_progress, echo)
 
 
-def given_autoencoder(config: RGB2IRConfig, device: torch.device) -> Any:
-    """The autoencoder of ``vae.kind=run`` (an autoencoder run's, which must take 3 channels) or
-    ``vae.kind=diffusers`` (a local AutoencoderKL) on ``device``; None for ``vae.kind=train``."""
-    vae_config = config.vae
-    if vae_config.kind == "train":
-        return None
-    if vae_config.kind == "run":
-        vae = load_autoencoder_run(vae_config.path, device)
-        if vae.config.in_channels != 3:
-            raise ConfigError(
-                f"vae.path={vae_config.path} holds a {vae.config.in_channels}-channel autoencoder; "
-                "rgb2ir needs 3 channels"
-            )
-        return vae
-    shape = (3, config.data.size, config.data.size)
-    return load_diffusers_autoencoder(vae_config.path, shape, vae_config.scaling_factor).to(device)
+def given_vae(config: RGB2IRConfig, device: torch.device) -> Any:
+    """The autoencoder of ``vae.kind=run|diffusers`` for the 3-channel images both sides are encoded as
+    (:func:`~difflab.experiments.autoencoder.given_autoencoder`), on ``device``; None for ``vae.kind=train``."""
+    vae = given_autoencoder(config.vae, (3, config.data.size, config.data.size), device)
+    return None if vae is None else vae.to(device)
 
 
 def prepare_autoencoder(
@@ -393,7 +382,7 @@ def prepare_autoencoder(
     given: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The autoencoder of ``config.vae`` in eval mode, and what the report says about it. ``given``: the
-    autoencoder of ``vae.kind=run|diffusers`` when the caller has loaded it (:func:`given_autoencoder`)."""
+    autoencoder of ``vae.kind=run|diffusers`` when the caller has loaded it (:func:`given_vae`)."""
     vae_config = config.vae
     info: dict[str, Any] = {"kind": vae_config.kind, "path": vae_config.path}
     shape = (3, config.data.size, config.data.size)
@@ -403,7 +392,7 @@ def prepare_autoencoder(
         )
         info.update(steps=result.step, train_seconds=round(result.seconds, 1), crop=vae_config.training.crop)
     else:
-        vae = given if given is not None else given_autoencoder(config, device)
+        vae = given if given is not None else given_vae(config, device)
     if vae_config.scaling_factor > 0:
         vae.scaling_factor = vae_config.scaling_factor
     vae.eval().requires_grad_(False)
@@ -824,7 +813,7 @@ def run_rgb2ir(
     started = time.perf_counter()
     data = load_data(config.data, echo)
     data_seconds = time.perf_counter() - started
-    given = given_autoencoder(config, device)
+    given = given_vae(config, device)
     # Enabling the inversion or changing what is scored reuses the folder: the autoencoder, the latent cache and the
     # regressors are resumed as they are (their checkpoints check their own settings).
     run = RunFolder.open(
@@ -1357,7 +1346,7 @@ def load_run_autoencoder(config: RGB2IRConfig, run_dir: Path, device: torch.devi
         vae = KLAutoencoder(config.vae.training.model)
         ckpt.load_weights(vae, path)
     else:
-        vae = given_autoencoder(config, device)
+        vae = given_vae(config, device)
     if config.vae.scaling_factor > 0:
         vae.scaling_factor = config.vae.scaling_factor
     return vae.to(device).eval().requires_grad_(False)
