@@ -137,7 +137,7 @@ def test_the_table_reuses_the_folder(ldm_run: Path, capsys) -> None:
     assert_rebuilds(ldm_run)
 
 
-def test_autoencoders_from_a_run_and_from_diffusers(tmp_path: Path) -> None:
+def test_autoencoders_from_a_run_and_from_diffusers(tmp_path: Path, capsys) -> None:
     from diffusers import AutoencoderKL
 
     ae_dir = tmp_path / "ae"
@@ -164,6 +164,11 @@ def test_autoencoders_from_a_run_and_from_diffusers(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "from-run" / "metrics.json").read_text())
     assert metrics["autoencoder"]["kind"] == "run" and metrics["latents"]["shape"] == [4, 4, 4]
     assert not (tmp_path / "from-run" / "checkpoints" / "autoencoder.safetensors").exists()
+    # a 1-channel autoencoder for rgb2ir's 3-channel images is refused by name, before any run folder exists
+    rgb2ir = ["run", "rgb2ir", f"run_dir={tmp_path / 'rgb2ir'}", "data.size=16", "vae.kind=run", f"vae.path={ae_dir}"]
+    assert main(rgb2ir) == 2
+    assert "holds a 1-channel autoencoder; these images have 3 channels" in capsys.readouterr().err
+    assert not (tmp_path / "rgb2ir").exists()
 
     torch.manual_seed(0)
     AutoencoderKL(
