@@ -456,6 +456,11 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def _not_scored(record: dict[str, Any]) -> str:
+    """The printed note of a ``difflab sample`` record whose samples were too few to score, else nothing."""
+    return f"  (not scored: {record['not_scored']})" if "not_scored" in record else ""
+
+
 def cmd_sample_score(args: argparse.Namespace) -> int:
     """``difflab sample`` on an NCSN run: annealed Langevin dynamics with the run's settings, ``--steps`` steps per
     level and ``--option c=C`` overriding them."""
@@ -486,7 +491,7 @@ def cmd_sample_score(args: argparse.Namespace) -> int:
         args.run, args.n, args.seed, args.steps, options.get("c"), args.out, args.device, show_progress=True
     )
     scores = "  ".join(f"{k} {record[k]:.3f}" for k in ("nll_course", "nll_reverse") if k in record)
-    scores += f"  (not scored: {record['not_scored']})" if "not_scored" in record else ""
+    scores += _not_scored(record)
     print(
         f"annealed Langevin: c = {record['c']:g}, {record['steps_per_level']} steps per level, "
         f"{record['network_evaluations_per_sample']} network evaluations per sample, {record['seconds']:.1f} s"
@@ -545,14 +550,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return cmd_sample_score(args)
     image_run = recipe in IMAGE_RECIPES
     sampler = args.sampler or ("ddim" if image_run else "dpmpp-2m")
-    spec = get_sampler(sampler)
     extra = parse_options(args.option)
-    if image_run and extra and sampler in ("ddpm", "ddim"):  # before listing options that could not apply
-        raise ConfigError(
-            f"--option is for the registry samplers: {sampler} is the recipe's own sampler here (--eta sets DDIM's "
-            "eta); pick another --sampler to pass options"
-        )
-    spec.check_options(extra)
+    if image_run:  # the image recipes run their own ddpm and ddim, which take no options
+        from difflab.experiments.images import checked_sampler
+
+        spec = checked_sampler(sampler, extra)
+    else:
+        spec = get_sampler(sampler)
+        spec.check_options(extra)
     if args.eta is not None:
         if "eta" not in spec.option_names():
             raise ConfigError(f"--eta: sampler {sampler} takes no eta (ddim and the SDE samplers do)")
@@ -598,7 +603,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guidance=args.guidance,
     )
     scores = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("nll") or k == "fid")
-    scores += f"  (not scored: {record['not_scored']})" if "not_scored" in record else ""
+    scores += _not_scored(record)
     print(f"{sampler}: {record['steps']} steps, {record['nfe']} NFE, {record['seconds']:.1f} s  {scores}")
     print(f"samples: {record['samples']}" + (f"  figure: {record['figure']}" if "figure" in record else ""))
     return 0

@@ -296,6 +296,21 @@ class SampleResult:
     network_evaluations: int
 
 
+def checked_sampler(sampler: str, options: dict[str, Any] | None) -> Any:
+    """The registry entry of ``sampler`` for :func:`sample_images`, with ``options`` checked: the image recipes run
+    ``ddpm`` and ``ddim`` themselves, so those take no options here (``eta`` is an argument of DDIM's own)."""
+    from difflab.sampling.solvers import get_sampler
+
+    spec = get_sampler(sampler)  # an unknown name fails here
+    if options and sampler in ("ddpm", "ddim"):
+        raise ConfigError(
+            f"sampler options are for the registry samplers: {sampler} is the recipe's own sampler here (--eta sets "
+            "DDIM's eta); pick another --sampler to pass options"
+        )
+    spec.check_options(options or {})
+    return spec
+
+
 def sample_images(
     model: torch.nn.Module,
     schedule: NoiseSchedule,
@@ -332,12 +347,9 @@ def sample_images(
     which run here as the recipes run them). ``precision="bf16"`` evaluates the network under bf16 autocast (the
     sampler's arithmetic stays fp32; on CPU the weights should then be NCHW, see
     :func:`~difflab.training.precision.to_fast_layout`)."""
-    from difflab.sampling.solvers import get_sampler, sample
+    from difflab.sampling.solvers import sample
 
-    spec = get_sampler(sampler)  # an unknown name fails here, before any work
-    if options and sampler in ("ddpm", "ddim"):
-        raise ConfigError(f"sampler options are for the registry samplers: {sampler} is the recipe's own sampler here")
-    spec.check_options(options or {})
+    spec = checked_sampler(sampler, options)  # before any work
     if steps != 0:  # 0: all T steps
         spec.check_steps(steps, schedule.num_timesteps)
     check_precision(precision, torch.device(device), SAMPLING_PRECISIONS)

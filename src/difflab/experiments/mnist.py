@@ -80,7 +80,8 @@ class EvaluationConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.n_samples < 2 or self.n_ddpm in (1,) or self.n_ddpm < 0 or self.batch_size < 1 or self.ddim_steps < 1:
+        ddpm_scorable = self.n_ddpm == 0 or self.n_ddpm >= 2  # 0: no DDPM set; a FID needs two samples
+        if self.n_samples < 2 or not ddpm_scorable or self.batch_size < 1 or self.ddim_steps < 1:
             raise ConfigError(
                 "evaluation needs n_samples >= 2, n_ddpm 0 or >= 2 (a FID needs two samples), batch_size >= 1, "
                 f"ddim_steps >= 1, got {self.n_samples}, {self.n_ddpm}, {self.batch_size}, {self.ddim_steps}"

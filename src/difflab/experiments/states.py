@@ -93,7 +93,7 @@ class GuidedSamplingConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        if self.n_uncond < 3 or self.n_cond in (1, 2) or self.n_cond < 0 or self.batch_size < 1:
+        if self.n_uncond < 3 or not (self.n_cond == 0 or self.n_cond >= 3) or self.batch_size < 1:
             # the scores fit a KDE to each sample set: more points than the 2 dimensions
             raise ConfigError(
                 "sampling needs n_uncond >= 3, n_cond 0 or >= 3 (a KDE of the samples) and batch_size >= 1, got "
