@@ -32,6 +32,7 @@ class ShuffledBatches:
         self._permutation: torch.Tensor | None = None
 
     def indices(self, step: int) -> torch.Tensor:
+        """The rows of batch ``step``: (batch_size,) int64 indices into the tensors' first dimension, on the CPU."""
         if self.batch_size > self.size:
             generator = torch.Generator().manual_seed(mix_seed(self.seed, step, 7))
             return torch.randint(0, self.size, (self.batch_size,), generator=generator)
@@ -44,6 +45,7 @@ class ShuffledBatches:
         return self._permutation[position * self.batch_size : (position + 1) * self.batch_size]
 
     def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """Batch ``step`` of every tensor (N, ...): a tuple of (batch_size, ...) tensors, on their device."""
         index = self.indices(step).to(self.tensors[0].device)
         return tuple(t[index] for t in self.tensors)
 

@@ -59,12 +59,12 @@ class ImageSet:
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1]: ``(x + 1) / 2`` (no clipping)."""
+    """[-1, 1] -> [0, 1]: ``(x + 1) / 2`` (no clipping). x: any shape, e.g. (B, C, H, W) -> the same shape."""
     return (x + 1.0) / 2.0
 
 
 def from_unit(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] -> [-1, 1]: ``2 x - 1`` (no clipping)."""
+    """[0, 1] -> [-1, 1]: ``2 x - 1`` (no clipping). x: any shape, e.g. (B, C, H, W) -> the same shape."""
     return x * 2.0 - 1.0
 
 

@@ -54,7 +54,8 @@ class GaussianData:
         return (x.reshape(len(x), -1).double() - shift * self.mean) @ self.basis
 
     def _x0_flat(self, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        """``E[x_0 | x_t]`` as (B, D) float64, ``alpha_bar`` a (B, 1) column. Per eigendirection of variance lambda:
+        """``E[x_0 | x_t]`` as (B, D) float64 for x_t (B, ...), ``alpha_bar`` a (B, 1) column. Per eigendirection
+        of variance lambda:
         ``E[x_0 | x_t] = m + sqrt(alpha_bar) lambda / (alpha_bar lambda + 1 - alpha_bar) (x_t - sqrt(alpha_bar) m)``."""
         gain = alpha_bar.sqrt() * self.eigenvalues / (alpha_bar * self.eigenvalues + 1 - alpha_bar)
         return self.mean + (self._centred(x_t, alpha_bar.sqrt()) * gain) @ self.basis.T
@@ -64,19 +65,22 @@ class GaussianData:
         return self._x0_flat(x_t, _column(alpha_bar, len(x_t))).to(x_t.dtype).reshape(x_t.shape)
 
     def eps(self, x_t: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
-        """The exact eps-prediction ``(x_t - sqrt(a) E[x_0 | x_t]) / sqrt(1 - a)``; x_t (B, ...), a float or (B,)."""
+        """The exact eps-prediction ``(x_t - sqrt(a) E[x_0 | x_t]) / sqrt(1 - a)``; x_t (B, ...), a float or (B,);
+        the shape and dtype of x_t."""
         column = _column(alpha_bar, len(x_t))
         out = (x_t.reshape(len(x_t), -1).double() - column.sqrt() * self._x0_flat(x_t, column)) / (1 - column).sqrt()
         return out.to(x_t.dtype).reshape(x_t.shape)
 
     def score(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """The VE score ``-(S + sigma^2 I)^-1 (x - m)`` of the data blurred by N(0, sigma^2 I); x (B, ...)."""
+        """The VE score ``-(S + sigma^2 I)^-1 (x - m)`` of the data blurred by N(0, sigma^2 I); x (B, ...), sigma a
+        float or (B,); the shape and dtype of x."""
         variance = self.eigenvalues + _column(sigma, len(x)) ** 2
         out = -((self._centred(x, _column(1.0, len(x))) / variance) @ self.basis.T)
         return out.to(x.dtype).reshape(x.shape)
 
     def flow(self, x: torch.Tensor, alpha_bar_from: float, alpha_bar_to: float) -> torch.Tensor:
-        """The probability-flow ODE solved exactly from ``alpha_bar_from`` to ``alpha_bar_to``; x (B, ...)."""
+        """The probability-flow ODE solved exactly from ``alpha_bar_from`` to ``alpha_bar_to``; x (B, ...) -> the
+        shape and dtype of x."""
         # per eigendirection x_t - sqrt(alpha_bar) m scales as the marginal's std sqrt(alpha_bar lambda + 1 - alpha_bar)
         start, end = _column(alpha_bar_from, len(x)), _column(alpha_bar_to, len(x))
         gain = ((end * self.eigenvalues + 1 - end) / (start * self.eigenvalues + 1 - start)).sqrt()

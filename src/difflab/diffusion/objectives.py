@@ -30,7 +30,8 @@ def _noised(
     label_dropout: float,
     null_label: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(t, eps, x_t, labels)``: t ~ U{0..T-1}, eps ~ N(0, I), x_t ~ q(x_t | x_0), labels with dropout applied."""
+    """``(t, eps, x_t, labels)``: t ~ U{0..T-1}, eps ~ N(0, I), x_t ~ q(x_t | x_0), labels with dropout applied.
+    x0: (B, ...), labels: (B,) or None -> t (B,) int64, eps and x_t (B, ...), labels (B,) or None."""
     t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
     noise = batch_randn(tuple(x0.shape), generator, x0.device)
     x_t = schedule.q_sample(x0, t, noise)
@@ -108,7 +109,7 @@ def epsilon_loss(
 ) -> torch.Tensor:
     """Ho et al.'s ``L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(a_t) x_0 + sqrt(1 - a_t) eps, t) ||^2``.
 
-    x0: (B, ...); the mean squared error over all elements. ``labels`` (B,) is passed to conditional
+    x0: (B, ...); the mean squared error over all elements, a scalar. ``labels`` (B,) is passed to conditional
     models as ``model(x_t, t, labels)``; with ``label_dropout = p`` each label is replaced by
     ``null_label`` with probability p (classifier-free guidance training, Ho & Salimans 2022).
     ``objective`` adds the Min-SNR weighting and/or the input perturbation (:class:`ObjectiveConfig`); the
@@ -156,7 +157,7 @@ def hybrid_loss(
     ``L_vlb = sum_t L_t = T E_t[L_t]``, the sampled term is weighted by ``vlb_weight * T`` (with lambda = 0.001 and
     T = 1000 this is their code's ``mse + vb``). ``decoder``: ``discretized`` for images in [-1, 1] quantised to
     ``levels`` gray levels (256 for 8-bit), ``gaussian`` for continuous data such as latents. Noise, timesteps and
-    label dropout as :func:`epsilon_loss`.
+    label dropout as :func:`epsilon_loss`. x0: (B, C, ...), labels: (B,) or None; returns the loss, a scalar.
     """
     t, noise, x_t, labels = _noised(schedule, x0, generator, labels, label_dropout, null_label)
     output = model(x_t, t) if labels is None else model(x_t, t, labels)
@@ -177,7 +178,8 @@ def noisy_classifier_loss(
     labels: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Cross-entropy of ``f_phi(y | x_t, t)`` on points noised to a uniform random t (Dhariwal & Nichol)."""
+    """Cross-entropy of ``f_phi(y | x_t, t)`` on points noised to a uniform random t (Dhariwal & Nichol).
+    x0: (B, ...), e.g. points (B, D); labels: (B,) int64 class indices; returns the batch mean, a scalar."""
     t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
     noise = batch_randn(tuple(x0.shape), generator, x0.device)
     return F.cross_entropy(classifier(schedule.q_sample(x0, t, noise), t), labels)
@@ -225,6 +227,8 @@ class NoisyPairs:
         return data_sketch((self.x0,))
 
     def _build(self, refresh: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``size`` pairs noised afresh for refresh ``refresh``: ``(x_t, t, eps)`` with x_t and eps (size, ...)
+        like the rows of ``x0``, t (size,) int64, all on ``x0``'s device."""
         generator = torch.Generator().manual_seed(mix_seed(self.seed, refresh, 5))
         n, steps = self.x0.shape[0], self.schedule.num_timesteps
         if self.size == n * steps:
@@ -238,6 +242,7 @@ class NoisyPairs:
         return x_t, t, eps
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch ``step``: ``(x_t, t, eps)``, x_t and eps (batch_size, ...), t (batch_size,) int64."""
         refresh = (step // self.steps_per_epoch) // self.refresh_every
         if refresh != self._refresh:
             self._pairs = self._build(refresh)
@@ -249,6 +254,6 @@ class NoisyPairs:
 
 
 def pairs_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """MSE of the eps prediction on precomputed ``(x_t, t, eps)`` pairs."""
+    """MSE of the eps prediction on precomputed ``(x_t, t, eps)`` pairs: x_t, eps (B, ...), t (B,); a scalar."""
     x_t, t, eps = batch
     return F.mse_loss(model(x_t, t), eps)

@@ -19,43 +19,49 @@ PREDICTIONS = ("eps", "v")
 # Conversions between the four targets. ``alpha_bar`` broadcasts against ``x_t`` (a tensor of shape
 # (B, 1, ..., 1) or a scalar); every identity follows from x_t = sqrt(a) x_0 + sqrt(1 - a) eps.
 def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``."""
+    """``x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``.
+    x_t, eps: (B, ...), alpha_bar: (B, 1, ..., 1) or a scalar -> (B, ...)."""
     return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
 
 def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``eps = (x_t - sqrt(a) x_0) / sqrt(1 - a)``."""
+    """``eps = (x_t - sqrt(a) x_0) / sqrt(1 - a)``.
+    x_t, x0: (B, ...), alpha_bar: (B, 1, ..., 1) or a scalar -> (B, ...)."""
     return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
 
 
 def v_to_eps(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``eps = sqrt(1 - a) x_t + sqrt(a) v`` (Salimans & Ho 2022, appendix D)."""
+    """``eps = sqrt(1 - a) x_t + sqrt(a) v`` (Salimans & Ho 2022, appendix D).
+    x_t, v: (B, ...), alpha_bar: (B, 1, ..., 1) or a scalar -> (B, ...)."""
     return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
 
 
 def eps_to_v(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``v = sqrt(a) eps - sqrt(1 - a) x_0 = (eps - sqrt(1 - a) x_t) / sqrt(a)``."""
+    """``v = sqrt(a) eps - sqrt(1 - a) x_0 = (eps - sqrt(1 - a) x_t) / sqrt(a)``.
+    x_t, eps: (B, ...), alpha_bar: (B, 1, ..., 1) or a scalar -> (B, ...)."""
     return (eps - (1 - alpha_bar).sqrt() * x_t) / alpha_bar.sqrt()
 
 
 def score_to_eps(score: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``eps = -sqrt(1 - a) score``."""
+    """``eps = -sqrt(1 - a) score``. score: (B, ...), alpha_bar: (B, 1, ..., 1) or a scalar -> (B, ...)."""
     return -(1 - alpha_bar).sqrt() * score
 
 
 def eps_to_score(eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``score = -eps / sigma_t`` with ``sigma_t = sqrt(1 - a)`` (the VP marginal's std)."""
+    """``score = -eps / sigma_t`` with ``sigma_t = sqrt(1 - a)`` (the VP marginal's std).
+    eps: (B, ...), alpha_bar: (B, 1, ..., 1) or a scalar -> (B, ...)."""
     return -eps / (1 - alpha_bar).sqrt()
 
 
 def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``v = sqrt(a) eps - sqrt(1 - a) x_0``; ``alpha_bar`` broadcasts against x0 (B, ...)."""
+    """``v = sqrt(a) eps - sqrt(1 - a) x_0``.
+    x0, noise (the eps): (B, ...), alpha_bar: (B, 1, ..., 1) or a scalar -> (B, ...)."""
     return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
 
 
 def interpolated_log_sigma(log_sigmas: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``log sigma`` at fractional timesteps t, linear in t between the discrete steps' ``log_sigmas`` (T,);
-    t is clamped to [0, T-1]. float64, on ``log_sigmas``' device."""
+    t (a float or a tensor of any shape) is clamped to [0, T-1]. float64, the shape of t, on ``log_sigmas``' device."""
     steps = len(log_sigmas)
     t = torch.as_tensor(t, dtype=torch.float64, device=log_sigmas.device).clamp(0, steps - 1)
     low = t.floor().long().clamp(max=max(steps - 2, 0))

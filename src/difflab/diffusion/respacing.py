@@ -60,6 +60,7 @@ class _TimestepMapped:
         self.needs_grad = bool(getattr(model, "needs_grad", False))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, *args: object) -> torch.Tensor:
+        """``model(x, mapping[t], *args)``: x (B, ...), t (B,) int64 respaced indices -> the model's output (B, ...)."""
         return self.model(x, self.mapping.to(t.device)[t], *args)
 
 

@@ -143,14 +143,15 @@ class NoiseSchedule:
 
     @staticmethod
     def gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        """``values[t]`` reshaped to (B, 1, ..., 1) to broadcast over a batch with ``ndim`` dims."""
+        """``values[t]`` reshaped to (B, 1, ..., 1) to broadcast over a batch with ``ndim`` dims; values (T,), t (B,)
+        int64; on t's device."""
         out = values.to(t.device)[t]
         return out.reshape(out.shape + (1,) * (ndim - out.ndim))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Closed-form forward process: ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps``.
 
-        x0, noise: (B, ...); t: (B,) int64 indices.
+        x0, noise: (B, ...); t: (B,) int64 indices -> x_t (B, ...).
         """
         alpha_bar = self.gather(self.alpha_bar, t, x0.ndim)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise

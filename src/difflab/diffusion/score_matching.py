@@ -42,6 +42,7 @@ class NoiseLevelsConfig:
             raise ConfigError(f"noise.num_levels must be >= 2, got {self.num_levels}")
 
     def sigmas(self) -> torch.Tensor:
+        """The K levels of :func:`geometric_sigmas`: (K,) float32, decreasing."""
         return geometric_sigmas(self.sigma_max, self.sigma_min, self.num_levels)
 
 

@@ -137,7 +137,7 @@ def reverse_mean(
     clip_x0: float | None = None,
 ) -> torch.Tensor:
     """``mu_theta(x_t, t) = mu_tilde(x0_pred, x_t)`` with ``x0_pred`` from eps, clipped to ``[-clip_x0, clip_x0]``
-    when given (the mean DDPM samples with), (B, ...)."""
+    when given (the mean DDPM samples with). eps, x_t: (B, ...), t: (B,) int64 indices -> (B, ...)."""
     x0_pred = schedule.predict_x0(x_t, t, eps)
     if clip_x0 is not None:
         x0_pred = x0_pred.clamp(-clip_x0, clip_x0)
@@ -175,7 +175,7 @@ def vlb_terms(
 
 
 def prior_kl_bits(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
-    """``L_T = KL(q(x_T | x_0) || N(0, I))`` per sample in bits/dim, (B,)."""
+    """``L_T = KL(q(x_T | x_0) || N(0, I))`` per sample in bits/dim: x0 (B, ...) -> (B,)."""
     last = torch.full((x0.shape[0],), schedule.num_timesteps - 1, device=x0.device, dtype=torch.long)
     alpha_bar = NoiseSchedule.gather(schedule.alpha_bar, last, x0.ndim)
     mean = alpha_bar.sqrt() * x0

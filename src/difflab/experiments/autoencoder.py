@@ -153,6 +153,7 @@ def train_autoencoder(
         )
 
     def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """batch: (images (B, C, H, W),), cropped to (B, C, crop, crop) when ``crop`` -> the VAE loss, a scalar."""
         x = random_crops(batch[0], crop, generator) if crop else batch[0]
         loss, _ = autoencoder_loss(net, x, generator, config.kl_weight, config.reconstruction)
         return loss

@@ -226,6 +226,7 @@ def train_image_denoiser(
     null_label = unet_config.num_classes
 
     def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """batch: (images (B, C, H, W), labels (B,)) -> the hybrid or eps loss, a scalar."""
         images, labels = batch
         if learned_variance:
             return hybrid_loss(
@@ -278,6 +279,7 @@ class EpsPart:
         self.model = model
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, ...), t: (B,) -> eps (B, C, ...)."""
         return split_output(self.model(x, t), x)[0]
 
 
@@ -365,12 +367,15 @@ def sample_images(
             self.inner = inner
 
         def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            """x: (B, ...), t: (B,) -> the inner model's output (B, ...); counts its network calls."""
             nonlocal calls
             doubled = isinstance(self.inner, ClassifierFreeGuidance) and self.inner.w not in (0, 1)
             calls += x.shape[0] * (2 if doubled else 1)
             return self.inner(x, t)
 
     def draw(shard: int, count: int) -> torch.Tensor:
+        """The ``count`` samples of shard ``shard``, (count, ...) of ``shape`` (or the images ``decode`` makes of
+        them), clipped to [-1, 1]."""
         first_row = distributed.shard_range(n, shard, context.world_size)[0] if context.enabled else 0
         generator = seeded_generator(mix_seed(distributed.shard_seed(seed, shard), 0, 95), device)
         outputs, offset = [], 0

@@ -196,6 +196,7 @@ class WithLabels(torch.nn.Module):
         self.network, self.labels = network, labels
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, ...), t: (B,) -> ``network(x, t, labels)``, (B, ...)."""
         return self.network(x, t, self.labels)
 
 

@@ -1181,6 +1181,7 @@ def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.devic
 
     @torch.inference_mode()
     def decode(latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (N, c, h, w), decoded in batches -> images (N, C, H, W) clipped to [-1, 1], on the CPU."""
         parts = [vae.decode(part.to(device)).clamp(-1, 1).cpu() for part in latents.split(config.vae.batch_size)]
         return torch.cat(parts)
 

@@ -964,11 +964,13 @@ class BalancedGuidance(torch.nn.Module):
         self.guided = ClassifierFreeGuidance(network, 0, null_label=num_classes, w=w)
 
     def labels_for(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The labels of a batch: (batch,) int64 on ``device``, all ``digit`` or ``arange(batch) % K``."""
         if self.digit is not None:
             return torch.full((batch,), self.digit, device=device, dtype=torch.long)
         return torch.arange(batch, device=device) % self.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W), t: (B,) -> the guided eps (B, C, H, W) (a learned variance's channels appended)."""
         self.guided.labels = self.labels_for(x.shape[0], x.device)
         return self.guided(x, t)
 
@@ -981,6 +983,7 @@ class NullLabel(torch.nn.Module):
         self.network, self.null_label = network, null_label
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, ...), t: (B,) -> ``network(x, t, null label)``, (B, ...)."""
         return self.network(x, t, torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long))
 
 

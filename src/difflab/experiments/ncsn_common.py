@@ -151,6 +151,7 @@ def train_score_model(
     device_sigmas = sigmas.to(device)
 
     def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """batch: (x0 (B, ...),), points or images -> :func:`dsm_loss`, a scalar."""
         return dsm_loss(net, batch[0], device_sigmas, generator)
 
     trainer = Trainer(

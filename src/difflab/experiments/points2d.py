@@ -156,11 +156,13 @@ def train_denoiser(
         )
 
         def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+            """batch: (x_t (B, D), t (B,), eps (B, D)) -> :func:`pairs_loss`, a scalar."""
             return pairs_loss(net, batch)
     else:
         batches = ShuffledBatches((fit,), train_config.batch_size, seed=mix_seed(seed, 0, 43))
 
         def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+            """batch: (points (B, D),) -> :func:`epsilon_loss`, a scalar."""
             return epsilon_loss(net, schedule, batch[0], generator)
 
     signature = {"model": "DenoiserMLP", "config": repr(model_config), "num_timesteps": schedule.num_timesteps}
@@ -278,6 +280,7 @@ def sample_points_sharded(
     snapshots: list[tuple[int, torch.Tensor]] = []
 
     def draw(shard: int, count: int) -> torch.Tensor:
+        """The ``count`` samples (count, 2) of shard ``shard`` (whose snapshots only shard 0 records)."""
         samples, recorded = sample_points(
             model,
             schedule,

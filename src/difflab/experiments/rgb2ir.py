@@ -416,7 +416,8 @@ def encode_images(vae: Any, images: torch.Tensor, batch_size: int, device: torch
 
 @torch.inference_mode()
 def decode_ir(vae: Any, latents: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """IR images (N, 1, H, W) in [-1, 1]: the decoder's 3 channels averaged, clipped."""
+    """Scaled latents (N, c, h, w) -> IR images (N, 1, H, W) in [-1, 1] on the CPU: the decoder's 3 channels
+    averaged, clipped."""
     return torch.cat(
         [
             vae.decode(latents[s : s + batch_size].to(device)).float().mean(1, keepdim=True).clamp(-1, 1).cpu()
@@ -440,6 +441,9 @@ def _split_tensors(
     device: torch.device,
     flip: bool,
 ) -> dict[str, torch.Tensor]:
+    """The :class:`LatentPairs` tensors of ``pairs`` (RGB (N, 3, H, W), IR (N, 1, H, W); with ``flip`` their mirror
+    images added, 2N rows): ``rgb0``, ``ir0``, ``rgb_t``, ``ir_t`` (noised to ``t_start``), ``noise_ir``,
+    ``noise_rgb``, each (N or 2N, c, h, w) float32 on the CPU."""
     names, inputs, targets = pairs.names, pairs.inputs, pairs.targets
     if flip:  # the mirrored pairs are extra training pairs with their own noise
         names = names + tuple(f"{n}|hflip" for n in names)
@@ -474,6 +478,7 @@ class LatentPairs:
     tensors: dict[str, torch.Tensor]
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        """The latents ``key`` of every row: (N, c, h, w)."""
         return self.tensors[key]
 
 
@@ -603,6 +608,7 @@ class LatentRegressor(torch.nn.Module):
         self.residual = residual
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, c, h, w) -> (B, out_channels, h, w), the U-Net at t = 0 (plus z when ``residual``)."""
         out = self.unet(z, torch.zeros(z.shape[0], device=z.device))
         return z + out if self.residual else out
 
@@ -631,6 +637,7 @@ def train_regressor(
     x_check, y_check = x_test.to(device), y_test.to(device)
 
     def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """batch: (x (B, c, h, w), y (B, c', h, w)) -> MSE of ``f(x)`` against y, a scalar."""
         return torch.nn.functional.mse_loss(net(batch[0]), batch[1])
 
     def validate(net: torch.nn.Module) -> dict[str, float]:
@@ -658,11 +665,13 @@ def train_regressor(
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``model`` applied to x (N, ...) in batches of ``batch_size`` on ``device``: (N, ...) float32 on the CPU."""
     return torch.cat([model(x[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(x), batch_size)])
 
 
 @torch.inference_mode()
 def _batched(fn: Any, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``fn`` applied to x (N, ...) in batches of ``batch_size`` on ``device``: (N, ...) float32 on the CPU."""
     return torch.cat([fn(x[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(x), batch_size)])
 
 
@@ -733,9 +742,11 @@ def inversion_translation(
     with run.stage("inversion"):
 
         def inverted_latents(side: str, z: torch.Tensor) -> torch.Tensor:
+            """Latents z (N, c, h, w) inverted under ``side``'s model to ``timesteps[-1]``: (N, c, h, w) on the CPU."""
             return _batched(lambda x: invert(models[side], schedule, x, timesteps, settings.order), z, bs, device)
 
         def generate(z: torch.Tensor) -> torch.Tensor:
+            """Latents z (N, c, h, w) at ``timesteps[-1]`` taken to t = 0 by the IR model: (N, c, h, w) on the CPU."""
             return _batched(lambda x: reconstruct(models["ir"], schedule, x, timesteps, settings.order), z, bs, device)
 
         inverted = {
@@ -1390,6 +1401,7 @@ def invert_latent_run(
     figure_rows: list[tuple[str, torch.Tensor]] = []
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (N, c, h, w) -> images (N, 3, H, W) clipped to [-1, 1], float32 on the CPU."""
         with torch.no_grad():
             return vae.decode(latents).float().clamp(-1, 1).cpu()
 

@@ -239,6 +239,7 @@ def train_classifier(
     )
 
     def loss_fn(net: torch.nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """batch: (points (B, 2), labels (B,)) -> :func:`noisy_classifier_loss`, a scalar."""
         return noisy_classifier_loss(net, schedule, batch[0], batch[1], generator)
 
     signature = {
@@ -434,6 +435,8 @@ def _run(
         )
 
         def predict(points: torch.Tensor, step: int) -> torch.Tensor:
+            """The classifier's class of points (M, 2) at DDPM step ``step`` (t = step - 1, at least 0): (M,) int64,
+            on the CPU."""
             t = torch.full((len(points),), max(step - 1, 0), dtype=torch.long, device=device)
             with torch.inference_mode():
                 return classifier(points.to(device), t).argmax(1).cpu()

@@ -23,6 +23,7 @@ from difflab.errors import DataError
 
 
 def _check_features(features: torch.Tensor, what: str) -> torch.Tensor:
+    """features (N, D), N >= 2, all finite (else a :class:`DataError` naming ``what``) -> (N, D) float64 on the CPU."""
     if features.ndim != 2:
         raise DataError(f"{what} must have shape (N, D), got {tuple(features.shape)}")
     if len(features) < 2:

@@ -376,6 +376,8 @@ class ImageEvaluator:
         }
 
     def _check(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, C, H, W) with the reference's (C, H, W), N >= 2, all finite (else a :class:`DataError`),
+        returned as they are."""
         expected = tuple(self.reference.images.shape[1:])
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise DataError(f"images must have shape (N, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
@@ -388,7 +390,8 @@ class ImageEvaluator:
 
     @staticmethod
     def quantize(images: torch.Tensor) -> torch.Tensor:
-        """Clip to [-1, 1] and round to the 256 levels an 8-bit image file would store (as real data has)."""
+        """Clip to [-1, 1] and round to the 256 levels an 8-bit image file would store (as real data has).
+        images: any shape, e.g. (N, C, H, W) -> the same shape."""
         return from_unit((to_unit(images.clamp(-1.0, 1.0)) * 255.0).round() / 255.0)
 
     @torch.inference_mode()
@@ -492,6 +495,7 @@ class ImageEvaluator:
         unit = to_unit(real)
 
         def noisy(std: float) -> torch.Tensor:
+            """The real images plus N(0, std^2) pixel noise in [0, 1] units, clipped: (n, C, H, W) in [-1, 1]."""
             return from_unit((unit + std * torch.randn(unit.shape, generator=generator)).clamp(0, 1))
 
         rows = [

@@ -6,6 +6,7 @@ import torch
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] float32, clipped: x of any shape, e.g. (B, C, H, W) -> the same shape."""
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 

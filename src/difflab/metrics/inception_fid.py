@@ -49,12 +49,15 @@ class InceptionClassifier(torch.nn.Module):
         self.resize = resize
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) in [-1, 1], C = 1 or 3 -> pool features (B, 2048), logits (B, 1008)."""
         return self.network(to_uint8_rgb(images))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) in [-1, 1] -> pool features (B, 2048)."""
         return self.features_and_logits(images)[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) in [-1, 1] -> logits (B, 1008)."""
         return self.features_and_logits(images)[1]
 
 
@@ -92,7 +95,8 @@ class InceptionScorer:
         return torch.cat(features), torch.cat(probs)
 
     def reference_statistics(self, reference: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and covariance of the reference images' pool features; cached in memory and on disk."""
+        """Mean (2048,) and covariance (2048, 2048), float64, of the pool features of the reference images
+        (N, C, H, W) in [-1, 1]; cached in memory and on disk."""
         key = (name, len(reference))
         if key in self._reference:
             return self._reference[key]

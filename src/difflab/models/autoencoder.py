@@ -85,6 +85,7 @@ class _ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_ch, H, W) -> (B, out_ch, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
@@ -100,6 +101,7 @@ class _Attention(nn.Module):
         self.out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W), residual."""
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
         return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w))
@@ -113,6 +115,7 @@ class _Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, 2H, 2W)."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -203,16 +206,19 @@ class KLAutoencoder(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------------
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior ``q(z | x) = N(mean, exp(log_variance))``; log-variance clamped to [-30, 20]."""
+        """Posterior ``q(z | x) = N(mean, exp(log_variance))``; log-variance clamped to [-30, 20].
+        images (B, C, H, W) in [-1, 1] -> mean, log_variance (B, c, H/f, W/f) each (unscaled latents)."""
         mean, log_variance = self.encoder(images).chunk(2, dim=1)
         return mean, log_variance.clamp(-30.0, 20.0)
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents z (B, c, h, w) -> images (B, C, h f, w f), roughly in [-1, 1] (not clipped)."""
         return self.decoder(z)
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """``(reconstruction, mean, log_variance)``: decodes ``mean + exp(log_variance / 2) * noise`` (the
-        reparameterised sample; the mean itself when ``noise`` is None)."""
+        reparameterised sample; the mean itself when ``noise`` is None). images: (B, C, H, W), noise: (B, c, H/f, W/f)
+        or None -> reconstruction (B, C, H, W), mean and log_variance (B, c, H/f, W/f)."""
         mean, log_variance = self.encode_moments(images)
         z = mean if noise is None else mean + torch.exp(0.5 * log_variance) * noise
         return self.decode_raw(z), mean, log_variance
@@ -255,6 +261,8 @@ class DiffusersAutoencoder(nn.Module):
         return self.latent_channels, height // self.factor, width // self.factor
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) in [-1, 1], (C, H, W) = ``image_shape`` -> scaled latents (B, c, H'/f, W'/f), H' and W'
+        the sides padded to multiples of f."""
         channels, height, width = self.image_shape
         if channels != self.vae_channels:
             if channels != 1:
@@ -267,6 +275,7 @@ class DiffusersAutoencoder(nn.Module):
         return (mean - self.shift_factor) * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """scaled latents (B, c, h, w) -> images (B, C, H, W) of ``image_shape``, roughly in [-1, 1] (not clipped)."""
         channels, height, width = self.image_shape
         images = self.vae.decode(latents / self.scaling_factor + self.shift_factor).sample
         images = images[..., :height, :width]

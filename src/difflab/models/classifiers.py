@@ -71,6 +71,7 @@ class ReferenceCNN(nn.Module):
         return self.fc_logits(self.dropout(self.features(x)))
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both outputs from one pass (eval mode: dropout is the identity)."""
+        """Both outputs from one pass (eval mode: dropout is the identity): x (B, C, H, W) in [-1, 1] -> features
+        (B, feature_dim), logits (B, num_classes)."""
         features = self.features(x)
         return features, self.fc_logits(self.dropout(features))

@@ -40,6 +40,8 @@ def tf1_bilinear_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     centres), interpolating between ``floor`` and ``min(floor + 1, H - 1)``."""
 
     def axis(in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per output pixel along one axis: ``(floor, floor + 1 clamped, fraction)``, each (size,) (int64, int64,
+        the images' dtype)."""
         position = torch.arange(size, dtype=torch.float32, device=images.device) * torch.tensor(
             in_size / size, dtype=torch.float32
         )
@@ -66,10 +68,13 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=1e-3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, in_channels, H, W) -> (N, out_channels, H', W'), H' and W' as the convolution's kernel, stride and
+        padding give them."""
         return F.relu(self.bn(self.conv(x)))
 
 
 def _avg_pool_same(x: torch.Tensor) -> torch.Tensor:
+    """3 x 3 average pool, stride 1, padding excluded from the mean: (N, C, H, W) -> (N, C, H, W)."""
     # TensorFlow's 3x3/1 'SAME' average pool divides by the number of real (unpadded) pixels.
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
@@ -88,6 +93,7 @@ class BlockA(nn.Module):
         self.branch_pool = ConvBN(in_channels, pool_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, in_channels, H, W) -> (N, 224 + pool_features, H, W)."""
         return torch.cat(
             [
                 self.branch1x1(x),
@@ -110,6 +116,7 @@ class BlockB(nn.Module):
         self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) -> (N, C + 480, (H - 3) // 2 + 1, (W - 3) // 2 + 1): 35 x 35 -> 17 x 17 in the network."""
         return torch.cat(
             [
                 self.branch3x3(x),
@@ -139,6 +146,7 @@ class BlockC(nn.Module):
         self.branch_pool = ConvBN(in_channels, 192, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, in_channels, H, W) -> (N, 768, H, W)."""
         double = self.branch7x7dbl_1(x)
         for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
             double = layer(double)
@@ -166,6 +174,7 @@ class BlockD(nn.Module):
         self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) -> (N, C + 512, (H - 3) // 2 + 1, (W - 3) // 2 + 1): 17 x 17 -> 8 x 8 in the network."""
         seven = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat(
             [self.branch3x3_2(self.branch3x3_1(x)), seven, F.max_pool2d(x, kernel_size=3, stride=2)], dim=1
@@ -189,6 +198,7 @@ class BlockE(nn.Module):
         self.branch_pool = ConvBN(in_channels, 192, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, in_channels, H, W) -> (N, 2048, H, W)."""
         single = self.branch3x3_1(x)
         double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg_pool_same(x)
@@ -235,6 +245,7 @@ class InceptionV3FID(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, NUM_LOGITS)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, 3, H, W) on the 0..255 scale -> pool features (N, 2048), unbiased logits (N, 1008), float32."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (N, 3, H, W), got {tuple(images.shape)}")
         x = images.float()

@@ -102,6 +102,7 @@ class DenoiserMLP(nn.Module):
         self.net = mlp(data_dim + self.time.dim + extra, hidden, data_dim, activation)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, D), t: (B,), y: (B,) int64 labels or None (the null label) -> eps (B, D)."""
         features = [x, self.time(t).to(x.dtype)]
         if self.num_classes is not None:
             if y is None:
@@ -128,4 +129,5 @@ class NoisyClassifierMLP(nn.Module):
         self.net = mlp(data_dim + self.time.dim, hidden, num_classes, activation)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, D), t: (B,) -> logits (B, num_classes)."""
         return self.net(torch.cat([x, self.time(t).to(x.dtype)], dim=1))

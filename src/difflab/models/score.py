@@ -33,6 +33,7 @@ def _check_output(output: str) -> str:
 
 
 def _as_levels(sigma: torch.Tensor | float, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """``sigma`` (a float, a 0-d tensor or (B,)) as (batch,) levels in the dtype and on the device of ``like``."""
     if not isinstance(sigma, torch.Tensor):
         sigma = torch.tensor(float(sigma))
     sigma = sigma.to(device=like.device, dtype=like.dtype)
@@ -56,6 +57,7 @@ class NoiseConditionalUNet(nn.Module):
         self.config = config
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """x: (B, C, H, W), sigma: (B,) or a scalar -> the score (B, C, H, W)."""
         sigma = _as_levels(sigma, x.shape[0], x)
         out = self.unet(x, sigma.log())
         if self.output == "scaled":
@@ -99,6 +101,7 @@ class ScoreMLP(nn.Module):
         return sinusoidal_embedding(log_sigma * self.log_sigma_scale, self.embedding_dim)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """x: (B, D), sigma: (B,) or a scalar -> the score (B, D)."""
         sigma = _as_levels(sigma, x.shape[0], x)
         out = self.net(torch.cat([x, self.encode(sigma).to(x.dtype)], dim=1))
         if self.output == "scaled":

@@ -222,6 +222,7 @@ class CrossAttention(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W), context: (B, L, context_dim) -> (B, C, H, W), residual."""
         b, c, h, w = x.shape
         d = c // self.heads
         q = self.query(self.norm(x)).reshape(b, self.heads, d, h * w).transpose(-1, -2)  # (B, heads, HW, d)
@@ -333,6 +334,8 @@ class UNet(nn.Module):
         return self.class_context(y).reshape(batch, self.config.context_tokens, self.context_dim)
 
     def _stage_extras(self, stage: nn.ModuleList, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """The attention layers after a stage's residual block: h (B, C, H, W), context (B, L, context_dim) or None
+        -> (B, C, H, W)."""
         for extra in stage[1:]:
             h = extra(h, context) if isinstance(extra, CrossAttention) else extra(h)
         return h

@@ -59,7 +59,8 @@ def sampling_mode(model: object) -> contextlib.AbstractContextManager:
 
 
 def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
-    """Standard normal noise drawn from ``generator`` (on its own device), then moved to ``device``."""
+    """Standard normal noise of ``shape`` (B, ...) drawn from ``generator`` (on its own device), then moved to
+    ``device``."""
     source = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=source).to(device)
 

@@ -23,7 +23,7 @@ def ddpm_step(
     clip_x0: float | None = None,
     variance_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One reverse step ``x_t -> x_{t-1}``; returns ``(x_{t-1}, x0_pred)``.
+    """One reverse step ``x_t -> x_{t-1}``; returns ``(x_{t-1}, x0_pred)``, both (B, ...).
 
     ``x_{t-1} = mu_tilde(x0_pred, x_t) + sigma_t z`` with
     ``x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)``; without clipping this equals

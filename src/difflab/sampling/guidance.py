@@ -44,7 +44,7 @@ class ClassifierGuidance:
         self.scale = scale
 
     def log_prob_grad(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``grad_x log f_phi(y | x_t, t)``, shape of x."""
+        """``grad_x log f_phi(y | x_t, t)``: x (B, ...), t (B,) -> (B, ...), the shape of x."""
         labels = self.labels
         if not isinstance(labels, torch.Tensor):
             labels = torch.full((x.shape[0],), int(labels), device=x.device, dtype=torch.long)

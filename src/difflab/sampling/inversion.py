@@ -97,7 +97,8 @@ def _inversion_step(
     x: torch.Tensor, eps: torch.Tensor, alpha_bar_cur: torch.Tensor, alpha_bar_next: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_next, x0_pred)``: ``x0_pred = (x - sqrt(1 - a_cur) eps) / sqrt(a_cur)``,
-    ``x_next = sqrt(a_next) x0_pred + sqrt(1 - a_next) eps``."""
+    ``x_next = sqrt(a_next) x0_pred + sqrt(1 - a_next) eps``. x, eps: (B, ...); alpha_bar_cur, alpha_bar_next: 0-d
+    tensors (or broadcasting to x); both returned (B, ...)."""
     x0_pred = (x - (1 - alpha_bar_cur).sqrt() * eps) / alpha_bar_cur.sqrt()
     return alpha_bar_next.sqrt() * x0_pred + (1 - alpha_bar_next).sqrt() * eps, x0_pred
 
@@ -110,7 +111,7 @@ def ddim_invert(
     callback: StepCallback | None = None,
     fixed_point_iterations: int = 0,
 ) -> torch.Tensor:
-    """Map ``x0`` (B, ...) to ``x_t`` at ``timesteps[-1]`` along the increasing ``timesteps``; with
+    """Map ``x0`` (B, ...) to ``x_t`` (B, ...) at ``timesteps[-1]`` along the increasing ``timesteps``; with
     ``fixed_point_iterations`` K > 0 each step is refined K times towards the exact inverse of the DDIM step
     (module docstring), at K extra network evaluations per step."""
     if fixed_point_iterations < 0:
@@ -118,6 +119,7 @@ def ddim_invert(
     device = x0.device
 
     def at(t: int) -> torch.Tensor:
+        """The timestep ``t`` for every item: (B,) int64 on ``x0``'s device."""
         return torch.full((x0.shape[0],), t, device=device, dtype=torch.long)
 
     with sampling_mode(model):
@@ -199,7 +201,7 @@ def invert(
     order: int = 1,
     fixed_point_iterations: int = 0,
 ) -> torch.Tensor:
-    """``x0`` (B, ...) mapped to x_t at ``timesteps[-1]`` along the increasing ``timesteps``: DDIM inversion
+    """``x0`` (B, ...) mapped to x_t (B, ...) at ``timesteps[-1]`` along the increasing ``timesteps``: DDIM inversion
     (``order=1``, optionally refined by fixed-point iterations) or the second-order Adams-Bashforth flow."""
     if order == 1:
         return ddim_invert(model, schedule, x0, timesteps, fixed_point_iterations=fixed_point_iterations)
@@ -211,7 +213,7 @@ def invert(
 def reconstruct(
     model: EpsModel, schedule: NoiseSchedule, x_t: torch.Tensor, timesteps: list[int], order: int = 1
 ) -> torch.Tensor:
-    """x_t (B, ...) at ``timesteps[-1]`` taken back to the data along the increasing ``timesteps`` reversed:
+    """x_t (B, ...) at ``timesteps[-1]`` taken back to the data, (B, ...), along the increasing ``timesteps`` reversed:
     plain DDIM (eta = 0, ``order=1``) or the second-order Adams-Bashforth flow, the inverse of :func:`invert`."""
     if order == 1:
         return ddim_sample(model, schedule, tuple(x_t.shape), timesteps=timesteps[::-1], x_T=x_t, device=x_t.device)

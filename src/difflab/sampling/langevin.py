@@ -41,7 +41,8 @@ def initial_state(
     shape: tuple[int, ...], init: str, sigma_max: float, generator: torch.Generator | None, device: torch.device | str
 ) -> torch.Tensor:
     """The chain's start: ``uniform`` on [-1, 1] (NCSN's uniform noise over the data range, for data in
-    [-1, 1]) or ``gaussian`` N(0, sigma_max^2 I) (NCSNv2's choice when sigma_max covers the data)."""
+    [-1, 1]) or ``gaussian`` N(0, sigma_max^2 I) (NCSNv2's choice when sigma_max covers the data). A tensor of
+    ``shape`` (B, ...) on ``device``."""
     if init == "uniform":
         source = generator.device if generator is not None else device
         return (torch.rand(shape, generator=generator, device=source) * 2 - 1).to(device)
@@ -60,7 +61,7 @@ def langevin_steps(
 ) -> torch.Tensor:
     """``steps`` Langevin updates ``x <- x + (a / 2) s(x, sigma) + sqrt(a) z`` at one level, ``a = step_size``.
 
-    x: (B, ...). Returns the new x (the input is not modified).
+    x: (B, ...). Returns the new x, (B, ...) (the input is not modified).
     """
     level = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
     for _ in range(steps):

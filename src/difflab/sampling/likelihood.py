@@ -126,6 +126,8 @@ def dequantize(images: torch.Tensor, generator: torch.Generator | None = None) -
 
 
 def _probe(shape: tuple[int, ...], kind: str, generator: torch.Generator | None, dtype) -> torch.Tensor:
+    """Hutchinson's probe ``v`` (E[v v^T] = I) of ``shape`` (B, ...) in ``dtype`` on the CPU: ``gaussian`` N(0, I) or
+    else Rademacher (+-1 with equal probability)."""
     if kind == "gaussian":
         return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
     return torch.randint(0, 2, shape, generator=generator).to(dtype) * 2 - 1
@@ -134,8 +136,8 @@ def _probe(shape: tuple[int, ...], kind: str, generator: torch.Generator | None,
 def eps_and_divergence(
     model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, probe: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``eps(x, t)`` (B, ...) and ``div_x eps`` (B,): exact when ``probe`` is None (one backward pass per
-    dimension), else Hutchinson's ``v^T (d eps / dx) v`` for the probe ``v`` (shape of x)."""
+    """``eps(x, t)`` (B, ...) and ``div_x eps`` (B,) for x (B, ...), t (B,): exact when ``probe`` is None (one
+    backward pass per dimension), else Hutchinson's ``v^T (d eps / dx) v`` for the probe ``v`` (shape of x)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         eps = model.eps(x, t)

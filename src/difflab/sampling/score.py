@@ -30,6 +30,7 @@ ScoreModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, ..
 
 
 def _broadcast(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-item ``values`` (B,) as (B, 1, ..., 1) in x's dtype, to broadcast over x (B, ...)."""
     return values.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
@@ -46,6 +47,7 @@ class ScoreFromEps(_Adapter):
     """``s(x_t, t) = -eps(x_t, t) / sigma_t``: a VP score model of an eps model. x_t (B, ...), t (B,) int."""
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The score ``-eps(x_t, t) / sigma_t``: x (B, ...), t (B,) int64 -> (B, ...)."""
         return -self.model(x, t) / _broadcast(self.schedule.sigma(t), x)
 
 
@@ -53,6 +55,7 @@ class EpsFromScore(_Adapter):
     """``eps(x_t, t) = -sigma_t s(x_t, t)``: an eps model of a VP score model. x_t (B, ...), t (B,) int."""
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The eps ``-sigma_t s(x_t, t)``: x (B, ...), t (B,) int64 -> (B, ...)."""
         return -_broadcast(self.schedule.sigma(t), x) * self.model(x, t)
 
 
@@ -61,6 +64,7 @@ class EpsFromVEScore(_Adapter):
     a VP eps model of a noise-conditional (VE) score model ``s(y, sigma (B,))``. x_t (B, ...), t (B,) int."""
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The eps ``-sigma_ve s(x_t / sqrt(alpha_bar_t), sigma_ve)``: x (B, ...), t (B,) int64 -> (B, ...)."""
         alpha_bar = self.schedule.alpha_bar.to(t.device)[t]
         sigma_ve = ((1 - alpha_bar) / alpha_bar).sqrt()
         return -_broadcast(sigma_ve, x) * self.model(x / _broadcast(alpha_bar.sqrt(), x), sigma_ve.to(x.dtype))
@@ -97,7 +101,7 @@ def langevin_corrector(
 
     ``x <- x + (a / 2) s(x, t) + sqrt(a) z`` with ``a = c sigma_t^2`` (the step convention of
     :func:`difflab.sampling.langevin.annealed_langevin`), ``steps`` times; it leaves ``p_t`` invariant up to
-    the discretisation bias. x: (B, ...); returns the corrected x.
+    the discretisation bias. x: (B, ...); returns the corrected x, (B, ...).
     """
     if c <= 0 or steps < 0:
         raise ConfigError(f"the corrector needs c > 0 and steps >= 0, got c={c}, steps={steps}")

@@ -179,10 +179,12 @@ def _check_corrector(corrector_steps: int, snr: float) -> None:
 
 
 def _start(shape: tuple[int, ...], x_T: torch.Tensor | None, generator, device) -> torch.Tensor:
+    """The chain's start on ``device``: ``x_T`` (B, ...) when given, else N(0, I) noise of ``shape`` (B, ...)."""
     return randn(shape, generator, device) if x_T is None else x_T.to(device)
 
 
 def _index(t: int, batch: int, device) -> torch.Tensor:
+    """The timestep ``t`` for every item of the batch: (batch,) int64."""
     return torch.full((batch,), t, device=device, dtype=torch.long)
 
 
@@ -489,10 +491,13 @@ sample_dpmpp_3m.__signature__ = _signature.replace(  # type: ignore[attr-defined
 # Sigma-space samplers (EDM / k-diffusion style)
 # ----------------------------------------------------------------------------------------------------
 def _to_vp(x_ve: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x_vp = x_ve / sqrt(1 + sigma^2)``: (B, ...) -> (B, ...)."""
     return x_ve / math.sqrt(1 + sigma**2)
 
 
 def _sigmas_for(net: DiffusionModel, steps: int, sigmas: str | torch.Tensor, rho: float) -> torch.Tensor:
+    """The noise levels to visit, float64 on the CPU, decreasing: :func:`sigma_schedule`'s (steps + 1,) for a name,
+    or an explicit ``sigmas`` (L,) checked (1-D, L >= 2, strictly decreasing)."""
     if isinstance(sigmas, torch.Tensor):
         values = sigmas.double().cpu()
         if values.ndim != 1 or len(values) < 2 or not bool((values[:-1] > values[1:]).all()):
@@ -502,12 +507,13 @@ def _sigmas_for(net: DiffusionModel, steps: int, sigmas: str | torch.Tensor, rho
 
 
 def _ve_start(shape, x_T, generator, device, sigma_start: float) -> torch.Tensor:
+    """The VE chain's start ``x_T sqrt(1 + sigma_start^2)``, (B, ...) of ``shape``, from :func:`_start`."""
     # x_T ~ N(0, I) in the VP space at the first noise level, i.e. x_ve = x_T sqrt(1 + sigma^2).
     return _start(shape, x_T, generator, device) * math.sqrt(1 + sigma_start**2)
 
 
 def _ve_corrector(net: DiffusionModel, schedule, x, sigma: float, corrector_steps, snr, generator) -> torch.Tensor:
-    """Langevin steps on ``x_ve`` with the VE score ``(D(x; sigma) - x) / sigma^2``."""
+    """Langevin steps on ``x_ve`` with the VE score ``(D(x; sigma) - x) / sigma^2``. x: (B, ...) -> (B, ...)."""
     t = float(net.sigma_to_t(sigma))
     alpha = float(schedule.alphas[min(max(round(t), 0), schedule.num_timesteps - 1)])
     return langevin_correct(

@@ -125,6 +125,8 @@ class DiffusionModel:
         return 1 / (1 + self.t_to_sigma(t) ** 2)
 
     def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``alpha_bar`` at t (B,) or a scalar, int (the schedule's) or float (:meth:`alpha_bar_at`), as
+        (B, 1, ..., 1) in the dtype and on the device of ``like`` (B, ...)."""
         t = torch.as_tensor(t)
         if t.ndim == 0:
             t = t.expand(like.shape[0])
@@ -135,6 +137,8 @@ class DiffusionModel:
         return _broadcast(values, like)
 
     def _network_t(self, t: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+        """The timesteps the network is given: t (B,) or a scalar -> (batch,) on ``device``, rounded to int64 when
+        ``round_timesteps`` and t is fractional."""
         t = torch.as_tensor(t, device=device)
         if t.ndim == 0:
             t = t.expand(batch)
@@ -144,12 +148,12 @@ class DiffusionModel:
 
     # -- the four targets ------------------------------------------------------------------------------
     def output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's raw output at x (B, ...), t (B,) or scalar; counts one evaluation."""
+        """The network's raw output at x (B, ...), t (B,) or scalar: its target, (B, ...); counts one evaluation."""
         self.nfe += 1
         return self.model(x, self._network_t(t, x.shape[0], x.device))
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predicted noise at x_t (B, ...), timesteps t (B,) int or float."""
+        """Predicted noise at x_t (B, ...), timesteps t (B,) int or float (or a scalar): (B, ...)."""
         t = self._network_t(t, x.shape[0], x.device)  # rounded once, so conversions use the same t
         out = self.output(x, t)
         if self.parameterization == "eps" and self.clip_x0 is None:
@@ -169,27 +173,28 @@ class DiffusionModel:
         return eps
 
     def x0(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predicted clean data at x_t (B, ...), timesteps t (B,)."""
+        """Predicted clean data at x_t (B, ...), timesteps t (B,) or a scalar: (B, ...)."""
         t = self._network_t(t, x.shape[0], x.device)  # rounded once, so conversions use the same t
         if self.parameterization == "x0":
             return self.output(x, t)
         return eps_to_x0(x, self.eps(x, t), self._alpha_bar(t, x))
 
     def v(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predicted velocity ``v = sqrt(a) eps - sqrt(1 - a) x_0`` at x_t (B, ...)."""
+        """Predicted velocity ``v = sqrt(a) eps - sqrt(1 - a) x_0`` at x_t (B, ...), t (B,) or a scalar: (B, ...)."""
         t = self._network_t(t, x.shape[0], x.device)  # rounded once, so conversions use the same t
         if self.parameterization == "v":
             return self.output(x, t)
         return eps_to_v(x, self.eps(x, t), self._alpha_bar(t, x))
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``grad_x log p_t(x_t) = -eps / sqrt(1 - alpha_bar_t)`` at x_t (B, ...)."""
+        """``grad_x log p_t(x_t) = -eps / sqrt(1 - alpha_bar_t)`` at x_t (B, ...), t (B,) or a scalar: (B, ...)."""
         t = self._network_t(t, x.shape[0], x.device)  # rounded once, so conversions use the same t
         if self.parameterization == "score":
             return self.output(x, t)
         return eps_to_score(self.eps(x, t), self._alpha_bar(t, x))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """:meth:`eps`: x (B, ...), t (B,) or a scalar -> (B, ...), so the wrapper is an ``EpsModel``."""
         return self.eps(x, t)
 
     # -- the sigma (VE) view ---------------------------------------------------------------------------

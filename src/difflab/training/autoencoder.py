@@ -59,6 +59,7 @@ def random_crops(images: torch.Tensor, crop: int, generator: torch.Generator) ->
 
 
 def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """images (N, ...) in consecutive slices (batch_size, ...), the last one possibly shorter."""
     for start in range(0, len(images), batch_size):
         yield images[start : start + batch_size]
 

@@ -119,7 +119,8 @@ def collective_device() -> torch.device:
 
 
 def all_reduce_sum(value: torch.Tensor, context: DistContext | None = None) -> torch.Tensor:
-    """The sum of ``value`` over ranks (``value`` itself on one process)."""
+    """The sum of ``value`` over ranks (``value`` itself on one process): any shape -> the same shape, float64
+    when summed over several processes."""
     if not (context or current()).enabled:
         return value
     reduced = value.detach().to(collective_device(), torch.float64).clone()
