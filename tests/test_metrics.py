@@ -9,7 +9,15 @@ from scipy.stats import gaussian_kde
 
 from difflab.data.states import load_states
 from difflab.errors import DataError
-from difflab.metrics.points import KDE, label_histogram, nearest_label_fraction, nll_course, nll_reverse
+from difflab.metrics.points import (
+    KDE,
+    label_histogram,
+    nearest_distances,
+    nearest_label_fraction,
+    nll_course,
+    nll_reverse,
+    reach,
+)
 
 
 def test_nll_course_is_the_reference_grading() -> None:
@@ -42,6 +50,27 @@ def test_nearest_labels() -> None:
         assert nearest_label_fraction(heldout.data[heldout.labels == k], k, train.data, train.labels) > 0.999
     shares = label_histogram(heldout.data, train.data, train.labels, 5)
     assert shares == pytest.approx([0.2] * 5, abs=0.002)
+
+
+def test_samples_thrown_off_the_data_are_not_on_the_intended_outline() -> None:
+    # A huge guidance scale throws samples far out along the gradient, where the nearest training point can still
+    # be of the intended class: they must not count as on its outline.
+    train, heldout = load_states("train"), load_states("heldout")
+    ohio = heldout.data[heldout.labels == 2]
+    centre = train.data.mean(0)
+    thrown = centre + (ohio - centre) * 1e6
+    assert nearest_label_fraction(thrown, 2, train.data, train.labels) > 0.5  # by the nearest point alone
+    limit = reach(train.data)
+    extent = train.data.amax(0) - train.data.amin(0)
+    assert limit == pytest.approx(0.1 * float(torch.sqrt((extent**2).sum())))
+    assert nearest_label_fraction(thrown, 2, train.data, train.labels, max_distance=limit) == 0.0
+    # Real held-out points all lie within reach (they are at most 0.05 from a training point; reach is 0.51).
+    assert float(nearest_distances(heldout.data, train.data).max()) < limit / 5
+    assert nearest_label_fraction(ohio, 2, train.data, train.labels, max_distance=limit) > 0.999
+    # Distances are the brute-force ones, chunk boundaries included.
+    points = torch.randn(10, 2)
+    exact = (points[:, None, :] - train.data[None, :, :]).norm(dim=-1).amin(1)
+    assert torch.allclose(nearest_distances(points, train.data, chunk=3), exact, atol=1e-5)
 
 
 def test_nan_samples_are_reported() -> None:
