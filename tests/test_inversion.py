@@ -60,6 +60,19 @@ def test_fixed_point_iterations_make_each_step_the_exact_inverse_of_ddim() -> No
     assert errors[0] > 0.05 and errors[4] < 1e-5, errors
 
 
+def test_a_learned_variance_models_extra_channels_are_ignored_in_both_directions() -> None:
+    """A model trained with learned variances outputs [eps, v] (twice the channels); inversion, like DDIM, uses eps."""
+    x0 = MEAN + STD * torch.randn(500, 2, generator=torch.Generator().manual_seed(2))
+
+    def eps_and_values(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([exact_eps(x, t), torch.full_like(x, 0.3)], dim=1)
+
+    for order, fixed_point in ((1, 0), (1, 2), (2, 0)):
+        expected = ddim_round_trip(exact_eps, SCHEDULE, x0, 20, fixed_point_iterations=fixed_point, order=order)
+        got = ddim_round_trip(eps_and_values, SCHEDULE, x0, 20, fixed_point_iterations=fixed_point, order=order)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True)), (order, fixed_point)
+
+
 def test_first_order_flow_is_ddim_in_both_directions() -> None:
     x0 = MEAN + STD * torch.randn(500, 2, generator=torch.Generator().manual_seed(2))
     timesteps = inversion_timesteps(1000, 20, 978)

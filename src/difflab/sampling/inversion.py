@@ -127,7 +127,7 @@ def ddim_invert(
         previous: int | None = None
         for k, t in enumerate(timesteps):
             t_eval = previous if previous is not None else t
-            eps = model(x, at(t_eval))
+            eps, _ = split_output(model(x, at(t_eval)), x)  # a learned-variance model's extra channels: unused
             alpha_bar_cur = (
                 schedule.alpha_bar[previous].to(device) if previous is not None else torch.ones((), device=device)
             )
@@ -135,7 +135,8 @@ def ddim_invert(
             x_next, x0_pred = _inversion_step(x, eps, alpha_bar_cur, alpha_bar_next)
             for _ in range(fixed_point_iterations):
                 # x_next = step(x, eps_theta(x_next, t_next)) makes the DDIM step down from x_next land on x
-                x_next, x0_pred = _inversion_step(x, model(x_next, at(t)), alpha_bar_cur, alpha_bar_next)
+                eps_next, _ = split_output(model(x_next, at(t)), x)
+                x_next, x0_pred = _inversion_step(x, eps_next, alpha_bar_cur, alpha_bar_next)
             if callback is not None:
                 callback(k, t, x, x0_pred)
             x = x_next

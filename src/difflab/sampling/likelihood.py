@@ -121,7 +121,7 @@ def dequantize(images: torch.Tensor, generator: torch.Generator | None = None) -
     k = images.to(torch.float64)
     if k.min() < 0 or k.max() > 255:
         raise ConfigError("dequantize expects 8-bit values in 0..255")
-    u = torch.rand(k.shape, generator=generator, dtype=torch.float64)
+    u = torch.rand(k.shape, generator=generator, dtype=torch.float64).to(k.device)  # CPU draws: same on any device
     return (k + u) / 127.5 - 1
 
 
