@@ -103,6 +103,70 @@ def test_image_folder_errors(tmp_path, gray_folder):
         load_image_folder(gray_folder, size=8, channels=2)
 
 
+def test_deep_images_share_one_scale_and_keep_their_precision(tmp_path):
+    """16-bit images are read on their full range 0..65535 and float images on [0, 1], whatever an image's own
+    maximum (a per-image rule turned a 16-bit image whose maximum was 260 black and one of 250 normal)."""
+    ramp = np.tile(np.linspace(0.0, 1.0, 16), (16, 1))
+    root = tmp_path / "deep"
+    for name, top in (("a250", 250), ("b260", 260)):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.rint(ramp * top).astype(np.uint16)).save(root / name / "x.png")
+    said: list[str] = []
+    data = load_image_folder(root, size=16, echo=said.append)
+    brightest = {name: float(to_unit(data.images[data.labels == k]).max()) for k, name in enumerate(data.class_names)}
+    assert brightest["a250"] == pytest.approx(250 / 65535, abs=1e-6)
+    assert brightest["b260"] == pytest.approx(260 / 65535, abs=1e-6)  # not 1 / 255 of it
+    assert any("narrow band of grey" in line for line in said)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(flat / "ramp.tif")
+    Image.fromarray(np.rint(ramp * 65535).astype(np.uint16)).save(flat / "ramp16.png")
+    said.clear()
+    data = load_image_folder(flat, size=16, echo=said.append)
+    unit = to_unit(data.images)
+    # Both hold the same ramp; the float one to float precision (no 8-bit rounding in between).
+    assert torch.allclose(unit[0, 0], torch.from_numpy(ramp).float(), atol=1e-6)
+    assert torch.allclose(unit[1, 0], torch.from_numpy(ramp).float(), atol=1e-5)
+    assert not said  # the full range is used: no warning
+    Image.fromarray((ramp * 30 - 10).astype(np.float32), mode="F").save(flat / "wide.tif")
+    with pytest.raises(DataError, match=r"wide.tif holds values in \[-10, 20\].*\[0, 1\]"):
+        load_image_folder(flat, size=16, echo=said.append)
+
+
+def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
+    """A camera stores a portrait photo sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)."""
+    upright = np.zeros((6, 6), np.uint8)
+    upright[0, :] = 255  # a white top row
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # what the camera writes: rotated counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(stored).save(tmp_path / "photos" / "p.png", exif=exif.tobytes())
+    assert (np.asarray(Image.open(tmp_path / "photos" / "p.png"))[:, 0] == 255).all()  # stored: a white left column
+    data = load_image_folder(tmp_path / "photos", size=6, echo=lambda _: None)
+    assert to_unit(data.images[0, 0, 0]).min() > 0.9 and to_unit(data.images[0, 0, 1:]).max() < 0.1
+
+
+def test_unreadable_huge_and_odd_folders_are_reported(tmp_path, gray_folder, monkeypatch):
+    (gray_folder / "empty_class").mkdir()
+    said: list[str] = []
+    data = load_image_folder(gray_folder, size=6, echo=said.append)
+    assert data.class_names == ("ants", "bars")
+    assert any("without images" in line and "empty_class" in line for line in said)
+    # A palette image whose colours are all grey is grayscale; a coloured one is RGB.
+    gray_palette = Image.fromarray(np.arange(36, dtype=np.uint8).reshape(6, 6)).convert("P")
+    gray_palette.save(tmp_path / "g.gif")
+    from difflab.data.images import _normalised, _read
+
+    assert _normalised(_read(tmp_path / "g.gif")).mode == "L"
+    Image.fromarray(np.full((6, 6, 3), (200, 10, 10), np.uint8)).convert("P").save(tmp_path / "c.gif")
+    assert _normalised(_read(tmp_path / "c.gif")).mode == "RGB"
+    # Over Pillow's decompression-bomb limit: one line naming the file, not Pillow's traceback.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(DataError, match=r"cannot read image .*deep.png \(DecompressionBombError"):
+        load_image_folder(gray_folder, size=6, echo=lambda _: None)
+
+
 def test_digits_8x8_and_range_helpers():
     digits = load_digits_8x8()
     assert isinstance(digits, ImageSet)

@@ -80,7 +80,8 @@ def test_pairs_match_by_name_and_the_unmatched_are_reported(tmp_path: Path) -> N
     said: list[str] = []
     data = load_paired_folders(vis, ir, size=16, test_fraction=0.3, echo=said.append)
     assert data.unmatched_inputs == ("only_rgb.jpg",) and data.unmatched_targets == ("only_ir.png",)
-    assert data.unmatched == 2 and "1 input and 1 target image(s) have no partner" in said[0]
+    assert "skipped 1 non-image file(s) or subfolder(s)" in said[0] and "notes.txt" in said[0]
+    assert data.unmatched == 2 and "1 input and 1 target image(s) have no partner" in said[1]
     assert len(data.train) + len(data.test) == 12 and set(data.train.names).isdisjoint(data.test.names)
     assert data.train.inputs.shape[1:] == (3, 16, 16) and data.train.targets.shape[1:] == (1, 16, 16)
     assert data.train.inputs.min() >= -1 and data.train.inputs.max() <= 1
@@ -105,6 +106,26 @@ def test_mismatched_pair_sizes_are_resized_together(tmp_path: Path) -> None:
     expected = np.asarray(small.resize((12, 12), Image.Resampling.BICUBIC)).astype(int)
     got = ((split.targets[row, 0] + 1) * 127.5).round().numpy().astype(int)
     assert np.abs(got - expected).max() <= 1
+
+
+def test_pairs_of_real_world_files(tmp_path: Path) -> None:
+    """Names macOS wrote decomposed (NFD) pair with composed (NFC) ones; a 16-bit IR target keeps its scale; a
+    target of another aspect ratio is stretched with a warning."""
+    import unicodedata
+
+    vis, ir = _pairs(tmp_path, ["a", "b", "c", "d"])
+    _write(vis / (unicodedata.normalize("NFC", "café") + ".png"), (40, 24), "RGB", 5)
+    ramp = np.tile(np.linspace(0, 1, 40), (24, 1))
+    Image.fromarray(np.rint(ramp * 65535).astype(np.uint16)).save(ir / (unicodedata.normalize("NFD", "café") + ".png"))
+    _write(ir / "d.png", (24, 40), "L", 6)  # portrait IR beside a landscape RGB image
+    said: list[str] = []
+    data = load_paired_folders(vis, ir, size=12, test_fraction=0.5, echo=said.append)
+    assert data.unmatched == 0 and len(data.train) + len(data.test) == 5
+    split = data.train if "café" in data.train.names else data.test
+    target = (split.targets[split.names.index("café"), 0] + 1) / 2
+    # The centre crop of a left-to-right ramp 0..1, at float precision: its middle is near 0.5, not near 0.
+    assert abs(float(target.mean()) - 0.5) < 0.02 and float(target.max()) > 0.75
+    assert any("differ from their input in aspect ratio" in line and "d.png" in line for line in said)
 
 
 def test_the_hash_split_never_moves_a_pair_when_files_are_added(tmp_path: Path) -> None:

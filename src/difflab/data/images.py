@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from difflab.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
-GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
 
 @dataclass(frozen=True)
@@ -69,28 +68,82 @@ def from_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _read(path: Path) -> Image.Image:
-    """Open and fully decode ``path``; anything Pillow cannot read raises a DataError naming the file."""
+    """Open and fully decode ``path``, turned upright by its EXIF orientation tag (as photo viewers show it, so a
+    camera's rotated JPEG lines up with its partner); anything Pillow cannot read, or an image over Pillow's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), raises a DataError naming the file."""
     try:
         with Image.open(path) as handle:
             handle.load()
-            return handle.copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            return ImageOps.exif_transpose(handle)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path} ({exc.__class__.__name__}: {exc})") from None
 
 
-def _normalised(image: Image.Image) -> Image.Image:
-    """``L`` for grayscale modes, ``RGB`` otherwise; transparency is composited onto black, 16-bit scaled."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+# Integer grayscale modes deeper than 8 bits, read as intensities on their full 16-bit range 0..65535 (a 32-bit ``I``
+# image is a 16-bit PNG as Pillow opens it); ``F`` (32-bit float) images are read as intensities in [0, 1].
+HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def _normalised(image: Image.Image, path: Path | None = None) -> Image.Image:
+    """``L`` for 8-bit grayscale, ``RGB`` for colour, ``F`` (float, 0..255 scale) for deeper grayscale; transparency is
+    composited onto black.
+
+    One scale serves every image of a data set whatever its content: 16-bit values v map to ``255 v / 65535`` and
+    float values to ``255 v`` (no per-image stretch, which would give equal images different brightness); values
+    outside 0..65535 or [0, 1] raise a DataError naming ``path``. A palette image whose colours are all grey is
+    grayscale."""
+    if image.mode in HIGH_DEPTH_MODES:
         array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if array.max(initial=0.0) > 255 else 1.0
-        return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+        top = 1.0 if image.mode == "F" else 65535.0
+        low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        if not (np.isfinite(array).all() and low >= 0 and high <= top):
+            kind = "float" if image.mode == "F" else "integer"
+            raise DataError(
+                f"{kind} image {path or 'image'} holds values in [{low:g}, {high:g}]; difflab reads {kind} images as "
+                f"intensities in [0, {top:g}]: rescale it to that range"
+            )
+        return Image.fromarray((array * (255.0 / top)).astype(np.float32), mode="F")
     if image.mode in ("1", "L"):
         return image.convert("L")
     if image.mode in ("LA", "PA", "RGBA", "P"):
         rgba = image.convert("RGBA")
-        composed = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-        return composed.convert("L" if image.mode == "LA" else "RGB")
+        composed = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+        if image.mode == "LA":
+            return composed.convert("L")
+        pixels = np.asarray(composed)
+        gray = (
+            image.mode in ("P", "PA")
+            and (pixels[..., 0] == pixels[..., 1]).all()
+            and (pixels[..., 1] == pixels[..., 2]).all()
+        )
+        return composed.convert("L") if gray else composed
     return image.convert("RGB")
+
+
+def _pixels(image: Image.Image, channels: int) -> np.ndarray:
+    """An image of :func:`_normalised` (after :func:`_square`) as (H, W, channels) on the 0..255 scale: uint8 for 8-bit
+    images, float32 (clipped to 0..255 after the bicubic resize) for deeper ones."""
+    if image.mode == "F":
+        array = np.clip(np.asarray(image, dtype=np.float32), 0.0, 255.0)
+        return np.repeat(array[..., None], channels, axis=2)
+    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return array.reshape(array.shape[0], array.shape[1], channels)
+
+
+def _depth_note(deep: list[np.ndarray], where: str) -> str | None:
+    """A warning when ``deep``, the deeper-than-8-bit images of a set as arrays on the 0..255 scale, use under a
+    quarter of their intensity range (raw 16-bit thermal counts, say 7,000..8,000 of 0..65,535, load as a narrow
+    band of grey), else None."""
+    if not deep:
+        return None
+    low, high = min(float(a.min()) for a in deep), max(float(a.max()) for a in deep)
+    if high - low >= 255 / 4 or high == low:  # full enough, or constant (a blank image is no narrow band)
+        return None
+    return (
+        f"the {len(deep)} 16-bit or float image(s) in {where} use only {low / 255:.3f}..{high / 255:.3f} of their "
+        "intensity range 0..1, so they load as a narrow band of grey; stretch them to the full range before "
+        "loading if that is not intended"
+    )
 
 
 def _square(image: Image.Image, size: int) -> Image.Image:
@@ -113,8 +166,8 @@ def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _folder_classes(root: Path, max_per_class: int = 0) -> tuple[list[tuple[str, list[Path]]], list[Path]]:
-    """``([(class name, image files)], skipped files)`` of an image folder, classes in sorted order (see
-    :func:`load_image_folder`)."""
+    """``([(class name, image files)], skipped files and subfolders without images)`` of an image folder, classes
+    in sorted order (see :func:`load_image_folder`)."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
     subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -125,6 +178,8 @@ def _folder_classes(root: Path, max_per_class: int = 0) -> tuple[list[tuple[str,
         skipped += others
         if files:
             classes.append((folder.name, files[: max_per_class or None]))
+        else:
+            skipped.append(folder)  # a subfolder without images is no class
     top_files = [p for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
     top_images = [p for p in top_files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not classes and top_images:
@@ -168,8 +223,11 @@ def load_image_folder(
     if max_per_class < 0:
         raise DataError(f"max_per_class must be >= 0 (0 = all), got {max_per_class}")
     classes, skipped = _folder_classes(root, max_per_class)
-    loose = [p for p in skipped if p.parent == root and p.suffix.lower() in IMAGE_SUFFIXES]
-    others = [p for p in skipped if p not in loose]
+    empty = [p.name for p in skipped if p.is_dir()]
+    loose = [p for p in skipped if p.parent == root and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    others = [p for p in skipped if p not in loose and not p.is_dir()]
+    if empty:
+        echo(f"skipped {len(empty)} subfolder(s) of {root} without images, which are no class: {', '.join(empty[:5])}")
     if loose:  # images beside class subfolders belong to no class
         echo(f"skipped {len(loose)} image(s) outside the class subfolders of {root} (e.g. {loose[0].name})")
     if others:
@@ -180,13 +238,16 @@ def load_image_folder(
     all_gray = True
     for label, (_, files) in enumerate(classes):
         for file in files:
-            image = _normalised(_read(file))
-            all_gray &= image.mode == "L"
+            image = _normalised(_read(file), file)
+            all_gray &= image.mode in ("L", "F")
             pictures.append(_square(image, size))
             labels.append(label)
+    note = _depth_note([np.asarray(p) for p in pictures if p.mode == "F"], str(root))
+    if note:
+        echo(note)
     channels = channels or (1 if all_gray else 3)
-    mode = "L" if channels == 1 else "RGB"
-    arrays = np.stack([np.asarray(p.convert(mode), dtype=np.uint8).reshape(size, size, channels) for p in pictures])
+    deep = any(p.mode == "F" for p in pictures)
+    arrays = np.stack([_pixels(p, channels) for p in pictures]).astype(np.float32 if deep else np.uint8)
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() * (2.0 / 255.0) - 1.0
     return ImageSet(images.contiguous(), torch.tensor(labels, dtype=torch.int64), tuple(n for n, _ in classes))
 

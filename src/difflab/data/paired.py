@@ -14,6 +14,7 @@ therefore never moves an existing pair from one split to the other.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difflab.data.images import IMAGE_SUFFIXES, _normalised, _read, _square
+from difflab.data.images import IMAGE_SUFFIXES, _depth_note, _normalised, _pixels, _read, _square
 from difflab.errors import DataError
 
 
@@ -77,49 +78,61 @@ def name_seed(name: str, seed: int = 0) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _images_by_stem(folder: Path, role: str) -> dict[str, Path]:
+def _images_by_stem(folder: Path, role: str, echo: Callable[[str], object] = print) -> dict[str, Path]:
+    """The images directly in ``folder`` by file name without suffix, Unicode-normalised (NFC, so a name macOS
+    wrote decomposed matches its composed partner); subfolders and other files are skipped and counted."""
     if not folder.is_dir():
         raise DataError(
             f"{role} folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
         )
     found: dict[str, Path] = {}
+    skipped: list[str] = []
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.name.startswith("."):
             continue
-        if path.stem in found:
-            raise DataError(
-                f"two {role} images named {path.stem!r} in {folder}: {found[path.stem].name} and {path.name}"
-            )
-        found[path.stem] = path
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(path.name + ("/" if path.is_dir() else ""))
+            continue
+        stem = unicodedata.normalize("NFC", path.stem)
+        if stem in found:
+            raise DataError(f"two {role} images named {stem!r} in {folder}: {found[stem].name} and {path.name}")
+        found[stem] = path
     if not found:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in the {role} folder {folder}")
+    if skipped:
+        echo(f"[paired] skipped {len(skipped)} non-image file(s) or subfolder(s) in {folder} (e.g. {skipped[0]})")
     return found
 
 
 def match_pairs(
-    input_dir: str | Path, target_dir: str | Path
+    input_dir: str | Path, target_dir: str | Path, echo: Callable[[str], object] = print
 ) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
     """``(pairs, unmatched inputs, unmatched targets)``: pairs ``(stem, input path, target path)`` in sorted stem
-    order, and the file names without a partner."""
-    inputs = _images_by_stem(Path(input_dir), "input")
-    targets = _images_by_stem(Path(target_dir), "target")
+    order (stems NFC-normalised), and the file names without a partner."""
+    inputs = _images_by_stem(Path(input_dir), "input", echo)
+    targets = _images_by_stem(Path(target_dir), "target", echo)
     pairs = [(stem, inputs[stem], targets[stem]) for stem in sorted(inputs) if stem in targets]
     lonely_inputs = [inputs[s].name for s in sorted(inputs) if s not in targets]
     lonely_targets = [targets[s].name for s in sorted(targets) if s not in inputs]
     return pairs, lonely_inputs, lonely_targets
 
 
-def load_pair(input_path: Path, target_path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One pair as uint8 arrays (size, size, 3) and (size, size): the target resized to the input's pixel size when
-    they differ, then both centre-cropped to a square and resized to ``size``."""
+def load_pair(input_path: Path, target_path: Path, size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """One pair as arrays on the 0..255 scale, (size, size, 3) and (size, size, 1) (uint8, or float32 for a 16-bit or
+    float target), and whether the two differed in aspect ratio by more than 1%: the target is resized to the
+    input's pixel size when they differ, then both are centre-cropped to a square and resized to ``size``."""
     original = _read(input_path)
-    rgb = _normalised(original)
+    rgb = _normalised(original, input_path)
     if rgb.mode != "RGB":
         raise DataError(f"input image {input_path} is grayscale (mode {original.mode}); inputs must be RGB")
-    gray = _normalised(_read(target_path)).convert("L")
+    gray = _normalised(_read(target_path), target_path)
+    if gray.mode == "RGB":
+        gray = gray.convert("L")
+    (width, height), (target_width, target_height) = rgb.size, gray.size
+    stretched = abs(width * target_height - height * target_width) > 0.01 * width * target_height
     if gray.size != rgb.size:
         gray = gray.resize(rgb.size, Image.Resampling.BICUBIC)
-    return np.asarray(_square(rgb, size), dtype=np.uint8), np.asarray(_square(gray, size), dtype=np.uint8)
+    return _pixels(_square(rgb, size), 3), _pixels(_square(gray, size), 1), stretched
 
 
 def load_paired_folders(
@@ -143,7 +156,7 @@ def load_paired_folders(
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if max_pairs < 0:
         raise DataError(f"max_pairs must be >= 0 (0 = all), got {max_pairs}")
-    pairs, lonely_inputs, lonely_targets = match_pairs(input_dir, target_dir)
+    pairs, lonely_inputs, lonely_targets = match_pairs(input_dir, target_dir, echo)
     if strict and (lonely_inputs or lonely_targets):
         if lonely_inputs:
             raise DataError(f"input image {Path(input_dir) / lonely_inputs[0]} has no partner in {target_dir}")
@@ -157,14 +170,25 @@ def load_paired_folders(
     if not pairs:
         raise DataError(f"no file names are shared by {input_dir} and {target_dir}: no pairs")
     pairs = pairs[: max_pairs or None]
-    names, rgbs, grays = [], [], []
+    names, rgbs, grays, stretched = [], [], [], []
     for stem, input_path, target_path in pairs:
-        rgb, gray = load_pair(input_path, target_path, size)
+        rgb, gray, aspect_differs = load_pair(input_path, target_path, size)
         names.append(stem)
         rgbs.append(rgb)
         grays.append(gray)
+        if aspect_differs:
+            stretched.append(target_path.name)
+    note = _depth_note([g for g in grays if g.dtype == np.float32], str(target_dir))
+    if note:
+        echo(f"[paired] {note}")
+    if stretched:
+        echo(
+            f"[paired] {len(stretched)} target image(s) differ from their input in aspect ratio and are stretched to "
+            f"it (e.g. {stretched[0]}): check that the pairs are aligned"
+        )
     inputs = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).float() * (2.0 / 255.0) - 1.0
-    targets = torch.from_numpy(np.stack(grays)).unsqueeze(1).float() * (2.0 / 255.0) - 1.0
+    targets = torch.from_numpy(np.stack([g.astype(np.float32) for g in grays])).permute(0, 3, 1, 2) * (2.0 / 255.0)
+    targets = targets - 1.0
     everything = PairedSet(tuple(names), inputs.contiguous(), targets.contiguous())
     in_test = [split_value(name, seed) < test_fraction for name in names]
     test = [i for i, flag in enumerate(in_test) if flag]
