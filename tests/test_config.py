@@ -56,7 +56,7 @@ def test_overrides_are_typed() -> None:
         ("denoiser_train.mode=turbo", "denoiser_train.mode must be one of"),
         ("steps", "must look like key=value"),
         ("denoiser_train.lr=1" + "0" * 400, "denoiser_train.lr must be a number within the float range"),
-        ("denoiser_train.precision=fp8", "denoiser_train: precision must be one of fp32, bf16, fp16"),
+        ("denoiser_train.precision=fp8", "denoiser_train: precision must be one of fp32, bf16, fp16, auto"),
         ("classifier_train.grad_accum=0", "classifier_train: grad_accum must be >= 1"),
         ("denoiser_train.grad_accum=3", "batch_size (1024) must be divisible by grad_accum (3)"),
         ("denoiser_train.compile=yes please", "denoiser_train.compile must be true or false"),

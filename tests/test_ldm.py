@@ -240,6 +240,42 @@ def test_bad_ldm_input(tmp_path: Path, capsys) -> None:
     assert "combined_attention_levels" in capsys.readouterr().err
 
 
+def test_an_rgb_image_folder_runs_without_further_keys(tmp_path: Path, capsys) -> None:
+    """The autoencoder's channels and the class count come from the data, as in the pixel recipes; an image size the
+    autoencoder cannot halve is refused before the run folder exists, naming the recipe's own key."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for k in range(12):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "photos" / name / f"{k}.png")
+    quick = {
+        "vae.training.train.steps": "4",
+        "train.steps": "4",
+        "vae.eval_images": "4",
+        "evaluation.n_samples": "4",
+        "evaluation.batch_size": "4",
+        "evaluation.vlb_images": "2",
+        "evaluation.throughput_batch": "2",
+    }
+    options = [o for o in TINY if o.split("=")[0] not in quick and o != "data.source=digits"]
+    options += [f"{key}={value}" for key, value in quick.items()]
+    folder = ["data.source=imagefolder", f"data.path={tmp_path / 'photos'}"]
+    assert main(["run", "mnist-ldm", f"run_dir={tmp_path / 'odd'}", *options, *folder, "data.size=9"]) == 2
+    said = capsys.readouterr().err
+    assert "choose a data.size that 2 divides, or fewer vae.training.model.channel_mults" in said
+    assert not (tmp_path / "odd").exists()
+    run_dir = tmp_path / "run"
+    assert main(["run", "mnist-ldm", f"run_dir={run_dir}", *options, *folder, "data.size=8"]) == 0
+    printed = capsys.readouterr().out
+    assert "from the data: vae.training.model.in_channels=3 unet.num_classes=2" in printed
+    assert json.loads((run_dir / "classes.json").read_text()) == {"class_names": ["cats", "dogs"]}
+    assert main(["sample", str(run_dir), "--class", "dogs", "--n", "2", "--steps", "3"]) == 0
+
+
 def _learned_variance_metrics(full: tuple[float, float], respaced: tuple[float, float], n: int) -> dict:
     def row(steps: int, fid: float, std: float) -> dict:
         return {
@@ -324,7 +360,7 @@ def test_sampling_commands_load_a_latent_run_and_reproduce_its_samples(ldm_run: 
     assert steered["images"].shape == (5, 1, 8, 8) and steered["labels"].tolist() == [3] * 5  # for evaluate
     assert seen and all(set(labels.tolist()) == {3, 10} for labels in seen)
     assert main(["sample", str(ldm_run), "--digit", "10", "--steps", "3", "--n", "2"]) == 2
-    assert "--digit must be between 0 and 9" in capsys.readouterr().err
+    assert "--digit must name a class or be an index 0 .. 9" in capsys.readouterr().err
 
 
 def test_likelihood_of_a_latent_run_is_a_continuous_density_in_bits_per_latent_dimension(ldm_run: Path, capsys) -> None:

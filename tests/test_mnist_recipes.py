@@ -111,7 +111,7 @@ def test_sample_a_chosen_digit_from_a_run(cfg_run: Path, capsys) -> None:
     )
     assert "samples" in capsys.readouterr().out
     assert main(["sample", str(cfg_run), "--digit", "12"]) == 2
-    assert "--digit must be between 0 and 9" in capsys.readouterr().err
+    assert "--digit must name a class or be an index 0 .. 9" in capsys.readouterr().err
     # --guidance without --digit: every digit in turn, guided at w
     assert main(["sample", str(cfg_run), "--guidance", "2", "--n", "4", "--steps", "5"]) == 0
     every = torch.load(cfg_run / "samples" / "sample_everydigit_w2_ddim5_seed0.pt", weights_only=True)
@@ -373,6 +373,8 @@ def test_image_folder_runs_are_scored_with_inception_weights(tmp_path: Path, cap
     report = (run_dir / "report.md").read_text()
     assert "InceptionV3's 2048-d pool features" in report and "accuracy of the intended digit" not in report
     assert "a class embedding of 10 classes and a learned null label" in report
+    names = [str(k) for k in range(10)]
+    assert json.loads((run_dir / "classes.json").read_text()) == {"class_names": names}  # what `sample` resolves
     assert main(["evaluate", str(run_dir)]) == 0
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["samples"]["cfg_w2.pt"]["fid"] == pytest.approx(metrics["main"]["fid"], rel=1e-6)
@@ -389,7 +391,7 @@ def test_image_folder_runs_are_scored_with_inception_weights(tmp_path: Path, cap
 def test_a_class_is_named_by_index_or_by_its_folder(tmp_path: Path) -> None:
     from PIL import Image
 
-    from difflab.errors import ConfigError
+    from difflab.errors import ConfigError, DataError
     from difflab.experiments.images import ImageDataConfig
     from difflab.experiments.mnist import class_index
 
@@ -400,7 +402,23 @@ def test_a_class_is_named_by_index_or_by_its_folder(tmp_path: Path) -> None:
     assert [class_index(folder, label, 3) for label in ("cat", "dog", "emu", "2", 0)] == [0, 1, 2, 2, 0]
     with pytest.raises(ConfigError, match="no class 'owl'; its classes: cat, dog, emu"):
         class_index(folder, "owl", 3)
-    with pytest.raises(ConfigError, match="between 0 and 2"):
+    with pytest.raises(ConfigError, match=r"an index 0 .. 2, got '3'"):
         class_index(folder, "3", 3)
     with pytest.raises(ConfigError, match="class index 0 .. 9 for mnist data"):
         class_index(ImageDataConfig(), "seven", 10)
+    # A run resolves names against the classes it trained on, not the folder's listing now.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "classes.json").write_text('{"class_names": ["cat", "dog", "emu"]}')
+    (tmp_path / "ant").mkdir()  # a class folder added after training sorts first
+    Image.new("L", (8, 8)).save(tmp_path / "ant" / "a.png")
+    assert class_index(folder, "cat", 3) == 1  # the folder's listing moved
+    assert [class_index(folder, label, 3, run) for label in ("cat", "dog", "emu")] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="no class 'ant'; its classes: cat, dog, emu"):
+        class_index(folder, "ant", 3, run)
+    # A name wins over an index: folders 1, 10, 2 are labels 0, 1, 2.
+    (run / "classes.json").write_text('{"class_names": ["1", "10", "2"]}')
+    assert [class_index(folder, label, 3, run) for label in ("1", "10", "2", 1)] == [0, 1, 2, 0]
+    (run / "classes.json").write_text("{broken")
+    with pytest.raises(DataError, match="classes.json is damaged"):
+        class_index(folder, "1", 3, run)

@@ -26,6 +26,7 @@ from difflab.errors import ConfigError
 from difflab.models.mlp import DenoiserMLP
 from difflab.seeding import RowGenerator, batch_randint, batch_randn
 from difflab.training import distributed
+from difflab.training import precision as precision_module
 from difflab.training import trainer as trainer_module
 from difflab.training.distributed import DistContext, sample_sharded, shard_range, shard_seed
 from difflab.training.logging import RunLogger, read_series
@@ -183,6 +184,12 @@ def test_bf16_on_a_cpu_that_emulates_it_warns(tmp_path: Path, monkeypatch: pytes
         said.clear()
         make_trainer(tmp_path / f"fp32-{has_bf16}", 5, echo=said.append)
         assert not any("emulated" in line for line in said)
+        # precision=auto never emulates: it says which precision it picked.
+        monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda has=has_bf16: has)
+        said.clear()
+        make_trainer(tmp_path / f"auto-{has_bf16}", 5, precision="auto", echo=said.append)
+        picked, why = ("bf16", "it runs bf16 natively") if has_bf16 else ("fp32", "it has no native bf16")
+        assert said == [f"[denoiser] precision=auto trains in {picked} on this cpu ({why})"]
 
 
 def test_fp16_needs_a_gpu(tmp_path: Path) -> None:

@@ -111,16 +111,24 @@ class AutoencoderRecipeConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-def build_autoencoder(config: AutoencoderConfig, image_shape: tuple[int, ...]) -> KLAutoencoder:
-    """A VAE for images of ``image_shape`` (C, H, W); H and W must be multiples of the downsampling factor."""
+def build_autoencoder(
+    config: AutoencoderConfig, image_shape: tuple[int, ...], key: str = "autoencoder.model"
+) -> KLAutoencoder:
+    """A VAE for images of ``image_shape`` (C, H, W); H and W must be multiples of the downsampling factor.
+    ``key``: where ``config`` sits in the recipe's config, for the error messages."""
     channels = image_shape[0]
     if config.in_channels != channels:
         raise ConfigError(
-            f"autoencoder.model.in_channels={config.in_channels} but the images have {channels} "
-            f"channels; set autoencoder.model.in_channels={channels}"
+            f"{key}.in_channels={config.in_channels} but the images have {channels} channels; set "
+            f"{key}.in_channels={channels}"
         )
     model = KLAutoencoder(config)
-    model.latent_shape(tuple(image_shape))  # raises a ConfigError for sizes it cannot halve
+    try:
+        model.latent_shape(tuple(image_shape))
+    except ConfigError as exc:  # a size it cannot halve: say which keys change it
+        raise ConfigError(
+            f"{exc}: choose a data.size that {config.downsample_factor} divides, or fewer {key}.channel_mults"
+        ) from None
     return model
 
 
@@ -135,14 +143,16 @@ def train_autoencoder(
     show_progress: bool,
     echo: Any = print,
     name: str = "autoencoder",
+    key: str = "autoencoder.model",
 ) -> tuple[KLAutoencoder, TrainResult]:
     """Train (or resume) the VAE in ``run`` on ``images`` (N, C, H, W) in [-1, 1] (random ``config.crop`` crops
     when that is set and smaller than the images), validated on ``check`` (M, C, H, W); set its scaling factor
     from the first ``config.scaling_images`` whole training images and export ``checkpoints/<name>.safetensors``
-    (weights + ``scaling_factor_buffer``) and ``<name>.json``."""
+    (weights + ``scaling_factor_buffer``) and ``<name>.json``. ``key``: where ``config.model`` sits in the recipe's
+    config, for the error messages."""
     image_shape = tuple(images.shape[1:])
     torch.manual_seed(mix_seed(seed, 0, 71))
-    model = build_autoencoder(config.model, image_shape).to(device)
+    model = build_autoencoder(config.model, image_shape, key).to(device)
     batches = ShuffledBatches((images.to(device),), config.train.batch_size, seed=mix_seed(seed, 0, 72))
     check = check.to(device)
     crop = config.crop if 0 < config.crop < min(image_shape[1:]) else 0

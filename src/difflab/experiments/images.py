@@ -4,6 +4,7 @@ the denoising panel and the built-in evaluation."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from difflab.diffusion.respacing import respaced
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.diffusion.vlb import split_output
 from difflab.errors import ConfigError, DataError
-from difflab.experiments.runs import RunFolder
+from difflab.experiments.runs import CLASSES_FILE, RunFolder
 from difflab.metrics.frechet import fid_ratio_std
 from difflab.models.unet import UNet, UNetConfig
 from difflab.sampling.common import EpsModel, batched, check_output_fits
@@ -31,6 +32,7 @@ from difflab.sampling.guidance import ClassifierFreeGuidance
 from difflab.sampling.wrappers import DiffusionModel
 from difflab.seeding import mix_seed, seeded_generator
 from difflab.training import distributed
+from difflab.training.checkpoint import atomic_write_bytes
 from difflab.training.logging import RunLogger
 from difflab.training.precision import SAMPLING_PRECISIONS, AutocastModel, check_precision, to_fast_layout
 from difflab.training.trainer import TrainConfig, Trainer, TrainResult
@@ -106,6 +108,28 @@ def load_image_data(config: ImageDataConfig, seed: int) -> tuple[ImageSet, Image
     if config.max_train:
         train = ImageSet(train.images[: config.max_train], train.labels[: config.max_train], train.class_names)
     return train, heldout
+
+
+def record_classes(run: RunFolder, data: ImageSet) -> None:
+    """Write ``data``'s class names, in label order, to the run's ``classes.json`` (``{"class_names": [...]}``;
+    rank 0 alone): ``difflab sample --class NAME`` resolves names against them, not against a folder whose listing
+    may have changed since."""
+    if run.main:
+        atomic_write_bytes(run.sub(CLASSES_FILE), (json.dumps({"class_names": list(data.class_names)}) + "\n").encode())
+
+
+def recorded_classes(run_dir: str | Path) -> tuple[str, ...] | None:
+    """The class names a run recorded (:func:`record_classes`), or None for a run made before they were."""
+    path = Path(run_dir) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text())["class_names"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is damaged ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise DataError(f"{path} is damaged: class_names must be a list of names")
+    return tuple(names)
 
 
 def fit_unet_to_data(config: UNetConfig, data: ImageSet) -> tuple[UNetConfig, list[str]]:

@@ -407,6 +407,7 @@ def prepare_autoencoder(
             device,
             config.progress,
             echo,
+            key="vae.training.model",
         )
         info["train_seconds"] = round(result.seconds, 1)
     else:
@@ -553,6 +554,28 @@ def measure_throughput(
     return results
 
 
+def fit_to_data(config: MnistLDMConfig, data: ImageSet) -> tuple[MnistLDMConfig, list[str]]:
+    """``config`` with the values only the data can give, as the pixel recipes fit theirs
+    (:func:`~difflab.experiments.images.fit_unet_to_data`): the trained autoencoder's input channels, the
+    conditional latent U-Net's class count and the table's pixel U-Net. Returns the config and the overrides
+    (``key=value``), so a folder of RGB images or of 5 classes runs without further keys."""
+    fitted: list[str] = []
+    model = config.vae.training.model
+    if config.vae.kind == "train" and model.in_channels != data.channels:
+        training = replace(config.vae.training, model=replace(model, in_channels=data.channels))
+        config = replace(config, vae=replace(config.vae, training=training))
+        fitted.append(f"vae.training.model.in_channels={data.channels}")
+    if config.unet.num_classes and config.unet.num_classes != data.num_classes:
+        config = replace(config, unet=replace(config.unet, num_classes=data.num_classes))
+        fitted.append(f"unet.num_classes={data.num_classes}")
+    pixel_unet, changes = stages.fit_unet_to_data(config.table_config.pixel.unet, data)
+    if changes:
+        pixel = replace(config.table_config.pixel, unet=pixel_unet)
+        config = replace(config, table_config=replace(config.table_config, pixel=pixel))
+        fitted += [f"table_config.pixel.{change}" for change in changes]
+    return config, fitted
+
+
 # --------------------------------------------------------------------------------------------------------------
 def run_mnist_ldm(
     config: MnistLDMConfig, fresh: bool = False, echo: Callable[[str], object] = print, train_only: bool = False
@@ -562,12 +585,19 @@ def run_mnist_ldm(
     wall = time.perf_counter()
     device, echo = setup_ranks(config, echo)
     train, heldout = stages.load_image_data(config.data, config.seed)
-    # A given autoencoder is loaded before the run folder exists, so a bad vae.path leaves no folder behind.
+    config, fitted = fit_to_data(config, train)
+    if fitted:
+        echo(f"[mnist-ldm] from the data: {' '.join(fitted)}")
+    # A given autoencoder is loaded, and one to train is built, before the run folder exists, so a bad vae.path or
+    # an image size the autoencoder cannot halve leaves no folder behind.
     given = given_autoencoder(config.vae, tuple(train.images.shape[1:]), device)
+    if given is None:
+        build_autoencoder(config.vae.training.model, tuple(train.images.shape[1:]), key="vae.training.model")
     # The plain run and the table share a folder: the autoencoder, the latents and equal models are reused.
     run = RunFolder.open(
         config.run_dir, "mnist-ldm", config, fresh=fresh, ignore_keys=("run_dir", "table", "table_config")
     )
+    stages.record_classes(run, train)
     with run.guard():
         seed_everything(config.seed)
         logger = RunLogger(run.path)
@@ -1142,7 +1172,7 @@ def _finished_autoencoder(config: MnistLDMConfig, path: Path, train: ImageSet, d
     weights = path / "checkpoints" / "autoencoder.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path} has no trained autoencoder ({weights} is missing); finish the run")
-    vae = build_autoencoder(config.vae.training.model, tuple(train.images.shape[1:]))
+    vae = build_autoencoder(config.vae.training.model, tuple(train.images.shape[1:]), key="vae.training.model")
     ckpt.load_weights(vae, weights)
     return _ready(vae, config.vae, device)
 
@@ -1209,7 +1239,7 @@ def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.devic
         }
 
     def conditioned(label: int | str | None, w: float | None) -> DiffusionModel:
-        digit = None if label is None else class_index(config.data, label, classes)
+        digit = None if label is None else class_index(config.data, label, classes, path)
         steered = BalancedGuidance(network, classes, config.guidance.w if w is None else w, digit)
         return DiffusionModel(stages.EpsPart(steered), schedule, "eps", clip_x0=bound)
 
@@ -1231,7 +1261,7 @@ def load_sampling_target(path: Path, config: MnistLDMConfig, device: torch.devic
         decode=decode,
         variational_bound=variational_bound,
         conditioned=conditioned if classes else None,
-        class_index=(lambda label: class_index(config.data, label, classes)) if classes else None,
+        class_index=(lambda label: class_index(config.data, label, classes, path)) if classes else None,
         description=f"{variant.name}: {describe(variant.unet, latent_shape[1])}{guidance}; {clipping}; "
         f"samples decoded by {vae.description}",
     )

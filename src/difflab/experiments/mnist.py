@@ -33,7 +33,7 @@ from difflab.diffusion.prediction import wrap_prediction
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import ConfigError, first_line
 from difflab.experiments import images as stages
-from difflab.experiments.images import QUANTISATION_LEVELS, ImageDataConfig
+from difflab.experiments.images import QUANTISATION_LEVELS, ImageDataConfig, recorded_classes
 from difflab.experiments.points2d import trajectory_recorder
 from difflab.experiments.runs import (
     RunFolder,
@@ -124,7 +124,7 @@ class MnistDDPMConfig:
             eval_every=1000,
             log_every=50,
             checkpoint_every=500,
-            precision="bf16",
+            precision="auto",  # bf16 where the CPU runs it natively, else fp32
         )
     )
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -209,7 +209,7 @@ class MnistCFGConfig:
             eval_every=1000,
             log_every=50,
             checkpoint_every=500,
-            precision="bf16",
+            precision="auto",  # bf16 where the CPU runs it natively, else fp32
         )
     )
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
@@ -247,6 +247,7 @@ def _setup(config: Any, recipe: str, fresh: bool, echo):
         config = dataclasses.replace(config, unet=unet)
         echo(f"[{recipe}] from the data: {' '.join(fitted)}")
     run = RunFolder.open(config.run_dir, recipe, config, fresh=fresh)
+    stages.record_classes(run, train)
     return config, device, train, heldout, run, echo
 
 
@@ -788,21 +789,27 @@ def load_run_model(
     return config, model, schedule
 
 
-def class_index(data: ImageDataConfig, label: int | str, classes: int) -> int:
-    """The label index that ``--digit`` / ``--class`` names: an index 0 .. classes - 1, or (an image folder) the
-    name of a class subfolder."""
-    if isinstance(label, int) or str(label).lstrip("+-").isdigit():
-        index = int(label)
-        if not 0 <= index < classes:
-            raise ConfigError(f"--digit must be between 0 and {classes - 1}, got {index}")
-        return index
-    if data.source != "imagefolder":
-        raise ConfigError(f"--digit must be a class index 0 .. {classes - 1} for {data.source} data, got {label!r}")
-    names = image_folder_classes(data.path)
-    if label not in names:
+def class_index(data: ImageDataConfig, label: int | str, classes: int, run_dir: str | Path | None = None) -> int:
+    """The label index that ``--digit`` / ``--class`` names: the name of one of the run's classes (those it recorded
+    at training, :func:`~difflab.experiments.images.recorded_classes`; for older image-folder runs the folder's
+    current listing), else an index 0 .. ``classes`` - 1. A name wins over an index, so a folder class named
+    ``10`` is that class, not label 10."""
+    text = str(label)
+    names = recorded_classes(run_dir) if run_dir is not None else None
+    if names is None and data.source == "imagefolder" and not (isinstance(label, int) or text.lstrip("+-").isdigit()):
+        names = image_folder_classes(data.path)
+    if names is not None and text in names:
+        index = names.index(text)
+    elif isinstance(label, int) or text.lstrip("+-").isdigit():
+        index = int(text)
+    elif names is not None:
         shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
-        raise ConfigError(f"{data.path} has no class {label!r}; its classes: {shown}")
-    return names.index(label)
+        raise ConfigError(f"the run has no class {text!r}; its classes: {shown}")
+    else:
+        raise ConfigError(f"--digit must be a class index 0 .. {classes - 1} for {data.source} data, got {text!r}")
+    if not 0 <= index < classes:
+        raise ConfigError(f"--digit must name a class or be an index 0 .. {classes - 1}, got {text!r}")
+    return index
 
 
 def sample_from_run(
@@ -839,7 +846,7 @@ def sample_from_run(
     if digit is not None:
         if not classes:
             raise ConfigError(f"{run_dir} holds an unconditional model: --digit needs a mnist-cfg run")
-        digit = class_index(config.data, digit, classes)
+        digit = class_index(config.data, digit, classes, run_dir)
         labels = torch.full((n,), digit, dtype=torch.long)
     shape = image_shape(config)
     result = stages.sample_images(

@@ -49,6 +49,7 @@ from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments.autoencoder import (
     VAE_KINDS,
     AutoencoderTrainingConfig,
+    build_autoencoder,
     given_autoencoder,
     train_autoencoder,
 )
@@ -362,7 +363,9 @@ def train_paired_autoencoder(
     images = torch.cat([data.train.inputs, as_three_channels(data.train.targets)])
     run.discard_if_inputs_changed("autoencoder", images, echo=echo)
     check = torch.cat([data.test.inputs, as_three_channels(data.test.targets)])
-    return train_autoencoder(run, logger, images, check, config.training, seed, device, show_progress, echo)
+    return train_autoencoder(
+        run, logger, images, check, config.training, seed, device, show_progress, echo, key="vae.training.model"
+    )
 
 
 def given_vae(config: RGB2IRConfig, device: torch.device) -> Any:
@@ -825,6 +828,8 @@ def run_rgb2ir(
     data = load_data(config.data, echo)
     data_seconds = time.perf_counter() - started
     given = given_vae(config, device)
+    if given is None:  # an autoencoder to train must take the images: checked before the folder exists too
+        build_autoencoder(config.vae.training.model, (3, config.data.size, config.data.size), "vae.training.model")
     # Enabling the inversion or changing what is scored reuses the folder: the autoencoder, the latent cache and the
     # regressors are resumed as they are (their checkpoints check their own settings).
     run = RunFolder.open(

@@ -4,6 +4,7 @@ Layout::
 
     RUN/config.yaml        the resolved config (what ran, defaults included)
     RUN/run.json           recipe, status (running | complete | failed), message, timings, environment
+    RUN/classes.json       the class names of the data, in label order (image recipes)
     RUN/metrics.jsonl      scalar logs (also RUN/tensorboard/<network>/)
     RUN/checkpoints/       training states and exported weights
     RUN/samples/           sample tensors (.pt); trajectory.safetensors (x_t and predicted x_0 at ~20 steps)
@@ -17,8 +18,8 @@ Re-running the same command resumes in the same folder; a folder made with a dif
 refused (use another ``run_dir`` or ``--fresh``), except for the settings a resumed training may change
 (:data:`RESUMABLE_RUN_KEYS` at the top level, ``trainer.RESUMABLE_CHANGES`` in any training section) and those
 training never reads (a recipe config's ``AFTER_TRAINING_KEYS``: a rerun samples and scores with them). A folder
-that holds nothing but its ``config.yaml`` and ``run.json`` (a run that stopped before writing anything, say at a
-mistyped data path) is started over with the new config instead of refused.
+that holds nothing but its ``config.yaml``, ``run.json`` and ``classes.json`` (a run that stopped before writing
+anything, say at a mistyped data path) is started over with the new config instead of refused.
 
 In a data-parallel run (torchrun) every rank gets a :class:`RunFolder`, but only rank 0's writes
 (``main``): it creates the folder while the others wait, and alone writes ``run.json``, metrics and reports.
@@ -157,12 +158,14 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+# Written when a run folder is opened, before any result: a folder holding only these holds no results.
+CLASSES_FILE = "classes.json"
+OPENING_FILES = ("config.yaml", "run.json", CLASSES_FILE)
+
+
 def _holds_results(path: Path) -> bool:
-    """Whether the run folder ``path`` holds any file besides its ``config.yaml`` and ``run.json``."""
-    return any(
-        item.is_file() and item.relative_to(path).as_posix() not in ("config.yaml", "run.json")
-        for item in path.rglob("*")
-    )
+    """Whether the run folder ``path`` holds any file besides its :data:`OPENING_FILES`."""
+    return any(item.is_file() and item.relative_to(path).as_posix() not in OPENING_FILES for item in path.rglob("*"))
 
 
 @dataclass

@@ -37,7 +37,7 @@ from difflab.training import checkpoint as ckpt
 from difflab.training import distributed
 from difflab.training.ema import EMA
 from difflab.training.logging import RunLogger, read_all_series, read_series
-from difflab.training.precision import PRECISIONS, autocast, check_precision, cpu_has_native_bf16
+from difflab.training.precision import PRECISIONS, autocast, check_precision, cpu_has_native_bf16, resolve_precision
 
 LR_SCHEDULES = ("constant", "cosine")
 NAN_POLICIES = ("stop", "skip")
@@ -63,9 +63,10 @@ class TrainConfig:
     """Optimisation settings of one network.
 
     ``batch_size`` is the global batch of a step: with N processes each trains on ``batch_size / N`` rows,
-    in ``grad_accum`` micro-batches. ``precision``: ``fp32``, ``bf16`` (autocast, CPU or GPU) or ``fp16``
-    (autocast + gradient scaler, GPU only). ``compile``: ``torch.compile`` the network. ``deterministic``:
-    ``torch.use_deterministic_algorithms(True)`` while training (bit-exact resume on GPUs too).
+    in ``grad_accum`` micro-batches. ``precision``: ``fp32``, ``bf16`` (autocast, CPU or GPU), ``fp16``
+    (autocast + gradient scaler, GPU only) or ``auto`` (bf16 where the CPU or GPU runs it natively, else fp32).
+    ``compile``: ``torch.compile`` the network. ``deterministic``: ``torch.use_deterministic_algorithms(True)``
+    while training (bit-exact resume on GPUs too).
     Checkpoints every ``checkpoint_every`` steps, the newest ``keep_last`` kept.
     """
 
@@ -292,6 +293,10 @@ class Trainer:
                 "warning: precision=bf16 on a CPU without avx512_bf16 / amx_bf16 is emulated and may train slower "
                 "than precision=fp32"
             )
+        if config.precision == "auto" and self.dist.is_main:
+            resolved = resolve_precision("auto", self.device)
+            why = "it runs bf16 natively" if resolved == "bf16" else "it has no native bf16"
+            self.echo(f"[{self.name}] precision=auto trains in {resolved} on this {self.device.type} ({why})")
         parts = world * config.grad_accum
         if config.batch_size % parts:
             raise ConfigError(
