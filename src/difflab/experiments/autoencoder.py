@@ -111,25 +111,30 @@ class AutoencoderRecipeConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-def build_autoencoder(
-    config: AutoencoderConfig, image_shape: tuple[int, ...], key: str = "autoencoder.model"
-) -> KLAutoencoder:
-    """A VAE for images of ``image_shape`` (C, H, W); H and W must be multiples of the downsampling factor.
-    ``key``: where ``config`` sits in the recipe's config, for the error messages."""
-    channels = image_shape[0]
+def check_autoencoder_input(config: AutoencoderConfig, image_shape: tuple[int, ...], key: str) -> None:
+    """A one-line ConfigError, naming the keys that change it, when a VAE of ``config`` cannot take images of
+    ``image_shape`` (C, H, W): other channels, or sides its downsampling factor does not divide. ``key``: where
+    ``config`` sits in the recipe's config (e.g. ``vae.training.model``)."""
+    channels, height, width = image_shape
     if config.in_channels != channels:
         raise ConfigError(
             f"{key}.in_channels={config.in_channels} but the images have {channels} channels; set "
             f"{key}.in_channels={channels}"
         )
-    model = KLAutoencoder(config)
-    try:
-        model.latent_shape(tuple(image_shape))
-    except ConfigError as exc:  # a size it cannot halve: say which keys change it
+    factor = config.downsample_factor
+    if height % factor or width % factor:
         raise ConfigError(
-            f"{exc}: choose a data.size that {config.downsample_factor} divides, or fewer {key}.channel_mults"
-        ) from None
-    return model
+            f"the autoencoder takes images whose sides are multiples of {factor}, got {tuple(image_shape)}: "
+            f"choose a data.size that {factor} divides, or fewer {key}.channel_mults"
+        )
+
+
+def build_autoencoder(
+    config: AutoencoderConfig, image_shape: tuple[int, ...], key: str = "autoencoder.model"
+) -> KLAutoencoder:
+    """A VAE for images of ``image_shape`` (C, H, W), checked by :func:`check_autoencoder_input` first."""
+    check_autoencoder_input(config, tuple(image_shape), key)
+    return KLAutoencoder(config)
 
 
 def train_autoencoder(

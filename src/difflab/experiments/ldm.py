@@ -44,6 +44,7 @@ from difflab.experiments.autoencoder import (
     VAE_KINDS,
     AutoencoderTrainingConfig,
     build_autoencoder,
+    check_autoencoder_input,
     compression,
     given_autoencoder,
     train_autoencoder,
@@ -592,7 +593,7 @@ def run_mnist_ldm(
     # an image size the autoencoder cannot halve leaves no folder behind.
     given = given_autoencoder(config.vae, tuple(train.images.shape[1:]), device)
     if given is None:
-        build_autoencoder(config.vae.training.model, tuple(train.images.shape[1:]), key="vae.training.model")
+        check_autoencoder_input(config.vae.training.model, tuple(train.images.shape[1:]), "vae.training.model")
     # The plain run and the table share a folder: the autoencoder, the latents and equal models are reused.
     run = RunFolder.open(
         config.run_dir, "mnist-ldm", config, fresh=fresh, ignore_keys=("run_dir", "table", "table_config")

@@ -49,7 +49,7 @@ from difflab.errors import CheckpointError, ConfigError
 from difflab.experiments.autoencoder import (
     VAE_KINDS,
     AutoencoderTrainingConfig,
-    build_autoencoder,
+    check_autoencoder_input,
     given_autoencoder,
     train_autoencoder,
 )
@@ -829,7 +829,8 @@ def run_rgb2ir(
     data_seconds = time.perf_counter() - started
     given = given_vae(config, device)
     if given is None:  # an autoencoder to train must take the images: checked before the folder exists too
-        build_autoencoder(config.vae.training.model, (3, config.data.size, config.data.size), "vae.training.model")
+        size = config.data.size
+        check_autoencoder_input(config.vae.training.model, (3, size, size), "vae.training.model")
     # Enabling the inversion or changing what is scored reuses the folder: the autoencoder, the latent cache and the
     # regressors are resumed as they are (their checkpoints check their own settings).
     run = RunFolder.open(

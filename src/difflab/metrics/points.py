@@ -72,26 +72,31 @@ def nll_reverse(samples: torch.Tensor, heldout_points: torch.Tensor) -> float:
     return KDE(samples).nll(heldout_points)
 
 
+def nearest(points: torch.Tensor, reference: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each point (N, D): the Euclidean distance to its nearest reference point (R, D) and that point's index,
+    ((N,) float32, (N,) int64), by ``cdist`` over chunks of points."""
+    points = points.detach().float().cpu()
+    reference = reference.float().cpu()
+    distances, indices = [], []
+    for start in range(0, len(points), chunk):
+        found = torch.cdist(points[start : start + chunk], reference).min(dim=1)
+        distances.append(found.values)
+        indices.append(found.indices)
+    if not distances:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(distances), torch.cat(indices)
+
+
 def nearest_labels(
     points: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor, chunk: int = 4096
 ) -> torch.Tensor:
-    """Label of the nearest reference point (R, D) with labels (R,) for each point (N, D): (N,) int64 (batched
-    ``cdist``)."""
-    points = points.detach().float().cpu()
-    reference = reference.float().cpu()
-    out = []
-    for start in range(0, len(points), chunk):
-        distances = torch.cdist(points[start : start + chunk], reference)
-        out.append(reference_labels.cpu()[distances.argmin(dim=1)])
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    """Label of the nearest reference point (R, D) with labels (R,) for each point (N, D): (N,) int64."""
+    return reference_labels.cpu()[nearest(points, reference, chunk)[1]]
 
 
 def nearest_distances(points: torch.Tensor, reference: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Euclidean distance from each point (N, D) to its nearest reference point (R, D): (N,) float32."""
-    points = points.detach().float().cpu()
-    reference = reference.float().cpu()
-    out = [torch.cdist(points[start : start + chunk], reference).amin(dim=1) for start in range(0, len(points), chunk)]
-    return torch.cat(out) if out else torch.zeros(0)
+    return nearest(points, reference, chunk)[0]
 
 
 def reach(reference: torch.Tensor, fraction: float = NEAR_FRACTION) -> float:
@@ -111,9 +116,8 @@ def nearest_label_fraction(
     """Share of ``samples`` (N, D) whose nearest reference point (R, D), labels (R,), has label ``label`` and lies
     within ``max_distance`` of the sample (e.g. :func:`reach` of the reference), so that samples thrown far off the
     data do not count as on the intended class however their nearest point is labelled."""
-    hit = nearest_labels(samples, reference, reference_labels) == label
-    if math.isfinite(max_distance):
-        hit &= nearest_distances(samples, reference) <= max_distance
+    distances, indices = nearest(samples, reference)
+    hit = (reference_labels.cpu()[indices] == label) & (distances <= max_distance)
     return float(hit.float().mean())
 
 
