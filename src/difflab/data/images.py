@@ -130,10 +130,11 @@ def _pixels(image: Image.Image, channels: int) -> np.ndarray:
     return array.reshape(array.shape[0], array.shape[1], channels)
 
 
-def _depth_note(deep: list[np.ndarray], where: str) -> str | None:
-    """A warning when ``deep``, the deeper-than-8-bit images of a set as arrays on the 0..255 scale, use under a
-    quarter of their intensity range (raw 16-bit thermal counts, say 7,000..8,000 of 0..65,535, load as a narrow
-    band of grey), else None."""
+def _depth_note(arrays: list[np.ndarray], where: str) -> str | None:
+    """A warning when the deeper-than-8-bit images among ``arrays`` (the :func:`_pixels` of a set; float32 for those)
+    use under a quarter of their intensity range (raw 16-bit thermal counts, say 7,000..8,000 of 0..65,535, load as a
+    narrow band of grey), else None."""
+    deep = [a for a in arrays if a.dtype == np.float32]
     if not deep:
         return None
     low, high = min(float(a.min()) for a in deep), max(float(a.max()) for a in deep)
@@ -242,13 +243,12 @@ def load_image_folder(
             all_gray &= image.mode in ("L", "F")
             pictures.append(_square(image, size))
             labels.append(label)
-    note = _depth_note([np.asarray(p) for p in pictures if p.mode == "F"], str(root))
+    channels = channels or (1 if all_gray else 3)
+    arrays = [_pixels(p, channels) for p in pictures]
+    note = _depth_note(arrays, str(root))
     if note:
         echo(note)
-    channels = channels or (1 if all_gray else 3)
-    deep = any(p.mode == "F" for p in pictures)
-    arrays = np.stack([_pixels(p, channels) for p in pictures]).astype(np.float32 if deep else np.uint8)
-    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() * (2.0 / 255.0) - 1.0
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() * (2.0 / 255.0) - 1.0
     return ImageSet(images.contiguous(), torch.tensor(labels, dtype=torch.int64), tuple(n for n, _ in classes))
 
 

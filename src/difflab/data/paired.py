@@ -178,7 +178,7 @@ def load_paired_folders(
         grays.append(gray)
         if aspect_differs:
             stretched.append(target_path.name)
-    note = _depth_note([g for g in grays if g.dtype == np.float32], str(target_dir))
+    note = _depth_note(grays, str(target_dir))
     if note:
         echo(f"[paired] {note}")
     if stretched:

@@ -795,12 +795,13 @@ def class_index(data: ImageDataConfig, label: int | str, classes: int, run_dir: 
     current listing), else an index 0 .. ``classes`` - 1. A name wins over an index, so a folder class named
     ``10`` is that class, not label 10."""
     text = str(label)
+    numeric = isinstance(label, int) or text.lstrip("+-").isdigit()
     names = recorded_classes(run_dir) if run_dir is not None else None
-    if names is None and data.source == "imagefolder" and not (isinstance(label, int) or text.lstrip("+-").isdigit()):
+    if names is None and data.source == "imagefolder" and not numeric:
         names = image_folder_classes(data.path)
     if names is not None and text in names:
         index = names.index(text)
-    elif isinstance(label, int) or text.lstrip("+-").isdigit():
+    elif numeric:
         index = int(text)
     elif names is not None:
         shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
