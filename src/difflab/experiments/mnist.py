@@ -198,7 +198,7 @@ class MnistCFGConfig:
             mid_attention=True,
         )
     )
-    # Sized like mnist-ddpm's CPU config: width 16, 5,000 steps, EMA 0.999, but batch 64 (6.4 epochs): in fp32
+    # Width 16 and EMA 0.999 like mnist-ddpm's CPU config; 5,000 steps of batch 64 (6.4 epochs): in fp32
     # on a 2-core AVX2 CPU batch 128 took 0.70 s a step (over an hour for the run), batch 64 0.32 s (31 min,
     # every target met; 2,500 steps of batch 128 missed the accuracy target). Measured in the README.
     train: TrainConfig = field(
