@@ -113,9 +113,9 @@ class MnistDDPMConfig:
     # Width 16 trained 5,000 steps beats width 32 trained 2,400 steps (DDIM-50 FID 41.1 vs 45.7, DDPM-100
     # 24.5 vs 30.4 at n=300) in 3/4 of the training time: on two cores, steps buy more than width.
     # Updates buy more than batch size too: in fp32 on a 2-core AVX2 CPU, 10,000 steps of batch 32 (40 min in all)
-    # scored DDIM-50 FID 33.9 against 41.8 for 5,000 of batch 64 (37.5 min) at the same images seen; 5,000 of
-    # batch 128 (the config until 2026-12-07) overran the 45 minutes there. bf16 autocast trains 1.5-1.8x faster on
-    # the CPUs with avx512_bf16. Measured FIDs in the README.
+    # scored DDIM-50 FID 33.9 / 39.9 (training seeds 0 / 1) against 41.8 for 5,000 of batch 64 (37.5 min, one
+    # seed) at the same images seen; 5,000 of batch 128 (the config until 2026-12-07) overran the 45 minutes there.
+    # bf16 autocast trains 1.5-1.8x faster on the CPUs with avx512_bf16. Measured FIDs in the README.
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             steps=10000,
