@@ -143,6 +143,40 @@ def test_a_run_folder_accepts_exactly_the_changes_a_resumed_training_accepts(tmp
             RunFolder.open(first.run_dir, "t", changed)
 
 
+def test_a_run_folder_from_before_a_key_existed_reopens_when_the_key_keeps_its_default(tmp_path: Path) -> None:
+    """A config.yaml written before difflab had a key (say ``data.intensity``) ran with the behaviour that key's
+    default keeps: rerunning it resumes, unless the command sets the key to something else."""
+    from dataclasses import dataclass, field, replace
+
+    import yaml
+
+    from difflab.errors import ConfigError
+    from difflab.experiments.runs import RunFolder
+
+    @dataclass(frozen=True)
+    class Data:
+        size: int = 8
+        intensity: str = "full"
+
+    @dataclass(frozen=True)
+    class Recipe:
+        run_dir: str = ""
+        data: Data = field(default_factory=Data)
+
+    first = Recipe(run_dir=str(tmp_path / "r"))
+    RunFolder.open(first.run_dir, "t", first)
+    (tmp_path / "r" / "checkpoints" / "model.safetensors").write_bytes(b"trained")
+    config_path = tmp_path / "r" / "config.yaml"
+    older = yaml.safe_load(config_path.read_text())
+    del older["data"]["intensity"]  # as an earlier difflab wrote it
+    config_path.write_text(yaml.safe_dump(older))
+    RunFolder.open(first.run_dir, "t", first)  # resumes
+    assert "intensity: full" in config_path.read_text()
+    config_path.write_text(yaml.safe_dump(older))
+    with pytest.raises(ConfigError, match=r"differs in: data.intensity\)"):
+        RunFolder.open(first.run_dir, "t", replace(first, data=Data(intensity="stretch")))
+
+
 def test_a_run_that_stopped_before_writing_anything_is_started_over_with_a_new_config(tmp_path: Path, capsys) -> None:
     """A run that failed after its folder opened but before it wrote anything (say, an input only its first stage
     reads) must not make the corrected command refuse the folder."""

@@ -103,6 +103,64 @@ def test_image_folder_errors(tmp_path, gray_folder):
         load_image_folder(gray_folder, size=8, channels=2)
 
 
+def test_stretch_maps_raw_sensor_counts_to_the_full_range_with_one_map(tmp_path):
+    """``intensity="stretch"``: 16-bit images that use only raw counts 7,000..8,000 load spread over [-1, 1] by one
+    linear map from the folder's 0.5th..99.5th percentile (so a cooler image stays darker than a warmer one), an
+    8-bit image beside them is untouched, and the map is reported and kept with the images."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "thermal"
+    cool = rng.integers(7000, 7500, (16, 16)).astype(np.uint16)
+    warm = rng.integers(7500, 8001, (16, 16)).astype(np.uint16)
+    _png(root / "scenes" / "a_cool.png", cool)
+    _png(root / "scenes" / "b_warm.png", warm)
+    said: list[str] = []
+    full = load_image_folder(root, size=16, echo=said.append)
+    assert any("narrow band of grey" in line and "data.intensity=stretch" in line for line in said)
+    assert full.intensity_range is None and float(to_unit(full.images).max()) < 8001 / 65535 + 1e-6
+    said.clear()
+    data = load_image_folder(root, size=16, echo=said.append, intensity="stretch")
+    low, high = np.percentile(np.concatenate([cool.ravel(), warm.ravel()]).astype(np.float64), [0.5, 99.5])
+    assert data.intensity_range == pytest.approx((low / 65535, high / 65535), rel=1e-5)
+    unit = to_unit(data.images)
+    assert float(unit.min()) == 0.0 and float(unit.max()) == 1.0  # the tails beyond the percentiles are clipped
+    assert 0.95 < float(((unit > 0) & (unit < 1)).float().mean()) < 1.0
+    expected = np.clip((cool.astype(np.float64) - low) / (high - low), 0, 1)
+    assert np.abs(unit[0, 0].numpy() - expected).max() < 1e-4  # linear in the raw counts
+    assert float(unit[0].mean()) < 0.5 < float(unit[1].mean())  # one map: the cool scene stays darker
+    assert any("data.intensity=stretch: 2 16-bit" in line for line in said)
+    assert not any("narrow band" in line for line in said)
+    # an 8-bit image among them is read as it is
+    _png(root / "scenes" / "c_8bit.png", np.full((16, 16), 200, dtype=np.uint8))
+    mixed = load_image_folder(root, size=16, echo=lambda _: None, intensity="stretch")
+    assert torch.allclose(to_unit(mixed.images[2]), torch.full((1, 16, 16), 200 / 255))
+    assert torch.equal(mixed.images[:2], data.images)
+    # nothing to stretch, or no such mode: one-line errors
+    flat = tmp_path / "flat"
+    _png(flat / "x" / "one.png", np.full((16, 16), 7000, dtype=np.uint16))
+    with pytest.raises(DataError, match="single intensity"):
+        load_image_folder(flat, size=16, intensity="stretch")
+    with pytest.raises(DataError, match="intensity must be one of full, stretch"):
+        load_image_folder(root, size=16, intensity="auto")
+
+
+def test_intensity_is_an_image_folder_setting_kept_through_the_split(tmp_path):
+    from difflab.errors import ConfigError
+    from difflab.experiments.images import ImageDataConfig, load_image_data
+
+    with pytest.raises(ConfigError, match="image folders only"):
+        ImageDataConfig(source="mnist", intensity="stretch")
+    with pytest.raises(ConfigError, match="data.intensity must be one of"):
+        ImageDataConfig(source="imagefolder", path="x", intensity="percentile")
+    rng = np.random.default_rng(1)
+    for k in range(6):
+        _png(tmp_path / "ir" / "c" / f"{k}.png", rng.integers(20000, 21000, (12, 12)).astype(np.uint16))
+    config = ImageDataConfig(source="imagefolder", path=str(tmp_path / "ir"), size=8, intensity="stretch")
+    train, heldout = load_image_data(config, seed=0)
+    assert len(train) + len(heldout) == 6
+    assert train.intensity_range == heldout.intensity_range is not None
+    assert 20000 / 65535 <= train.intensity_range[0] < train.intensity_range[1] <= 21000 / 65535
+
+
 def test_deep_images_share_one_scale_and_keep_their_precision(tmp_path):
     """16-bit images are read on their full range 0..65535 and float images on [0, 1], whatever an image's own
     maximum (a per-image rule turned a 16-bit image whose maximum was 260 black and one of 250 normal)."""

@@ -128,6 +128,31 @@ def test_pairs_of_real_world_files(tmp_path: Path) -> None:
     assert any("differ from their input in aspect ratio" in line and "d.png" in line for line in said)
 
 
+def test_stretch_takes_the_targets_map_from_the_training_split_only(tmp_path: Path) -> None:
+    """``intensity="stretch"`` maps raw 16-bit IR counts from the training targets' 0.5th..99.5th percentile to the
+    full range; a test target hotter than every training one does not move the map (it clips at white)."""
+    names = [f"p{i:02d}" for i in range(12)]
+    vis, ir = _pairs(tmp_path, names, size=(12, 12))
+    test_names = [n for n in names if split_value(n, 0) < 0.25]
+    assert test_names and len(test_names) < len(names)
+    rng = np.random.default_rng(0)
+    for name in names:
+        top = 30000 if name in test_names else 9000  # the test scenes are far hotter
+        Image.fromarray(rng.integers(8000, top, (12, 12)).astype(np.uint16)).save(ir / f"{name}.png")
+    said: list[str] = []
+    data = load_paired_folders(vis, ir, size=12, test_fraction=0.25, echo=said.append, intensity="stretch")
+    assert set(data.test.names) == set(test_names)
+    low, high = data.target_intensity
+    assert 8000 / 65535 <= low < high <= 9000 / 65535  # the training targets' band, not the test's
+    train_unit, test_unit = (data.train.targets + 1) / 2, (data.test.targets + 1) / 2
+    assert float(train_unit.min()) == 0.0 and float(train_unit.max()) == 1.0
+    assert float((test_unit == 1.0).float().mean()) > 0.9  # hotter than the training band
+    assert any("data.intensity=stretch" in line and "training split" in line for line in said)
+    plain = load_paired_folders(vis, ir, size=12, test_fraction=0.25, echo=lambda _: None)
+    assert plain.target_intensity is None and float((plain.train.targets + 1).max() / 2) < 9000 / 65535 + 1e-6
+    assert torch.equal(plain.train.inputs, data.train.inputs)  # the RGB inputs are not touched
+
+
 def test_the_hash_split_never_moves_a_pair_when_files_are_added(tmp_path: Path) -> None:
     names = [f"img{i:03d}" for i in range(40)]
     vis, ir = _pairs(tmp_path, names, size=(8, 8))

@@ -24,11 +24,14 @@ class ImageSet:
     """Labelled images.
 
     images: (N, C, H, W) float32 in [-1, 1]; labels: (N,) int64 in [0, len(class_names)).
+    intensity_range: the band ``(low, high)`` of the 0..1 range that an image folder's ``intensity="stretch"``
+    mapped to 0..1 (None when nothing was stretched), so samples can be taken back to the sensor's scale.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: tuple[str, ...]
+    intensity_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -53,8 +56,8 @@ class ImageSet:
         return int(self.images.shape[2])
 
     def subset(self, index: torch.Tensor | slice) -> ImageSet:
-        """The images and labels at ``index`` (a slice or an index tensor), same class names."""
-        return ImageSet(self.images[index], self.labels[index], self.class_names)
+        """The images and labels at ``index`` (a slice or an index tensor), same class names and intensity range."""
+        return ImageSet(self.images[index], self.labels[index], self.class_names, self.intensity_range)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +145,58 @@ def _depth_note(arrays: list[np.ndarray], where: str) -> str | None:
         return None
     return (
         f"the {len(deep)} 16-bit or float image(s) in {where} use only {low / 255:.3f}..{high / 255:.3f} of their "
-        "intensity range 0..1, so they load as a narrow band of grey; stretch them to the full range before "
-        "loading if that is not intended"
+        "intensity range 0..1, so they load as a narrow band of grey; data.intensity=stretch maps them to the full "
+        "range if that is not intended"
+    )
+
+
+# How deeper-than-8-bit images map to intensities: ``full`` on their type's whole range (16-bit 0..65535, float
+# [0, 1]); ``stretch`` linearly from the set's 0.5th..99.5th percentile to 0..1, one map for the whole set.
+INTENSITY_MODES = ("full", "stretch")
+STRETCH_PERCENTILES = (0.5, 99.5)
+
+
+def deep_intensity_range(arrays: list[np.ndarray], where: str) -> tuple[float, float] | None:
+    """The 0.5th and 99.5th percentile (``STRETCH_PERCENTILES``) of the pixels of the deeper-than-8-bit images among
+    ``arrays`` (the :func:`_pixels` of a set; float32 for those), on the 0..255 scale, or None when there are none.
+    Percentiles rather than the extremes, so a few hot or dead pixels do not set the scale. A set whose deep pixels
+    hold a single value there raises a :class:`DataError` (nothing to stretch)."""
+    deep = [a.ravel() for a in arrays if a.dtype == np.float32]
+    if not deep:
+        return None
+    low, high = (float(v) for v in np.percentile(np.concatenate(deep), STRETCH_PERCENTILES))
+    if not high > low:
+        raise DataError(
+            f"data.intensity=stretch: the {len(deep)} 16-bit or float image(s) of {where} hold a single intensity "
+            f"({low / 255:.4f} of 0..1) between their 0.5th and 99.5th percentile, so there is no range to stretch"
+        )
+    return low, high
+
+
+def stretch_deep(arrays: list[np.ndarray], low: float, high: float) -> list[np.ndarray]:
+    """``arrays`` (each (H, W, C) on the 0..255 scale) with every float32 (deeper-than-8-bit) one mapped linearly so
+    that ``low`` -> 0 and ``high`` -> 255, clipped to 0..255; 8-bit (uint8) arrays are returned as they are."""
+    scale = 255.0 / (high - low)
+    return [
+        np.clip((a - np.float32(low)) * np.float32(scale), 0.0, 255.0).astype(np.float32)
+        if a.dtype == np.float32
+        else a
+        for a in arrays
+    ]
+
+
+def check_intensity(intensity: str) -> None:
+    """Raise a :class:`DataError` unless ``intensity`` is one of ``INTENSITY_MODES``."""
+    if intensity not in INTENSITY_MODES:
+        raise DataError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
+
+
+def stretch_note(count: int, low: float, high: float, where: str) -> str:
+    """The line that says how :func:`stretch_deep` mapped ``count`` images of ``where``."""
+    return (
+        f"data.intensity=stretch: {count} 16-bit or float image(s) of {where} mapped from "
+        f"{low / 255:.4f}..{high / 255:.4f} of their range 0..1 (the 0.5th..99.5th percentile of their pixels) to "
+        "0..1, one map for all of them"
     )
 
 
@@ -205,6 +258,7 @@ def load_image_folder(
     channels: int = 0,
     max_per_class: int = 0,
     echo: Callable[[str], object] = print,
+    intensity: str = "full",
 ) -> ImageSet:
     """Images from ``path/<class name>/**/<file>`` with the sorted class folder names as labels.
 
@@ -214,11 +268,16 @@ def load_image_folder(
     max_per_class: keep at most this many images of each class (the first in sorted order; 0 = all).
     Files without an image suffix are skipped and counted (reported through ``echo``); a file with
     an image suffix that Pillow cannot read raises a :class:`DataError` naming it.
+    intensity: ``full`` reads 16-bit images on 0..65535 and float ones on [0, 1]; ``stretch`` maps them linearly
+    from the 0.5th..99.5th percentile of all their pixels (one map for the whole folder, reported through
+    ``echo``) to the full range, for raw sensor data such as thermal counts that fill a narrow band. 8-bit images
+    are read as they are either way.
     Returns images (N, C, size, size) in [-1, 1].
     """
     root = Path(path)
     if channels not in (0, 1, 3):
         raise DataError(f"channels must be 0 (infer), 1 or 3, got {channels}")
+    check_intensity(intensity)
     if size < 1:
         raise DataError(f"image size must be >= 1, got {size}")
     if max_per_class < 0:
@@ -245,11 +304,20 @@ def load_image_folder(
             labels.append(label)
     channels = channels or (1 if all_gray else 3)
     arrays = [_pixels(p, channels) for p in pictures]
+    bounds = deep_intensity_range(arrays, str(root)) if intensity == "stretch" else None
+    if bounds is not None:
+        arrays = stretch_deep(arrays, *bounds)
+        echo(stretch_note(sum(a.dtype == np.float32 for a in arrays), *bounds, str(root)))
     note = _depth_note(arrays, str(root))
     if note:
         echo(note)
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() * (2.0 / 255.0) - 1.0
-    return ImageSet(images.contiguous(), torch.tensor(labels, dtype=torch.int64), tuple(n for n, _ in classes))
+    return ImageSet(
+        images.contiguous(),
+        torch.tensor(labels, dtype=torch.int64),
+        tuple(n for n, _ in classes),
+        None if bounds is None else (bounds[0] / 255.0, bounds[1] / 255.0),
+    )
 
 
 def load_digits_8x8() -> ImageSet:

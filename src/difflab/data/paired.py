@@ -23,7 +23,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difflab.data.images import IMAGE_SUFFIXES, _depth_note, _normalised, _pixels, _read, _square
+from difflab.data.images import (
+    IMAGE_SUFFIXES,
+    _depth_note,
+    _normalised,
+    _pixels,
+    _read,
+    _square,
+    check_intensity,
+    deep_intensity_range,
+    stretch_deep,
+    stretch_note,
+)
 from difflab.errors import DataError
 
 
@@ -54,12 +65,14 @@ class PairedSet:
 
 @dataclass(frozen=True)
 class PairedData:
-    """The train and test splits of a folder pair, and the files that had no partner (names with suffix)."""
+    """The train and test splits of a folder pair, the files that had no partner (names with suffix) and, with
+    ``intensity="stretch"``, the band ``(low, high)`` of the targets' 0..1 range that was mapped to 0..1."""
 
     train: PairedSet
     test: PairedSet
     unmatched_inputs: tuple[str, ...]
     unmatched_targets: tuple[str, ...]
+    target_intensity: tuple[float, float] | None = None
 
     @property
     def unmatched(self) -> int:
@@ -144,12 +157,17 @@ def load_paired_folders(
     strict: bool = False,
     max_pairs: int = 0,
     echo: Callable[[str], object] = print,
+    intensity: str = "full",
 ) -> PairedData:
     """The pairs of ``input_dir`` / ``target_dir`` split into train and test (see the module docstring).
 
     ``strict``: a file without a partner raises a :class:`DataError` naming it (else it is skipped and reported
-    through ``echo``). ``max_pairs`` keeps the first pairs in sorted name order (0 = all).
+    through ``echo``). ``max_pairs`` keeps the first pairs in sorted name order (0 = all). ``intensity``: ``full``
+    reads 16-bit targets on 0..65535 and float ones on [0, 1]; ``stretch`` maps them linearly from the 0.5th..99.5th
+    percentile of the *training* split's 16-bit / float target pixels to the full range (one map for both splits,
+    so no test image sets it), for raw thermal counts that fill a narrow band.
     """
+    check_intensity(intensity)
     if size < 4:
         raise DataError(f"image size must be >= 4, got {size}")
     if not 0 < test_fraction < 1:
@@ -178,6 +196,15 @@ def load_paired_folders(
         grays.append(gray)
         if aspect_differs:
             stretched.append(target_path.name)
+    in_test = [split_value(name, seed) < test_fraction for name in names]
+    bounds = None
+    if intensity == "stretch":
+        train_grays = [g for g, flag in zip(grays, in_test, strict=True) if not flag]
+        bounds = deep_intensity_range(train_grays, f"the training split of {target_dir}")
+        if bounds is not None:
+            grays = stretch_deep(grays, *bounds)
+            count = sum(g.dtype == np.float32 for g in train_grays)
+            echo(f"[paired] {stretch_note(count, *bounds, f'the training split of {target_dir}')} (and the test split)")
     note = _depth_note(grays, str(target_dir))
     if note:
         echo(f"[paired] {note}")
@@ -190,7 +217,6 @@ def load_paired_folders(
     targets = torch.from_numpy(np.stack([g.astype(np.float32) for g in grays])).permute(0, 3, 1, 2) * (2.0 / 255.0)
     targets = targets - 1.0
     everything = PairedSet(tuple(names), inputs.contiguous(), targets.contiguous())
-    in_test = [split_value(name, seed) < test_fraction for name in names]
     test = [i for i, flag in enumerate(in_test) if flag]
     train = [i for i, flag in enumerate(in_test) if not flag]
     if not train or not test:
@@ -198,4 +224,10 @@ def load_paired_folders(
             f"{len(names)} pair(s) give {len(train)} training and {len(test)} test pairs at "
             f"test_fraction={test_fraction}; both splits need at least one pair"
         )
-    return PairedData(everything.subset(train), everything.subset(test), tuple(lonely_inputs), tuple(lonely_targets))
+    return PairedData(
+        everything.subset(train),
+        everything.subset(test),
+        tuple(lonely_inputs),
+        tuple(lonely_targets),
+        None if bounds is None else (bounds[0] / 255.0, bounds[1] / 255.0),
+    )

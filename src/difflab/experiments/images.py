@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from difflab.data.batches import ShuffledBatches
-from difflab.data.images import ImageSet, load_digits_8x8, load_image_folder
+from difflab.data.images import INTENSITY_MODES, ImageSet, load_digits_8x8, load_image_folder
 from difflab.diffusion.objectives import ObjectiveConfig, epsilon_loss, hybrid_loss
 from difflab.diffusion.prediction import wrap_prediction
 from difflab.diffusion.respacing import respaced
@@ -51,7 +51,9 @@ class ImageDataConfig:
     ``source``: ``mnist`` (50k training digits; the evaluator compares against the 10k test digits),
     ``imagefolder`` (``path`` with one subfolder per class, centre-cropped and resized to ``size``, RGB
     or grayscale by ``channels``, 0 = infer; ``heldout_fraction`` of it held out) or ``digits``
-    (scikit-learn's 8 x 8 digits, for quick tests). ``max_train`` > 0 keeps only that many.
+    (scikit-learn's 8 x 8 digits, for quick tests). ``max_train`` > 0 keeps only that many. ``intensity``
+    (image folders): ``full`` reads 16-bit images on 0..65535 and float ones on [0, 1]; ``stretch`` maps them from
+    the folder's 0.5th..99.5th percentile to the full range (raw sensor data in a narrow band).
     """
 
     source: str = "mnist"
@@ -60,10 +62,17 @@ class ImageDataConfig:
     channels: int = 0
     heldout_fraction: float = 0.1
     max_train: int = 0
+    intensity: str = "full"
 
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ConfigError(f"data.intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
+        if self.intensity != "full" and self.source != "imagefolder":
+            raise ConfigError(
+                f"data.intensity={self.intensity} applies to image folders only (data.source=imagefolder)"
+            )
         if self.source == "imagefolder" and not self.path:
             raise ConfigError("data.source=imagefolder needs data.path=DIR (one subfolder per class)")
         if not 0 < self.heldout_fraction < 1:
@@ -81,10 +90,7 @@ def split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet
     size = max(1, int(round(len(images) * fraction)))
     held, kept = order[:size], order[size:]
 
-    def take(index: torch.Tensor) -> ImageSet:
-        return ImageSet(images.images[index], images.labels[index], images.class_names)
-
-    return take(kept), take(held)
+    return images.subset(kept), images.subset(held)
 
 
 def load_image_data(config: ImageDataConfig, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -98,7 +104,7 @@ def load_image_data(config: ImageDataConfig, seed: int) -> tuple[ImageSet, Image
     else:
         if config.size < 8:
             raise ConfigError("data.source=imagefolder needs data.size >= 8 (the square side after resizing)")
-        images = load_image_folder(config.path, config.size, config.channels)
+        images = load_image_folder(config.path, config.size, config.channels, intensity=config.intensity)
         train, heldout = split_images(images, config.heldout_fraction, seed)
         if len(train) == 0:
             raise DataError(
@@ -106,7 +112,7 @@ def load_image_data(config: ImageDataConfig, seed: int) -> tuple[ImageSet, Image
                 f"{config.heldout_fraction:g} keeps at least one): a folder needs at least 2 images"
             )
     if config.max_train:
-        train = ImageSet(train.images[: config.max_train], train.labels[: config.max_train], train.class_names)
+        train = train.subset(slice(0, config.max_train))
     return train, heldout
 
 

@@ -461,12 +461,15 @@ def _sampling_model(model: torch.nn.Module, device: torch.device, precision: str
 
 
 def _data_summary(data: ImageDataConfig, train: Any, heldout: Any) -> dict[str, Any]:
-    return {
+    summary = {
         "source": data.source,
         "training_images": len(train),
         "heldout_images": len(heldout),
         "image_shape": list(train.images.shape[1:]),
     }
+    if train.intensity_range is not None:  # data.intensity=stretch: the band of 0..1 that became 0..1
+        summary["intensity_range"] = list(train.intensity_range)
+    return summary
 
 
 def ddpm_ddim_comparison(metrics: dict[str, Any]) -> dict[str, Any]:

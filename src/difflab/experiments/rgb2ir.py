@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from difflab.data.batches import ShuffledBatches
-from difflab.data.images import ImageSet
+from difflab.data.images import INTENSITY_MODES, ImageSet
 from difflab.data.paired import PairedData, PairedSet, load_paired_folders, name_seed
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import CheckpointError, ConfigError
@@ -89,7 +89,9 @@ REFERENCE_LABEL = "reference RGB->IR"
 @dataclass(frozen=True)
 class PairedDataConfig:
     """The folder pair (relative paths are looked up from the working directory, then from the checkout and its
-    parent folders), the square ``size``, the hash split and ``max_pairs`` (first pairs by name, 0 = all)."""
+    parent folders), the square ``size``, the hash split, ``max_pairs`` (first pairs by name, 0 = all) and
+    ``intensity`` (``full``: 16-bit targets on 0..65535; ``stretch``: 16-bit / float targets mapped from the training
+    split's 0.5th..99.5th percentile to the full range, for raw thermal counts)."""
 
     kind: str = "paired"
     input: str = "../shared/data/RoadScene/vis"
@@ -99,8 +101,11 @@ class PairedDataConfig:
     split_seed: int = 0
     strict: bool = False
     max_pairs: int = 0
+    intensity: str = "full"
 
     def __post_init__(self) -> None:
+        if self.intensity not in INTENSITY_MODES:
+            raise ConfigError(f"data.intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
         if self.kind != "paired":
             raise ConfigError(f"data.kind must be 'paired' for rgb2ir, got {self.kind!r}")
         if not self.input.strip() or not self.target.strip():
@@ -339,6 +344,7 @@ def load_data(config: PairedDataConfig, echo: Any = print) -> PairedData:
         config.strict,
         config.max_pairs,
         echo,
+        config.intensity,
     )
 
 
@@ -979,6 +985,9 @@ def run_rgb2ir(
                 "unmatched_targets": list(data.unmatched_targets[:20]),
                 "test_fraction": config.data.test_fraction,
                 "split_seed": config.data.split_seed,
+                "intensity": config.data.intensity,
+                # the band of the targets' 0..1 range that data.intensity=stretch mapped to 0..1
+                "target_intensity_range": None if data.target_intensity is None else list(data.target_intensity),
             },
             "autoencoder": vae_info,
             "diffusion": {
@@ -1311,7 +1320,17 @@ def build_report(contents: Any) -> Report:
             if isinstance(lookup(m, f"data.{key}"), (int, float))
             else str(lookup(m, f"data.{key}")),
         )
-        for key in ("input", "target", "size", "train_pairs", "test_pairs", "unmatched", "test_fraction", "split_seed")
+        for key in (
+            "input",
+            "target",
+            "size",
+            "train_pairs",
+            "test_pairs",
+            "unmatched",
+            "test_fraction",
+            "split_seed",
+            "intensity",
+        )
         if lookup(m, f"data.{key}") is not None
     )
     report.section(

@@ -152,10 +152,22 @@ def matches_key(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+def config_differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts. With ``defaults`` (the nested dict of the
+    config class's defaults), a key that ``old`` lacks is no difference where ``new`` holds its default: ``old``
+    was written before difflab had that key, and ran with the behaviour its default keeps."""
+    a, b, base = _flatten(old), _flatten(new), _flatten(defaults or {})
+    return sorted(
+        k for k in set(a) | set(b) if a.get(k) != b.get(k) and not (k not in a and k in base and b.get(k) == base[k])
+    )
+
+
+def _defaults(config: Any) -> dict[str, Any] | None:
+    """The nested dict of ``config``'s class defaults, or None when the class needs arguments."""
+    try:
+        return to_dict(type(config)())
+    except (TypeError, ConfigError):
+        return None
 
 
 # Written when a run folder is opened, before any result: a folder holding only these holds no results.
@@ -224,7 +236,7 @@ class RunFolder:
                 rerun_keys = (*ignore_keys, *getattr(config, "AFTER_TRAINING_KEYS", ()))
                 differences = [
                     k
-                    for k in config_differences(old, new)
+                    for k in config_differences(old, new, _defaults(config))
                     if not matches_key(k, rerun_keys) and not resumable_difference(config, k)
                 ]
                 if differences:
