@@ -35,6 +35,7 @@ from difflab.sampling.solvers import (
 )
 from difflab.sampling.wrappers import (
     DiffusionModel,
+    as_diffusion_model,
     eps_to_score,
     eps_to_v,
     eps_to_x0,
@@ -508,10 +509,14 @@ def test_sigma_space_samplers_match_diffusers_step_by_step(monkeypatch, name: st
 @pytest.mark.parametrize("steps", [5, 25])
 @pytest.mark.parametrize("name", ["euler", "heun"])
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear"])
-def test_sigma_space_samplers_match_diffusers_end_to_end(fixed_eps, kind: str, name: str, steps: int) -> None:
-    """The whole sampler, with its own Karras ladder, VP <-> VE conversion and sigma -> fractional-t mapping, against
-    diffusers' Euler / Heun DiscreteScheduler with ``use_karras_sigmas=True`` driven as a diffusers pipeline drives
-    it (``scale_model_input``, the network called at the scheduler's fractional timestep) on the same eps network."""
+@pytest.mark.parametrize("ladder", ["karras", "uniform"])
+def test_sigma_space_samplers_match_diffusers_end_to_end(
+    fixed_eps, ladder: str, kind: str, name: str, steps: int
+) -> None:
+    """The whole sampler, with its own Karras or uniform-in-t ladder, VP <-> VE conversion and sigma -> fractional-t
+    mapping, against diffusers' Euler / Heun DiscreteScheduler (``use_karras_sigmas=True``, or its ``linspace``
+    timesteps with sigma interpolated in t) driven as a diffusers pipeline drives it (``scale_model_input``, the
+    network called at the scheduler's fractional timestep) on the same eps network."""
     from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler
 
     from difflab.diffusion.schedule import ScheduleConfig
@@ -521,7 +526,12 @@ def test_sigma_space_samplers_match_diffusers_end_to_end(fixed_eps, kind: str, n
     scheduler = {"euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler}[name]
     oracle = float64_oracle(
         scheduler(
-            1000, beta_start=config.beta_start, beta_end=config.beta_end, beta_schedule=kind, use_karras_sigmas=True
+            1000,
+            beta_start=config.beta_start,
+            beta_end=config.beta_end,
+            beta_schedule=kind,
+            timestep_spacing="linspace",
+            use_karras_sigmas=ladder == "karras",
         )
     )
     oracle.set_timesteps(steps)
@@ -532,8 +542,9 @@ def test_sigma_space_samplers_match_diffusers_end_to_end(fixed_eps, kind: str, n
             eps = fixed_eps(oracle.scale_model_input(x, t).float(), t.reshape(1).expand(8).double()).double()
             x = oracle.step(eps, t, x).prev_sample.double()
         sampler = {"euler": sample_euler, "heun": sample_heun}[name]
-        ours = sampler(fixed_eps, schedule, (8, 2), steps=steps, x_T=x_T)
-    torch.testing.assert_close(ours.double(), x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))  # measured <= 4e-7
+        ours = sampler(fixed_eps, schedule, (8, 2), steps=steps, x_T=x_T, sigmas=ladder)
+    # measured <= 4e-7 (Karras) and <= 1.3e-6 (uniform) of the largest value
+    torch.testing.assert_close(ours.double(), x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
 
 
 def test_dpmpp_first_order_is_ddim() -> None:
@@ -697,6 +708,48 @@ def test_heun_churn_stays_on_the_distribution() -> None:
     )
     torch.testing.assert_close(x.mean(0).double(), MEAN, atol=0.03, rtol=0)
     torch.testing.assert_close(x.std(0).double(), torch.full((2,), STD, dtype=torch.float64), atol=0.02, rtol=0)
+
+
+def test_heun_churn_is_noise_then_the_deterministic_step_from_the_raised_level(fixed_eps) -> None:
+    """EDM Algorithm 2, exactly: at a level inside [s_tmin, s_tmax] the churned sampler raises sigma to
+    ``sigma_hat = sigma (1 + gamma)``, ``gamma = min(churn / N, sqrt(2) - 1)``, adds ``sqrt(sigma_hat^2 - sigma^2)
+    s_noise z`` and takes the deterministic Heun step (diffusers-checked above) from sigma_hat; outside it, the plain
+    step. Rebuilt here step by step from one-step Heun runs and the same draws of z."""
+    schedule = NoiseSchedule.linear(1000)
+    net = as_diffusion_model(fixed_eps, schedule)
+    levels = karras_sigmas(net.sigma_min, net.sigma_max, 6)  # 6 steps: 7 levels, the last 0
+    churn, s_noise = 1.8, 1.1  # gamma = min(1.8 / 6, sqrt(2) - 1) = 0.3
+    s_tmin, s_tmax = float(levels[4]), float(levels[1])  # steps 1 to 4 churn; 0 (above) and 5 (below) do not
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(3))
+    raised: list[float] = []
+    with torch.no_grad():
+        ours = sample_heun(
+            fixed_eps,
+            schedule,
+            (16, 2),
+            sigmas=levels,
+            churn=churn,
+            s_tmin=s_tmin,
+            s_tmax=s_tmax,
+            s_noise=s_noise,
+            generator=torch.Generator().manual_seed(9),
+            x_T=x_T,
+            callback=lambda i, sigma, x, denoised: raised.append(float(sigma)),
+        )
+        draws = torch.Generator().manual_seed(9)
+        x = x_T * math.sqrt(1 + float(levels[0]) ** 2)  # the VE chain's start
+        for i in range(6):
+            sigma, sigma_next = float(levels[i]), float(levels[i + 1])
+            sigma_hat = sigma * 1.3 if 1 <= i <= 4 else sigma
+            assert raised[i] == pytest.approx(sigma_hat, rel=1e-12)
+            if sigma_hat > sigma:
+                x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * torch.randn(16, 2, generator=draws)
+            one_step = torch.tensor([sigma_hat, sigma_next], dtype=torch.float64)
+            x = sample_heun(fixed_eps, schedule, (16, 2), sigmas=one_step, x_T=x / math.sqrt(1 + sigma_hat**2))
+    # float32 apart from the VE <-> VP rescaling at each rebuilt step's start
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+    unchurned = sample_heun(fixed_eps, schedule, (16, 2), sigmas=levels, x_T=x_T)
+    assert float((ours - unchurned).abs().mean()) > 0.01  # the churn did inject noise
 
 
 def test_ode_then_ancestral_switches_eta_at_the_chosen_timestep(fixed_eps) -> None:
