@@ -177,6 +177,30 @@ def test_a_run_folder_from_before_a_key_existed_reopens_when_the_key_keeps_its_d
         RunFolder.open(first.run_dir, "t", replace(first, data=Data(intensity="stretch")))
 
 
+def test_config_differences_count_a_missing_key_as_its_default() -> None:
+    """Either side may predate a key; with the defaults given it differs only where the other side left the
+    default. The report's companion search (``config_gap``) compares mnist-ddpm runs that way."""
+    from difflab.config import to_dict
+    from difflab.experiments.mnist import MnistDDPMConfig
+    from difflab.experiments.mnist_reports import config_gap
+    from difflab.experiments.runs import config_differences
+
+    old = {"data": {"size": 8}, "lr": 1}
+    new = {"data": {"size": 8, "intensity": "full"}, "lr": 1}
+    defaults = {"data": {"size": 0, "intensity": "full"}, "lr": 0}
+    assert config_differences(old, new) == ["data.intensity"]
+    assert config_differences(old, new, defaults) == config_differences(new, old, defaults) == []
+    stretched = {"data": {"size": 8, "intensity": "stretch"}, "lr": 1}
+    assert config_differences(old, stretched, defaults) == config_differences(stretched, old, defaults)
+    assert config_differences(old, stretched, defaults) == ["data.intensity"]
+    assert config_differences({"lr": 1}, {"lr": 2, "extra": 5}, defaults) == ["extra", "lr"]  # 'extra' has no default
+    current = to_dict(MnistDDPMConfig())
+    earlier = to_dict(MnistDDPMConfig())
+    del earlier["data"]["intensity"]
+    earlier["unet"]["time_conditioning"] = "none"
+    assert config_gap(current, earlier) == ["unet.time_conditioning"]  # still found as the ablation
+
+
 def test_a_run_that_stopped_before_writing_anything_is_started_over_with_a_new_config(tmp_path: Path, capsys) -> None:
     """A run that failed after its folder opened but before it wrote anything (say, an input only its first stage
     reads) must not make the corrected command refuse the folder."""

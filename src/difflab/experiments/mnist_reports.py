@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from difflab.config import to_dict
 from difflab.errors import ConfigError
 from difflab.experiments.mnist import MnistCFGConfig, MnistDDPMConfig
 from difflab.experiments.runs import config_differences
@@ -489,8 +490,10 @@ def _peek(path: Path) -> tuple[str, dict[str, Any]] | None:
 
 
 def config_gap(main: dict[str, Any], other: dict[str, Any]) -> list[str]:
-    """The keys in which two runs' configs differ, beyond where they live and how they print."""
-    return [k for k in config_differences(main, other) if k.split(".")[0] not in IGNORED_KEYS]
+    """The keys in which two ``mnist-ddpm`` runs' configs differ, beyond where they live and how they print (a key
+    one of them predates is no difference while the other holds its default)."""
+    defaults = to_dict(MnistDDPMConfig())
+    return [k for k in config_differences(main, other, defaults) if k.split(".")[0] not in IGNORED_KEYS]
 
 
 def find_companions(contents: RunContents) -> dict[str, Path]:

@@ -154,12 +154,17 @@ def matches_key(key: str, prefixes: tuple[str, ...]) -> bool:
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
     """Dotted keys whose values differ between two nested config dicts. With ``defaults`` (the nested dict of the
-    config class's defaults), a key that ``old`` lacks is no difference where ``new`` holds its default: ``old``
-    was written before difflab had that key, and ran with the behaviour its default keeps."""
+    config class's defaults), a key that one of them lacks is no difference where the other holds its default: that
+    config was written before difflab had the key, and ran with the behaviour its default keeps."""
     a, b, base = _flatten(old), _flatten(new), _flatten(defaults or {})
-    return sorted(
-        k for k in set(a) | set(b) if a.get(k) != b.get(k) and not (k not in a and k in base and b.get(k) == base[k])
-    )
+
+    def differs(key: str) -> bool:
+        if key in a and key in b:
+            return a[key] != b[key]
+        present = a if key in a else b
+        return not (key in base and present[key] == base[key])
+
+    return sorted(k for k in set(a) | set(b) if differs(k))
 
 
 def _defaults(config: Any) -> dict[str, Any] | None:
