@@ -15,7 +15,7 @@ from difflab.cli import main
 from difflab.config import config_from
 from difflab.data.paired import load_paired_folders, match_pairs, split_value
 from difflab.diffusion.schedule import NoiseSchedule
-from difflab.errors import DataError
+from difflab.errors import ConfigError, DataError
 from difflab.experiments import rgb2ir
 from difflab.experiments.runs import RunFolder
 from difflab.metrics.image_quality import at_low_resolution, box_mean, guided_filter
@@ -151,6 +151,11 @@ def test_stretch_takes_the_targets_map_from_the_training_split_only(tmp_path: Pa
     plain = load_paired_folders(vis, ir, size=12, test_fraction=0.25, echo=lambda _: None)
     assert plain.target_intensity is None and float((plain.train.targets + 1).max() / 2) < 9000 / 65535 + 1e-6
     assert torch.equal(plain.train.inputs, data.train.inputs)  # the RGB inputs are not touched
+    # the recipe's data.intensity reaches the loader
+    settings = rgb2ir.PairedDataConfig(input=str(vis), target=str(ir), size=12, test_fraction=0.25, intensity="stretch")
+    assert rgb2ir.load_data(settings, echo=lambda _: None).target_intensity == data.target_intensity
+    with pytest.raises(ConfigError, match="data.intensity must be one of full, stretch"):
+        rgb2ir.PairedDataConfig(intensity="auto")
 
 
 def test_the_hash_split_never_moves_a_pair_when_files_are_added(tmp_path: Path) -> None:
