@@ -185,10 +185,11 @@ def stretch_deep(arrays: list[np.ndarray], low: float, high: float) -> list[np.n
     ]
 
 
-def check_intensity(intensity: str) -> None:
-    """Raise a :class:`DataError` unless ``intensity`` is one of ``INTENSITY_MODES``."""
+def check_intensity(intensity: str, name: str = "intensity", error: type[Exception] = DataError) -> None:
+    """Raise ``error`` (a :class:`DataError` for the loaders, a ``ConfigError`` for the configs' ``data.intensity``)
+    naming ``name`` unless ``intensity`` is one of ``INTENSITY_MODES``."""
     if intensity not in INTENSITY_MODES:
-        raise DataError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
+        raise error(f"{name} must be one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
 
 
 def stretch_note(count: int, low: float, high: float, where: str) -> str:

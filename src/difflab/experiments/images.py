@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from difflab.data.batches import ShuffledBatches
-from difflab.data.images import INTENSITY_MODES, ImageSet, load_digits_8x8, load_image_folder
+from difflab.data.images import ImageSet, check_intensity, load_digits_8x8, load_image_folder
 from difflab.diffusion.objectives import ObjectiveConfig, epsilon_loss, hybrid_loss
 from difflab.diffusion.prediction import wrap_prediction
 from difflab.diffusion.respacing import respaced
@@ -67,8 +67,7 @@ class ImageDataConfig:
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
-        if self.intensity not in INTENSITY_MODES:
-            raise ConfigError(f"data.intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
+        check_intensity(self.intensity, "data.intensity", ConfigError)
         if self.intensity != "full" and self.source != "imagefolder":
             raise ConfigError(
                 f"data.intensity={self.intensity} applies to image folders only (data.source=imagefolder)"

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from difflab.data.batches import ShuffledBatches
-from difflab.data.images import INTENSITY_MODES, ImageSet
+from difflab.data.images import ImageSet, check_intensity
 from difflab.data.paired import PairedData, PairedSet, load_paired_folders, name_seed
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from difflab.errors import CheckpointError, ConfigError
@@ -104,8 +104,7 @@ class PairedDataConfig:
     intensity: str = "full"
 
     def __post_init__(self) -> None:
-        if self.intensity not in INTENSITY_MODES:
-            raise ConfigError(f"data.intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
+        check_intensity(self.intensity, "data.intensity", ConfigError)
         if self.kind != "paired":
             raise ConfigError(f"data.kind must be 'paired' for rgb2ir, got {self.kind!r}")
         if not self.input.strip() or not self.target.strip():
