@@ -192,13 +192,25 @@ def check_intensity(intensity: str, name: str = "intensity", error: type[Excepti
         raise error(f"{name} must be one of {', '.join(INTENSITY_MODES)}, got {intensity!r}")
 
 
-def stretch_note(count: int, low: float, high: float, where: str) -> str:
-    """The line that says how :func:`stretch_deep` mapped ``count`` images of ``where``."""
-    return (
+def stretch_set(
+    arrays: list[np.ndarray], where: str, reference: list[np.ndarray] | None = None
+) -> tuple[list[np.ndarray], tuple[float, float] | None, str | None]:
+    """``intensity="stretch"`` for a set: ``(arrays stretched, (low, high) on the 0..1 scale, the line to report)``,
+    the map taken from the deep images of ``reference`` (default: ``arrays`` themselves; a paired set passes its
+    training split) by :func:`deep_intensity_range` and applied by :func:`stretch_deep`. With no deep images in
+    ``reference``: ``(arrays, None, None)``."""
+    source = arrays if reference is None else reference
+    bounds = deep_intensity_range(source, where)
+    if bounds is None:
+        return arrays, None, None
+    low, high = bounds
+    count = sum(a.dtype == np.float32 for a in source)
+    note = (
         f"data.intensity=stretch: {count} 16-bit or float image(s) of {where} mapped from "
         f"{low / 255:.4f}..{high / 255:.4f} of their range 0..1 (the 0.5th..99.5th percentile of their pixels) to "
         "0..1, one map for all of them"
     )
+    return stretch_deep(arrays, low, high), (low / 255.0, high / 255.0), note
 
 
 def _square(image: Image.Image, size: int) -> Image.Image:
@@ -305,10 +317,11 @@ def load_image_folder(
             labels.append(label)
     channels = channels or (1 if all_gray else 3)
     arrays = [_pixels(p, channels) for p in pictures]
-    bounds = deep_intensity_range(arrays, str(root)) if intensity == "stretch" else None
-    if bounds is not None:
-        arrays = stretch_deep(arrays, *bounds)
-        echo(stretch_note(sum(a.dtype == np.float32 for a in arrays), *bounds, str(root)))
+    intensity_range = None
+    if intensity == "stretch":
+        arrays, intensity_range, stretched = stretch_set(arrays, str(root))
+        if stretched:
+            echo(stretched)
     note = _depth_note(arrays, str(root))
     if note:
         echo(note)
@@ -317,7 +330,7 @@ def load_image_folder(
         images.contiguous(),
         torch.tensor(labels, dtype=torch.int64),
         tuple(n for n, _ in classes),
-        None if bounds is None else (bounds[0] / 255.0, bounds[1] / 255.0),
+        intensity_range,
     )
 
 

@@ -31,9 +31,7 @@ from difflab.data.images import (
     _read,
     _square,
     check_intensity,
-    deep_intensity_range,
-    stretch_deep,
-    stretch_note,
+    stretch_set,
 )
 from difflab.errors import DataError
 
@@ -197,14 +195,12 @@ def load_paired_folders(
         if aspect_differs:
             stretched.append(target_path.name)
     in_test = [split_value(name, seed) < test_fraction for name in names]
-    bounds = None
+    target_intensity = None
     if intensity == "stretch":
         train_grays = [g for g, flag in zip(grays, in_test, strict=True) if not flag]
-        bounds = deep_intensity_range(train_grays, f"the training split of {target_dir}")
-        if bounds is not None:
-            grays = stretch_deep(grays, *bounds)
-            count = sum(g.dtype == np.float32 for g in train_grays)
-            echo(f"[paired] {stretch_note(count, *bounds, f'the training split of {target_dir}')} (and the test split)")
+        grays, target_intensity, stretched = stretch_set(grays, f"the training split of {target_dir}", train_grays)
+        if stretched:
+            echo(f"[paired] {stretched} (and the test split)")
     note = _depth_note(grays, str(target_dir))
     if note:
         echo(f"[paired] {note}")
@@ -229,5 +225,5 @@ def load_paired_folders(
         everything.subset(test),
         tuple(lonely_inputs),
         tuple(lonely_targets),
-        None if bounds is None else (bounds[0] / 255.0, bounds[1] / 255.0),
+        target_intensity,
     )
