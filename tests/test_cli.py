@@ -95,6 +95,43 @@ def test_rerun_resumes_and_changed_config_is_refused(states_run: Path, capsys) -
     assert "different config (differs in: denoiser_train.lr)" in capsys.readouterr().err
 
 
+def test_a_refused_resume_leaves_a_completed_run_as_it_was(states_run: Path, capsys) -> None:
+    """Fewer steps than trained is refused by the trainer, after the folder was reopened: the reopening's rewrites
+    (config.yaml, run.json) and removals (metrics.json, the report) are put back, so the run stays complete."""
+    kept = ("config.yaml", "run.json", "metrics.json", "report.md", "report.html")
+    before = {name: (states_run / name).read_bytes() for name in kept}
+    assert main(["run", "states", f"run_dir={states_run}", *QUICK_STATES, "denoiser_train.steps=10"]) == 2
+    assert "has trained 1500 steps, more than steps=10" in capsys.readouterr().err
+    assert {name: (states_run / name).read_bytes() for name in kept} == before
+    assert main(["report", str(states_run)]) == 0
+
+
+def test_a_rerun_that_wrote_something_before_failing_is_marked_failed(tmp_path: Path) -> None:
+    from dataclasses import dataclass
+
+    from difflab.errors import ConfigError
+    from difflab.experiments.runs import RunFolder
+
+    @dataclass(frozen=True)
+    class Recipe:
+        run_dir: str = ""
+
+    config = Recipe(run_dir=str(tmp_path / "r"))
+    run = RunFolder.open(config.run_dir, "t", config)
+    run.write_metrics({"score": 1.0})
+    run.complete()
+    for wrote in (False, True):
+        run = RunFolder.open(config.run_dir, "t", config)
+        assert not (tmp_path / "r" / "metrics.json").exists()  # while it runs, no result looks current
+        with pytest.raises(ConfigError), run.guard():
+            if wrote:
+                (tmp_path / "r" / "samples" / "x.pt").write_bytes(b"new")
+            raise ConfigError("late refusal")
+        status = json.loads((tmp_path / "r" / "run.json").read_text())["status"]
+        assert status == ("failed" if wrote else "complete")
+        assert (tmp_path / "r" / "metrics.json").exists() is not wrote
+
+
 def test_a_run_folder_accepts_exactly_the_changes_a_resumed_training_accepts(tmp_path: Path) -> None:
     from dataclasses import dataclass, field, replace
     from typing import ClassVar

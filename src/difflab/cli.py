@@ -515,6 +515,12 @@ def check_sample_out(out: str, run: str) -> None:
         raise ConfigError(f"--out {out} is a folder: give a file name (e.g. {path / 'samples.png'})")
     if path.suffix not in (".pt", ".png"):
         raise ConfigError(f"--out {out}: give a .pt or .png file name (both are written: the samples and their figure)")
+    for written in (path.with_suffix(".pt"), path.with_suffix(".png")):
+        if written.is_dir():  # checked before sampling, so neither file is written
+            raise ConfigError(f"--out {out} would write {written}, which is a folder: choose another file name")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder")
     run_dir = Path(run).resolve()
     for written in (path.with_suffix(".pt"), path.with_suffix(".png")):
         resolved = written.resolve()

@@ -19,7 +19,9 @@ refused (use another ``run_dir`` or ``--fresh``), except for the settings a resu
 (:data:`RESUMABLE_RUN_KEYS` at the top level, ``trainer.RESUMABLE_CHANGES`` in any training section) and those
 training never reads (a recipe config's ``AFTER_TRAINING_KEYS``: a rerun samples and scores with them). A folder
 that holds nothing but its ``config.yaml``, ``run.json`` and ``classes.json`` (a run that stopped before writing
-anything, say at a mistyped data path) is started over with the new config instead of refused.
+anything, say at a mistyped data path) is started over with the new config instead of refused. A rerun that fails
+before it changes any file of the folder it reopened (a refused resume) puts back the files reopening rewrote or
+removed, so a completed run stays completed.
 
 In a data-parallel run (torchrun) every rank gets a :class:`RunFolder`, but only rank 0's writes
 (``main``): it creates the folder while the others wait, and alone writes ``run.json``, metrics and reports.
@@ -185,6 +187,47 @@ def _holds_results(path: Path) -> bool:
     return any(item.is_file() and item.relative_to(path).as_posix() not in OPENING_FILES for item in path.rglob("*"))
 
 
+# What reopening a folder rewrites or removes before the recipe runs: kept so a refusal can put them back.
+_REOPEN_FILES = (*OPENING_FILES, *FINAL_OUTPUTS)
+
+
+@dataclass
+class _Reopened:
+    """A run folder's state as a rerun found it: the bytes of the files opening rewrites or removes (None: absent)
+    and the size and mtime of every other file. A rerun that fails before changing any of those other files (a
+    refused resume: fewer steps than trained, a checkpoint of other data, a late setting error) puts the first back,
+    so a completed run stays completed, with its report, instead of being marked failed."""
+
+    saved: dict[str, bytes | None]
+    others: dict[str, tuple[int, int]]
+
+    @staticmethod
+    def _listing(path: Path) -> dict[str, tuple[int, int]]:
+        listing = {}
+        for item in path.rglob("*"):
+            name = item.relative_to(path).as_posix()
+            if item.is_file() and name not in _REOPEN_FILES:
+                stat = item.stat()
+                listing[name] = (stat.st_size, stat.st_mtime_ns)
+        return listing
+
+    @classmethod
+    def capture(cls, path: Path) -> _Reopened:
+        saved = {name: (path / name).read_bytes() if (path / name).is_file() else None for name in _REOPEN_FILES}
+        return cls(saved=saved, others=cls._listing(path))
+
+    def restore(self, path: Path) -> bool:
+        """Put the saved files back if no other file changed since :meth:`capture`; returns whether it did."""
+        if self._listing(path) != self.others:
+            return False
+        for name, data in self.saved.items():
+            if data is None:
+                (path / name).unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(path / name, data)
+        return True
+
+
 @dataclass
 class RunFolder:
     """A run folder being written (see the module docstring)."""
@@ -193,6 +236,7 @@ class RunFolder:
     recipe: str
     timings: dict[str, float] = field(default_factory=dict)
     main: bool = True
+    reopened: _Reopened | None = None
 
     @classmethod
     def open(
@@ -257,10 +301,11 @@ class RunFolder:
             raise ConfigError(f"{path} exists and is not a difflab run folder; choose another run_dir")
         for sub in ("checkpoints", "samples", "figures"):
             (path / sub).mkdir(parents=True, exist_ok=True)
+        reopened = _Reopened.capture(path) if (path / "run.json").is_file() else None
         for name in FINAL_OUTPUTS:  # a rerun must never leave the previous run's results looking current
             (path / name).unlink(missing_ok=True)
         dump_yaml(config, config_path)
-        run = cls(path=path, recipe=recipe)
+        run = cls(path=path, recipe=recipe, reopened=reopened)
         run._write_status("running")
         return run
 
@@ -346,7 +391,11 @@ class RunFolder:
         self._write_status("complete", message)
 
     def fail(self, message: str) -> None:
+        """Mark the run ``failed`` and remove its final outputs; a rerun that changed nothing in the folder it
+        reopened (see :class:`_Reopened`) leaves it as it found it instead."""
         if not self.main:
+            return
+        if self.reopened is not None and self.reopened.restore(self.path):
             return
         for name in FINAL_OUTPUTS:
             (self.path / name).unlink(missing_ok=True)
@@ -366,4 +415,7 @@ def read_run_config(path: str | Path, default: C) -> C:
     if data.get("recipe") != recipe:
         found = f"names recipe {data['recipe']!r}" if data.get("recipe") else "is empty or names no recipe"
         raise ConfigError(f"{config_path} {found}, but {path / 'run.json'} says {recipe!r}: the folder is damaged")
-    return config_from(default, config_path)
+    try:
+        return config_from(default, config_path)
+    except ConfigError as exc:  # the run's own file, not a command-line setting
+        raise ConfigError(f"{config_path}: {exc}") from None
