@@ -79,6 +79,10 @@ def swissroll_run(tmp_path_factory) -> Path:
         ("mnist-ddpm", [*DIGITS, "unet.cross_attention_levels=[0]"], "set unet.class_conditioning=cross or both"),
         ("mnist-cfg", [*DIGITS, "guidance.n_sweep=0"], "guidance.n_sweep >= 2"),
         ("mnist-cfg", [*DIGITS, "guidance.grid_per_digit=0"], "guidance.grid_per_digit and guidance.steps"),
+        # the audit of 2026-12-07: these were refused only after training
+        ("mnist-cfg", [*DIGITS, "guidance.sampler=nope"], "guidance.sampler='nope' is not a sampler; choose one of"),
+        ("mnist-ldm", ["data.source=digits", "evaluation.ddim_steps=[50,5000]"], "evaluation.ddim_steps=5000 exceeds"),
+        ("mnist-ldm", ["data.source=digits", "evaluation.respaced_steps=5000"], "evaluation.respaced_steps=5000"),
         ("states-ncsn", ["figures.grid=0"], "figures.grid must be >= 2"),
         ("states-ncsn", ["data.n_train=200"], "states-ncsn trains on the shipped STATES points: data.n_train does not"),
         ("swissroll-ncsn", ["figures.trajectory_levels=[]"], "must list at least one noise level"),
@@ -118,6 +122,14 @@ def test_command_line_values_are_checked_in_one_line(swissroll_run: Path, tmp_pa
     assert "a port is 0 to 65535" in fails_in_one_line(capsys, ["serve", run, "--port", "70000"])
     assert "invalid int value" in fails_in_one_line(capsys, ["sample", run, "--seed", "abc"])  # argparse: one line
     assert "is a folder" in fails_in_one_line(capsys, ["sample", run, "--out", str(tmp_path)])
+    # --out x.png writes x.pt too: a folder there once failed after x.png was written, with a torch traceback
+    (tmp_path / "taken.pt").mkdir()
+    line = fails_in_one_line(capsys, ["sample", run, "--n", "10", "--out", str(tmp_path / "taken.png")])
+    assert "would write" in line and "taken.pt, which is a folder" in line
+    assert not (tmp_path / "taken.png").exists()
+    (tmp_path / "plain").write_text("x")
+    line = fails_in_one_line(capsys, ["sample", run, "--n", "10", "--out", str(tmp_path / "plain" / "x.png")])
+    assert "plain is a file, not a folder" in line
     # sampler options out of their range, found by an edge-case audit (rho=0 was a ZeroDivisionError traceback)
     euler = ["sample", run, "--sampler", "euler", "--steps", "3", "--n", "10"]
     assert "rho must be finite and > 0, got 0" in fails_in_one_line(capsys, [*euler, "--option", "rho=0"])
@@ -183,6 +195,10 @@ def test_damaged_run_folders_are_named_not_tracebacks(swissroll_run: Path, tmp_p
     assert "empty or names no recipe" in fails_in_one_line(capsys, ["sample", str(empty)])
     # a report from this difflab's defaults would describe another run
     assert "config.yaml is missing, empty or of another recipe" in fails_in_one_line(capsys, ["report", str(empty)])
+    bogus = copy("bogus")  # a bad key in the run's own config.yaml is named as the file's, not a command-line one's
+    (bogus / "config.yaml").write_text((bogus / "config.yaml").read_text() + "bogus: 1\n")
+    line = fails_in_one_line(capsys, ["sample", str(bogus)])
+    assert f"{bogus / 'config.yaml'}: unknown config key 'bogus'" in line
     numbers = copy("numbers")
     (numbers / "metrics.json").write_text("[1, 2]")
     assert "metrics.json is damaged" in fails_in_one_line(capsys, ["report", str(numbers)])

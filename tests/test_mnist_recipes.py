@@ -251,11 +251,30 @@ def test_mnist_run_is_evaluated_against_its_calibration_rows(tmp_path: Path, cap
     assert metrics["targets"][0]["value"] == pytest.approx(metrics["comparison"]["fid_ddim_over_ddpm"])
     # a one-image picture from `difflab sample` is named and left out of the evaluation, not fatal to it
     assert main(["sample", str(run_dir), "--n", "1", "--steps", "2"]) == 0
+    torch.save({"x": torch.zeros(3)}, run_dir / "samples" / "notes.pt")  # a user's own file: said, not scored
     capsys.readouterr()
     assert main(["evaluate", str(run_dir)]) == 0
     printed = capsys.readouterr().out
     assert "(calibration) real held-out" in printed and "(floor) real train vs" in printed
     assert "not scored: sample_ddim2_seed0.pt (1 image(s): a FID needs 2 or more)" in printed
+    assert "not scored: notes.pt (not a difflab sample file: no 'images' tensor)" in printed
+    # damaged sample files are named in one line (a string 'images' was an AttributeError traceback; labels out of
+    # range scored an accuracy of 0 with exit status 0)
+    damaged = run_dir / "samples" / "damaged.pt"
+    images = torch.zeros(4, 1, 28, 28)
+    for content, expected in [
+        ({"images": "abc"}, "'images' must be a float tensor (N, C, H, W), got str"),
+        ({"images": images, "labels": torch.full((4,), 42)}, "intended labels must lie in 0..9"),
+        ({"images": images[:, :, :8]}, "images must have shape (N, 1, 28, 28), got (4, 1, 8, 28)"),
+    ]:
+        torch.save(content, damaged)
+        assert main(["evaluate", str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(damaged) in err[0] and expected in err[0], err
+    damaged.write_text("hello")
+    assert main(["evaluate", str(run_dir)]) == 2
+    assert f"cannot read {damaged} as a sample file" in capsys.readouterr().err
+    damaged.unlink()
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     floor = evaluation["real_vs_real"]  # 10,000 real training digits vs the test digits: far below any sample set
     assert floor["n"] == 10_000 and floor["fid"] < rows["real held-out"]["fid"] and floor["inception_score"] > 9

@@ -33,3 +33,15 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     when given: for one-line reports of errors raised by other libraries."""
     text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def torch_load_problem(exc: BaseException) -> str:
+    """What went wrong when ``torch.load(..., weights_only=True)`` raised ``exc``, in a few words: torch's own
+    message for a file that is not plain tensors advises loading it with ``weights_only=False``, which runs any code a
+    pickle holds, and a file that is not a torch file at all raises a bare ``KeyError``."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return "it holds something other than tensors, or is damaged"
+    if isinstance(exc, KeyError | EOFError) or "invalid load key" in text or "failed finding central directory" in text:
+        return "it is not a torch file, or is damaged"
+    return first_line(exc)

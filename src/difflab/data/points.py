@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from difflab.errors import ConfigError, DataError, first_line
+from difflab.errors import ConfigError, DataError, torch_load_problem
 from difflab.seeding import mix_seed, seeded_generator
 
 
@@ -52,7 +52,7 @@ def load_point_file(path: str | Path, names: tuple[str, ...] | None = None) -> P
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataError(f"cannot read {path} as a torch file of tensors: {first_line(exc)}") from None
+        raise DataError(f"cannot read {path} as a torch file of tensors: {torch_load_problem(exc)}") from None
     if not isinstance(content, dict) or "data" not in content or "labels" not in content:
         raise DataError(f'{path} must hold a dict {{"data": (N, 2) float, "labels": (N,) int}}')
     data, labels = content["data"], content["labels"]

@@ -255,6 +255,15 @@ class MnistLDMConfig:
         ]
         if bad:
             raise ConfigError(f"table_config.combined_attention_levels {bad} outside the U-Net's levels")
+        # Sampler steps must fit every schedule they run on, checked before training rather than after it.
+        limit = self.schedule.num_timesteps
+        if self.table:
+            limit = min(limit, self.table_config.pixel.schedule.num_timesteps)
+        steps = {"evaluation.respaced_steps": self.evaluation.respaced_steps}
+        steps["evaluation.ddim_steps"] = max(self.evaluation.ddim_steps)
+        for key, value in steps.items():
+            if value > limit:
+                raise ConfigError(f"{key}={value} exceeds the schedules' num_timesteps={limit}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -841,7 +850,9 @@ def _reuse_samples(run: RunFolder, slug: str, identity: dict[str, Any]) -> stage
     try:
         record = json.loads(record_path.read_text())
         content = torch.load(samples_path, weights_only=True)
-    except (json.JSONDecodeError, OSError, RuntimeError):
+    except Exception:  # a damaged record or sample file: the row is drawn again
+        return None
+    if not isinstance(record, dict) or not isinstance(content, dict) or "images" not in content:
         return None
     if any(record.get(key) != value for key, value in identity.items()):
         return None

@@ -31,7 +31,7 @@ from difflab.data.images import image_folder_classes
 from difflab.diffusion.objectives import ObjectiveConfig
 from difflab.diffusion.prediction import wrap_prediction
 from difflab.diffusion.schedule import NoiseSchedule, ScheduleConfig
-from difflab.errors import ConfigError, first_line
+from difflab.errors import ConfigError, DataError, torch_load_problem
 from difflab.experiments import images as stages
 from difflab.experiments.images import QUANTISATION_LEVELS, ImageDataConfig, recorded_classes
 from difflab.experiments.points2d import trajectory_recorder
@@ -46,6 +46,7 @@ from difflab.experiments.runs import (
 )
 from difflab.models.unet import UNetConfig, count_parameters, describe
 from difflab.report.rundata import TRAJECTORY_FILE
+from difflab.sampling.solvers import SAMPLERS
 from difflab.seeding import seed_everything
 from difflab.training import distributed
 from difflab.training.checkpoint import load_weights
@@ -164,6 +165,10 @@ class GuidanceConfig:
             raise ConfigError(
                 "guidance.grid_per_digit and guidance.steps must be >= 1 and guidance.n_sweep >= 2 (a FID needs two "
                 f"samples), got {self.grid_per_digit}, {self.steps} and {self.n_sweep}"
+            )
+        if self.sampler not in SAMPLERS:  # checked here, not when the trained model is first sampled
+            raise ConfigError(
+                f"guidance.sampler={self.sampler!r} is not a sampler; choose one of {', '.join(SAMPLERS)}"
             )
 
 
@@ -943,13 +948,26 @@ def evaluate_run(
         try:
             content = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged or foreign file
-            raise ConfigError(f"cannot read {file}: {first_line(exc)}") from None
-        if not isinstance(content, dict) or "images" not in content:
+            raise ConfigError(
+                f"cannot read {file} as a sample file ({torch_load_problem(exc)}); move it out of "
+                "samples/ or draw it again"
+            ) from None
+        if not isinstance(content, dict) or "images" not in content:  # not written by difflab: said, not scored
+            results.setdefault("skipped", {})[file.name] = "not a difflab sample file: no 'images' tensor"
             continue
-        if len(content["images"]) < 2:  # `difflab sample --n 1`: a picture, not a set a FID can describe
-            results.setdefault("skipped", {})[file.name] = f"{len(content['images'])} image(s): a FID needs 2 or more"
+        images, labels = content["images"], content.get("labels")
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
+            found = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ConfigError(f"{file}: 'images' must be a float tensor (N, C, H, W), got {found}")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()):
+            raise ConfigError(f"{file}: 'labels' must be an integer tensor (N,), got {type(labels).__name__}")
+        if len(images) < 2:  # `difflab sample --n 1`: a picture, not a set a FID can describe
+            results.setdefault("skipped", {})[file.name] = f"{len(images)} image(s): a FID needs 2 or more"
             continue
-        results["samples"][file.name] = evaluator.evaluate(content["images"], content.get("labels"))
+        try:
+            results["samples"][file.name] = evaluator.evaluate(images, labels)
+        except DataError as exc:
+            raise DataError(f"{file}: {exc}") from None
     if not results["samples"]:
         raise ConfigError(f"{run_dir}/samples holds no set of 2 or more images to evaluate")
     counts = sorted({r["n"] for r in results["samples"].values() if r["n"] > 1})

@@ -157,7 +157,10 @@ def load_points_run(path: Path, config: Any, device: torch.device) -> SamplingTa
         for name in ("uncond_gen_samples.pt", "samples.pt"):  # the STATES recipe's, the walkthroughs'
             file = path / "samples" / name
             if file.is_file():
-                samples = torch.load(file, map_location="cpu", weights_only=True)
+                try:
+                    samples = torch.load(file, map_location="cpu", weights_only=True)
+                except Exception:  # a damaged file: the held-out points are scored under the training KDE only
+                    samples = None
                 if isinstance(samples, torch.Tensor) and samples.ndim == 2 and samples.shape[1] == 2:
                     scores["heldout_under_sample_kde"] = KDE(samples).nll(points.cpu())
                 break

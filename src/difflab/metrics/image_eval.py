@@ -462,6 +462,16 @@ class ImageEvaluator:
             intended = torch.as_tensor(intended_labels).reshape(-1).cpu().long()
             if len(intended) != len(samples):
                 raise DataError(f"{len(intended)} intended labels for {len(samples)} samples")
+            classes = probs.shape[1]
+            if (
+                self.classes_are_labels
+                and len(intended)
+                and not 0 <= int(intended.min()) <= int(intended.max()) < classes
+            ):
+                raise DataError(
+                    f"intended labels must lie in 0..{classes - 1} (the classifier's classes), got "
+                    f"{int(intended.min())}..{int(intended.max())}"
+                )
             if self.classes_are_labels:
                 result["accuracy"] = float((probs.argmax(dim=1) == intended).double().mean())
         if self.fid_bootstrap_rounds:
