@@ -209,6 +209,13 @@ def test_five_section_report_without_companions(runs: dict[str, Path], tmp_path:
     md = (lone / "report-ddpm-vs-ddim.md").read_text()
     assert "No ablation run was given" in md and "unet.time_conditioning=none" in md
     assert_traceable(lone, "report-ddpm-vs-ddim", {"": metrics_of(lone)}, min_numbers=80)
+    # A damaged ablation beside it, which the user did not name, is left out and said to be, not fatal.
+    broken = Path(shutil.copytree(runs["ablation"], tmp_path / "broken"))
+    (broken / "metrics.json").write_text("{")
+    assert main(["report", str(lone), "--style", "ddpm-vs-ddim"]) == 0
+    md = (lone / "report-ddpm-vs-ddim.md").read_text()
+    assert f"Left out, as they could not be read: `{broken}`" in md and "No ablation run was given" in md
+    shutil.rmtree(broken)
 
     # A run made before the measurements existed still gets the write-up, saying what it lacks.
     metrics = metrics_of(lone)

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from difflab.config import to_dict
-from difflab.errors import ConfigError
+from difflab.errors import ConfigError, DifflabError
 from difflab.experiments.mnist import MnistCFGConfig, MnistDDPMConfig
 from difflab.experiments.runs import config_differences
 from difflab.report import sections
@@ -931,8 +931,21 @@ def build_ddpm_vs_ddim_report(
     if contents.recipe != "mnist-ddpm":
         raise ConfigError(f"the ddpm-vs-ddim report needs a mnist-ddpm run, got recipe {contents.recipe!r}")
     found = find_companions(contents) if ablation is None or forward is None else {}
-    ablation = ablation or (load_run(found["ablation"]) if "ablation" in found else None)
-    forward = forward or (load_run(found["forward"]) if "forward" in found else None)
+    unreadable: list[str] = []
+
+    def companion(role: str) -> RunContents | None:
+        """The run found beside ``contents`` for ``role``; one that cannot be read (a damaged file) is left out and
+        named in the report, as the user did not ask for it."""
+        if role not in found:
+            return None
+        try:
+            return load_run(found[role])
+        except DifflabError as exc:
+            unreadable.append(f"`{found[role]}` ({exc})")
+            return None
+
+    ablation = ablation or companion("ablation")
+    forward = forward or companion("forward")
     if ablation is not None and ablation.recipe != "mnist-ddpm":
         raise ConfigError(f"--with needs a mnist-ddpm run trained without t, got recipe {ablation.recipe!r}")
     if ablation is not None and lookup(ablation.config, "unet.time_conditioning") != "none":
@@ -952,6 +965,7 @@ def build_ddpm_vs_ddim_report(
         Paragraph(
             "Runs: " + ", ".join(used) + ". Every number is read from their `metrics.json` (in the HTML, "
             "`data-source` names the key)."
+            + (f" Left out, as they could not be read: {'; '.join(unreadable)}." if unreadable else "")
         )
     )
     report.section("1 Executive summary", *_executive_summary(contents, ablation))
