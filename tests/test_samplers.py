@@ -9,7 +9,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from difflab.diffusion.gaussian import GaussianData
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.errors import ConfigError
-from difflab.sampling.common import available_memory_bytes, check_output_fits, timestep_list
+from difflab.memory import available_memory_bytes
+from difflab.sampling.common import check_output_fits, timestep_list
 from difflab.sampling.ddim import ddim_sample, ddim_step
 from difflab.sampling.ddpm import ddpm_sample, ddpm_step
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from difflab.data.images import (
     IMAGE_SUFFIXES,
+    _check_folder_fits,
     _depth_note,
     _normalised,
     _pixels,
@@ -186,6 +187,7 @@ def load_paired_folders(
     if not pairs:
         raise DataError(f"no file names are shared by {input_dir} and {target_dir}: no pairs")
     pairs = pairs[: max_pairs or None]
+    _check_folder_fits(2 * len(pairs), size, f"{input_dir} and {target_dir}")
     names, rgbs, grays, stretched = [], [], [], []
     for stem, input_path, target_path in pairs:
         rgb, gray, aspect_differs = load_pair(input_path, target_path, size)

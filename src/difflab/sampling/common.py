@@ -11,6 +11,7 @@ import torch
 
 from difflab.diffusion.respacing import kept_timesteps
 from difflab.errors import ConfigError
+from difflab.memory import available_memory_bytes, format_bytes
 from difflab.progress import progress_bar
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -70,18 +71,6 @@ def progress(iterable: list[int], enabled: bool, description: str) -> Iterator[i
     return iter(progress_bar(iterable, desc=description, disable=not enabled))
 
 
-def available_memory_bytes() -> int | None:
-    """The memory the OS can give this process now (``MemAvailable`` of ``/proc/meminfo``), None where unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def check_output_fits(n: int, item_shape: tuple[int, ...], what: str = "samples") -> None:
     """A :class:`ConfigError` before any work when ``n`` float32 items of ``item_shape`` cannot be held: the
     batches are kept and concatenated at the end, so the output is held twice. A lower bound of what a run needs
@@ -91,13 +80,9 @@ def check_output_fits(n: int, item_shape: tuple[int, ...], what: str = "samples"
     if available is not None and needed > available:
         shape = " x ".join(map(str, item_shape))
         raise ConfigError(
-            f"{n} {what} of {shape} values need at least {_bytes(needed)}, and {_bytes(available)} of memory is "
-            "available: ask for fewer"
+            f"{n} {what} of {shape} values need at least {format_bytes(needed)}, and {format_bytes(available)} of "
+            "memory is available: ask for fewer"
         )
-
-
-def _bytes(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def batched(total: int, batch_size: int) -> Iterator[int]:
