@@ -103,6 +103,16 @@ def test_settings_that_used_to_fail_deep_inside_are_refused_up_front(
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
 
 
+def test_wrong_inception_weights_are_refused_before_the_run_folder_exists(tmp_path: Path, capsys) -> None:
+    """They were read only when the evaluator was built, after the folder was made (a skeleton marked failed)."""
+    junk = tmp_path / "junk.pth"
+    junk.write_text("junk")
+    run = ["run", "mnist-ddpm", f"run_dir={tmp_path / 'run'}", f"metrics.inception_weights={junk}"]
+    line = fails_in_one_line(capsys, run)
+    assert f"cannot read InceptionV3 weights {junk} (it is not a torch file, or is damaged" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_config_file_of_another_recipe_is_refused_as_such(tmp_path: Path, capsys) -> None:
     """``difflab config states > my.yaml; difflab run moons --config my.yaml`` names the two recipes, not the first
     of the states keys that moons does not have."""

@@ -38,10 +38,10 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
 def torch_load_problem(exc: BaseException) -> str:
     """What went wrong when ``torch.load(..., weights_only=True)`` raised ``exc``, in a few words: torch's own
     message for a file that is not plain tensors advises loading it with ``weights_only=False``, which runs any code a
-    pickle holds, and a file that is not a torch file at all raises a bare ``KeyError``."""
-    text = str(exc)
-    if "Weights only load failed" in text:
+    pickle holds, and a file that is not a torch file at all raises whatever its first bytes lead to (a bare
+    ``KeyError: 101`` for a text file)."""
+    if isinstance(exc, OSError):  # the file system's reason (a permission, a folder) is the useful one
+        return first_line(exc)
+    if "Weights only load failed" in str(exc):
         return "it holds something other than tensors, or is damaged"
-    if isinstance(exc, KeyError | EOFError) or "invalid load key" in text or "failed finding central directory" in text:
-        return "it is not a torch file, or is damaged"
-    return first_line(exc)
+    return f"it is not a torch file, or is damaged: {type(exc).__name__}: {first_line(exc, 80)}"

@@ -255,6 +255,13 @@ def _setup(config: Any, recipe: str, fresh: bool, echo):
     if fitted:
         config = dataclasses.replace(config, unet=unet)
         echo(f"[{recipe}] from the data: {' '.join(fitted)}")
+    weights = config.metrics.inception_weights
+    if weights and config.data.source in ("mnist", "imagefolder"):
+        from difflab.models.inception import load_inception_v3
+
+        load_inception_v3(weights)  # a wrong file is refused here, before the run folder exists, not after it
+    elif weights:
+        echo(f"[{recipe}] metrics.inception_weights is not used: no evaluator scores {config.data.source!r} images")
     run = RunFolder.open(config.run_dir, recipe, config, fresh=fresh)
     stages.record_classes(run, train)
     return config, device, train, heldout, run, echo

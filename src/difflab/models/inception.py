@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.errors import CheckpointError
+from difflab.errors import CheckpointError, torch_load_problem
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -289,7 +289,7 @@ def load_inception_v3(path: Path | str, resize: str = "torchmetrics") -> Incepti
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
-        raise CheckpointError(f"cannot read InceptionV3 weights {path} ({exc.__class__.__name__})") from None
+        raise CheckpointError(f"cannot read InceptionV3 weights {path} ({torch_load_problem(exc)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
