@@ -113,6 +113,21 @@ def test_wrong_inception_weights_are_refused_before_the_run_folder_exists(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_the_recipe_may_come_from_the_config_file(tmp_path: Path, capsys) -> None:
+    """``difflab run --config my.yaml run_dir=R`` once read ``run_dir=R`` as the recipe's name."""
+    assert main(["config", "swissroll"]) == 0
+    config = tmp_path / "my.yaml"
+    config.write_text(capsys.readouterr().out)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(config), f"run_dir={run_dir}", *TINY_SWISSROLL]) == 0
+    assert "[swissroll] training into run folder" in capsys.readouterr().out
+    assert (run_dir / "checkpoints" / "denoiser.safetensors").is_file()
+    assert "name a recipe (see `difflab recipes`) or give --config FILE" in fails_in_one_line(capsys, ["run"])
+    (tmp_path / "bare.yaml").write_text("seed: 1\n")
+    line = fails_in_one_line(capsys, ["run", "--config", str(tmp_path / "bare.yaml"), f"run_dir={run_dir}"])
+    assert "bare.yaml names no recipe: name one on the command line" in line
+
+
 def test_a_config_file_of_another_recipe_is_refused_as_such(tmp_path: Path, capsys) -> None:
     """``difflab config states > my.yaml; difflab run moons --config my.yaml`` names the two recipes, not the first
     of the states keys that moons does not have."""

@@ -106,6 +106,16 @@ def test_a_refused_resume_leaves_a_completed_run_as_it_was(states_run: Path, cap
     assert main(["report", str(states_run)]) == 0
 
 
+def test_train_on_a_completed_run_with_nothing_left_to_train_keeps_its_results(states_run: Path, capsys) -> None:
+    """``difflab train`` once removed a finished run's metrics and report although it trained nothing."""
+    kept = ("config.yaml", "run.json", "metrics.json", "report.md", "report.html", "checkpoints/denoiser.safetensors")
+    before = {name: (states_run / name).read_bytes() for name in kept}
+    same = ["denoiser_train.log_every=100", "device=cpu", "sampling.batch_size=700"]  # as the rerun above
+    assert main(["train", "states", f"run_dir={states_run}", *QUICK_STATES, *same]) == 0
+    assert "nothing was left to train" in capsys.readouterr().out
+    assert {name: (states_run / name).read_bytes() for name in kept} == before
+
+
 def test_a_rerun_that_wrote_something_before_failing_is_marked_failed(tmp_path: Path) -> None:
     from dataclasses import dataclass
 

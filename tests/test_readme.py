@@ -82,8 +82,11 @@ def as_argv(command: str, folder: Path) -> list[str]:
 def test_every_difflab_command_in_the_readme_parses_and_its_config_loads(tmp_path: Path) -> None:
     """The flags of every documented command exist, and every documented ``run`` / ``train`` config (recipe,
     YAML file and key=value overrides) loads: a renamed key or flag fails here, not in a reader's terminal."""
-    from difflab.cli import _parser, _resolve_run_target, recipe_config
+    from difflab.cli import _parser, _recipe, _resolve_run_target, recipe_config
+    from difflab.config import dump_yaml
 
+    my_yaml = tmp_path / "my.yaml"  # what `difflab config states > my.yaml` writes
+    dump_yaml(_recipe("states").config_class(), my_yaml)
     commands = readme_commands()
     assert len(commands) > 40, "the README's commands are gone"
     parser = _parser()
@@ -98,9 +101,9 @@ def test_every_difflab_command_in_the_readme_parses_and_its_config_loads(tmp_pat
             pytest.fail(f"the README's command does not parse: {command}")
         if args.command in ("run", "train"):
             root = README.parent
-            target = str(root / args.recipe) if args.recipe.endswith(".yaml") else args.recipe
-            recipe, config_file = _resolve_run_target(target, args.config)
+            target = str(root / args.recipe) if args.recipe and args.recipe.endswith(".yaml") else args.recipe
+            config = str(my_yaml) if args.config == "my.yaml" else args.config
             overrides = [o.replace("DIR", str(tmp_path)) for o in args.overrides]
-            recipe_config(recipe, config_file if config_file != "my.yaml" else None, overrides)
+            recipe_config(*_resolve_run_target(target, config, overrides))
             checked_configs += 1
     assert checked_configs > 25

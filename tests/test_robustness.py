@@ -368,3 +368,13 @@ def test_an_export_cut_between_its_two_files_is_refused_until_exported_again(tmp
     loaded = torch.nn.Linear(3, 2)
     assert ckpt.load_weights(loaded, path)["step"] == 200
     assert torch.equal(loaded.weight, newer["weight"])
+    # The same weights and record again write nothing (a resumed training with nothing left to do) ...
+    stamps = [p.stat().st_mtime_ns for p in (path, path.with_suffix(".json"))]
+    ckpt.export_weights(path, newer, {"step": 200})
+    assert [p.stat().st_mtime_ns for p in (path, path.with_suffix(".json"))] == stamps
+    # ... but over a damaged file they are written again.
+    damaged = bytearray(path.read_bytes())
+    damaged[-1] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    ckpt.export_weights(path, newer, {"step": 200})
+    assert ckpt.load_weights(torch.nn.Linear(3, 2), path)["step"] == 200

@@ -305,3 +305,19 @@ def test_a_run_left_running_by_a_killed_process_is_shown_as_stopped(runs_root: P
         assert index.count('class="status-stopped">stopped<') == 1 and 'class="status-running">running<' in index
         page = request(address, "/run?id=killed")[1].decode()
         assert f"stopped: marked running, but its process (pid {gone.pid}) is gone" in page
+
+
+def test_a_folder_of_difflab_train_is_shown_as_trained(runs_root: Path, tmp_path: Path) -> None:
+    """The index said "complete" with no metrics, the run page "No metrics.json yet (the run is not complete)"."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "roll", root / "weights")
+    record = json.loads((root / "weights" / "run.json").read_text())
+    record["message"] = "trained (difflab train): weights in checkpoints/; `difflab run` samples and scores them"
+    (root / "weights" / "run.json").write_text(json.dumps(record))
+    for name in ("metrics.json", "report.md", "report.html"):
+        (root / "weights" / name).unlink()
+    with serving(root) as address:
+        assert 'class="status-trained">trained<' in request(address, "/")[1].decode()
+        page = request(address, "/run?id=weights")[1].decode()
+        assert "No metrics.json: the folder holds trained weights only (difflab train)" in page
+        assert f"difflab run {record['recipe']} --config {root / 'weights' / 'config.yaml'}" in page

@@ -82,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"difflab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a recipe end to end into a run folder")
-    run.add_argument("recipe", help="a recipe name (see `difflab recipes`) or a YAML config file with a recipe key")
+    run.add_argument(
+        "recipe",
+        nargs="?",
+        help="a recipe name (see `difflab recipes`) or a YAML config file with a recipe key (left out: --config's)",
+    )
     run.add_argument("overrides", nargs="*", help="config overrides, e.g. denoiser_train.steps=2000 device=cpu")
     run.add_argument("--config", help="a YAML file whose values replace the recipe's defaults")
     run.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
@@ -100,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="run only the training stages of a recipe and export the weights (no sampling or report)"
     )
-    train.add_argument("recipe", help="a recipe name or a YAML config file with a recipe key")
+    train.add_argument(
+        "recipe", nargs="?", help="a recipe name or a YAML config file with a recipe key (left out: --config's)"
+    )
     train.add_argument("overrides", nargs="*", help="config overrides, e.g. denoiser_train.precision=bf16")
     train.add_argument("--config", help="a YAML file whose values replace the recipe's defaults")
     train.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
@@ -269,8 +275,24 @@ def _recipe(name: str):
     return known[name]
 
 
-def _resolve_run_target(target: str, config_file: str | None) -> tuple[str, str | None]:
-    """``difflab run X``: X is a recipe name, or a YAML file naming its recipe."""
+def _resolve_run_target(
+    target: str | None, config_file: str | None, overrides: list[str]
+) -> tuple[str, str | None, list[str]]:
+    """``difflab run X``: X is a recipe name, or a YAML file naming its recipe; without X (or when X is an override,
+    as argparse reads ``difflab run --config my.yaml run_dir=R``) the ``--config`` file names it. Returns the recipe,
+    the config file and the overrides."""
+    if target is not None and "=" in target:
+        target, overrides = None, [target, *overrides]
+    if target is None:
+        if not config_file:
+            raise ConfigError("name a recipe (see `difflab recipes`) or give --config FILE, a file naming its recipe")
+        from difflab.config import read_yaml
+
+        recipe = read_yaml(config_file).get("recipe")
+        if not isinstance(recipe, str):
+            example = f"`difflab run states --config {config_file}`"
+            raise ConfigError(f"{config_file} names no recipe: name one on the command line, e.g. {example}")
+        return recipe, config_file, overrides
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
         from difflab.config import read_yaml
 
@@ -280,8 +302,8 @@ def _resolve_run_target(target: str, config_file: str | None) -> tuple[str, str 
             raise ConfigError(f"{target} must name its recipe (recipe: states, swissroll, ...)")
         if config_file:
             raise ConfigError("give either a config file as the target or --config, not both")
-        return recipe, target
-    return target, config_file
+        return recipe, target, overrides
+    return target, config_file, overrides
 
 
 def _named_recipe(config_file: str | None, overrides: list[str]) -> str | None:
@@ -328,9 +350,8 @@ def recipe_config(recipe_name: str, config_file: str | None, overrides: list[str
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
+    recipe_name, config_file, overrides = _resolve_run_target(args.recipe, args.config, list(args.overrides))
     recipe = _recipe(recipe_name)
-    overrides = list(args.overrides)
     if args.table:
         if not hasattr(recipe.config_class(), "table"):
             raise ConfigError(f"--table is for recipes with a comparison table (mnist-ldm), not {recipe_name!r}")
@@ -344,9 +365,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    recipe_name, config_file = _resolve_run_target(args.recipe, args.config)
+    recipe_name, config_file, overrides = _resolve_run_target(args.recipe, args.config, list(args.overrides))
     recipe = _recipe(recipe_name)
-    config = recipe_config(recipe_name, config_file, args.overrides)
+    config = recipe_config(recipe_name, config_file, overrides)
     if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks stay quiet, as in the recipes
         print(f"[{recipe_name}] training into run folder {config.run_dir} (the training stages only)")
     run = recipe.train(config, fresh=args.fresh)

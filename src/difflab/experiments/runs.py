@@ -117,6 +117,9 @@ def trained_only(run: RunFolder, recipe: str, started: float, echo: Callable[[st
     """End a ``difflab train`` of ``recipe``: the run is marked complete with its weights exported under
     ``checkpoints/`` and nothing sampled or scored; a later ``difflab run`` with the same config finds the training
     complete and goes on from there. ``started``: the ``time.perf_counter()`` of the command's start."""
+    if run.reopened is not None and run.reopened.was_complete() and run.reopened.restore(run.path):
+        echo(f"[{recipe}] nothing was left to train: {run.path} keeps its samples, metrics and report")
+        return run
     run.complete("trained (difflab train): weights in checkpoints/; `difflab run` samples and scores them")
     echo(f"[{recipe}] trained in {time.perf_counter() - started:.0f} s: weights in {run.sub('checkpoints')}")
     return run
@@ -215,6 +218,13 @@ class _Reopened:
     def capture(cls, path: Path) -> _Reopened:
         saved = {name: (path / name).read_bytes() if (path / name).is_file() else None for name in _REOPEN_FILES}
         return cls(saved=saved, others=cls._listing(path))
+
+    def was_complete(self) -> bool:
+        """Whether the folder held a completed run (its saved ``run.json`` says so)."""
+        try:
+            return json.loads(self.saved["run.json"] or b"{}").get("status") == "complete"
+        except (ValueError, AttributeError):
+            return False
 
     def restore(self, path: Path) -> bool:
         """Put the saved files back if no other file changed since :meth:`capture`; returns whether it did."""

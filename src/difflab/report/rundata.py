@@ -91,6 +91,18 @@ def read_run_record(path: str | Path) -> dict[str, Any]:
     return record
 
 
+def trained_only(path: Path, record: dict[str, Any]) -> bool:
+    """Whether the run folder ``path`` with run.json ``record`` holds a ``difflab train`` and nothing after it."""
+    message = str(record.get("message", ""))
+    return message.startswith("trained (difflab train)") and not (path / "metrics.json").is_file()
+
+
+def finish_command(path: Path, record: dict[str, Any]) -> str:
+    """What samples, scores and reports a :func:`trained_only` folder, as a sentence."""
+    command = f"difflab run {record.get('recipe', 'RECIPE')} --config {path / 'config.yaml'} run_dir={path}"
+    return f"`{command}` samples, scores and writes its report in the same folder"
+
+
 def load_run(path: str | Path, require_complete: bool = True) -> RunContents:
     """Read a run folder; refuses (one-line :class:`ConfigError`) a folder that is not a completed run.
 
@@ -105,12 +117,8 @@ def load_run(path: str | Path, require_complete: bool = True) -> RunContents:
     if require_complete and status != "complete":
         raise ConfigError(f"{path} is not a completed run (status: {status}); only completed runs have a report")
     if not (path / "metrics.json").is_file():
-        if str(record.get("message", "")).startswith("trained (difflab train)"):
-            command = f"difflab run {record.get('recipe', 'RECIPE')} --config {path / 'config.yaml'} run_dir={path}"
-            raise ConfigError(
-                f"{path} holds trained weights only (difflab train): `{command}` samples, scores and writes its "
-                "report in the same folder"
-            )
+        if trained_only(path, record):
+            raise ConfigError(f"{path} holds trained weights only (difflab train): {finish_command(path, record)}")
         raise ConfigError(f"{path} has no metrics.json; only completed runs have a report")
     metrics = _read_json(path / "metrics.json")
     if not isinstance(metrics, dict):

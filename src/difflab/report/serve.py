@@ -38,7 +38,7 @@ from difflab.errors import ConfigError, DifflabError, first_line
 from difflab.report.markdown import fmt
 from difflab.report.references import HEADLINE_METRICS
 from difflab.report.render import CSS
-from difflab.report.rundata import TRAJECTORY_FILE
+from difflab.report.rundata import TRAJECTORY_FILE, finish_command, trained_only
 from difflab.report.svg import line_chart
 from difflab.training.logging import read_all_series
 
@@ -68,7 +68,7 @@ PAGE_CSS = (
     + """
 body{max-width:1300px}
 .top{font-size:.9em;margin-bottom:1em}.top a{margin-right:1em}
-.status-complete{color:#286a2e}.status-failed{color:#a33}.status-running{color:#a66a00}.status-stopped{color:#a33}
+.status-complete{color:#286a2e}.status-trained{color:#2b5d8a}.status-failed{color:#a33}.status-running{color:#a66a00}.status-stopped{color:#a33}
 .differs td{background:#fff6e0!important}
 .viewer{border:1px solid #e3e3e3;padding:.8em;margin:.5em 0 1.5em}
 .viewer input[type=range]{width:60%;vertical-align:middle}
@@ -184,6 +184,8 @@ class RunView:
         if self.problems:
             return "damaged"
         status = str(self.record.get("status", "damaged" if (self.path / "run.json").is_file() else "?"))
+        if status == "complete" and trained_only(self.path, self.record):
+            return "trained"  # weights only: nothing sampled or scored yet
         return "stopped" if status == "running" and _process_gone(self.record) else status
 
     def series(self) -> dict[str, tuple[list[int], list[float]]]:
@@ -322,7 +324,12 @@ class RunBrowser:
             body += [f'<tr><th>{esc(k)}</th><td class="num">{esc(_cell(v))}</td></tr>' for k, v in numbers.items()]
             body.append("</tbody></table></details>")
         else:
-            body.append("<p>No metrics.json yet (the run is not complete).</p>")
+            body.append(
+                f"<p>No metrics.json: the folder holds trained weights only (difflab train); "
+                f"{esc(finish_command(view.path, record))}.</p>"
+                if view.status == "trained"
+                else "<p>No metrics.json yet (the run is not complete).</p>"
+            )
 
         groups = group_series(view.series())
         if groups:

@@ -213,12 +213,27 @@ def latest_training_state(directory: Path, warn: Any = print) -> tuple[dict[str,
 
 
 def export_weights(path: Path, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """Write user-facing weights ``<name>.safetensors`` and their ``<name>.json`` (both atomically)."""
+    """Write user-facing weights ``<name>.safetensors`` and their ``<name>.json`` (both atomically); an export that
+    already holds exactly these (a resumed training that had nothing left to do) is left untouched."""
     tensors = {k: v for k, v in state_dict.items()}
     digest = tensor_digest(tensors)
-    atomic_save_tensors(tensors, path, {"sha256": digest, "format": "difflab-weights"})
     record = dict(info, sha256=digest, weights=path.name)
-    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
+    text = (json.dumps(record, indent=2) + "\n").encode()
+    if _holds_export(path, digest, text):
+        return
+    atomic_save_tensors(tensors, path, {"sha256": digest, "format": "difflab-weights"})
+    atomic_write_bytes(path.with_suffix(".json"), text)
+
+
+def _holds_export(path: Path, digest: str, record: bytes) -> bool:
+    """Whether ``path`` and its ``.json`` already hold weights of sha256 ``digest`` (verified) and ``record``."""
+    json_path = path.with_suffix(".json")
+    if not (path.is_file() and json_path.is_file()) or json_path.read_bytes() != record:
+        return False
+    try:
+        return verified_tensors(path)[1].get("sha256") == digest
+    except CheckpointError:
+        return False
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
