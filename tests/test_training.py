@@ -122,6 +122,37 @@ def test_training_time_adds_up_over_a_kill_and_a_resume(tmp_path: Path, monkeypa
     assert again.resumed_from == 100 and again.seconds == 100.0 and again.session_seconds == 0.0
 
 
+def test_a_finished_training_reports_the_time_its_last_checkpoint_records(tmp_path: Path, monkeypatch) -> None:
+    """Time spent writing the final checkpoint is not in the seconds it records; the result once counted it, so a
+    rerun that resumed the finished training reported another time (and images/s) than the run that trained it."""
+    from difflab.training import trainer as trainer_module
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+    save = trainer_module.ckpt.save_training_state
+
+    def slow_save(*args, **kwargs):
+        clock[0] += 0.25
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.ckpt, "save_training_state", slow_save)
+
+    def ticking(trainer: Trainer) -> Trainer:
+        original = trainer.loss_fn
+
+        def timed(net, batch, generator):
+            clock[0] += 1.0
+            return original(net, batch, generator)
+
+        trainer.loss_fn = timed
+        return trainer
+
+    first = ticking(make_trainer(tmp_path, 100, checkpoint_every=50)).fit()
+    again = ticking(make_trainer(tmp_path, 100, checkpoint_every=50)).fit()
+    assert again.resumed_from == 100
+    assert first.seconds == again.seconds == 100.25  # 100 steps and the write of the step-50 checkpoint
+
+
 def test_fewer_steps_than_already_trained_are_refused(tmp_path: Path) -> None:
     """It once said "resumed from step 10 of 4" and kept the 10-step weights under a config of 4 steps."""
     from difflab.errors import ConfigError

@@ -284,6 +284,7 @@ class Trainer:
         # call's training loop: together the time a checkpoint records
         self._seconds_before = 0.0
         self._loop_start: float | None = None
+        self._checkpointed_seconds: tuple[int, float] | None = None  # (step, training seconds) of the last state
 
     def _check_execution_settings(self) -> None:
         config, world = self.config, self.dist.world_size
@@ -321,6 +322,8 @@ class Trainer:
             self.echo(message)
 
     def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        seconds = self.training_seconds()
+        self._checkpointed_seconds = (self.step, seconds)  # what a resume from this state reads back
         tensors = ckpt.prefixed("model.", self.model.state_dict())
         if self.ema is not None:
             tensors.update(ckpt.prefixed("ema.", self.ema.state_dict()))
@@ -340,7 +343,7 @@ class Trainer:
             "ema_updates": str(self.ema.num_updates if self.ema is not None else 0),
             "world_size": str(self.dist.world_size),
             "log_window": json.dumps(asdict(self._window)),
-            "train_seconds": repr(self.training_seconds()),
+            "train_seconds": repr(seconds),
         }
         if sketch is not None:
             metadata["data_rows"] = str(sketch.rows)
@@ -664,7 +667,11 @@ class Trainer:
             bar.close()
             if main:
                 self.logger.flush()
-        self._seconds_before, self._loop_start = self.training_seconds(), None  # the loop's time, as checkpointed
+        # The loop's time as the final checkpoint records it (not the time after it), so a rerun that resumes the
+        # finished training reports the same number.
+        step, seconds = self._checkpointed_seconds or (None, 0.0)
+        self._seconds_before = seconds if step == self.step else self.training_seconds()
+        self._loop_start = None
         if resumed >= config.steps and self.validate is not None and main:
             validation = self._last_validation()
         if last_logged is None and main:  # nothing logged in this call (a finished training resumed): the log's
