@@ -410,9 +410,10 @@ def test_inception_score_limits():
 
 def test_a_size_the_memory_cannot_hold_is_refused_before_reading(gray_folder, monkeypatch):
     """data.size=100000 once resized every image to 10^10 pixels for minutes before running out of memory."""
+    from difflab import memory
     from difflab.data import images
 
-    monkeypatch.setattr(images, "available_memory_bytes", lambda: 2**30)  # 1 GiB left
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2**30)  # 1 GiB left
     load_image_folder(gray_folder, size=64, echo=lambda _: None)  # 5 x 64 x 64 x 27 bytes: fine
     reads = []
     monkeypatch.setattr(images, "_read", lambda path: reads.append(path))

@@ -304,17 +304,17 @@ def test_bad_sampler_arguments() -> None:
 
 
 def test_an_output_that_cannot_be_held_is_refused_before_sampling(monkeypatch, fixed_eps) -> None:
+    from difflab import memory
     from difflab.experiments import images, points2d
-    from difflab.sampling import common
 
     available = available_memory_bytes()
     assert available is not None and 2**26 < available < 2**50  # read from /proc/meminfo on Linux
     check_output_fits(1000, (1, 28, 28))
-    monkeypatch.setattr(common, "available_memory_bytes", lambda: 10 * 2**20)  # 10 MiB left
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 10 * 2**20)  # 10 MiB left
     check_output_fits(1000, (2,))  # 16 kB: fine
     with pytest.raises(
         ConfigError,
-        match=r"2000 images of 1 x 28 x 28 values need at least 12.0 MiB, and 10.0 MiB of memory is available",
+        match=r"2000 images of 1 x 28 x 28 values need at least 12.0 MiB of memory, and 10.0 MiB is available",
     ):
         check_output_fits(2000, (1, 28, 28), "images")  # 12.5 MB twice
     schedule = NoiseSchedule.linear(50)

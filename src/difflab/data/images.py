@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from difflab.errors import DataError
-from difflab.memory import available_memory_bytes, format_bytes
+from difflab.memory import refuse_unless_fits
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 
@@ -270,13 +270,8 @@ def _check_folder_fits(count: int, size: int, where: str | Path) -> None:
     """A :class:`DataError` before reading any image when ``count`` images at ``size`` x ``size`` cannot be held:
     each is kept as an 8-bit RGB picture, then as float32 pixels twice over (the arrays and the stacked tensor), about
     27 bytes a pixel; a lower bound of what training needs, so it refuses only what cannot finish."""
-    available = available_memory_bytes()
-    needed = 27 * count * size * size
-    if available is not None and needed > available:
-        raise DataError(
-            f"{count} images of {where} at data.size={size} need at least {format_bytes(needed)} of memory, and "
-            f"{format_bytes(available)} is available: choose a smaller data.size"
-        )
+    what = f"{count} images of {where} at data.size={size}"
+    refuse_unless_fits(27 * count * size * size, what, "choose a smaller data.size", DataError)
 
 
 def load_image_folder(

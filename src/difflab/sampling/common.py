@@ -11,7 +11,7 @@ import torch
 
 from difflab.diffusion.respacing import kept_timesteps
 from difflab.errors import ConfigError
-from difflab.memory import available_memory_bytes, format_bytes
+from difflab.memory import refuse_unless_fits
 from difflab.progress import progress_bar
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -75,14 +75,8 @@ def check_output_fits(n: int, item_shape: tuple[int, ...], what: str = "samples"
     """A :class:`ConfigError` before any work when ``n`` float32 items of ``item_shape`` cannot be held: the
     batches are kept and concatenated at the end, so the output is held twice. A lower bound of what a run needs
     (the network's activations come on top), so it refuses only what cannot finish."""
-    available = available_memory_bytes()
-    needed = 2 * 4 * n * math.prod(item_shape)
-    if available is not None and needed > available:
-        shape = " x ".join(map(str, item_shape))
-        raise ConfigError(
-            f"{n} {what} of {shape} values need at least {format_bytes(needed)}, and {format_bytes(available)} of "
-            "memory is available: ask for fewer"
-        )
+    shape = " x ".join(map(str, item_shape))
+    refuse_unless_fits(2 * 4 * n * math.prod(item_shape), f"{n} {what} of {shape} values", "ask for fewer", ConfigError)
 
 
 def batched(total: int, batch_size: int) -> Iterator[int]:
